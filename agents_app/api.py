@@ -1,0 +1,195 @@
+"""PROTOCOL.md's agent endpoints: thin async views that parse, call one action, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+import uuid
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import JsonResponse
+
+from control_plane.http_api import ApiError, Fields, api_view, db_call, json_body, require_method
+from tasks_app import actions
+from tasks_app.hub import EventHub
+from tasks_app.models import Artifact
+
+from . import registry, tokens
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+EXECUTOR_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+JSON_LIMIT = 64 * 1024  # agent calls other than complete/progress carry small bodies
+
+
+def _attempt_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ApiError(404, "not_found", "no attempt with that id") from None
+
+
+async def _agent(request) -> dict:
+    EventHub.current()  # this process listens and sweeps from its first agent call on
+    return await db_call(registry.authenticate_agent)(tokens.bearer(request.headers.get("Authorization")))
+
+
+@api_view
+async def register(request):
+    require_method(request, "POST")
+    f = Fields(json_body(request, JSON_LIMIT))
+    info = {
+        "name": f.str("name", 64, required=True),
+        "labels": f.str_list("labels", 32, NAME_RE),
+        "executors": f.str_list("executors", 16, EXECUTOR_RE, default=["shell"]),
+        "capacity": f.int("capacity", 1, 64, default=1),
+        "hostname": f.str("hostname", 255, default=""),
+        "version": f.str("version", 64, default=""),
+        "executor_versions": f.obj("executor_versions", default={}),
+    }
+    if not NAME_RE.match(info["name"]):
+        raise ApiError(400, "bad_request", "'name' must be 1-64 of [A-Za-z0-9._-]")
+    token = tokens.bearer(request.headers.get("Authorization"))
+    agent, agent_token = await db_call(registry.register_agent)(token, info)
+    return JsonResponse(
+        {
+            "agent_id": str(agent.id),
+            "token": agent_token,
+            "heartbeat_interval_s": settings.CP_HEARTBEAT_INTERVAL_S,
+            "lease_s": settings.CP_LEASE_S,
+            "max_wait_s": settings.CP_MAX_WAIT_S,
+        },
+        status=201,
+    )
+
+
+@api_view
+async def claim(request):
+    """The long poll. The waiter is registered before each claim query, so a task made ready while the
+    query runs still wakes us: no notification can fall between "nothing for you" and "wait"."""
+    require_method(request, "POST")
+    f = Fields(json_body(request, JSON_LIMIT))
+    capacity = f.int("capacity", 1, 64, default=1)
+    wait_s = f.number("wait_s", 0, settings.CP_MAX_WAIT_S, default=0)
+    agent = await _agent(request)
+    hub = EventHub.current()
+    claim_tasks = db_call(actions.claim_ready_tasks)
+    deadline = time.monotonic() + wait_s
+    while True:
+        waiter = hub.register(agent["labels"], agent["executors"])
+        try:
+            assignments = await claim_tasks(agent, capacity)
+            remaining = deadline - time.monotonic()
+            if assignments or remaining <= 0:
+                return JsonResponse({"assignments": assignments})
+            try:
+                await asyncio.wait_for(waiter.event.wait(), remaining)
+            except TimeoutError:
+                return JsonResponse({"assignments": []})
+        finally:
+            hub.unregister(waiter)
+
+
+@api_view
+async def heartbeat(request):
+    require_method(request, "POST")
+    f = Fields(json_body(request, JSON_LIMIT))
+    status = f.str("status", 16, default="idle", choices=("idle", "busy", "draining"))
+    attempt_ids = f.str_list("attempts", 256)
+    try:
+        attempt_ids = [str(uuid.UUID(a)) for a in attempt_ids]
+    except ValueError:
+        raise ApiError(400, "bad_request", "'attempts' must list attempt ids") from None
+    agent = await _agent(request)
+    commands = await db_call(actions.heartbeat)(agent, status, attempt_ids)
+    return JsonResponse({"commands": commands})
+
+
+@api_view
+async def progress(request, attempt_id: str):
+    require_method(request, "POST")
+    f = Fields(json_body(request, settings.CP_LOG_MAX_BYTES * 4 + 8192))
+    value = f.number("progress", 0, 1)
+    message = f.str("message", 1000)
+    log_text = f.str("log", settings.CP_LOG_MAX_BYTES)
+    if log_text is not None and len(log_text.encode("utf-8", "surrogatepass")) > settings.CP_LOG_MAX_BYTES:
+        raise ApiError(413, "too_large", f"'log' may be at most {settings.CP_LOG_MAX_BYTES} bytes a call")
+    agent = await _agent(request)
+    answer = await db_call(actions.record_progress)(agent, _attempt_id(attempt_id), value, message, _clean(log_text))
+    return JsonResponse(answer)
+
+
+def _clean(text: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL; agents stream raw process output.
+    return text.replace("\x00", "\ufffd") if text else text
+
+
+@api_view
+async def complete(request, attempt_id: str):
+    require_method(request, "POST")
+    f = Fields(json_body(request, settings.CP_RESULT_MAX_BYTES + 128 * 1024))
+    outcome = f.str("outcome", 16, required=True, choices=("succeeded", "failed"))
+    result = f.obj("result")
+    if result is not None and len(request.body) > settings.CP_RESULT_MAX_BYTES + 64 * 1024:
+        raise ApiError(413, "too_large", f"'result' may be at most {settings.CP_RESULT_MAX_BYTES} bytes")
+    error = f.str("error", 100_000, default="")
+    exit_code = f.int("exit_code", -(2**31), 2**31 - 1)
+    agent = await _agent(request)
+    task_state = await db_call(actions.complete_attempt)(
+        agent, _attempt_id(attempt_id), outcome, _strip_nul(result), _clean(error) or "", exit_code
+    )
+    return JsonResponse({"task_state": task_state})
+
+
+def _strip_nul(value):
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_nul(v) for v in value]
+    return value
+
+
+@api_view
+async def upload_artifact(request, attempt_id: str):
+    require_method(request, "POST")
+    limit = settings.CP_ARTIFACT_MAX_BYTES
+    length = request.META.get("CONTENT_LENGTH") or "0"
+    if length.isdigit() and int(length) > limit + 64 * 1024:
+        raise ApiError(413, "too_large", f"an artifact may be at most {limit} bytes")
+    agent = await _agent(request)
+    attempt_id = _attempt_id(attempt_id)
+    artifact = await db_call(_store_artifact)(request, agent, attempt_id, limit)
+    return JsonResponse(
+        {"artifact_id": str(artifact.id), "name": artifact.name, "size": artifact.size, "sha256": artifact.sha256},
+        status=201,
+    )
+
+
+def _store_artifact(request, agent: dict, attempt_id: str, limit: int) -> Artifact:
+    content_type = request.META.get("CONTENT_TYPE", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(400, "bad_request", "send the file as multipart/form-data, field 'file'")
+    try:
+        upload = request.FILES.get("file")
+    except RequestDataTooBig:
+        raise ApiError(413, "too_large", f"an artifact may be at most {limit} bytes") from None
+    except Exception as exc:  # a malformed multipart body
+        raise ApiError(400, "bad_request", f"unreadable multipart body: {exc}") from None
+    if upload is None:
+        raise ApiError(400, "bad_request", "the multipart field 'file' is missing")
+    if upload.size > limit:
+        raise ApiError(413, "too_large", f"an artifact may be at most {limit} bytes")
+    content = upload.read()
+    name = (request.POST.get("name") or upload.name or "artifact")[:512]
+    return actions.add_artifact(
+        agent,
+        attempt_id,
+        name=name,
+        content=content,
+        sha256=hashlib.sha256(content).hexdigest(),
+        content_type=(upload.content_type or "application/octet-stream")[:128],
+    )

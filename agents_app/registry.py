@@ -1,0 +1,150 @@
+"""Agent identities and tokens: enrollment, authentication, retirement, operator switches."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db import connection, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from tasks_app import queries as q
+from tasks_app.actions import ActionError, EventLog, lose_attempts
+from tasks_app.notify import Changes
+
+from . import tokens
+from .models import Agent, AgentStatus, ApiToken, EnrollmentToken
+
+
+class AuthError(ActionError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ActionError):
+    status = 403
+    code = "forbidden"
+
+
+def create_enrollment_token(note: str = "", uses: int | None = None, expires: timedelta | None = None, user=None):
+    token, digest, prefix = tokens.mint(tokens.ENROLLMENT)
+    record = EnrollmentToken.objects.create(
+        token_hash=digest,
+        prefix=prefix,
+        note=note,
+        max_uses=uses,
+        expires_at=timezone.now() + expires if expires else None,
+        created_by=user,
+    )
+    return token, record
+
+
+def create_api_token(user, note: str = ""):
+    token, digest, prefix = tokens.mint(tokens.API)
+    return token, ApiToken.objects.create(user=user, token_hash=digest, prefix=prefix, note=note)
+
+
+def authenticate_agent(token: str | None) -> dict:
+    """The calling agent (and its call counted as contact), or AuthError / Forbidden."""
+    if not token:
+        raise AuthError("an agent token is required (Authorization: Bearer <token>)")
+    with connection.cursor() as cur:
+        cur.execute(q.TOUCH_AGENT, {"token_hash": tokens.hash_token(token)})
+        row = cur.fetchone()
+    if row is None:
+        raise AuthError("unknown or revoked agent token")
+    keys = ("id", "name", "labels", "executors", "capacity", "enabled", "draining", "shutdown_requested")
+    agent = dict(zip(keys, row, strict=True))
+    if not agent["enabled"]:
+        raise Forbidden("this agent is disabled", "agent_disabled")
+    return agent
+
+
+def authenticate_user(token: str | None):
+    """The Django user behind an API token, or AuthError / Forbidden."""
+    if not token:
+        raise AuthError("an API token is required (Authorization: Bearer <token>)")
+    record = (
+        ApiToken.objects.select_related("user")
+        .filter(token_hash=tokens.hash_token(token), revoked_at__isnull=True)
+        .first()
+    )
+    if record is None:
+        raise AuthError("unknown or revoked API token")
+    if not record.user.is_active:
+        raise Forbidden("this user is inactive", "user_inactive")
+    ApiToken.objects.filter(pk=record.pk).update(last_used_at=timezone.now())
+    return record.user
+
+
+def register_agent(enrollment: str | None, info: dict) -> tuple[Agent, str]:
+    """Enroll an agent. A name whose agent is online is taken (409); an offline or disabled one is retired
+    (its token stops working, its live attempts are lost) and the name goes to the newcomer."""
+    if not enrollment:
+        raise AuthError("an enrollment token is required (Authorization: Bearer <token>)")
+    now = timezone.now()
+    with transaction.atomic():
+        record = (
+            EnrollmentToken.objects.select_for_update()
+            .filter(token_hash=tokens.hash_token(enrollment), revoked_at__isnull=True)
+            .first()
+        )
+        if record is None:
+            raise AuthError("unknown or revoked enrollment token")
+        if record.expires_at and record.expires_at <= now:
+            raise AuthError("this enrollment token has expired", "token_expired")
+        if record.max_uses is not None and record.uses >= record.max_uses:
+            raise AuthError("this enrollment token has been used up", "token_used_up")
+        old = Agent.objects.select_for_update().filter(name=info["name"], retired_at__isnull=True).first()
+        retired_attempts = []
+        events = EventLog(f"agent:{info['name']}")
+        if old is not None:
+            if old.status == AgentStatus.ONLINE and old.enabled:
+                raise ActionError(f"an agent named {old.name!r} is online", "name_taken")
+            retired_attempts = list(old.attempts.filter(state__in=("assigned", "running")).values_list("id", flat=True))
+            events.add("agent", old.status, AgentStatus.RETIRED, agent=old.id, detail={"reason": "re-registered"})
+            Agent.objects.filter(pk=old.pk).update(status=AgentStatus.RETIRED, retired_at=now)
+        token, digest, _prefix = tokens.mint(tokens.AGENT)
+        agent = Agent.objects.create(
+            name=info["name"],
+            labels=info["labels"],
+            executors=info["executors"],
+            executor_versions=info.get("executor_versions") or {},
+            capacity=info["capacity"],
+            hostname=info.get("hostname") or "",
+            version=info.get("version") or "",
+            token_hash=digest,
+            enrollment_token=record,
+            last_seen_at=now,
+        )
+        EnrollmentToken.objects.filter(pk=record.pk).update(uses=F("uses") + 1, last_used_at=now)
+        events.add("agent", "", AgentStatus.ONLINE, agent=agent.id, detail={"labels": agent.labels})
+        with connection.cursor() as cur:
+            events.write(cur)
+            Changes(agents=True).send(cur)
+    if retired_attempts:
+        lose_attempts(retired_attempts, "agent re-registered", f"agent:{agent.name}")
+    return agent, token
+
+
+def set_agent_flags(agent_id, actor: str, **flags) -> Agent:
+    """Operator switches (enabled, draining, shutdown_requested), audited."""
+    allowed = {"enabled", "draining", "shutdown_requested"}
+    if set(flags) - allowed:
+        raise ValueError(f"unknown agent flag(s): {set(flags) - allowed}")
+    with transaction.atomic():
+        agent = Agent.objects.select_for_update().filter(Q(pk=agent_id), retired_at__isnull=True).first()
+        if agent is None:
+            from tasks_app.actions import NotFound
+
+            raise NotFound("no agent with that id")
+        events = EventLog(actor)
+        for name, value in flags.items():
+            if getattr(agent, name) != value:
+                events.add("agent", f"{name}={getattr(agent, name)}", f"{name}={value}", agent=agent.id)
+                setattr(agent, name, value)
+        agent.save(update_fields=list(flags))
+        with connection.cursor() as cur:
+            events.write(cur)
+            Changes(agents=True).send(cur)
+    return agent

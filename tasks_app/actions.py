@@ -1,0 +1,621 @@
+"""Every run, task and attempt transition, each in one transaction that writes its Event rows and sends
+one NOTIFY (delivered on commit). Nothing else in the code base writes a state field.
+
+The state machine's rules come from `tasks_app.states`; the SQL from `tasks_app.queries`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import connection, transaction
+
+from . import queries as q
+from .dag import Dag
+from .models import Run, Task, TaskDependency
+from .notify import Changes
+from .states import AttemptState, InvalidTransition, RunState, TaskState, check_transition, run_outcome
+
+log = logging.getLogger(__name__)
+
+
+class ActionError(Exception):
+    """An action refused; the API turns it into PROTOCOL.md's error shape."""
+
+    status = 409
+    code = "conflict"
+
+    def __init__(self, detail: str, code: str | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        if code:
+            self.code = code
+
+
+class NotFound(ActionError):
+    status = 404
+    code = "not_found"
+
+
+class StaleAttempt(ActionError):
+    code = "stale_attempt"
+
+
+@dataclass
+class EventLog:
+    """Event rows gathered during a transaction and inserted in one round trip."""
+
+    actor: str
+
+    def __post_init__(self):
+        self.rows: list[tuple] = []
+
+    def add(self, kind, frm, to, *, run=None, task=None, attempt=None, agent=None, detail=None, actor=None):
+        self.rows.append(
+            (run, task, attempt, agent, kind, frm or "", to or "", actor or self.actor, json.dumps(detail or {}))
+        )
+
+    def write(self, cursor) -> None:
+        if self.rows:
+            cursor.executemany(
+                "INSERT INTO tasks_app_event (run_id, task_id, attempt_id, agent_id, kind, from_state, to_state,"
+                " actor, detail, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, now())",
+                self.rows,
+            )
+            self.rows = []
+
+
+def _commit(cursor, events: EventLog, changes: Changes) -> None:
+    events.write(cursor)
+    changes.send(cursor)
+
+
+# --- Submitting ---------------------------------------------------------------------------------------
+
+
+def submit_run(
+    dag: Dag,
+    document: dict,
+    *,
+    actor: str,
+    user=None,
+    workflow=None,
+    priority: int | None = None,
+    max_parallel: int | None = None,
+) -> Run:
+    """Create a run from a validated DAG: tasks without dependencies start ready, the rest blocked."""
+    run_priority = dag.priority if priority is None else priority
+    with transaction.atomic():
+        run = Run.objects.create(
+            name=dag.name,
+            workflow=workflow,
+            document=document,
+            priority=run_priority,
+            max_parallel=dag.max_parallel if max_parallel is None else max_parallel,
+            created_by=user,
+        )
+        tasks = [
+            Task(
+                run=run,
+                key=s.key,
+                title=s.title,
+                state=TaskState.BLOCKED if s.deps else TaskState.READY,
+                priority=s.priority + run_priority,
+                requires=s.requires,
+                executor=s.executor,
+                command=s.command,
+                prompt=s.prompt,
+                params=s.params,
+                estimate_s=s.estimate_s,
+                critical_path_s=s.critical_path_s,
+                depth=s.depth,
+                max_attempts=s.max_attempts,
+                timeout_s=s.timeout_s,
+                retry_delay_s=s.retry_delay_s,
+            )
+            for s in dag.tasks
+        ]
+        Task.objects.bulk_create(tasks, batch_size=1000)
+        ids = {t.key: t.id for t in tasks}
+        TaskDependency.objects.bulk_create(
+            [TaskDependency(task_id=ids[s.key], depends_on_id=ids[d]) for s in dag.tasks for d in s.deps],
+            batch_size=2000,
+        )
+        changes = Changes(runs={run.id})
+        for t in tasks:
+            if t.state == TaskState.READY:
+                changes.task_ready(t.executor, t.requires)
+        events = EventLog(actor)
+        events.add("run", "", RunState.RUNNING, run=run.id, detail={"tasks": len(tasks)})
+        with connection.cursor() as cur:
+            _commit(cur, events, changes)
+    return run
+
+
+# --- Claiming -----------------------------------------------------------------------------------------
+
+
+def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
+    """Assign up to `capacity` ready tasks the agent can run, within every limit. Never waits on a lock
+    another claimer holds for a task (SKIP LOCKED), so concurrent claims never hand out one task twice."""
+    if not agent["enabled"] or agent["draining"] or agent["shutdown_requested"]:
+        return []
+    global_limit = settings.CP_GLOBAL_MAX_LIVE
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(q.LOCK_AGENT_LIVE, {"agent_id": agent["id"]})
+        agent_capacity, agent_live = cur.fetchone()
+        free = min(capacity, agent_capacity - agent_live)
+        if free <= 0:
+            return []
+        chosen: list = []
+        full_runs: list = []
+        run_slots: dict = {}
+        global_free = None
+        for _ in range(4):  # a few rounds: candidates of runs found full are replaced by others
+            cur.execute(
+                q.CANDIDATES,
+                {
+                    "labels": list(agent["labels"]),
+                    "executors": list(agent["executors"]),
+                    "full_runs": full_runs,
+                    "limit": (free - len(chosen)) * 2,
+                },
+            )
+            rows = [r for r in cur.fetchall() if r[0] not in chosen]
+            if not rows:
+                break
+            limited = sorted({r[1] for r in rows if r[2] is not None and r[1] not in run_slots})
+            if limited:
+                cur.execute(q.LOCK_RUNS_LIVE, {"run_ids": limited})
+                for run_id, max_parallel, live in cur.fetchall():
+                    run_slots[run_id] = max_parallel - live
+            if global_limit and global_free is None:
+                cur.execute(q.LOCK_GLOBAL_LIVE)
+                global_free = global_limit - cur.fetchone()[1]
+            for task_id, run_id, _max in rows:
+                if len(chosen) >= free or (global_free is not None and global_free <= 0):
+                    break
+                if run_id in run_slots:
+                    if run_slots[run_id] <= 0:
+                        if run_id not in full_runs:
+                            full_runs.append(run_id)
+                        continue
+                    run_slots[run_id] -= 1
+                chosen.append(task_id)
+                if global_free is not None:
+                    global_free -= 1
+            if len(chosen) >= free or (global_free is not None and global_free <= 0) or not full_runs:
+                break
+        if not chosen:
+            return []
+        cur.execute(
+            q.ASSIGN,
+            {
+                "task_ids": chosen,
+                "agent_id": agent["id"],
+                "lease_s": settings.CP_LEASE_S,
+                "actor": f"agent:{agent['name']}",
+            },
+        )
+        rows = cur.fetchall()
+        changes = Changes(runs={r[3] for r in rows})
+        changes.send(cur)
+    return [
+        {
+            "attempt_id": str(attempt_id),
+            "lease_expires_at": lease.isoformat(),
+            "task": {
+                "id": str(task_id),
+                "run_id": str(run_id),
+                "key": key,
+                "title": title,
+                "executor": executor,
+                "command": command,
+                "prompt": prompt,
+                "params": params if isinstance(params, dict) else json.loads(params or "{}"),
+                "timeout_s": timeout_s,
+                "attempt": number,
+            },
+        }
+        for attempt_id, lease, task_id, run_id, key, title, executor, command, prompt, params, timeout_s, number in rows
+    ]
+
+
+# --- Agent reports on an attempt ----------------------------------------------------------------------
+
+
+def _lock_attempt(cur, attempt_id) -> dict:
+    cur.execute(q.LOCK_ATTEMPT, {"attempt_id": attempt_id})
+    row = cur.fetchone()
+    if row is None:
+        raise NotFound("no attempt with that id")
+    keys = (
+        "id", "state", "agent_id", "task_id", "run_id", "number", "result", "error", "exit_code", "task_state",
+        "max_attempts", "attempts_used", "attempt_base", "retry_delay_s", "timeout_s", "elapsed_s",
+    )  # fmt: skip
+    return dict(zip(keys, row, strict=True))
+
+
+def _require_live(att: dict, agent_id) -> None:
+    if att["agent_id"] != agent_id:
+        raise StaleAttempt("that attempt is not this agent's")
+    if att["state"] not in AttemptState.LIVE:
+        raise StaleAttempt(f"that attempt is {att['state']}, no longer live")
+
+
+def record_progress(agent: dict, attempt_id, progress: float | None, message: str | None, log_text: str | None):
+    """Progress, message and log from the agent; extends the lease. The first report marks the start."""
+    with transaction.atomic(), connection.cursor() as cur:
+        att = _lock_attempt(cur, attempt_id)
+        _require_live(att, agent["id"])
+        events, changes = EventLog(f"agent:{agent['name']}"), Changes(runs={att["run_id"]})
+        if att["state"] == AttemptState.ASSIGNED:
+            check_transition("attempt", att["state"], AttemptState.RUNNING)
+            check_transition("task", att["task_state"], TaskState.RUNNING)
+            events.add("attempt", AttemptState.ASSIGNED, AttemptState.RUNNING, run=att["run_id"],
+                       task=att["task_id"], attempt=att["id"], agent=agent["id"])  # fmt: skip
+            events.add("task", att["task_state"], TaskState.RUNNING, run=att["run_id"], task=att["task_id"],
+                       attempt=att["id"], agent=agent["id"])  # fmt: skip
+        keep = settings.CP_ATTEMPT_LOG_KEEP_BYTES
+        cur.execute(
+            """
+            UPDATE tasks_app_attempt
+               SET state = 'running', started_at = COALESCE(started_at, now()),
+                   lease_expires_at = now() + make_interval(secs => %(lease_s)s),
+                   progress = COALESCE(%(progress)s, progress),
+                   message = COALESCE(%(message)s, message),
+                   log = CASE WHEN %(log)s::text IS NULL THEN log
+                              ELSE right(log || %(log)s::text, %(keep)s) END
+             WHERE id = %(id)s
+            RETURNING lease_expires_at
+            """,
+            {"lease_s": settings.CP_LEASE_S, "progress": progress, "message": message, "log": log_text or None,
+             "keep": keep, "id": att["id"]},
+        )  # fmt: skip
+        lease = cur.fetchone()[0]
+        cur.execute(
+            """
+            UPDATE tasks_app_task SET state = 'running', progress = COALESCE(%(progress)s, progress),
+                   message = COALESCE(%(message)s, message)
+             WHERE id = %(task_id)s
+            """,
+            {"progress": progress, "message": message, "task_id": att["task_id"]},
+        )
+        _commit(cur, events, changes)
+    # Past its timeout (on our clock) the agent is told to stop; it then reports the attempt failed.
+    grace = max(5, settings.CP_HEARTBEAT_INTERVAL_S)
+    return {"lease_expires_at": lease.isoformat(), "cancel": att["elapsed_s"] > att["timeout_s"] + grace}
+
+
+def complete_attempt(agent: dict, attempt_id, outcome: str, result, error: str, exit_code) -> str:
+    """The agent's final word on an attempt. The same completion again is accepted and changes nothing;
+    any other completion of a finished or foreign attempt is stale."""
+    with transaction.atomic(), connection.cursor() as cur:
+        att = _lock_attempt(cur, attempt_id)
+        if (
+            att["agent_id"] == agent["id"]
+            and att["state"] == outcome
+            and _same_completion(att, result, error, exit_code)
+        ):
+            return att["task_state"]
+        _require_live(att, agent["id"])
+        events, changes = EventLog(f"agent:{agent['name']}"), Changes(runs={att["run_id"]})
+        cur.execute(
+            """
+            UPDATE tasks_app_attempt
+               SET state = %(state)s, result = %(result)s::jsonb, error = %(error)s, exit_code = %(exit_code)s,
+                   finished_at = now(), started_at = COALESCE(started_at, now()),
+                   progress = CASE WHEN %(state)s = 'succeeded' THEN 1 ELSE progress END
+             WHERE id = %(id)s
+            """,
+            {"state": outcome, "result": json.dumps(result) if result is not None else None, "error": error or "",
+             "exit_code": exit_code, "id": att["id"]},
+        )  # fmt: skip
+        task_state = _end_attempt(cur, att, outcome, events, changes, agent_id=agent["id"])
+        _commit(cur, events, changes)
+    return task_state
+
+
+def _same_completion(att: dict, result, error, exit_code) -> bool:
+    stored = att["result"]
+    if isinstance(stored, str):
+        stored = json.loads(stored)
+    return stored == result and (att["error"] or "") == (error or "") and att["exit_code"] == exit_code
+
+
+def _end_attempt(
+    cur, att: dict, attempt_state: str, events: EventLog, changes: Changes, agent_id=None, detail=None
+) -> str:
+    """Apply an ended attempt to its task, its dependents and its run. Returns the task's new state."""
+    check_transition("attempt", att["state"], attempt_state)
+    ids = {"run": att["run_id"], "task": att["task_id"], "attempt": att["id"], "agent": agent_id or att["agent_id"]}
+    events.add("attempt", att["state"], attempt_state, **ids, detail=detail)
+    task_from = att["task_state"]
+    if attempt_state == AttemptState.SUCCEEDED:
+        target = TaskState.SUCCEEDED
+    elif attempt_state == AttemptState.CANCELED:
+        target = TaskState.CANCELED
+    else:
+        used = att["attempts_used"] - att["attempt_base"]
+        target = TaskState.READY if used < att["max_attempts"] else TaskState.FAILED
+    check_transition("task", task_from, target)
+    delay = att["retry_delay_s"] if target == TaskState.READY else 0
+    cur.execute(
+        """
+        UPDATE tasks_app_task
+           SET state = %(state)s,
+               progress = CASE WHEN %(state)s = 'succeeded' THEN 1 WHEN %(state)s = 'ready' THEN 0 ELSE progress END,
+               ready_at = CASE WHEN %(state)s = 'ready' THEN now() + make_interval(secs => %(delay)s) ELSE ready_at END,
+               finished_at = CASE WHEN %(state)s = 'ready' THEN NULL ELSE now() END
+         WHERE id = %(task_id)s
+        RETURNING executor, requires
+        """,
+        {"state": target, "delay": delay, "task_id": att["task_id"]},
+    )  # fmt: skip
+    executor, requires = cur.fetchone()
+    events.add("task", task_from, target, **ids, detail={"attempt": att["number"]})
+    if target == TaskState.READY:
+        changes.task_ready(executor, requires, delay)
+    elif target == TaskState.SUCCEEDED:
+        cur.execute(q.LOCK_DEPENDENTS, {"task_id": att["task_id"]})
+        cur.execute(q.RELEASE_DEPENDENTS, {"task_id": att["task_id"]})
+        for dep_id, dep_executor, dep_requires in cur.fetchall():
+            events.add("task", TaskState.BLOCKED, TaskState.READY, run=att["run_id"], task=dep_id,
+                       detail={"because": "dependencies succeeded"})  # fmt: skip
+            changes.task_ready(dep_executor, dep_requires)
+    else:
+        _skip_downstream(cur, att["run_id"], att["task_id"], events)
+    _settle_run(cur, att["run_id"], events, changes, slot_freed=True)
+    return target
+
+
+def _skip_downstream(cur, run_id, task_id, events: EventLog) -> None:
+    cur.execute(q.SKIP_DOWNSTREAM, {"task_id": task_id})
+    for (skipped_id,) in cur.fetchall():
+        events.add("task", TaskState.BLOCKED, TaskState.SKIPPED, run=run_id, task=skipped_id,
+                   detail={"because": str(task_id)})  # fmt: skip
+
+
+def _settle_run(cur, run_id, events: EventLog, changes: Changes, slot_freed: bool = False) -> None:
+    """End the run if nothing is pending; else, when a slot freed up, wake an agent for its next task."""
+    cur.execute("SELECT state, max_parallel FROM tasks_app_run WHERE id = %(run_id)s FOR UPDATE", {"run_id": run_id})
+    run_state, max_parallel = cur.fetchone()
+    cur.execute(q.RUN_HAS_PENDING, {"run_id": run_id})
+    if cur.fetchone()[0]:
+        if slot_freed and run_state == RunState.RUNNING and (max_parallel or settings.CP_GLOBAL_MAX_LIVE):
+            cur.execute(q.TOP_READY_OF_RUN, {"run_id": run_id, "limit": 1})
+            for executor, requires in cur.fetchall():
+                changes.task_ready(executor, requires)
+        return
+    if run_state not in RunState.ACTIVE:
+        return
+    cur.execute(q.RUN_TASK_STATES, {"run_id": run_id})
+    outcome = run_outcome(state for state, n in cur.fetchall())
+    check_transition("run", run_state, outcome)
+    cur.execute("UPDATE tasks_app_run SET state = %s, finished_at = now() WHERE id = %s", [outcome, run_id])
+    events.add("run", run_state, outcome, run=run_id)
+    changes.runs.add(run_id)
+
+
+# --- Heartbeats and sweeps ----------------------------------------------------------------------------
+
+
+def heartbeat(agent: dict, status: str, attempt_ids: list[str]) -> list[dict]:
+    """Extend the leases of the listed attempts still this agent's; answer with commands for it."""
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute("UPDATE agents_app_agent SET reported_status = %s WHERE id = %s", [status, agent["id"]])
+        cur.execute(
+            """
+            UPDATE tasks_app_attempt SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
+             WHERE id = ANY(%(ids)s::uuid[]) AND agent_id = %(agent_id)s AND state IN ('assigned', 'running')
+            RETURNING id
+            """,
+            {"lease_s": settings.CP_LEASE_S, "ids": attempt_ids, "agent_id": agent["id"]},
+        )
+        live = {str(r[0]) for r in cur.fetchall()}
+    commands = [{"type": "cancel", "attempt_id": a} for a in attempt_ids if a not in live]
+    if agent["shutdown_requested"]:
+        commands.append({"type": "shutdown"})
+    elif agent["draining"]:
+        commands.append({"type": "drain"})
+    return commands
+
+
+def lose_attempts(attempt_ids, reason: str, actor: str) -> int:
+    """Mark live attempts lost (lease expired, agent silent); their tasks go back to ready or fail."""
+    lost = 0
+    for attempt_id in attempt_ids:
+        with transaction.atomic(), connection.cursor() as cur:
+            att = _lock_attempt(cur, attempt_id)
+            if att["state"] not in AttemptState.LIVE:
+                continue
+            events, changes = EventLog(actor), Changes(runs={att["run_id"]})
+            cur.execute(
+                "UPDATE tasks_app_attempt SET state = 'lost', error = %s, finished_at = now() WHERE id = %s",
+                [reason, att["id"]],
+            )
+            _end_attempt(cur, att, AttemptState.LOST, events, changes, detail={"reason": reason})
+            _commit(cur, events, changes)
+            lost += 1
+    return lost
+
+
+def _server_gap_s() -> float:
+    """A silence of every server process longer than this counts as our downtime, not the agents'."""
+    return max(3 * settings.CP_SWEEP_INTERVAL_S, 10)
+
+
+def sweep(force: bool = False) -> dict:
+    """Expire leases and mark silent agents offline. Safe to run from many processes at once.
+
+    Does nothing while the sweep clock forbids expiry (just after every server process was down)."""
+    with connection.cursor() as cur:
+        cur.execute(q.EXPIRY_ALLOWED, {"gap_s": _server_gap_s()})
+        if not cur.fetchone()[0] and not force:
+            return {"expired": 0, "offline": 0}
+        with transaction.atomic():
+            cur.execute(q.SILENT_AGENTS, {"offline_after_s": settings.CP_OFFLINE_AFTER_S})
+            silent = cur.fetchall()
+            attempts = []
+            for agent_id, _name in silent:
+                cur.execute(q.LIVE_ATTEMPTS_OF_AGENT, {"agent_id": agent_id})
+                attempts += [r[0] for r in cur.fetchall()]
+            if silent:
+                events = EventLog("system:sweeper")
+                for agent_id, _name in silent:
+                    events.add("agent", "online", "offline", agent=agent_id, detail={"reason": "silent"})
+                _commit(cur, events, Changes(agents=True))
+    offline = lose_attempts(attempts, "agent went silent", "system:sweeper")
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(q.EXPIRED_ATTEMPTS)
+        expired_ids = [r[0] for r in cur.fetchall()]
+    expired = lose_attempts(expired_ids, "lease expired", "system:sweeper")
+    return {"expired": expired, "offline": offline, "agents_offline": len(silent)}
+
+
+def tick_sweep_clock(starting: bool = False) -> None:
+    """Record that a server process is alive (and, at its start, whether every one of them was down)."""
+    params = {"gap_s": _server_gap_s(), "lease_s": settings.CP_LEASE_S}
+    with connection.cursor() as cur:
+        cur.execute(q.SERVER_START if starting else q.SWEEP_CLOCK_TICK, params)
+
+
+# --- Operators ----------------------------------------------------------------------------------------
+
+
+def _lock_run(cur, run_id) -> str:
+    cur.execute(q.LOCK_RUN, {"run_id": run_id})
+    row = cur.fetchone()
+    if row is None:
+        raise NotFound("no run with that id")
+    return row[0]
+
+
+def _set_run_state(run_id, target: str, actor: str) -> tuple[str, Changes]:
+    with transaction.atomic(), connection.cursor() as cur:
+        current = _lock_run(cur, run_id)
+        try:
+            check_transition("run", current, target)
+        except InvalidTransition as exc:
+            raise ActionError(f"the run is {current}: it cannot become {target}", "invalid_state") from exc
+        cur.execute(
+            "UPDATE tasks_app_run SET state = %s,"
+            " finished_at = CASE WHEN %s IN ('succeeded', 'failed', 'canceled') THEN now() ELSE NULL END"
+            " WHERE id = %s",
+            [target, target, run_id],
+        )
+        events, changes = EventLog(actor), Changes(runs={run_id})
+        events.add("run", current, target, run=run_id)
+        if target == RunState.RUNNING:
+            changes.wake_all = True  # resumed: its ready tasks may go to any waiting agent
+        _commit(cur, events, changes)
+    return current, changes
+
+
+def pause_run(run_id, actor: str) -> str:
+    _set_run_state(run_id, RunState.PAUSED, actor)
+    return RunState.PAUSED
+
+
+def resume_run(run_id, actor: str) -> str:
+    _set_run_state(run_id, RunState.RUNNING, actor)
+    return RunState.RUNNING
+
+
+def cancel_run(run_id, actor: str) -> str:
+    """Cancel the run at once, then its tasks: pending ones are canceled, live attempts too (their agents
+    are told on their next heartbeat or progress report). Tasks are touched in later transactions than the
+    run's, keeping the global lock order; claims in flight finish first (we wait on their task locks) and
+    their attempts are then canceled like the rest."""
+    _set_run_state(run_id, RunState.CANCELED, actor)
+    events, changes = EventLog(actor), Changes(runs={run_id})
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(
+            "SELECT id, state FROM tasks_app_task WHERE run_id = %s AND state IN ('blocked', 'ready') ORDER BY id"
+            " FOR UPDATE",
+            [run_id],
+        )
+        pending = cur.fetchall()
+        for task_id, state in pending:
+            events.add("task", state, TaskState.CANCELED, run=run_id, task=task_id)
+        cur.execute(
+            "UPDATE tasks_app_task SET state = 'canceled', finished_at = now() WHERE id = ANY(%s::uuid[])",
+            [[t for t, _ in pending]],
+        )
+        _commit(cur, events, changes)
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT id FROM tasks_app_attempt WHERE run_id = %s AND state IN ('assigned', 'running') ORDER BY id",
+            [run_id],
+        )
+        live = [r[0] for r in cur.fetchall()]
+    for attempt_id in live:
+        with transaction.atomic(), connection.cursor() as cur:
+            att = _lock_attempt(cur, attempt_id)
+            if att["state"] not in AttemptState.LIVE:
+                continue
+            cur.execute(
+                "UPDATE tasks_app_attempt SET state = 'canceled', error = 'run canceled', finished_at = now()"
+                " WHERE id = %s",
+                [attempt_id],
+            )
+            _end_attempt(cur, att, AttemptState.CANCELED, events, changes, detail={"reason": "run canceled"})
+            _commit(cur, events, changes)
+    return RunState.CANCELED
+
+
+def retry_task(task_id, actor: str) -> str:
+    """An operator's retry of a failed or canceled task: it gets a fresh set of attempts, its skipped
+    descendants wait again, and a finished run reopens."""
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute("SELECT state, run_id, executor, requires FROM tasks_app_task WHERE id = %s FOR UPDATE", [task_id])
+        row = cur.fetchone()
+        if row is None:
+            raise NotFound("no task with that id")
+        state, run_id, executor, requires = row
+        if state not in (TaskState.FAILED, TaskState.CANCELED):
+            raise ActionError(f"only a failed or canceled task can be retried; this one is {state}", "invalid_state")
+        events, changes = EventLog(actor), Changes(runs={run_id})
+        # A fresh budget of attempts: those used so far no longer count against max_attempts.
+        cur.execute(
+            "UPDATE tasks_app_task SET state = 'ready', ready_at = now(), finished_at = NULL, progress = 0,"
+            " attempt_base = attempts_used WHERE id = %s",
+            [task_id],
+        )
+        events.add("task", state, TaskState.READY, run=run_id, task=task_id, detail={"retry": True})
+        changes.task_ready(executor, requires)
+        cur.execute(q.UNSKIP_DOWNSTREAM, {"task_id": task_id})
+        for (down_id,) in cur.fetchall():
+            events.add("task", TaskState.SKIPPED, TaskState.BLOCKED, run=run_id, task=down_id,
+                       detail={"because": str(task_id)})  # fmt: skip
+        run_state = _lock_run(cur, run_id)
+        if run_state in RunState.TERMINAL:
+            check_transition("run", run_state, RunState.RUNNING)
+            cur.execute("UPDATE tasks_app_run SET state = 'running', finished_at = NULL WHERE id = %s", [run_id])
+            events.add("run", run_state, RunState.RUNNING, run=run_id, detail={"retry": str(task_id)})
+        _commit(cur, events, changes)
+    return TaskState.READY
+
+
+# --- Artifacts ----------------------------------------------------------------------------------------
+
+
+def add_artifact(agent: dict, attempt_id, *, name: str, content: bytes, sha256: str, content_type: str):
+    """Store a file a live attempt produced (a stale attempt's upload is refused like its other calls)."""
+    from .models import Artifact
+
+    with transaction.atomic(), connection.cursor() as cur:
+        att = _lock_attempt(cur, attempt_id)
+        _require_live(att, agent["id"])
+        return Artifact.objects.create(
+            attempt_id=att["id"],
+            task_id=att["task_id"],
+            name=name,
+            size=len(content),
+            sha256=sha256,
+            content_type=content_type,
+            content=content,
+        )

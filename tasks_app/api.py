@@ -1,0 +1,120 @@
+"""PROTOCOL.md's run endpoints (API token; the user's permissions apply) and artifact downloads."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.http import HttpResponse, JsonResponse
+
+from agents_app import registry, tokens
+from control_plane.http_api import ApiError, api_view, db_call, json_body, require_method
+
+from . import actions, reports
+from .dag import parse_document
+from .models import Artifact
+
+DOCUMENT_LIMIT = 16 * 1024 * 1024
+
+
+def _uuid(value: str, what: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ApiError(404, "not_found", f"no {what} with that id") from None
+
+
+def _user(request, permission: str | None = None):
+    user = registry.authenticate_user(tokens.bearer(request.headers.get("Authorization")))
+    if permission and not user.has_perm(permission):
+        raise ApiError(403, "forbidden", f"this user lacks the permission {permission}")
+    return user
+
+
+def _actor(user) -> str:
+    return f"user:{user.get_username()}"
+
+
+@api_view
+async def health(request):
+    return JsonResponse({"status": "ok"})
+
+
+@api_view
+async def runs(request):
+    require_method(request, "POST")
+    document = json_body(request, DOCUMENT_LIMIT)
+
+    def submit():
+        user = _user(request, "tasks_app.add_run")
+        dag = parse_document(document)
+        run = actions.submit_run(dag, document, actor=_actor(user), user=user)
+        return {"run_id": str(run.id), "tasks": len(dag.tasks)}
+
+    return JsonResponse(await db_call(submit)(), status=201)
+
+
+@api_view
+async def run_detail(request, run_id: str):
+    require_method(request, "GET")
+    run_id = _uuid(run_id, "run")
+
+    def load():
+        _user(request, "tasks_app.view_run")
+        return reports.run_status(run_id)
+
+    return JsonResponse(await db_call(load)())
+
+
+def _run_action(action):
+    @api_view
+    async def view(request, run_id: str):
+        require_method(request, "POST")
+        run_id_ = _uuid(run_id, "run")
+
+        def act():
+            user = _user(request, "tasks_app.change_run")
+            return {"run_id": run_id_, "state": action(run_id_, _actor(user))}
+
+        return JsonResponse(await db_call(act)())
+
+    view.__name__ = action.__name__
+    return view
+
+
+cancel_run = _run_action(actions.cancel_run)
+pause_run = _run_action(actions.pause_run)
+resume_run = _run_action(actions.resume_run)
+
+
+@api_view
+async def retry_task(request, task_id: str):
+    require_method(request, "POST")
+    task_id = _uuid(task_id, "task")
+
+    def act():
+        user = _user(request, "tasks_app.change_task")
+        return {"task_id": task_id, "state": actions.retry_task(task_id, _actor(user))}
+
+    return JsonResponse(await db_call(act)())
+
+
+@api_view
+async def artifact(request, artifact_id: str):
+    require_method(request, "GET")
+    artifact_id = _uuid(artifact_id, "artifact")
+
+    def load():
+        user = request.user if request.user.is_authenticated else _user(request)
+        if not user.has_perm("tasks_app.view_artifact"):
+            raise ApiError(403, "forbidden", "this user may not read artifacts")
+        found = Artifact.objects.filter(pk=artifact_id).first()
+        if found is None:
+            raise ApiError(404, "not_found", "no artifact with that id")
+        return found
+
+    found = await db_call(load)()
+    response = HttpResponse(bytes(found.content), content_type="application/octet-stream")
+    safe = found.name.replace('"', "").replace("\\", "").replace("\n", " ").split("/")[-1] or "artifact"
+    response["Content-Disposition"] = f'attachment; filename="{safe}"'
+    response["X-Content-SHA256"] = found.sha256
+    return response

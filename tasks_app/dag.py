@@ -1,0 +1,243 @@
+"""The DAG document (PROTOCOL.md): validation, topological order, depth ("waves") and critical paths.
+
+Pure functions over plain dicts, so the API, the admin, the CLI and the tests share one definition.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+EXECUTORS = ("shell", "claude", "codex", "simulated")
+DEFAULTS = {"max_attempts": 3, "timeout_s": 1800, "retry_delay_s": 10}
+TASK_FIELDS = {
+    "key", "title", "deps", "requires", "executor", "command", "prompt", "params", "estimate_s", "priority",
+    "max_attempts", "timeout_s", "retry_delay_s",
+}  # fmt: skip
+DOC_FIELDS = {"name", "max_parallel", "defaults", "tasks", "priority", "description"}
+
+
+class DagError(Exception):
+    """A document that is well-formed JSON but not a valid DAG (HTTP 422). `keys` names the culprits."""
+
+    def __init__(self, detail: str, keys: list[str] | None = None, field: str | None = None):
+        super().__init__(detail)
+        self.detail, self.keys, self.field = detail, keys or [], field
+
+
+@dataclass
+class TaskSpec:
+    key: str
+    title: str
+    deps: list[str]
+    requires: list[str]
+    executor: str
+    command: str | None
+    prompt: str | None
+    params: dict
+    estimate_s: float | None
+    priority: int
+    max_attempts: int
+    timeout_s: int
+    retry_delay_s: int
+    depth: int = 0
+    critical_path_s: float = 0.0
+
+
+@dataclass
+class Dag:
+    name: str
+    max_parallel: int | None
+    priority: int
+    defaults: dict
+    tasks: list[TaskSpec] = field(default_factory=list)  # in topological order
+
+    def by_key(self) -> dict[str, TaskSpec]:
+        return {t.key: t for t in self.tasks}
+
+
+def _int(value, what: str, lo: int, hi: int | None = None, key: str | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise DagError(f"{what} must be an integer {bound}", [key] if key else [], what)
+    return value
+
+
+def _names(value, what: str, key: str, limit: int = 32) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > limit:
+        raise DagError(f"task {key!r}: {what} must be a list of at most {limit} names", [key], what)
+    for item in value:
+        if not isinstance(item, str) or not NAME_RE.match(item):
+            raise DagError(f"task {key!r}: {what} entry {item!r} is not a valid name", [key], what)
+    return list(value)
+
+
+def _text(value, what: str, key: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise DagError(f"task {key!r}: {what} must be a string", [key], what)
+    return value
+
+
+def parse_document(doc) -> Dag:
+    """Validate a DAG document and return it in topological order, with depths and critical paths."""
+    if not isinstance(doc, dict):
+        raise DagError("the document must be a JSON object")
+    unknown = set(doc) - DOC_FIELDS
+    if unknown:
+        raise DagError(f"unknown document field(s): {', '.join(sorted(unknown))}")
+    name = doc.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= 128:
+        raise DagError("name must be a string of 1 to 128 characters", field="name")
+    max_parallel = doc.get("max_parallel")
+    if max_parallel is not None:
+        _int(max_parallel, "max_parallel", 1, 100_000)
+    priority = _int(doc.get("priority", 0), "priority", -1_000_000, 1_000_000)
+    defaults = dict(DEFAULTS)
+    raw_defaults = doc.get("defaults") or {}
+    if not isinstance(raw_defaults, dict) or set(raw_defaults) - set(DEFAULTS):
+        raise DagError(f"defaults may only set {', '.join(DEFAULTS)}", field="defaults")
+    for k, v in raw_defaults.items():
+        defaults[k] = _int(v, f"defaults.{k}", 0 if k == "retry_delay_s" else 1)
+    raw_tasks = doc.get("tasks")
+    if not isinstance(raw_tasks, list) or not raw_tasks:
+        raise DagError("tasks must be a non-empty list", field="tasks")
+    if len(raw_tasks) > 20_000:
+        raise DagError("a document may hold at most 20000 tasks", field="tasks")
+
+    specs: dict[str, TaskSpec] = {}
+    for raw in raw_tasks:
+        spec = _parse_task(raw, defaults)
+        if spec.key in specs:
+            raise DagError(f"duplicate task key {spec.key!r}", [spec.key], "key")
+        specs[spec.key] = spec
+    for spec in specs.values():
+        missing = [d for d in spec.deps if d not in specs]
+        if missing:
+            raise DagError(
+                f"task {spec.key!r} depends on unknown key(s): {', '.join(missing)}", [spec.key, *missing], "deps"
+            )
+        if len(set(spec.deps)) != len(spec.deps):
+            raise DagError(f"task {spec.key!r} lists a dependency twice", [spec.key], "deps")
+
+    order = topological_order({k: s.deps for k, s in specs.items()})
+    dag = Dag(name=name, max_parallel=max_parallel, priority=priority, defaults=defaults)
+    dag.tasks = [specs[k] for k in order]
+    _annotate(dag)
+    return dag
+
+
+def _parse_task(raw, defaults: dict) -> TaskSpec:
+    if not isinstance(raw, dict):
+        raise DagError("each task must be an object")
+    key = raw.get("key")
+    if not isinstance(key, str) or not NAME_RE.match(key):
+        raise DagError(f"task key {key!r} must be 1-64 of [A-Za-z0-9._-]", [str(key)], "key")
+    unknown = set(raw) - TASK_FIELDS
+    if unknown:
+        raise DagError(f"task {key!r}: unknown field(s) {', '.join(sorted(unknown))}", [key])
+    executor = raw.get("executor", "shell")
+    if executor not in EXECUTORS:
+        raise DagError(f"task {key!r}: executor must be one of {', '.join(EXECUTORS)}", [key], "executor")
+    command, prompt = _text(raw.get("command"), "command", key), _text(raw.get("prompt"), "prompt", key)
+    if executor == "shell" and not command:
+        raise DagError(f"task {key!r}: a shell task needs a command", [key], "command")
+    if executor in ("claude", "codex") and not prompt:
+        raise DagError(f"task {key!r}: a {executor} task needs a prompt", [key], "prompt")
+    params = raw.get("params") or {}
+    if not isinstance(params, dict):
+        raise DagError(f"task {key!r}: params must be an object", [key], "params")
+    estimate = raw.get("estimate_s")
+    if estimate is not None and (isinstance(estimate, bool) or not isinstance(estimate, int | float) or estimate < 0):
+        raise DagError(f"task {key!r}: estimate_s must be a number >= 0", [key], "estimate_s")
+    title = _text(raw.get("title"), "title", key) or key
+    if len(title) > 200:
+        raise DagError(f"task {key!r}: title is longer than 200 characters", [key], "title")
+    return TaskSpec(
+        key=key,
+        title=title,
+        deps=_names(raw.get("deps"), "deps", key, limit=10_000),
+        requires=_names(raw.get("requires"), "requires", key),
+        executor=executor,
+        command=command,
+        prompt=prompt,
+        params=params,
+        estimate_s=float(estimate) if estimate is not None else None,
+        priority=_int(raw.get("priority", 0), "priority", -1_000_000, 1_000_000, key),
+        max_attempts=_int(raw.get("max_attempts", defaults["max_attempts"]), "max_attempts", 1, 100, key),
+        timeout_s=_int(raw.get("timeout_s", defaults["timeout_s"]), "timeout_s", 1, 7 * 86400, key),
+        retry_delay_s=_int(raw.get("retry_delay_s", defaults["retry_delay_s"]), "retry_delay_s", 0, 86400, key),
+    )
+
+
+def topological_order(deps: dict[str, list[str]]) -> list[str]:
+    """Kahn's algorithm, stable in the input order; a cycle raises DagError naming it in order."""
+    indegree = {k: len(v) for k, v in deps.items()}
+    dependents: dict[str, list[str]] = {k: [] for k in deps}
+    for k, ds in deps.items():
+        for d in ds:
+            dependents[d].append(k)
+    queue = [k for k, n in indegree.items() if n == 0]
+    order: list[str] = []
+    i = 0
+    while i < len(queue):
+        k = queue[i]
+        i += 1
+        order.append(k)
+        for child in dependents[k]:
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                queue.append(child)
+    if len(order) != len(deps):
+        cycle = find_cycle({k: v for k, v in deps.items() if indegree[k] > 0})
+        raise DagError(f"dependency cycle: {' -> '.join(cycle)}", cycle, "deps")
+    return order
+
+
+def find_cycle(deps: dict[str, list[str]]) -> list[str]:
+    """One cycle among `deps` (every node of which lies on or leads into a cycle), first key repeated last."""
+    start = next(iter(deps))
+    seen: dict[str, int] = {}
+    path: list[str] = []
+    node = start
+    while node not in seen:
+        seen[node] = len(path)
+        path.append(node)
+        node = next(d for d in deps[node] if d in deps)
+    # `path` follows "depends on" edges; report it in execution order (upstream first).
+    cycle = path[seen[node] :] + [node]
+    return list(reversed(cycle))
+
+
+def _annotate(dag: Dag) -> None:
+    """Depth = longest chain of dependencies above a task; critical path = longest estimate chain below it."""
+    by_key = dag.by_key()
+    for spec in dag.tasks:
+        spec.depth = max((by_key[d].depth + 1 for d in spec.deps), default=0)
+    dependents: dict[str, list[str]] = {t.key: [] for t in dag.tasks}
+    for spec in dag.tasks:
+        for d in spec.deps:
+            dependents[d].append(spec.key)
+    for spec in reversed(dag.tasks):
+        below = max((by_key[c].critical_path_s for c in dependents[spec.key]), default=0.0)
+        spec.critical_path_s = (spec.estimate_s or 0.0) + below
+
+
+def critical_path(dag: Dag) -> tuple[float, list[str]]:
+    """The longest chain of estimates through the DAG: (its length in seconds, its keys in order)."""
+    by_key = dag.by_key()
+    dependents: dict[str, list[str]] = {t.key: [] for t in dag.tasks}
+    for spec in dag.tasks:
+        for d in spec.deps:
+            dependents[d].append(spec.key)
+    roots = [t for t in dag.tasks if not t.deps]
+    if not roots:
+        return 0.0, []
+    node = max(roots, key=lambda t: t.critical_path_s)
+    total, chain = node.critical_path_s, [node.key]
+    while dependents[node.key]:
+        node = max((by_key[c] for c in dependents[node.key]), key=lambda t: t.critical_path_s)
+        chain.append(node.key)
+    return total, chain

@@ -1,0 +1,141 @@
+"""Each server process's one LISTEN connection, the long polls it holds, and its sweeper.
+
+A parked long poll is an `asyncio.Event` in `EventHub.waiters`: no thread, no database connection. When a
+notification says tasks became ready, one matching waiter per task is woken (not all of them: fifty agents
+stampeding for one task would cost fifty claim queries to hand out one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import psycopg
+from django.conf import settings
+from django.db import connection
+
+from . import actions
+from .notify import CHANNEL, parse
+
+log = logging.getLogger(__name__)
+
+
+class Waiter:
+    __slots__ = ("labels", "executors", "event")
+
+    def __init__(self, labels, executors):
+        self.labels = frozenset(labels)
+        self.executors = frozenset(executors)
+        self.event = asyncio.Event()
+
+    def matches(self, executor: str, requires) -> bool:
+        return executor in self.executors and self.labels.issuperset(requires)
+
+
+class EventHub:
+    _by_loop: dict = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.waiters: list[Waiter] = []
+        self.subscribers: list[Callable[[dict], None]] = []
+        self.listening = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.notifications = 0
+
+    @classmethod
+    def current(cls) -> EventHub:
+        """This event loop's hub, started on first use (daphne has no lifespan events to start it)."""
+        loop = asyncio.get_running_loop()
+        hub = cls._by_loop.get(loop)
+        if hub is None:
+            hub = cls._by_loop[loop] = cls(loop)
+            hub._tasks = [loop.create_task(hub._listen_forever()), loop.create_task(hub._sweep_forever())]
+        return hub
+
+    # --- waiters ---
+
+    def register(self, labels, executors) -> Waiter:
+        waiter = Waiter(labels, executors)
+        self.waiters.append(waiter)
+        return waiter
+
+    def unregister(self, waiter: Waiter) -> None:
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def wake_all(self) -> None:
+        for waiter in self.waiters:
+            waiter.event.set()
+
+    def wake_one(self, executor: str, requires) -> None:
+        for waiter in self.waiters:  # oldest first
+            if not waiter.event.is_set() and waiter.matches(executor, requires):
+                waiter.event.set()
+                return
+
+    def dispatch(self, data: dict) -> None:
+        self.notifications += 1
+        for subscriber in list(self.subscribers):
+            try:
+                subscriber(data)
+            except Exception:
+                log.exception("event subscriber failed")
+        if data.get("wake_all"):
+            self.wake_all()
+            if after := data.get("wake_all_after"):
+                self.loop.call_later(float(after), self.wake_all)
+        for executor, requires, delay in data.get("ready", ()):
+            if delay and delay > 0:
+                # A retry delay: the task becomes offerable later; wake someone then.
+                self.loop.call_later(float(delay) + 0.05, self.wake_one, executor, requires)
+            else:
+                self.wake_one(executor, requires)
+
+    # --- background loops ---
+
+    async def _listen_forever(self) -> None:
+        params = connection.get_connection_params()
+        params.pop("cursor_factory", None)
+        params.pop("context", None)
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(**params, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening.set()
+                    # Anything that happened while we were not listening went unheard: everyone looks again.
+                    self.wake_all()
+                    async for note in conn.notifies():
+                        self.dispatch(parse(note.payload))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.listening.clear()
+                log.warning("LISTEN connection lost (%s); reconnecting", exc)
+                await asyncio.sleep(1.0)
+
+    async def _sweep_forever(self) -> None:
+        from control_plane.http_api import db_call
+
+        tick = db_call(actions.tick_sweep_clock)
+        sweep = db_call(actions.sweep)
+        starting = True
+        while True:
+            started = time.monotonic()
+            try:
+                await tick(starting=starting)
+                starting = False
+                await sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sweep failed")
+            await asyncio.sleep(max(0.1, settings.CP_SWEEP_INTERVAL_S - (time.monotonic() - started)))
+
+    async def wait_listening(self, timeout: float = 5.0) -> None:
+        await asyncio.wait_for(self.listening.wait(), timeout)

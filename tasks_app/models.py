@@ -1,0 +1,258 @@
+"""Workflows (DAG templates), runs, tasks, dependencies, attempts, artifacts and the audit trail.
+
+State fields are written only by `tasks_app.actions` (and the named SQL in `tasks_app.queries`).
+"""
+
+import uuid
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+from django.db.models import F, Q
+from django.db.models.functions import Now
+
+from .states import AttemptState, RunState, TaskState
+
+
+def _choices(values):
+    return [(v, v) for v in values]
+
+
+EXECUTORS = ("shell", "claude", "codex", "simulated")
+
+
+class Workflow(models.Model):
+    """An editable DAG template; starting it snapshots its document into a Run."""
+
+    name = models.CharField(max_length=128, unique=True)
+    description = models.TextField(blank=True)
+    max_parallel = models.PositiveIntegerField(null=True, blank=True)
+    defaults = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class WorkflowTask(models.Model):
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="tasks")
+    key = models.CharField(max_length=64)
+    title = models.CharField(max_length=200, blank=True)
+    deps = models.ManyToManyField("self", symmetrical=False, related_name="dependents", blank=True)
+    requires = ArrayField(models.CharField(max_length=64), default=list, blank=True)
+    executor = models.CharField(max_length=16, choices=_choices(EXECUTORS), default="shell")
+    command = models.TextField(blank=True, null=True)
+    prompt = models.TextField(blank=True, null=True)
+    params = models.JSONField(default=dict, blank=True)
+    estimate_s = models.FloatField(null=True, blank=True)
+    priority = models.IntegerField(default=0)
+    max_attempts = models.PositiveIntegerField(null=True, blank=True)
+    timeout_s = models.PositiveIntegerField(null=True, blank=True)
+    retry_delay_s = models.PositiveIntegerField(null=True, blank=True)
+    position = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["workflow", "position", "id"]
+        constraints = [models.UniqueConstraint(fields=["workflow", "key"], name="workflowtask_key_uniq")]
+
+    def __str__(self):
+        return self.key
+
+
+class Run(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=128)
+    workflow = models.ForeignKey(Workflow, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
+    # The DAG document as submitted: later edits of the workflow never reach a started run.
+    document = models.JSONField()
+    state = models.CharField(max_length=16, choices=_choices(RunState.ALL), default=RunState.RUNNING)
+    priority = models.IntegerField(default=0)
+    max_parallel = models.PositiveIntegerField(null=True, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(db_default=Now())
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.CheckConstraint(condition=Q(state__in=RunState.ALL), name="run_state_valid")]
+        indexes = [models.Index(fields=["state"], name="run_state_idx")]
+
+    def __str__(self):
+        return f"{self.name} ({self.state})"
+
+
+class Task(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="tasks")
+    key = models.CharField(max_length=64)
+    title = models.CharField(max_length=200, blank=True)
+    state = models.CharField(max_length=16, choices=_choices(TaskState.ALL), default=TaskState.BLOCKED)
+    priority = models.IntegerField(default=0)
+    requires = ArrayField(models.CharField(max_length=64), default=list, blank=True)
+    executor = models.CharField(max_length=16, choices=_choices(EXECUTORS))
+    command = models.TextField(null=True, blank=True)
+    prompt = models.TextField(null=True, blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    estimate_s = models.FloatField(null=True, blank=True)
+    # Longest path of estimates from this task to the end of the DAG, itself included.
+    critical_path_s = models.FloatField(default=0)
+    # Dependency depth: the seed's "wave".
+    depth = models.PositiveIntegerField(default=0)
+    max_attempts = models.PositiveIntegerField(default=3)
+    timeout_s = models.PositiveIntegerField(default=1800)
+    retry_delay_s = models.PositiveIntegerField(default=10)
+    attempts_used = models.PositiveIntegerField(default=0)
+    # Attempts used before the latest operator retry; they no longer count against max_attempts.
+    attempt_base = models.PositiveIntegerField(default=0)
+    # A ready task is not offered before this moment (retry delay).
+    ready_at = models.DateTimeField(null=True, blank=True)
+    progress = models.FloatField(default=0)
+    message = models.CharField(max_length=1000, blank=True)
+    created_at = models.DateTimeField(db_default=Now())
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "depth", "key"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "key"], name="task_key_uniq"),
+            models.CheckConstraint(condition=Q(state__in=TaskState.ALL), name="task_state_valid"),
+            models.CheckConstraint(condition=Q(progress__gte=0, progress__lte=1), name="task_progress_range"),
+            models.CheckConstraint(condition=Q(max_attempts__gte=1), name="task_max_attempts_min"),
+        ]
+        indexes = [
+            # The claim query: ready tasks in the scheduler's order.
+            models.Index(
+                F("priority").desc(),
+                F("critical_path_s").desc(),
+                "ready_at",
+                name="task_ready_idx",
+                condition=Q(state="ready"),
+            ),
+            models.Index(fields=["run", "state"], name="task_run_state_idx"),
+        ]
+
+    def __str__(self):
+        return self.key
+
+
+class TaskDependency(models.Model):
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="upstream_links")
+    depends_on = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="downstream_links")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["task", "depends_on"], name="taskdep_uniq")]
+        indexes = [models.Index(fields=["depends_on"], name="taskdep_upstream_idx")]
+
+    def __str__(self):
+        return f"{self.task_id} after {self.depends_on_id}"
+
+
+class Attempt(models.Model):
+    """One try of a task by one agent; its id is the fencing token every agent call carries."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="attempts")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="attempts")
+    agent = models.ForeignKey("agents_app.Agent", null=True, on_delete=models.SET_NULL, related_name="attempts")
+    number = models.PositiveIntegerField()
+    state = models.CharField(max_length=16, choices=_choices(AttemptState.ALL), default=AttemptState.ASSIGNED)
+    lease_expires_at = models.DateTimeField()
+    progress = models.FloatField(default=0)
+    message = models.CharField(max_length=1000, blank=True)
+    log = models.TextField(blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+    assigned_at = models.DateTimeField(db_default=Now())
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["task", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "number"], name="attempt_number_uniq"),
+            # Never two live attempts of one task, and never two successes: the database guarantees it.
+            models.UniqueConstraint(
+                fields=["task"], condition=Q(state__in=AttemptState.LIVE), name="attempt_one_live_per_task"
+            ),
+            models.UniqueConstraint(fields=["task"], condition=Q(state="succeeded"), name="attempt_one_success"),
+            models.CheckConstraint(condition=Q(state__in=AttemptState.ALL), name="attempt_state_valid"),
+            models.CheckConstraint(condition=Q(progress__gte=0, progress__lte=1), name="attempt_progress_range"),
+        ]
+        indexes = [
+            models.Index(fields=["run"], condition=Q(state__in=AttemptState.LIVE), name="attempt_live_run_idx"),
+            models.Index(fields=["agent"], condition=Q(state__in=AttemptState.LIVE), name="attempt_live_agent_idx"),
+            models.Index(
+                fields=["lease_expires_at"], condition=Q(state__in=AttemptState.LIVE), name="attempt_live_lease_idx"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.task_id}#{self.number}"
+
+
+class Artifact(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    attempt = models.ForeignKey(Attempt, on_delete=models.CASCADE, related_name="artifacts")
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="artifacts")
+    name = models.CharField(max_length=512)
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    content_type = models.CharField(max_length=128, default="application/octet-stream")
+    # Kept in PostgreSQL with everything else: one backup, and every server process can serve it.
+    content = models.BinaryField()
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        ordering = ["task", "name"]
+
+    def __str__(self):
+        return self.name
+
+
+class Event(models.Model):
+    """The audit trail: every state change, who or what made it, from what to what, when."""
+
+    run = models.ForeignKey(Run, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
+    task = models.ForeignKey(Task, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
+    attempt = models.ForeignKey(Attempt, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
+    agent = models.ForeignKey(
+        "agents_app.Agent", null=True, blank=True, on_delete=models.SET_NULL, related_name="events"
+    )
+    kind = models.CharField(max_length=32)
+    from_state = models.CharField(max_length=32, blank=True)
+    to_state = models.CharField(max_length=32, blank=True)
+    actor = models.CharField(max_length=128)
+    detail = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            models.Index(fields=["run", "id"], name="event_run_idx"),
+            models.Index(fields=["task", "id"], name="event_task_idx"),
+        ]
+
+    def __str__(self):
+        return f"{self.kind} {self.from_state}->{self.to_state} by {self.actor}"
+
+
+class SweepClock(models.Model):
+    """One row: when a server process last swept, and the moment before which nothing may expire.
+
+    After downtime of every server process, agents could not reach us; expiring their leases at once would
+    blame them for our outage, so a server that starts after such a gap pushes `expiry_not_before` one lease
+    length ahead.
+    """
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    server_alive_at = models.DateTimeField(null=True)
+    expiry_not_before = models.DateTimeField(null=True)
+
+    def __str__(self):
+        return f"alive {self.server_alive_at}, expiry from {self.expiry_not_before}"

@@ -1,0 +1,203 @@
+"""The scheduler's SQL, in one place, each query named for what it does and the race it prevents.
+
+Lock order, everywhere, so that no two transactions can wait on each other:
+agent row -> attempt rows -> task rows (by id) -> run row(s) (by id).
+Run-wide operations (cancel) lock the run alone first and touch its tasks in later transactions.
+"""
+
+# Authenticate an agent and count the call as contact, in one round trip and outside the caller's
+# transaction (so no work transaction ever holds the agent row while waiting for a run lock).
+TOUCH_AGENT = """
+UPDATE agents_app_agent
+   SET last_seen_at = now(),
+       status = CASE WHEN enabled THEN 'online' ELSE status END
+ WHERE token_hash = %(token_hash)s AND retired_at IS NULL
+RETURNING id, name, labels, executors, capacity, enabled, draining, shutdown_requested
+"""
+
+# Claim, step 1: the agent's row lock serialises its own concurrent claims (capacity is per agent).
+LOCK_AGENT_LIVE = """
+SELECT a.capacity,
+       (SELECT count(*) FROM tasks_app_attempt x WHERE x.agent_id = a.id AND x.state IN ('assigned', 'running'))
+  FROM agents_app_agent a WHERE a.id = %(agent_id)s FOR UPDATE
+"""
+
+# Claim, step 2: ready tasks this agent may run, in the scheduler's order. SKIP LOCKED makes concurrent
+# claimers pass over rows another claimer holds instead of waiting for (and then double-taking) them.
+CANDIDATES = """
+SELECT t.id, t.run_id, r.max_parallel
+  FROM tasks_app_task t JOIN tasks_app_run r ON r.id = t.run_id
+ WHERE t.state = 'ready'
+   AND (t.ready_at IS NULL OR t.ready_at <= now())
+   AND r.state = 'running'
+   AND t.requires <@ %(labels)s::varchar[]
+   AND t.executor = ANY(%(executors)s::varchar[])
+   AND NOT (t.run_id = ANY(%(full_runs)s::uuid[]))
+ ORDER BY t.priority DESC, t.critical_path_s DESC, t.ready_at ASC NULLS FIRST, t.created_at, t.id
+ LIMIT %(limit)s
+   FOR UPDATE OF t SKIP LOCKED
+"""
+
+# Claim, step 3 (runs with max_parallel): the run row lock serialises claimers of one run, so two of them
+# cannot both see "one slot left" and both take it.
+LOCK_RUNS_LIVE = """
+SELECT r.id, r.max_parallel,
+       (SELECT count(*) FROM tasks_app_attempt x WHERE x.run_id = r.id AND x.state IN ('assigned', 'running'))
+  FROM tasks_app_run r WHERE r.id = ANY(%(run_ids)s::uuid[]) ORDER BY r.id FOR UPDATE
+"""
+
+# Claim, step 3 (global limit): a transaction-scoped advisory lock plays the run lock's part for all runs.
+LOCK_GLOBAL_LIVE = """
+SELECT pg_advisory_xact_lock(7262001),
+       (SELECT count(*) FROM tasks_app_attempt WHERE state IN ('assigned', 'running'))
+"""
+
+# Claim, step 4: assign the chosen tasks, create their attempts (leased from this moment, on the database's
+# clock) and write the audit events, in one statement. The partial unique index on live attempts is the
+# last line of defence against a second live attempt of one task.
+ASSIGN = """
+WITH upd AS (
+    UPDATE tasks_app_task
+       SET state = 'assigned', attempts_used = attempts_used + 1, progress = 0, message = '',
+           started_at = COALESCE(started_at, now())
+     WHERE id = ANY(%(task_ids)s::uuid[]) AND state = 'ready'
+ RETURNING id, run_id, key, title, executor, command, prompt, params, timeout_s, attempts_used
+), ins AS (
+    INSERT INTO tasks_app_attempt
+           (id, task_id, run_id, agent_id, number, state, lease_expires_at, progress, message, log, error,
+            assigned_at)
+    SELECT gen_random_uuid(), upd.id, upd.run_id, %(agent_id)s, upd.attempts_used, 'assigned',
+           now() + make_interval(secs => %(lease_s)s), 0, '', '', '', now()
+      FROM upd
+ RETURNING id, task_id, lease_expires_at
+), ev AS (
+    INSERT INTO tasks_app_event (run_id, task_id, attempt_id, agent_id, kind, from_state, to_state, actor, detail,
+                                 created_at)
+    SELECT upd.run_id, upd.id, ins.id, %(agent_id)s, 'task', 'ready', 'assigned', %(actor)s, '{}'::jsonb, now()
+      FROM upd JOIN ins ON ins.task_id = upd.id
+)
+SELECT ins.id, ins.lease_expires_at, upd.id, upd.run_id, upd.key, upd.title, upd.executor, upd.command,
+       upd.prompt, upd.params, upd.timeout_s, upd.attempts_used
+  FROM upd JOIN ins ON ins.task_id = upd.id
+"""
+
+# An agent's call about one attempt: lock the attempt, then its task (the global lock order).
+LOCK_ATTEMPT = """
+SELECT a.id, a.state, a.agent_id, a.task_id, a.run_id, a.number, a.result, a.error, a.exit_code,
+       t.state, t.max_attempts, t.attempts_used, t.attempt_base, t.retry_delay_s, t.timeout_s,
+       EXTRACT(EPOCH FROM (now() - COALESCE(a.started_at, a.assigned_at)))
+  FROM tasks_app_attempt a JOIN tasks_app_task t ON t.id = a.task_id
+ WHERE a.id = %(attempt_id)s
+   FOR UPDATE OF a, t
+"""
+
+# Dependents of a task, locked in id order: two upstream tasks finishing at once then take turns, and the
+# second sees the first's success (READ COMMITTED re-reads after the wait), so no dependent stays blocked.
+LOCK_DEPENDENTS = """
+SELECT t.id FROM tasks_app_task t
+ WHERE t.id IN (SELECT task_id FROM tasks_app_taskdependency WHERE depends_on_id = %(task_id)s)
+ ORDER BY t.id FOR UPDATE
+"""
+
+# Blocked dependents whose dependencies have all succeeded become ready.
+RELEASE_DEPENDENTS = """
+UPDATE tasks_app_task c SET state = 'ready', ready_at = now()
+ WHERE c.id IN (SELECT task_id FROM tasks_app_taskdependency WHERE depends_on_id = %(task_id)s)
+   AND c.state = 'blocked'
+   AND NOT EXISTS (SELECT 1 FROM tasks_app_taskdependency d JOIN tasks_app_task u ON u.id = d.depends_on_id
+                    WHERE d.task_id = c.id AND u.state <> 'succeeded')
+RETURNING c.id, c.executor, c.requires
+"""
+
+# Everything downstream of a task that failed for good (or was canceled) is skipped.
+SKIP_DOWNSTREAM = """
+WITH RECURSIVE down(id) AS (
+    SELECT task_id FROM tasks_app_taskdependency WHERE depends_on_id = %(task_id)s
+    UNION
+    SELECT d.task_id FROM tasks_app_taskdependency d JOIN down ON d.depends_on_id = down.id
+)
+UPDATE tasks_app_task t SET state = 'skipped', finished_at = now()
+ WHERE t.id IN (SELECT id FROM down) AND t.state = 'blocked'
+RETURNING t.id
+"""
+
+# A retried task's skipped descendants wait again.
+UNSKIP_DOWNSTREAM = """
+WITH RECURSIVE down(id) AS (
+    SELECT task_id FROM tasks_app_taskdependency WHERE depends_on_id = %(task_id)s
+    UNION
+    SELECT d.task_id FROM tasks_app_taskdependency d JOIN down ON d.depends_on_id = down.id
+)
+UPDATE tasks_app_task t SET state = 'blocked', finished_at = NULL
+ WHERE t.id IN (SELECT id FROM down) AND t.state = 'skipped'
+RETURNING t.id
+"""
+
+# Run end check: the run row lock makes the last two completions of a run take turns, so exactly one of
+# them sees "nothing pending" and ends the run.
+LOCK_RUN = "SELECT state FROM tasks_app_run WHERE id = %(run_id)s FOR UPDATE"
+RUN_HAS_PENDING = """
+SELECT EXISTS (SELECT 1 FROM tasks_app_task WHERE run_id = %(run_id)s
+                  AND state IN ('blocked', 'ready', 'assigned', 'running'))
+"""
+RUN_TASK_STATES = "SELECT state, count(*) FROM tasks_app_task WHERE run_id = %(run_id)s GROUP BY state"
+
+# The best ready task of a run, to wake one waiting agent when a slot of that run frees up.
+TOP_READY_OF_RUN = """
+SELECT executor, requires FROM tasks_app_task
+ WHERE run_id = %(run_id)s AND state = 'ready'
+ ORDER BY priority DESC, critical_path_s DESC, ready_at ASC NULLS FIRST LIMIT %(limit)s
+"""
+
+# Sweep: live attempts whose lease ran out (the agent stopped reporting on them).
+EXPIRED_ATTEMPTS = """
+SELECT id FROM tasks_app_attempt
+ WHERE state IN ('assigned', 'running') AND lease_expires_at < now()
+ ORDER BY lease_expires_at LIMIT 500
+   FOR UPDATE SKIP LOCKED
+"""
+
+# Sweep: agents silent for longer than the offline threshold.
+SILENT_AGENTS = """
+UPDATE agents_app_agent SET status = 'offline'
+ WHERE status = 'online' AND last_seen_at < now() - make_interval(secs => %(offline_after_s)s)
+RETURNING id, name
+"""
+LIVE_ATTEMPTS_OF_AGENT = """
+SELECT id FROM tasks_app_attempt WHERE agent_id = %(agent_id)s AND state IN ('assigned', 'running') ORDER BY id
+"""
+
+# The sweep clock (see SweepClock): may anything expire now? Also records that a server process is alive.
+SWEEP_CLOCK_TICK = """
+INSERT INTO tasks_app_sweepclock (id, server_alive_at, expiry_not_before) VALUES (1, now(), now())
+ON CONFLICT (id) DO UPDATE SET
+    -- After a gap with no server alive, agents could not reach us: give them one lease length.
+    expiry_not_before = CASE
+        WHEN tasks_app_sweepclock.server_alive_at < now() - make_interval(secs => %(gap_s)s)
+        THEN now() + make_interval(secs => %(lease_s)s)
+        ELSE tasks_app_sweepclock.expiry_not_before END,
+    server_alive_at = now()
+RETURNING expiry_not_before <= now()
+"""
+SERVER_START = """
+INSERT INTO tasks_app_sweepclock (id, server_alive_at, expiry_not_before)
+VALUES (1, now(), now() + make_interval(secs => %(lease_s)s))
+ON CONFLICT (id) DO UPDATE SET
+    expiry_not_before = CASE
+        WHEN tasks_app_sweepclock.server_alive_at IS NULL
+          OR tasks_app_sweepclock.server_alive_at < now() - make_interval(secs => %(gap_s)s)
+        THEN now() + make_interval(secs => %(lease_s)s)
+        ELSE tasks_app_sweepclock.expiry_not_before END,
+    server_alive_at = now()
+"""
+EXPIRY_ALLOWED = """
+SELECT COALESCE((SELECT expiry_not_before <= now()
+                        AND server_alive_at >= now() - make_interval(secs => %(gap_s)s)
+                   FROM tasks_app_sweepclock WHERE id = 1), false)
+"""
+
+# Retry delays: ready tasks not yet offerable, with how long until they are.
+DELAYED_READY = """
+SELECT executor, requires, EXTRACT(EPOCH FROM (ready_at - now())) FROM tasks_app_task
+ WHERE state = 'ready' AND ready_at > now()
+"""

@@ -1,0 +1,131 @@
+"""The state machine of runs, tasks and attempts: pure data and functions, no ORM.
+
+`tasks_app.actions` is the only code that changes a state field, and it asks this module first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class InvalidTransition(Exception):
+    """A state change the machine forbids; the API answers it with 409."""
+
+    def __init__(self, kind: str, current: str, target: str):
+        self.kind, self.current, self.target = kind, current, target
+        super().__init__(f"{kind} cannot go from {current} to {target}")
+
+
+class TaskState:
+    BLOCKED = "blocked"
+    READY = "ready"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    SKIPPED = "skipped"
+
+    ALL = (BLOCKED, READY, ASSIGNED, RUNNING, SUCCEEDED, FAILED, CANCELED, SKIPPED)
+    LIVE = (ASSIGNED, RUNNING)
+    PENDING = (BLOCKED, READY, ASSIGNED, RUNNING)
+    TERMINAL = (SUCCEEDED, FAILED, CANCELED, SKIPPED)
+
+
+class RunState:
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    ALL = (RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELED)
+    ACTIVE = (RUNNING, PAUSED)
+    TERMINAL = (SUCCEEDED, FAILED, CANCELED)
+
+
+class AttemptState:
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    LOST = "lost"  # lease expired or agent went silent
+    CANCELED = "canceled"
+
+    ALL = (ASSIGNED, RUNNING, SUCCEEDED, FAILED, LOST, CANCELED)
+    LIVE = (ASSIGNED, RUNNING)
+    TERMINAL = (SUCCEEDED, FAILED, LOST, CANCELED)
+
+
+T = TaskState
+TASK_TRANSITIONS: dict[str, frozenset[str]] = {
+    # Dependencies met, upstream failed/canceled, run canceled.
+    T.BLOCKED: frozenset({T.READY, T.SKIPPED, T.CANCELED}),
+    # Claimed by an agent, or canceled with its run.
+    T.READY: frozenset({T.ASSIGNED, T.CANCELED}),
+    # The agent started it, finished it without a progress report, lost it (back to ready or failed), cancel.
+    T.ASSIGNED: frozenset({T.RUNNING, T.SUCCEEDED, T.FAILED, T.READY, T.CANCELED}),
+    T.RUNNING: frozenset({T.SUCCEEDED, T.FAILED, T.READY, T.CANCELED}),
+    T.SUCCEEDED: frozenset(),
+    # An operator's retry.
+    T.FAILED: frozenset({T.READY}),
+    T.CANCELED: frozenset({T.READY}),
+    # The upstream task that skipped it was retried.
+    T.SKIPPED: frozenset({T.BLOCKED}),
+}
+
+R = RunState
+RUN_TRANSITIONS: dict[str, frozenset[str]] = {
+    R.RUNNING: frozenset({R.PAUSED, R.SUCCEEDED, R.FAILED, R.CANCELED}),
+    R.PAUSED: frozenset({R.RUNNING, R.SUCCEEDED, R.FAILED, R.CANCELED}),
+    R.SUCCEEDED: frozenset(),
+    # Retrying a task of a finished run reopens it.
+    R.FAILED: frozenset({R.RUNNING}),
+    R.CANCELED: frozenset({R.RUNNING}),
+}
+
+A = AttemptState
+ATTEMPT_TRANSITIONS: dict[str, frozenset[str]] = {
+    A.ASSIGNED: frozenset({A.RUNNING, A.SUCCEEDED, A.FAILED, A.LOST, A.CANCELED}),
+    A.RUNNING: frozenset({A.SUCCEEDED, A.FAILED, A.LOST, A.CANCELED}),
+    A.SUCCEEDED: frozenset(),
+    A.FAILED: frozenset(),
+    A.LOST: frozenset(),
+    A.CANCELED: frozenset(),
+}
+
+_TABLES = {"task": TASK_TRANSITIONS, "run": RUN_TRANSITIONS, "attempt": ATTEMPT_TRANSITIONS}
+
+
+def can_transition(kind: str, current: str, target: str) -> bool:
+    return target in _TABLES[kind].get(current, frozenset())
+
+
+def check_transition(kind: str, current: str, target: str) -> None:
+    """Raise InvalidTransition unless `kind` may move from `current` to `target`."""
+    if not can_transition(kind, current, target):
+        raise InvalidTransition(kind, current, target)
+
+
+def task_after_failed_attempt(attempts_used: int, max_attempts: int) -> str:
+    """A failed or lost attempt sends its task back to ready while attempts remain, else to failed."""
+    return T.READY if attempts_used < max_attempts else T.FAILED
+
+
+def run_outcome(task_states: Iterable[str], canceled: bool = False) -> str | None:
+    """The state a run ends in once none of its tasks is pending, or None while some still are."""
+    states = list(task_states)
+    if any(s in T.PENDING for s in states):
+        return None
+    if canceled:
+        return R.CANCELED
+    if all(s == T.SUCCEEDED for s in states):
+        return R.SUCCEEDED
+    return R.FAILED
+
+
+def dependents_state_after(upstream_state: str) -> str | None:
+    """What an upstream task's final state does to its blocked dependents (None: they wait on)."""
+    if upstream_state in (T.FAILED, T.CANCELED, T.SKIPPED):
+        return T.SKIPPED
+    return None
