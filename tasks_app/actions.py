@@ -17,7 +17,15 @@ from . import queries as q
 from .dag import Dag
 from .models import Run, Task, TaskDependency
 from .notify import Changes
-from .states import AttemptState, InvalidTransition, RunState, TaskState, check_transition, run_outcome
+from .states import (
+    AttemptState,
+    InvalidTransition,
+    RunState,
+    TaskState,
+    check_transition,
+    run_outcome,
+    task_after_failed_attempt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -339,8 +347,7 @@ def _end_attempt(
     elif attempt_state == AttemptState.CANCELED:
         target = TaskState.CANCELED
     else:
-        used = att["attempts_used"] - att["attempt_base"]
-        target = TaskState.READY if used < att["max_attempts"] else TaskState.FAILED
+        target = task_after_failed_attempt(att["attempts_used"] - att["attempt_base"], att["max_attempts"])
     check_transition("task", task_from, target)
     delay = att["retry_delay_s"] if target == TaskState.READY else 0
     cur.execute(

@@ -1,0 +1,157 @@
+"""Shared fixtures: real PostgreSQL (pytest-django's test database), real server processes on loopback
+ports, real agent daemon processes. Named actors and small factories keep tests readable."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from django.db import connection
+
+from control_plane import launch
+
+# Fast clocks for the server processes the tests start: agents heartbeat every second, are offline after 3 s.
+FAST_TIMINGS = {
+    "CP_HEARTBEAT_INTERVAL_S": "1",
+    "CP_OFFLINE_AFTER_S": "3",
+    "CP_LEASE_S": "6",
+    "CP_SWEEP_INTERVAL_S": "0.5",
+    "CP_MAX_WAIT_S": "5",
+}
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def test_database_url() -> str:
+    s = connection.settings_dict
+    host = s["HOST"]
+    auth = quote(s["USER"]) + (":" + quote(s["PASSWORD"]) if s.get("PASSWORD") else "")
+    if host.startswith("/"):
+        return f"postgresql://{auth}@/{quote(s['NAME'])}?host={quote(host)}"
+    return f"postgresql://{auth}@{host}:{s['PORT'] or 5432}/{quote(s['NAME'])}"
+
+
+class Server:
+    """A real ASGI server process against the test database."""
+
+    def __init__(self, tmp: Path, extra_env: dict | None = None, kind: str = "uvicorn"):
+        self.port = launch.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"server-{self.port}.log"
+        env = {"DATABASE_URL": test_database_url(), **FAST_TIMINGS, **(extra_env or {})}
+        self.proc = launch.start_server(self.port, env=env, kind=kind, log=self.log)
+
+    def stop(self):
+        launch.stop(self.proc)
+
+
+@pytest.fixture(scope="session")
+def server_tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def live_server_proc(django_db_setup, django_db_blocker, server_tmp):
+    """One server process for the session (tests using it need `transactional_db`)."""
+    with django_db_blocker.unblock():
+        server = Server(server_tmp)
+    yield server
+    server.stop()
+
+
+def http(method: str, url: str, body=None, token: str | None = None, raw: bytes | None = None, headers=None):
+    """(status, parsed JSON or raw bytes) for one HTTP call; never raises for HTTP error statuses."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None and raw is None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            status, payload, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as err:
+        status, payload, ctype = err.code, err.read(), err.headers.get("Content-Type", "")
+    if "json" in ctype:
+        return status, json.loads(payload)
+    return status, payload
+
+
+@pytest.fixture
+def enrollment_token(transactional_db):
+    from agents_app.registry import create_enrollment_token
+
+    token, _ = create_enrollment_token(note="tests")
+    return token
+
+
+@pytest.fixture
+def operator(transactional_db, django_user_model):
+    """A superuser with an API token: (user, token)."""
+    from agents_app.registry import create_api_token
+
+    user = django_user_model.objects.create_superuser("olivia", "olivia@example.com", "pw-olivia-123")
+    token, _ = create_api_token(user)
+    return user, token
+
+
+def register(server_url: str, enrollment: str, name: str, labels=(), executors=("shell", "simulated"), capacity=1):
+    status, body = http(
+        "POST",
+        f"{server_url}/api/v1/agents/register",
+        {"name": name, "labels": list(labels), "executors": list(executors), "capacity": capacity},
+        token=enrollment,
+    )
+    assert status == 201, body
+    return body
+
+
+@pytest.fixture
+def make_agent(db):
+    """Register an agent directly (no HTTP) and return the dict the actions take."""
+    from agents_app.registry import authenticate_agent, create_enrollment_token, register_agent
+
+    token, _ = create_enrollment_token()
+
+    def make(name="ccg-1", labels=("ccg",), executors=("shell", "simulated", "claude", "codex"), capacity=1):
+        info = {"name": name, "labels": list(labels), "executors": list(executors), "capacity": capacity}
+        _agent, agent_token = register_agent(token, info)
+        return authenticate_agent(agent_token)
+
+    return make
+
+
+@pytest.fixture
+def submit(db):
+    """Submit a DAG document (dict) and return the Run."""
+    from tasks_app.actions import submit_run
+    from tasks_app.dag import parse_document
+
+    def do(doc: dict, **kwargs):
+        return submit_run(parse_document(doc), doc, actor="test", **kwargs)
+
+    return do
+
+
+def doc(*tasks, name="t", max_parallel=None, **extra) -> dict:
+    """A DAG document from task dicts; tasks default to the simulated executor."""
+    out = {"name": name, "tasks": [{"executor": "simulated", **t} for t in tasks], **extra}
+    if max_parallel is not None:
+        out["max_parallel"] = max_parallel
+    return out
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir():
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+def pytest_configure(config):
+    os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
