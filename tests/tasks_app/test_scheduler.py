@@ -1,0 +1,334 @@
+"""The scheduler and the transitions around it, on real PostgreSQL: dependencies, labels, executors, limits,
+order, failures, leases, and concurrent claimers."""
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import IntegrityError, connections, transaction
+from django.utils import timezone
+
+from tasks_app import actions
+from tasks_app.models import Attempt, Event, Task
+from tasks_app.states import AttemptState, RunState, TaskState
+from tests.conftest import doc
+
+
+def claim(agent, capacity=1):
+    return actions.claim_ready_tasks(agent, capacity)
+
+
+def keys(assignments):
+    return sorted(a["task"]["key"] for a in assignments)
+
+
+def finish(agent, assignment, outcome="succeeded", result=None, error="", exit_code=0):
+    return actions.complete_attempt(agent, assignment["attempt_id"], outcome, result or {}, error, exit_code)
+
+
+def state_of(run, key):
+    return Task.objects.get(run=run, key=key).state
+
+
+pytestmark = pytest.mark.django_db
+
+
+def test_only_tasks_whose_dependencies_succeeded_are_offered(make_agent, submit):
+    alice = make_agent("alice", labels=[], capacity=4)
+    run = submit(doc({"key": "a"}, {"key": "b", "deps": ["a"]}, {"key": "c", "deps": ["a", "b"]}))
+    first = claim(alice, 4)
+    assert keys(first) == ["a"]
+    assert state_of(run, "b") == TaskState.BLOCKED
+    finish(alice, first[0])
+    assert state_of(run, "b") == TaskState.READY
+    assert state_of(run, "c") == TaskState.BLOCKED
+    second = claim(alice, 4)
+    assert keys(second) == ["b"]
+    finish(alice, second[0])
+    third = claim(alice, 4)
+    assert keys(third) == ["c"]
+    finish(alice, third[0])
+    run.refresh_from_db()
+    assert run.state == RunState.SUCCEEDED
+    assert run.finished_at is not None
+
+
+def test_task_goes_only_to_an_agent_with_all_required_labels(make_agent, submit):
+    coder = make_agent("cg-1", labels=["cg"])
+    planner = make_agent("ccg-1", labels=["ccg", "linux"])
+    submit(doc({"key": "plan", "requires": ["ccg", "linux"]}))
+    assert claim(coder) == []
+    assert keys(claim(planner)) == ["plan"]
+
+
+def test_task_goes_only_to_an_agent_with_its_executor(make_agent, submit):
+    shell_only = make_agent("sh-1", labels=[], executors=["shell"])
+    codex = make_agent("cg-1", labels=[], executors=["codex"])
+    submit(doc({"key": "impl", "executor": "codex", "prompt": "write it"}))
+    assert claim(shell_only) == []
+    assert keys(claim(codex)) == ["impl"]
+
+
+def test_run_max_parallel_bounds_live_attempts(make_agent, submit):
+    run = submit(doc(*[{"key": f"t{i}"} for i in range(5)], max_parallel=2))
+    agents = [make_agent(f"a{i}", labels=[]) for i in range(5)]
+    got = [claim(a) for a in agents]
+    assert sum(len(g) for g in got) == 2
+    assert Attempt.objects.filter(run=run, state__in=AttemptState.LIVE).count() == 2
+    # A slot frees up when an attempt ends.
+    holder = next(i for i, g in enumerate(got) if g)
+    finish(agents[holder], got[holder][0])
+    idle = next(a for a, g in zip(agents, got, strict=True) if not g)
+    assert len(claim(idle)) == 1
+
+
+def test_global_limit_bounds_live_attempts_across_runs(make_agent, submit, settings):
+    settings.CP_GLOBAL_MAX_LIVE = 3
+    submit(doc({"key": "a"}, {"key": "b"}, name="r1"))
+    submit(doc({"key": "c"}, {"key": "d"}, name="r2"))
+    big = make_agent("big", labels=[], capacity=10)
+    assert len(claim(big, 10)) == 3
+
+
+def test_agent_capacity_bounds_what_it_holds(make_agent, submit):
+    submit(doc(*[{"key": f"t{i}"} for i in range(5)]))
+    two = make_agent("two", labels=[], capacity=2)
+    assert len(claim(two, 5)) == 2
+    assert claim(two, 5) == []
+
+
+def test_order_is_priority_then_critical_path_then_age(make_agent, submit):
+    agent = make_agent("solo", labels=[])
+    submit(doc({"key": "old-short", "estimate_s": 1}, name="older"))
+    submit(
+        doc(
+            {"key": "short", "estimate_s": 1},
+            {"key": "long", "estimate_s": 1},
+            {"key": "tail", "deps": ["long"], "estimate_s": 100},
+            {"key": "urgent", "estimate_s": 1, "priority": 5},
+            name="newer",
+        )
+    )
+    order = []
+    while got := claim(agent):
+        order.append(got[0]["task"]["key"])
+        finish(agent, got[0])
+    # Priority first; then the longest remaining critical path; then the oldest.
+    assert order[:3] == ["urgent", "long", "tail"] or order[:2] == ["urgent", "long"]
+    assert order.index("old-short") < order.index("short")
+
+
+def test_paused_run_is_passed_over_until_resumed(make_agent, submit):
+    agent = make_agent("solo", labels=[])
+    run = submit(doc({"key": "a"}))
+    actions.pause_run(run.id, "user:olivia")
+    assert claim(agent) == []
+    actions.resume_run(run.id, "user:olivia")
+    assert keys(claim(agent)) == ["a"]
+
+
+def test_failed_attempt_with_attempts_left_returns_to_ready_after_its_delay(make_agent, submit):
+    agent = make_agent("solo", labels=[])
+    run = submit(doc({"key": "a", "max_attempts": 2, "retry_delay_s": 30}))
+    got = claim(agent)
+    assert finish(agent, got[0], "failed", error="boom", exit_code=1) == TaskState.READY
+    task = Task.objects.get(run=run, key="a")
+    assert task.ready_at > timezone.now() + timedelta(seconds=20)
+    assert claim(agent) == []  # not before its retry delay
+    Task.objects.filter(pk=task.pk).update(ready_at=timezone.now() - timedelta(hours=1))
+    again = claim(agent)
+    assert again[0]["task"]["attempt"] == 2
+
+
+def test_failure_for_good_skips_downstream_and_fails_the_run(make_agent, submit):
+    agent = make_agent("solo", labels=[])
+    run = submit(
+        doc({"key": "a", "max_attempts": 1}, {"key": "b", "deps": ["a"]}, {"key": "c", "deps": ["b"]}, {"key": "x"})
+    )
+    two = make_agent("two", labels=[])
+    held = {a["task"]["key"]: (who, a) for who in (agent, two) for a in claim(who, 1)}
+    who, assignment = held["a"]
+    assert finish(who, assignment, "failed", error="boom", exit_code=2) == TaskState.FAILED
+    assert state_of(run, "b") == TaskState.SKIPPED
+    assert state_of(run, "c") == TaskState.SKIPPED
+    run.refresh_from_db()
+    assert run.state == RunState.RUNNING  # x is still live
+    finish(*held["x"])
+    run.refresh_from_db()
+    assert run.state == RunState.FAILED
+
+
+def test_retry_reopens_the_run_and_unskips_downstream(make_agent, submit):
+    agent = make_agent("solo", labels=[])
+    run = submit(doc({"key": "a", "max_attempts": 1}, {"key": "b", "deps": ["a"]}))
+    finish(agent, claim(agent)[0], "failed", exit_code=1)
+    assert state_of(run, "b") == TaskState.SKIPPED
+    run.refresh_from_db()
+    assert run.state == RunState.FAILED
+    task = Task.objects.get(run=run, key="a")
+    actions.retry_task(task.id, "user:olivia")
+    run.refresh_from_db()
+    assert run.state == RunState.RUNNING
+    assert state_of(run, "b") == TaskState.BLOCKED
+    again = claim(agent)
+    assert again[0]["task"]["attempt"] == 2
+    finish(agent, again[0])
+    finish(agent, claim(agent)[0])
+    run.refresh_from_db()
+    assert run.state == RunState.SUCCEEDED
+
+
+def test_retry_of_a_succeeded_task_is_refused(make_agent, submit):
+    agent = make_agent("solo", labels=[])
+    run = submit(doc({"key": "a"}))
+    finish(agent, claim(agent)[0])
+    with pytest.raises(actions.ActionError):
+        actions.retry_task(Task.objects.get(run=run).id, "user:olivia")
+
+
+def test_lost_attempt_completion_is_refused(make_agent, submit):
+    slow = make_agent("slow", labels=[])
+    fast = make_agent("fast", labels=[])
+    run = submit(doc({"key": "a", "retry_delay_s": 0}))
+    first = claim(slow)[0]
+    Attempt.objects.filter(pk=first["attempt_id"]).update(lease_expires_at=timezone.now() - timedelta(hours=1))
+    assert actions.sweep(force=True)["expired"] == 1
+    assert Attempt.objects.get(pk=first["attempt_id"]).state == AttemptState.LOST
+    second = claim(fast)[0]
+    assert second["task"]["attempt"] == 2
+    with pytest.raises(actions.StaleAttempt):
+        finish(slow, first)
+    with pytest.raises(actions.StaleAttempt):
+        actions.record_progress(slow, first["attempt_id"], 0.5, "late", None)
+    finish(fast, second)
+    assert Attempt.objects.filter(task__run=run, state="succeeded").count() == 1
+
+
+def test_silent_agent_goes_offline_and_its_work_is_requeued(make_agent, submit, settings):
+    ghost = make_agent("ghost", labels=[])
+    run = submit(doc({"key": "a"}))
+    claim(ghost)
+    from agents_app.models import Agent
+
+    Agent.objects.filter(pk=ghost["id"]).update(last_seen_at=timezone.now() - timedelta(minutes=5))
+    result = actions.sweep(force=True)
+    assert result["agents_offline"] == 1 and result["offline"] == 1
+    assert Agent.objects.get(pk=ghost["id"]).status == "offline"
+    assert state_of(run, "a") == TaskState.READY
+
+
+def test_nothing_expires_for_one_lease_after_a_server_restart(make_agent, submit, settings):
+    agent = make_agent("solo", labels=[])
+    submit(doc({"key": "a"}))
+    got = claim(agent)[0]
+    Attempt.objects.filter(pk=got["attempt_id"]).update(lease_expires_at=timezone.now() - timedelta(hours=1))
+    actions.tick_sweep_clock(starting=True)  # first server after a downtime
+    assert actions.sweep() == {"expired": 0, "offline": 0}
+    from tasks_app.models import SweepClock
+
+    SweepClock.objects.update(expiry_not_before=timezone.now() - timedelta(hours=1))
+    assert actions.sweep()["expired"] == 1
+
+
+def test_database_refuses_a_second_success_or_a_second_live_attempt(make_agent, submit):
+    agent = make_agent("solo", labels=[])
+    run = submit(doc({"key": "a"}))
+    got = claim(agent)[0]
+    task = Task.objects.get(run=run)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Attempt.objects.create(task=task, run=run, number=9, state="running", lease_expires_at=timezone.now())
+    finish(agent, got)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Attempt.objects.create(task=task, run=run, number=10, state="succeeded", lease_expires_at=timezone.now())
+
+
+def test_cancel_run_cancels_live_and_pending_work(make_agent, submit):
+    agent = make_agent("solo", labels=[])
+    run = submit(doc({"key": "a"}, {"key": "b", "deps": ["a"]}, {"key": "c"}))
+    got = claim(agent)[0]
+    assert actions.cancel_run(run.id, "user:olivia") == RunState.CANCELED
+    assert set(Task.objects.filter(run=run).values_list("state", flat=True)) == {TaskState.CANCELED}
+    with pytest.raises(actions.StaleAttempt):
+        actions.record_progress(agent, got["attempt_id"], 0.5, None, None)
+    cmds = actions.heartbeat(agent, "busy", [got["attempt_id"]])
+    assert {"type": "cancel", "attempt_id": got["attempt_id"]} in cmds
+    with pytest.raises(actions.ActionError):
+        actions.pause_run(run.id, "user:olivia")
+
+
+def test_every_transition_is_in_the_audit_trail(make_agent, submit):
+    agent = make_agent("solo", labels=[])
+    run = submit(doc({"key": "a"}, {"key": "b", "deps": ["a"]}))
+    got = claim(agent)[0]
+    actions.record_progress(agent, got["attempt_id"], 0.5, "half", "log line\n")
+    finish(agent, got)
+    trail = list(Event.objects.filter(run=run).values_list("kind", "from_state", "to_state", "actor"))
+    assert ("task", "ready", "assigned", "agent:solo") in trail
+    assert ("task", "assigned", "running", "agent:solo") in trail
+    assert ("attempt", "running", "succeeded", "agent:solo") in trail
+    assert ("task", "running", "succeeded", "agent:solo") in trail
+    assert ("task", "blocked", "ready", "agent:solo") in trail
+    attempt = Attempt.objects.get(pk=got["attempt_id"])
+    assert attempt.log == "log line\n" and attempt.progress == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_twenty_concurrent_claimers_never_double_assign(make_agent, submit):
+    run = submit(doc(*[{"key": f"t{i}"} for i in range(200)]))
+    agents = [make_agent(f"w{i}", labels=[], capacity=3) for i in range(20)]
+    claimed: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(agents))
+
+    def work(agent):
+        try:
+            barrier.wait()
+            while True:
+                got = actions.claim_ready_tasks(agent, 3)
+                if not got:
+                    if not Task.objects.filter(run=run, state="ready").exists():
+                        return
+                    continue
+                with lock:
+                    claimed.extend(a["task"]["id"] for a in got)
+                for a in got:
+                    actions.complete_attempt(agent, a["attempt_id"], "succeeded", {}, "", 0)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=work, args=(a,)) for a in agents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(claimed) == 200
+    assert len(set(claimed)) == 200
+    assert Attempt.objects.filter(run=run).count() == 200
+    run.refresh_from_db()
+    assert run.state == RunState.SUCCEEDED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_completions_of_two_parents_release_their_child(make_agent, submit):
+    """The race of a diamond: both parents finish at once; the child must become ready exactly once."""
+    for round_ in range(10):
+        run = submit(doc({"key": "p1"}, {"key": "p2"}, {"key": "child", "deps": ["p1", "p2"]}, name=f"r{round_}"))
+        a1, a2 = make_agent(f"x{round_}", labels=[]), make_agent(f"y{round_}", labels=[])
+        g1, g2 = claim(a1)[0], claim(a2)[0]
+        barrier = threading.Barrier(2)
+
+        def done(agent, assignment):
+            try:
+                barrier.wait()
+                finish(agent, assignment)
+            finally:
+                connections.close_all()
+
+        threads = [threading.Thread(target=done, args=p) for p in ((a1, g1), (a2, g2))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert state_of(run, "child") == TaskState.READY, f"round {round_}"
+        assert Event.objects.filter(run=run, task__key="child", to_state="ready").count() == 1
+
