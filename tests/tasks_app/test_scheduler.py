@@ -317,7 +317,7 @@ def test_concurrent_completions_of_two_parents_release_their_child(make_agent, s
         g1, g2 = claim(a1)[0], claim(a2)[0]
         barrier = threading.Barrier(2)
 
-        def done(agent, assignment):
+        def done(agent, assignment, barrier=barrier):
             try:
                 barrier.wait()
                 finish(agent, assignment)
