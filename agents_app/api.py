@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 import uuid
@@ -110,20 +111,17 @@ async def heartbeat(request):
 @api_view
 async def progress(request, attempt_id: str):
     require_method(request, "POST")
-    f = Fields(json_body(request, settings.CP_LOG_MAX_BYTES * 4 + 8192))
+    body_limit = settings.CP_LOG_MAX_BYTES * 4 + 8192
+    f = Fields(json_body(request, body_limit))
     value = f.number("progress", 0, 1)
     message = f.str("message", 1000)
-    log_text = f.str("log", settings.CP_LOG_MAX_BYTES)
+    # Only the type here: a log over the limit is "too large" (413, below), not a malformed field (400).
+    log_text = f.str("log", body_limit)
     if log_text is not None and len(log_text.encode("utf-8", "surrogatepass")) > settings.CP_LOG_MAX_BYTES:
         raise ApiError(413, "too_large", f"'log' may be at most {settings.CP_LOG_MAX_BYTES} bytes a call")
     agent = await _agent(request)
-    answer = await db_call(actions.record_progress)(agent, _attempt_id(attempt_id), value, message, _clean(log_text))
+    answer = await db_call(actions.record_progress)(agent, _attempt_id(attempt_id), value, message, log_text)
     return JsonResponse(answer)
-
-
-def _clean(text: str | None) -> str | None:
-    # PostgreSQL text cannot hold NUL; agents stream raw process output.
-    return text.replace("\x00", "\ufffd") if text else text
 
 
 @api_view
@@ -132,25 +130,20 @@ async def complete(request, attempt_id: str):
     f = Fields(json_body(request, settings.CP_RESULT_MAX_BYTES + 128 * 1024))
     outcome = f.str("outcome", 16, required=True, choices=("succeeded", "failed"))
     result = f.obj("result")
-    if result is not None and len(request.body) > settings.CP_RESULT_MAX_BYTES + 64 * 1024:
+    if result is not None and _json_size(result) > settings.CP_RESULT_MAX_BYTES:
         raise ApiError(413, "too_large", f"'result' may be at most {settings.CP_RESULT_MAX_BYTES} bytes")
     error = f.str("error", 100_000, default="")
     exit_code = f.int("exit_code", -(2**31), 2**31 - 1)
     agent = await _agent(request)
     task_state = await db_call(actions.complete_attempt)(
-        agent, _attempt_id(attempt_id), outcome, _strip_nul(result), _clean(error) or "", exit_code
+        agent, _attempt_id(attempt_id), outcome, result, error or "", exit_code
     )
     return JsonResponse({"task_state": task_state})
 
 
-def _strip_nul(value):
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
-    return value
+def _json_size(value) -> int:
+    """The size of `value` as compact UTF-8 JSON: what PROTOCOL.md's "result at most 1 MiB" measures."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
 
 
 @api_view

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import sync_to_async
@@ -89,12 +90,45 @@ def json_body(request, max_bytes: int | None = None) -> dict:
     if not raw.strip():
         return {}
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = _storable(json.loads(raw, parse_constant=_no_constant), raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object")
     return data
+
+
+def _no_constant(name: str):
+    # NaN and Infinity are not JSON (Python accepts them); PostgreSQL's jsonb refuses them.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+# Only an escape can put NUL or a lone surrogate in a string (raw ones are not valid JSON/UTF-8).
+_MAYBE_UNSTORABLE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _storable(value, raw: bytes):
+    """Replace what PostgreSQL text cannot hold (NUL, unpaired surrogates) with U+FFFD, in keys and values.
+    Iterative: a deeply nested body must not exhaust the stack."""
+    if not _MAYBE_UNSTORABLE.search(raw):
+        return value
+
+    def clean(item):
+        return _UNSTORABLE.sub("\ufffd", item) if isinstance(item, str) else item
+
+    root = [value]
+    stack: list = [root]
+    while stack:
+        container = stack.pop()
+        pairs = list(container.items()) if isinstance(container, dict) else list(enumerate(container))
+        if isinstance(container, dict):
+            container.clear()
+        for key, item in pairs:
+            container[clean(key)] = clean(item)
+            if isinstance(item, dict | list):
+                stack.append(item)
+    return root[0]
 
 
 class Fields:

@@ -143,8 +143,8 @@ MEDIA_ROOT = Path(env_str("CP_MEDIA_ROOT", str(DATA_DIR / "media")))
 
 LOGIN_URL = "/admin/login/"
 
-# Request bodies: results may be 1 MiB of JSON; artifacts are checked against their own limit.
-DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("CP_MAX_BODY_BYTES", 2 * 1024 * 1024)
+# The largest JSON body any endpoint takes (a big DAG document); each endpoint applies its own, smaller limit.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("CP_MAX_BODY_BYTES", 16 * 1024 * 1024 + 65536)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}

@@ -18,8 +18,8 @@ from .dag import Dag
 from .models import Run, Task, TaskDependency
 from .notify import Changes
 from .states import (
+    RUN_OPERATIONS,
     AttemptState,
-    InvalidTransition,
     RunState,
     TaskState,
     check_transition,
@@ -501,13 +501,14 @@ def _lock_run(cur, run_id) -> str:
     return row[0]
 
 
-def _set_run_state(run_id, target: str, actor: str) -> tuple[str, Changes]:
+def _operate_run(run_id, operation: str, actor: str) -> str:
+    """Pause, resume or cancel a run (RUN_OPERATIONS says from which states). Returns the new state."""
+    target, allowed_from = RUN_OPERATIONS[operation]
     with transaction.atomic(), connection.cursor() as cur:
         current = _lock_run(cur, run_id)
-        try:
-            check_transition("run", current, target)
-        except InvalidTransition as exc:
-            raise ActionError(f"the run is {current}: it cannot become {target}", "invalid_state") from exc
+        if current not in allowed_from:
+            raise ActionError(f"the run is {current}: it cannot be {operation}d", "invalid_state")
+        check_transition("run", current, target)
         cur.execute(
             "UPDATE tasks_app_run SET state = %s,"
             " finished_at = CASE WHEN %s IN ('succeeded', 'failed', 'canceled') THEN now() ELSE NULL END"
@@ -519,17 +520,15 @@ def _set_run_state(run_id, target: str, actor: str) -> tuple[str, Changes]:
         if target == RunState.RUNNING:
             changes.wake_all = True  # resumed: its ready tasks may go to any waiting agent
         _commit(cur, events, changes)
-    return current, changes
+    return target
 
 
 def pause_run(run_id, actor: str) -> str:
-    _set_run_state(run_id, RunState.PAUSED, actor)
-    return RunState.PAUSED
+    return _operate_run(run_id, "pause", actor)
 
 
 def resume_run(run_id, actor: str) -> str:
-    _set_run_state(run_id, RunState.RUNNING, actor)
-    return RunState.RUNNING
+    return _operate_run(run_id, "resume", actor)
 
 
 def cancel_run(run_id, actor: str) -> str:
@@ -537,7 +536,7 @@ def cancel_run(run_id, actor: str) -> str:
     are told on their next heartbeat or progress report). Tasks are touched in later transactions than the
     run's, keeping the global lock order; claims in flight finish first (we wait on their task locks) and
     their attempts are then canceled like the rest."""
-    _set_run_state(run_id, RunState.CANCELED, actor)
+    _operate_run(run_id, "cancel", actor)
     events, changes = EventLog(actor), Changes(runs={run_id})
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(

@@ -94,6 +94,14 @@ ATTEMPT_TRANSITIONS: dict[str, frozenset[str]] = {
     A.CANCELED: frozenset(),
 }
 
+# What an operator may do to a run, by the run's current state. Narrower than RUN_TRANSITIONS: a finished run
+# reopens only through a task retry, never through "resume".
+RUN_OPERATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pause": (R.PAUSED, (R.RUNNING,)),
+    "resume": (R.RUNNING, (R.PAUSED,)),
+    "cancel": (R.CANCELED, (R.RUNNING, R.PAUSED)),
+}
+
 _TABLES = {"task": TASK_TRANSITIONS, "run": RUN_TRANSITIONS, "attempt": ATTEMPT_TRANSITIONS}
 
 

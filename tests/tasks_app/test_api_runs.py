@@ -1,0 +1,426 @@
+"""PROTOCOL.md's run endpoints (API token; the user's permissions apply), artifact downloads and the health
+check, spoken over real HTTP to a real uvicorn process on the test database."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+import pytest
+from django.utils import timezone
+
+from tests.conftest import doc, http
+
+TASK_FIELDS = {"id", "key", "state", "attempt", "progress", "agent", "started_at", "finished_at"}
+TASK_STATES = {"blocked", "ready", "assigned", "running", "succeeded", "failed", "canceled", "skipped"}
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def assert_error(answer, status: int, code: str | None = None, case=None) -> str:
+    """An error answer in PROTOCOL.md's shape: exactly {"error", "detail"}, both non-empty strings.
+    `case` names the input in failure messages when one test walks through several."""
+    got, body = answer
+    where = f"{case!r}: " if case is not None else ""
+    assert got == status, f"{where}{got} {body!r:.300}"
+    assert isinstance(body, dict), f"{where}not a JSON error body: {body[:200]!r}"
+    assert set(body) == {"error", "detail"}, f"{where}{body}"
+    assert isinstance(body["error"], str) and body["error"], f"{where}{body}"
+    assert isinstance(body["detail"], str) and body["detail"], f"{where}{body}"
+    if code is not None:
+        assert body["error"] == code, f"{where}{body}"
+    return body["detail"]
+
+
+def ok(answer, status: int = 200) -> dict:
+    got, body = answer
+    assert got == status, body
+    return body
+
+
+class Client:
+    """HTTP calls with one bearer token against the live server."""
+
+    def __init__(self, url: str, token: str | None):
+        self.url, self.token = url, token
+
+    def get(self, path: str):
+        return http("GET", self.url + path, token=self.token)
+
+    def post(self, path: str, body=None, **kwargs):
+        return http("POST", self.url + path, body, token=self.token, **kwargs)
+
+    def submit(self, document: dict) -> str:
+        return ok(self.post("/api/v1/runs", document), 201)["run_id"]
+
+    def run(self, run_id: str) -> dict:
+        return ok(self.get(f"/api/v1/runs/{run_id}"))
+
+    def states(self, run_id: str) -> dict[str, str]:
+        return {t["key"]: t["state"] for t in self.run(run_id)["tasks"]}
+
+
+@pytest.fixture
+def server(live_server_proc, transactional_db) -> str:
+    return live_server_proc.url
+
+
+@pytest.fixture
+def api(server, django_user_model) -> Client:
+    """The operator: a superuser with an API token (and no password: hashing one costs a third of a second)."""
+    from agents_app.registry import create_api_token
+
+    user = django_user_model.objects.create_superuser("olivia", "olivia@example.com", None)
+    token, _ = create_api_token(user)
+    return Client(server, token)
+
+
+@pytest.fixture
+def plain_user(server, django_user_model) -> Client:
+    """A non-staff user without any permission, with a valid API token."""
+    from agents_app.registry import create_api_token
+
+    user = django_user_model.objects.create_user("pat", "pat@example.com", None)
+    token, _ = create_api_token(user)
+    return Client(server, token)
+
+
+@pytest.fixture
+def agent(server, enrollment_token) -> Client:
+    """A registered agent (simulated and shell executors, capacity 4)."""
+    body = {"name": "worker-1", "executors": ["simulated", "shell"], "capacity": 4}
+    answer = ok(http("POST", f"{server}/api/v1/agents/register", body, token=enrollment_token), 201)
+    return Client(server, answer["token"])
+
+
+def claim_all(agent: Client) -> dict[str, dict]:
+    """Claim what the agent may take now: {task key: assignment}."""
+    assignments = ok(agent.post("/api/v1/agents/claim", {"capacity": 4, "wait_s": 0}))["assignments"]
+    return {a["task"]["key"]: a for a in assignments}
+
+
+def finish(agent: Client, assignment: dict, outcome: str = "succeeded") -> str:
+    body = ok(agent.post(f"/api/v1/attempts/{assignment['attempt_id']}/complete", {"outcome": outcome}))
+    return body["task_state"]
+
+
+# --- submitting ---------------------------------------------------------------------------------------
+
+
+def test_submit_answers_201_with_run_id_and_task_count(api):
+    from tasks_app.models import Run
+
+    document = doc({"key": "plan"}, {"key": "core-1", "deps": ["plan"]}, {"key": "core-2", "deps": ["plan"]},
+                   {"key": "lint", "deps": ["core-1", "core-2"], "executor": "shell", "command": "make lint"},
+                   name="webapp", max_parallel=2)  # fmt: skip
+    body = ok(api.post("/api/v1/runs", document), 201)
+    assert set(body) == {"run_id", "tasks"} and body["tasks"] == 4
+    run = Run.objects.get(pk=body["run_id"])
+    assert (run.name, run.state, run.max_parallel, run.created_by.username) == ("webapp", "running", 2, "olivia")
+    assert api.states(body["run_id"]) == {"plan": "ready", "core-1": "blocked", "core-2": "blocked",
+                                          "lint": "blocked"}  # fmt: skip
+
+
+def test_submit_of_a_cycle_is_422_naming_the_cycle_in_order(api):
+    from tasks_app.models import Run
+
+    two = doc({"key": "a", "deps": ["b"]}, {"key": "b", "deps": ["a"]})
+    assert "a -> b -> a" in assert_error(api.post("/api/v1/runs", two), 422)
+    # c runs before a, a before b, b before c; "start" is upstream of the cycle but not on it.
+    three = doc({"key": "start"}, {"key": "a", "deps": ["c", "start"]}, {"key": "b", "deps": ["a"]},
+                {"key": "c", "deps": ["b"]})  # fmt: skip
+    detail = assert_error(api.post("/api/v1/runs", three), 422)
+    assert "a -> b -> c -> a" in detail and "start" not in detail
+    self_loop = doc({"key": "me", "deps": ["me"]})
+    assert "me -> me" in assert_error(api.post("/api/v1/runs", self_loop), 422)
+    assert not Run.objects.exists()
+
+
+def test_submit_with_an_unknown_dependency_is_422_naming_it(api):
+    detail = assert_error(api.post("/api/v1/runs", doc({"key": "a"}, {"key": "b", "deps": ["a", "ghost"]})), 422)
+    assert "'b'" in detail and "ghost" in detail
+
+
+def test_submit_with_a_duplicate_key_is_422_naming_it(api):
+    detail = assert_error(api.post("/api/v1/runs", doc({"key": "twice"}, {"key": "other"}, {"key": "twice"})), 422)
+    assert "twice" in detail
+
+
+def test_submit_with_a_bad_field_is_422_naming_the_task(api):
+    from tasks_app.models import Run
+
+    cases = [
+        (doc({"key": "perl-job", "executor": "perl"}), "perl-job"),
+        (doc({"key": "no-cmd", "executor": "shell"}), "no-cmd"),
+        (doc({"key": "no-prompt", "executor": "codex"}), "no-prompt"),
+        (doc({"key": "bad key!"}), "bad key!"),
+        (doc({"key": "x", "max_attempts": 0}), "max_attempts"),
+        (doc({"key": "x", "colour": "red"}), "colour"),
+        (doc({"key": "x", "params": [1]}), "params"),
+        ({"name": "t", "tasks": []}, "tasks"),
+        ({"tasks": [{"key": "x", "executor": "simulated"}]}, "name"),
+        (doc({"key": "x"}, max_parallel=0), "max_parallel"),
+    ]
+    for document, named in cases:
+        detail = assert_error(api.post("/api/v1/runs", document), 422, case=document)
+        assert named in detail, (document, detail)
+    assert not Run.objects.exists()
+
+
+def test_submit_of_malformed_json_or_a_non_object_is_400(api):
+    assert_error(api.post("/api/v1/runs", raw=b'{"name": "t", "tasks": ['), 400, "malformed_json")
+    assert_error(api.post("/api/v1/runs", [doc({"key": "a"})]), 400, "bad_request")
+
+
+def test_a_document_with_text_postgresql_cannot_hold_is_stored_not_a_500(api):
+    from tasks_app.models import Task
+
+    document = doc({"key": "a", "title": "t\ud800", "executor": "codex", "prompt": "do\x00it"})
+    run_id = api.submit(document)
+    assert Task.objects.values_list("title", "prompt").get(run_id=run_id) == ("t\ufffd", "do\ufffdit")
+
+
+def test_a_document_with_nan_is_400(api):
+    raw = b'{"name": "x", "tasks": [{"key": "a", "executor": "simulated", "params": {"d": NaN}}]}'
+    assert_error(api.post("/api/v1/runs", raw=raw), 400, "malformed_json")
+
+
+def test_submit_without_a_valid_api_token_is_401(server, api, agent, enrollment_token):
+    from agents_app.models import ApiToken
+    from tasks_app.models import Run
+
+    document = doc({"key": "a"})
+    assert_error(Client(server, None).post("/api/v1/runs", document), 401)
+    assert_error(Client(server, "cpu_no-such-token").post("/api/v1/runs", document), 401)
+    assert_error(agent.post("/api/v1/runs", document), 401)  # an agent token is not an API token
+    assert_error(Client(server, enrollment_token).post("/api/v1/runs", document), 401)
+    ApiToken.objects.filter(user__username="olivia").update(revoked_at=timezone.now())
+    assert_error(api.post("/api/v1/runs", document), 401)
+    assert not Run.objects.exists()
+
+
+def test_a_user_without_permissions_is_403(api, plain_user):
+    from tasks_app.models import Run, Task
+
+    run_id = api.submit(doc({"key": "a"}))
+    task_id = str(Task.objects.get(run_id=run_id).id)
+    assert_error(plain_user.post("/api/v1/runs", doc({"key": "b"})), 403, "forbidden")
+    assert_error(plain_user.get(f"/api/v1/runs/{run_id}"), 403, "forbidden")
+    for action in ("cancel", "pause", "resume"):
+        assert_error(plain_user.post(f"/api/v1/runs/{run_id}/{action}"), 403, "forbidden", action)
+    assert_error(plain_user.post(f"/api/v1/tasks/{task_id}/retry"), 403, "forbidden")
+    assert Run.objects.count() == 1 and Run.objects.get().state == "running"
+
+
+def test_a_user_granted_the_permissions_may_submit_and_read(server, plain_user, django_user_model):
+    from django.contrib.auth.models import Permission
+
+    user = django_user_model.objects.get(username="pat")
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["add_run", "view_run"]))
+    run_id = plain_user.submit(doc({"key": "a"}))
+    assert plain_user.run(run_id)["state"] == "running"
+    assert_error(plain_user.post(f"/api/v1/runs/{run_id}/cancel"), 403, "forbidden")  # no change_run
+
+
+def test_an_inactive_users_token_is_refused(api, plain_user, django_user_model):
+    django_user_model.objects.filter(username="pat").update(is_active=False)
+    assert_error(plain_user.post("/api/v1/runs", doc({"key": "a"})), 403)
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+
+def test_get_run_answers_its_tasks_and_counts(api, agent):
+    run_id = api.submit(doc({"key": "a"}, {"key": "b"}, {"key": "c", "deps": ["a", "b"]}, name="shape"))
+    claimed = claim_all(agent)
+    assert set(claimed) == {"a", "b"}
+    ok(agent.post(f"/api/v1/attempts/{claimed['b']['attempt_id']}/progress", {"progress": 0.5}))
+    assert finish(agent, claimed["a"]) == "succeeded"
+
+    body = api.run(run_id)
+    assert {"run_id", "name", "state", "tasks", "counts"} <= set(body)
+    assert (body["run_id"], body["name"], body["state"]) == (run_id, "shape", "running")
+    tasks = {t["key"]: t for t in body["tasks"]}
+    assert set(tasks) == {"a", "b", "c"}
+    for task in tasks.values():
+        assert set(task) == TASK_FIELDS, task
+        uuid.UUID(task["id"])
+    a, b, c = tasks["a"], tasks["b"], tasks["c"]
+    assert (a["state"], a["attempt"], a["progress"], a["agent"]) == ("succeeded", 1, 1, "worker-1")
+    assert a["started_at"] and a["finished_at"]
+    assert (b["state"], b["attempt"], b["progress"], b["agent"]) == ("running", 1, 0.5, "worker-1")
+    assert b["started_at"] and b["finished_at"] is None
+    assert (c["state"], c["attempt"], c["progress"], c["agent"]) == ("blocked", 0, 0, None)
+    assert (c["started_at"], c["finished_at"]) == (None, None)
+    assert set(body["counts"]) <= TASK_STATES
+    nonzero = {state: n for state, n in body["counts"].items() if n}
+    assert nonzero == {"succeeded": 1, "running": 1, "blocked": 1}
+
+
+def test_an_unknown_run_is_404(api):
+    for run_id in (str(uuid.uuid4()), "not-a-uuid"):
+        assert_error(api.get(f"/api/v1/runs/{run_id}"), 404, "not_found", run_id)
+        for action in ("cancel", "pause", "resume"):
+            assert_error(api.post(f"/api/v1/runs/{run_id}/{action}"), 404, "not_found", (run_id, action))
+        assert_error(api.post(f"/api/v1/tasks/{run_id}/retry"), 404, "not_found", run_id)
+
+
+def test_run_endpoints_refuse_other_methods_with_405(api):
+    run_id = api.submit(doc({"key": "a"}))
+    assert_error(api.get("/api/v1/runs"), 405, "method_not_allowed")
+    assert_error(api.post(f"/api/v1/runs/{run_id}"), 405, "method_not_allowed")
+    for action in ("cancel", "pause", "resume"):
+        assert_error(api.get(f"/api/v1/runs/{run_id}/{action}"), 405, "method_not_allowed", action)
+
+
+# --- operating ----------------------------------------------------------------------------------------
+
+
+def test_pause_resume_and_cancel_answer_the_new_state(api):
+    run_id = api.submit(doc({"key": "a"}, {"key": "b", "deps": ["a"]}))
+    assert ok(api.post(f"/api/v1/runs/{run_id}/pause")) == {"run_id": run_id, "state": "paused"}
+    assert api.run(run_id)["state"] == "paused"
+    assert ok(api.post(f"/api/v1/runs/{run_id}/resume")) == {"run_id": run_id, "state": "running"}
+    assert api.run(run_id)["state"] == "running"
+    assert ok(api.post(f"/api/v1/runs/{run_id}/cancel")) == {"run_id": run_id, "state": "canceled"}
+    body = api.run(run_id)
+    assert body["state"] == "canceled"
+    assert {t["key"]: t["state"] for t in body["tasks"]} == {"a": "canceled", "b": "canceled"}
+
+
+def test_a_paused_run_assigns_nothing_until_resumed(api, agent):
+    run_id = api.submit(doc({"key": "a"}))
+    ok(api.post(f"/api/v1/runs/{run_id}/pause"))
+    assert claim_all(agent) == {}
+    ok(api.post(f"/api/v1/runs/{run_id}/resume"))
+    assert set(claim_all(agent)) == {"a"}
+
+
+def test_canceling_a_run_cancels_its_live_attempts(api, agent):
+    run_id = api.submit(doc({"key": "a"}))
+    attempt = claim_all(agent)["a"]["attempt_id"]
+    ok(api.post(f"/api/v1/runs/{run_id}/cancel"))
+    commands = ok(agent.post("/api/v1/agents/heartbeat", {"attempts": [attempt]}))["commands"]
+    assert commands == [{"type": "cancel", "attempt_id": attempt}]
+    assert_error(agent.post(f"/api/v1/attempts/{attempt}/complete", {"outcome": "succeeded"}), 409)
+    assert api.states(run_id) == {"a": "canceled"}
+
+
+def test_resume_of_a_running_run_is_409(api):
+    run_id = api.submit(doc({"key": "a"}))
+    assert_error(api.post(f"/api/v1/runs/{run_id}/resume"), 409, "invalid_state")
+    assert api.run(run_id)["state"] == "running"
+
+
+def test_pause_or_cancel_of_a_canceled_run_is_409(api):
+    run_id = api.submit(doc({"key": "a"}))
+    ok(api.post(f"/api/v1/runs/{run_id}/cancel"))
+    for action in ("pause", "cancel"):
+        assert_error(api.post(f"/api/v1/runs/{run_id}/{action}"), 409, "invalid_state", action)
+    assert api.run(run_id)["state"] == "canceled"
+
+
+def test_resume_of_a_finished_run_is_409(api, agent):
+    """Resume undoes a pause and nothing else: a canceled or failed run is reopened only by retrying a task.
+    (A resumed canceled run would be "running" with nothing left to run, for ever.)"""
+    canceled = api.submit(doc({"key": "a"}))
+    ok(api.post(f"/api/v1/runs/{canceled}/cancel"))
+    failed = api.submit(doc({"key": "b", "max_attempts": 1}))
+    finish(agent, claim_all(agent)["b"], "failed")
+    for run_id, state in ((canceled, "canceled"), (failed, "failed")):
+        assert_error(api.post(f"/api/v1/runs/{run_id}/resume"), 409, "invalid_state", state)
+        assert api.run(run_id)["state"] == state
+
+
+def test_pause_of_a_succeeded_run_is_409(api, agent):
+    run_id = api.submit(doc({"key": "a"}))
+    finish(agent, claim_all(agent)["a"])
+    assert api.run(run_id)["state"] == "succeeded"
+    assert_error(api.post(f"/api/v1/runs/{run_id}/pause"), 409, "invalid_state")
+
+
+def test_retry_of_a_failed_task_makes_its_skipped_downstream_blocked_again(api, agent):
+    from tasks_app.models import Event
+
+    run_id = api.submit(
+        doc(
+            {"key": "a", "max_attempts": 1}, {"key": "b", "deps": ["a"]}, {"key": "c", "deps": ["b"]}, {"key": "side"}
+        )  # fmt: skip
+    )
+    claimed = claim_all(agent)
+    assert finish(agent, claimed["side"]) == "succeeded"
+    assert finish(agent, claimed["a"], "failed") == "failed"
+    body = api.run(run_id)
+    assert body["state"] == "failed"
+    assert api.states(run_id) == {"a": "failed", "b": "skipped", "c": "skipped", "side": "succeeded"}
+
+    task_a = next(t["id"] for t in body["tasks"] if t["key"] == "a")
+    assert ok(api.post(f"/api/v1/tasks/{task_a}/retry")) == {"task_id": task_a, "state": "ready"}
+    assert api.run(run_id)["state"] == "running"
+    assert api.states(run_id) == {"a": "ready", "b": "blocked", "c": "blocked", "side": "succeeded"}
+    assert Event.objects.filter(task_id=task_a, to_state="ready", actor="user:olivia").exists()
+
+    # The retried task gets a fresh attempt budget and the run finishes normally.
+    again = claim_all(agent)
+    assert set(again) == {"a"} and again["a"]["task"]["attempt"] == 2
+    finish(agent, again["a"])
+    finish(agent, claim_all(agent)["b"])
+    finish(agent, claim_all(agent)["c"])
+    assert api.run(run_id)["state"] == "succeeded"
+
+
+def test_retry_of_a_canceled_task_is_allowed(api):
+    run_id = api.submit(doc({"key": "a"}))
+    ok(api.post(f"/api/v1/runs/{run_id}/cancel"))
+    task_id = api.run(run_id)["tasks"][0]["id"]
+    assert ok(api.post(f"/api/v1/tasks/{task_id}/retry"))["state"] == "ready"
+
+
+def test_retry_of_a_succeeded_or_pending_task_is_409(api, agent):
+    run_id = api.submit(doc({"key": "a"}, {"key": "b", "deps": ["a"]}, {"key": "c"}))
+    claimed = claim_all(agent)
+    finish(agent, claimed["a"])
+    ids = {t["key"]: t["id"] for t in api.run(run_id)["tasks"]}
+    for key, state in (("a", "succeeded"), ("b", "ready"), ("c", "assigned")):
+        assert_error(api.post(f"/api/v1/tasks/{ids[key]}/retry"), 409, "invalid_state", key)
+        assert api.states(run_id)[key] == state
+
+
+# --- artifacts and health -----------------------------------------------------------------------------
+
+
+def test_an_artifact_downloads_with_its_bytes(api, agent, plain_user):
+    api.submit(doc({"key": "a"}))
+    attempt = claim_all(agent)["a"]["attempt_id"]
+    content = bytes(range(256)) * 40 + b"\x00end"
+    boundary = uuid.uuid4().hex
+    raw = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="out.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    uploaded = ok(agent.post(f"/api/v1/attempts/{attempt}/artifacts", raw=raw, headers=headers), 201)
+
+    status, payload = api.get(f"/api/v1/artifacts/{uploaded['artifact_id']}")
+    assert status == 200
+    assert payload == content and hashlib.sha256(payload).hexdigest() == uploaded["sha256"]
+
+    assert_error(plain_user.get(f"/api/v1/artifacts/{uploaded['artifact_id']}"), 403, "forbidden")
+    assert_error(Client(api.url, None).get(f"/api/v1/artifacts/{uploaded['artifact_id']}"), 401)
+    assert_error(agent.get(f"/api/v1/artifacts/{uploaded['artifact_id']}"), 401)
+    assert_error(api.get(f"/api/v1/artifacts/{uuid.uuid4()}"), 404, "not_found")
+    assert_error(api.get("/api/v1/artifacts/nope"), 404, "not_found")
+
+
+def test_health_answers_ok(server):
+    assert ok(http("GET", f"{server}/api/v1/health")) == {"status": "ok"}
+
+
+def test_an_unknown_api_path_is_404_json(api):
+    for path in ("/api/v1/runs/x/y/z", "/api/v1/tasks", f"/api/v1/tasks/{uuid.uuid4()}"):
+        assert_error(api.get(path), 404, "not_found", path)
