@@ -54,16 +54,15 @@ async def register(request):
         raise ApiError(400, "bad_request", "'name' must be 1-64 of [A-Za-z0-9._-]")
     token = tokens.bearer(request.headers.get("Authorization"))
     agent, agent_token = await db_call(registry.register_agent)(token, info)
-    return JsonResponse(
-        {
-            "agent_id": str(agent.id),
-            "token": agent_token,
-            "heartbeat_interval_s": settings.CP_HEARTBEAT_INTERVAL_S,
-            "lease_s": settings.CP_LEASE_S,
-            "max_wait_s": settings.CP_MAX_WAIT_S,
-        },
-        status=201,
-    )
+    return JsonResponse({"agent_id": str(agent.id), "token": agent_token, **_timings()}, status=201)
+
+
+def _timings() -> dict:
+    return {
+        "heartbeat_interval_s": settings.CP_HEARTBEAT_INTERVAL_S,
+        "lease_s": settings.CP_LEASE_S,
+        "max_wait_s": settings.CP_MAX_WAIT_S,
+    }
 
 
 @api_view
@@ -105,7 +104,9 @@ async def heartbeat(request):
         raise ApiError(400, "bad_request", "'attempts' must list attempt ids") from None
     agent = await _agent(request)
     commands = await db_call(actions.heartbeat)(agent, status, attempt_ids)
-    return JsonResponse({"commands": commands})
+    # The timings ride along (an extra to PROTOCOL.md) so an agent that re-used its identity after a restart
+    # learns them without registering again.
+    return JsonResponse({"commands": commands, **_timings()})
 
 
 @api_view

@@ -1,0 +1,1349 @@
+#!/usr/bin/env python3
+"""cp-agent: the agent daemon of the control plane.
+
+It registers with the server using an enrollment token, long-polls for tasks, runs each one in a fresh
+working directory and its own process group with one of its executors (shell, simulated, claude, codex),
+streams progress and output, uploads the files a task leaves in ``out/`` and reports the outcome. The HTTP
+contract it speaks is the "Agent endpoints" part of the control plane's PROTOCOL.md.
+
+It is stdlib-only: it uses the Python standard library (3.10+) and imports nothing from Django or the
+rest of the repository, on purpose. Agents run on build hosts and workstations where the server's
+dependencies are not installed, so the daemon must work as one file copied anywhere and started with a bare
+``python3``, without pip or a virtualenv. tests/agents_app/test_cp_agent_unit.py asserts this.
+
+    python3 cp_agent.py --server https://cp.example.com --name cg-1 --labels linux,cg   # CP_ENROLLMENT_TOKEN set
+    python3 cp_agent.py --check --server https://cp.example.com
+
+Exit status: 0 after a clean stop, 1 when the agent cannot go on (or --check failed), 2 for bad options.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import codecs
+import contextlib
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+VERSION = "1.0.0"
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+KNOWN_EXECUTORS = ("shell", "simulated", "claude", "codex")
+DEFAULT_TIMINGS = {"heartbeat_interval_s": 10.0, "lease_s": 60.0, "max_wait_s": 30.0}
+LOG_CHUNK_BYTES = 64 * 1024  # the server's limit for the "log" of one progress call
+STDOUT_TAIL_BYTES = 4 * 1024
+OUTPUT_KEEP_BYTES = 512 * 1024  # of a CLI's stdout, for the result (which the server caps at 1 MiB)
+RESULT_MAX_BYTES = 1024 * 1024
+ARTIFACT_MAX_BYTES = 100 * 1024 * 1024  # read into memory to upload; bigger files are skipped
+MESSAGE_MAX_CHARS = 1000
+PROGRESS_MIN_GAP_S = 0.5  # at most two progress calls a second per task
+KILL_GRACE_S = 10.0  # between SIGTERM and SIGKILL of a task's process group
+REQUEST_TIMEOUT_S = 30.0
+CLAIM_TIMEOUT_MARGIN_S = 15.0  # the claim's HTTP timeout is wait_s plus this
+TASK_CALL_PATIENCE_S = 120.0  # progress/artifacts/complete retry this long, then give up
+NAME_TAKEN_PATIENCE_S = 60.0  # > 3 heartbeats: how long a crashed predecessor with our name stays online
+PROGRESS_LINE_RE = re.compile(r"CP_PROGRESS\s+([0-9]*\.?[0-9]+)[ \t]*(.*)")
+
+log = logging.getLogger("cp_agent")
+
+
+class ConfigError(Exception):
+    """Bad options or environment; the daemon exits with status 2."""
+
+
+class FatalError(Exception):
+    """The agent cannot go on (enrollment refused, identity lost, TLS broken); it exits with status 1."""
+
+
+class TransientError(Exception):
+    """A failure worth retrying: network trouble, a timeout, HTTP 5xx or 429."""
+
+
+class ApiError(Exception):
+    """A definitive answer (a 4xx other than 429): retrying would not change it."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(f"HTTP {status} {code}: {detail}")
+        self.status, self.code, self.detail = status, code, detail
+
+
+class TaskError(Exception):
+    """The task document cannot be run as given (no command, bad timeout...); the attempt fails."""
+
+
+def safe_name(text: str) -> str:
+    """`text` reduced to the protocol's name alphabet, so it can never escape a directory."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:64] or "task"
+
+
+def tail_utf8(text: str, limit: int, note: bool = True) -> str:
+    """The end of `text` that fits in `limit` UTF-8 bytes, optionally led by a note of how much was cut."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    keep = limit - 80 if note else limit  # 80 bytes is room for the note
+    head = f"[cp-agent: {len(data) - keep} bytes of earlier output dropped]\n" if note else ""
+    return head + data[-keep:].decode("utf-8", "ignore")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_server_url(url: str, insecure: bool) -> str:
+    """The server URL without a trailing slash; plain http is refused off loopback unless `insecure`,
+    because every call carries a bearer token."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--server must be an http(s):// URL, got {url!r}")
+    if parts.scheme == "http" and not insecure and not is_loopback(parts.hostname):
+        raise ConfigError(
+            f"refusing plain http:// to {parts.hostname}: tokens would cross the network in clear text; "
+            "use https:// or pass --insecure"
+        )
+    return url.rstrip("/")
+
+
+def default_agent_name() -> str:
+    host = safe_name(socket.gethostname().split(".")[0]) or "agent"
+    suffix = f"-{os.getpid()}"
+    return host[: 64 - len(suffix)] + suffix
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class Config:
+    server: str
+    enrollment_token: str
+    name: str
+    labels: list[str]
+    executors: list[str]
+    capacity: int
+    work_dir: Path
+    state_file: Path
+    time_scale: float = 1.0
+    wait_s: float | None = None
+    ca_file: str | None = None
+    insecure: bool = False
+    check: bool = False
+    once: bool = False
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_argv(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+        environ = dict(os.environ if environ is None else environ)
+        args = build_parser(environ).parse_args(argv)
+        name = args.name or default_agent_name()
+        if not NAME_RE.fullmatch(name):
+            raise ConfigError(f"--name must be 1-64 of [A-Za-z0-9._-], got {name!r}")
+        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+        bad = [label for label in labels if not NAME_RE.fullmatch(label)]
+        if bad or len(labels) > 32:
+            raise ConfigError(f"--labels takes at most 32 names of [A-Za-z0-9._-]; bad: {bad or labels}")
+        if args.executors:
+            executors = list(dict.fromkeys(e.strip() for e in args.executors.split(",") if e.strip()))
+            unknown = sorted(set(executors) - set(KNOWN_EXECUTORS))
+            if unknown or not executors:
+                raise ConfigError(f"--executors takes some of {', '.join(KNOWN_EXECUTORS)}; unknown: {unknown}")
+        else:
+            executors = default_executor_names(environ)
+        if not 1 <= args.capacity <= 64:
+            raise ConfigError("--capacity must be 1-64")
+        if args.time_scale < 0 or (args.wait_s is not None and args.wait_s < 0):
+            raise ConfigError("--time-scale and --wait-s must not be negative")
+        server = args.server
+        if server:
+            server = validate_server_url(server, args.insecure)
+        elif not args.check:
+            raise ConfigError("--server (or CP_SERVER) is required")
+        work_dir = Path(args.work_dir).absolute()  # tasks get CP_OUT_DIR and may change directory
+        state_file = Path(args.state_file) if args.state_file else work_dir / f"{name}.state.json"
+        return cls(
+            **{
+                **vars(args),
+                "server": server,
+                "name": name,
+                "labels": labels,
+                "executors": executors,
+                "work_dir": work_dir,
+                "state_file": state_file,
+            }
+        )
+
+
+def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cp_agent.py", description="Agent daemon of the control plane (stdlib-only Python 3.10+)."
+    )
+    p.add_argument("--server", default=environ.get("CP_SERVER", ""), help="control plane URL [CP_SERVER]")
+    p.add_argument(
+        "--enrollment-token",
+        default=environ.get("CP_ENROLLMENT_TOKEN", ""),
+        help="used to register; prefer the env var, argv is visible to other users [CP_ENROLLMENT_TOKEN]",
+    )
+    p.add_argument(
+        "--name",
+        help="agent name, 1-64 of [A-Za-z0-9._-] (default: HOST-PID; set one to keep "
+        "the same identity across restarts)",
+    )
+    p.add_argument("--labels", default="", help="comma-separated labels, e.g. linux,cg")
+    p.add_argument(
+        "--executors",
+        default="",
+        help="comma-separated subset of shell,simulated,claude,codex "
+        "(default: shell,simulated plus claude/codex when found on PATH)",
+    )
+    p.add_argument("--capacity", type=int, default=1, help="tasks run at once (1-64)")
+    p.add_argument("--work-dir", default="./cp-agent-work", help="where task directories and state live")
+    p.add_argument("--state-file", help="identity file (default: WORK_DIR/NAME.state.json)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiplies simulated durations (demo: 0.01)")
+    p.add_argument("--wait-s", type=float, help="long-poll wait (default: the server's max_wait_s)")
+    p.add_argument("--ca-file", help="CA bundle to verify the server's certificate with")
+    p.add_argument("--insecure", action="store_true", help="allow plain http:// to a non-loopback host")
+    p.add_argument("--check", action="store_true", help="pre-flight: report executors and server, then exit")
+    p.add_argument("--once", action="store_true", help="exit after the first task finishes")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+# --------------------------------------------------------------------------------------------- HTTP
+
+
+class Backoff:
+    """Full-jitter exponential backoff, 0.2 s doubling to a 10 s cap: a fleet reconnecting after an outage
+    spreads out instead of hitting the server in lockstep."""
+
+    def __init__(self, base: float = 0.2, cap: float = 10.0):
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.base * 2**self.attempt)
+        self.attempt = min(self.attempt + 1, 30)
+        return random.uniform(0, ceiling)
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class ApiClient:
+    """The agent's HTTP: JSON over one connection per request (a long poll holds its connection anyway),
+    retries with backoff, and a way to cut a held long poll short."""
+
+    def __init__(self, server: str, ca_file: str | None = None):
+        parts = urllib.parse.urlsplit(server)
+        self.server = server
+        self._https = parts.scheme == "https"
+        self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path.rstrip("/")
+        self._ssl = ssl.create_default_context(cafile=ca_file) if self._https else None
+        self._abortable: set[http.client.HTTPConnection] = set()
+        self._abort_lock = threading.Lock()
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        timeout: float,
+        abort_on: threading.Event | None = None,
+    ) -> tuple[int, bytes]:
+        if self._https:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                self._host, self._port, timeout=timeout, context=self._ssl
+            )
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        try:
+            conn.connect()
+            if abort_on is not None:
+                with self._abort_lock:
+                    self._abortable.add(conn)
+                # Checked after registering: either abort_pending() sees this socket or we see the flag.
+                if abort_on.is_set():
+                    raise TransientError(f"{method} {path}: aborted")
+            conn.request(method, self._prefix + path, body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+        except ssl.SSLCertVerificationError as exc:
+            raise FatalError(f"TLS verification of {self.server} failed: {exc} (see --ca-file)") from exc
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise TransientError(f"{method} {path}: {exc or type(exc).__name__}") from exc
+        finally:
+            with self._abort_lock:
+                self._abortable.discard(conn)
+            conn.close()
+
+    def abort_pending(self) -> None:
+        """Cut held long polls short: shutting the socket down makes the blocked read return now instead of
+        after up to max_wait_s. An assignment the server sent in that instant is lost until its lease
+        expires; that rare retry is the price of stopping promptly."""
+        with self._abort_lock:
+            for conn in list(self._abortable):
+                if conn.sock is not None:
+                    with contextlib.suppress(OSError):
+                        socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)  # below TLS, on the raw fd
+
+    def health(self, timeout: float = 10.0) -> tuple[int, dict]:
+        status, raw = self._exchange("GET", "/api/v1/health", None, {"Accept": "application/json"}, timeout)
+        return status, _json_object(raw)
+
+    def request(
+        self,
+        path: str,
+        payload: Any = None,
+        *,
+        token: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        timeout: float = REQUEST_TIMEOUT_S,
+        abort_on: threading.Event | None = None,
+    ) -> dict:
+        """POST /api/v1<path> once and return the JSON answer; raises TransientError or ApiError."""
+        if body is None:
+            body = json.dumps({} if payload is None else payload).encode()
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": content_type,
+            "Accept": "application/json",
+            "User-Agent": f"cp-agent/{VERSION}",
+        }
+        status, raw = self._exchange("POST", "/api/v1" + path, body, headers, timeout, abort_on)
+        data = _json_object(raw)
+        if status == 429 or status >= 500:
+            raise TransientError(f"POST {path}: HTTP {status} {data.get('error', '')}".rstrip())
+        if status >= 400:
+            detail = str(data.get("detail") or raw[:200].decode("utf-8", "replace"))
+            raise ApiError(status, str(data.get("error") or f"http_{status}"), detail)
+        return data
+
+    def call(
+        self,
+        path: str,
+        payload: Any = None,
+        *,
+        token: str,
+        stop: threading.Event,
+        patience: float | None = None,
+        **kwargs: Any,
+    ) -> dict:
+        """request(), retrying TransientError with backoff until `patience` seconds have passed (None:
+        forever) or `stop` is set; then the last TransientError is raised."""
+        deadline = None if patience is None else time.monotonic() + patience
+        backoff = Backoff()
+        while True:
+            try:
+                return self.request(path, payload, token=token, **kwargs)
+            except TransientError as exc:
+                delay = backoff.next_delay()
+                if stop.is_set() or (deadline is not None and time.monotonic() + delay > deadline):
+                    raise
+                log.warning("%s; retrying in %.1f s", exc, delay)
+                if stop.wait(delay):
+                    raise
+
+
+def encode_artifact(name: str, data: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body (RFC 7578) holding the file as field `file` and its relative path as field
+    `name` (Django's parser keeps only the basename of a filename), and its Content-Type."""
+    boundary = f"cp-agent-{uuid.uuid4().hex}"
+    quoted = name.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")  # as browsers quote filenames
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{quoted}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    )
+    return head.encode() + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class StateFile:
+    """The agent's identity on disk: {agent_id, token, name, server} plus the server's timings. Only its
+    owner may read it, because the token is a credential."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self, server: str, name: str) -> dict | None:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable state file %s: %s", self.path, exc)
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("token"), str):
+            return None
+        return data if (data.get("server"), data.get("name")) == (server, name) else None
+
+    def save(self, data: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # a left-over tmp file keeps its old mode through O_CREAT
+            json.dump(data, fh, indent=2)
+        os.replace(tmp, self.path)  # readers never see half a file
+
+
+# --------------------------------------------------------------------------------------------- executors
+
+
+@dataclass
+class ExecResult:
+    """An executor's report: the result document, the exit code (None without a process) and an error
+    sentence, empty when the task succeeded."""
+
+    result: dict
+    exit_code: int | None = None
+    error: str = ""
+
+
+@dataclass
+class ExecutorCheck:
+    usable: bool
+    detail: str
+    version: str | None = None
+
+
+@dataclass
+class TaskContext:
+    """What an executor may use of its attempt. `report` and `log` feed the progress stream; they never
+    block on the network."""
+
+    task: dict
+    attempt_id: str
+    work_dir: Path
+    report: Callable[..., None]  # (progress: float | None, message: str | None)
+    log: Callable[[str], None]
+    agent_name: str = "cp-agent"
+    time_scale: float = 1.0
+    canceled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.work_dir / "out"
+
+    @property
+    def key(self) -> str:
+        return str(self.task.get("key") or "task")
+
+    @property
+    def params(self) -> dict:
+        params = self.task.get("params")
+        return params if isinstance(params, dict) else {}
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            CP_TASK_ID=str(self.task.get("id") or ""),
+            CP_TASK_KEY=self.key,
+            CP_RUN_ID=str(self.task.get("run_id") or ""),
+            CP_ATTEMPT_ID=self.attempt_id,
+            CP_OUT_DIR=str(self.out_dir),
+        )
+        return env
+
+
+class Executor(abc.ABC):
+    name = ""
+
+    def __init__(self, environ: dict[str, str] | None = None):
+        # Where executors that need a program look for it (tests pass their own PATH).
+        self.environ = dict(os.environ if environ is None else environ)
+
+    @abc.abstractmethod
+    def check(self) -> ExecutorCheck:
+        """Whether this executor can run tasks on this host, and its version when it has one."""
+
+    @abc.abstractmethod
+    def run(self, ctx: TaskContext) -> ExecResult:
+        """Run the task to its end; return promptly once ctx.canceled is set."""
+
+
+class SimulatedExecutor(Executor):
+    """Pretends to work for params.duration_s x time scale, reporting params.steps progress updates, and
+    leaves a result file: the seed system's simulated execution, for demos and tests without AI calls."""
+
+    name = "simulated"
+
+    def check(self) -> ExecutorCheck:
+        return ExecutorCheck(True, "built in")
+
+    def run(self, ctx: TaskContext) -> ExecResult:
+        duration, steps = ctx.params.get("duration_s", 1.0), ctx.params.get("steps", 10)
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0:
+            return ExecResult({}, None, "params.duration_s must be a number >= 0")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 10_000:
+            return ExecResult({}, None, "params.steps must be an integer 1-10000")
+        fail = ctx.params.get("fail") is True
+        for step in range(1, steps + 1):
+            if ctx.canceled.wait(duration * ctx.time_scale / steps):  # an Event wait: cancel is prompt
+                return ExecResult({"simulated": True, "steps_done": step - 1}, None, "canceled")
+            ctx.report(step / steps, f"step {step}/{steps}")
+            ctx.log(f"simulated step {step}/{steps}\n")
+        result = {
+            "task": ctx.key,
+            "title": ctx.task.get("title") or "",
+            "agent": ctx.agent_name,
+            "simulated": True,
+            "duration_s": duration,
+            "time_scale": ctx.time_scale,
+            "steps": steps,
+            "outcome": "failed" if fail else "succeeded",
+        }
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.out_dir / f"{safe_name(ctx.key)}_result.json").write_text(json.dumps(result, indent=2) + "\n")
+        return ExecResult(result, 1 if fail else 0, "simulated failure" if fail else "")
+
+
+@dataclass
+class ProcessOutcome:
+    returncode: int
+    stdout: str
+    timed_out: bool = False
+    canceled: bool = False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+        os.killpg(pgid, sig)
+
+
+def _pump_output(stream: Any, ctx: TaskContext, keep: bytearray | None = None) -> None:
+    """Copy one pipe of the task into its log until EOF. For stdout (`keep` given) also keep the tail of the
+    raw bytes and act on CP_PROGRESS lines."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    partial = ""
+    while chunk := stream.read1(65536):  # read1: stream what is there, do not wait for a full buffer
+        text = decoder.decode(chunk)
+        ctx.log(text)
+        if keep is None:
+            continue
+        keep += chunk
+        if len(keep) > 2 * OUTPUT_KEEP_BYTES:
+            del keep[:-OUTPUT_KEEP_BYTES]
+        *lines, partial = (partial + text).split("\n")
+        partial = partial[-4096:]  # a progress line is short; do not hoard a newline-free flood
+        for line in lines:
+            match = PROGRESS_LINE_RE.fullmatch(line.rstrip("\r"))
+            if match:
+                ctx.report(min(1.0, float(match.group(1))), match.group(2).strip() or None)
+    ctx.log(decoder.decode(b"", final=True))
+
+
+def stop_process_group(proc: subprocess.Popen, readers: list[threading.Thread], grace: float) -> None:
+    """SIGTERM the process group led by `proc`, then SIGKILL it once the leader has exited and its pipes
+    are closed, or after `grace` seconds. Also run after a normal exit, so background children a task
+    left behind do not outlive it."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        # EOF on the pipes rather than a pid check: members that died may linger as zombies of init.
+        if proc.poll() is not None and not any(reader.is_alive() for reader in readers):
+            break
+        time.sleep(0.05)
+    _signal_group(proc.pid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        log.error("process %d survived SIGKILL", proc.pid)
+    for reader in readers:
+        reader.join(timeout=1)  # a process that left our group with setsid may still hold a pipe
+
+
+def run_in_process_group(argv: list[str], ctx: TaskContext, timeout_s: float | None) -> ProcessOutcome:
+    """Run `argv` in the work dir as the leader of a new process group, streaming its output into the log,
+    until it exits, times out or is canceled; the whole group is stopped in every case."""
+    proc = subprocess.Popen(
+        argv,
+        cwd=ctx.work_dir,
+        env=ctx.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    kept = bytearray()
+    readers = [
+        threading.Thread(target=_pump_output, args=(proc.stdout, ctx, kept), daemon=True),
+        threading.Thread(target=_pump_output, args=(proc.stderr, ctx), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    timed_out = canceled = False
+    while proc.poll() is None:
+        if ctx.canceled.wait(0.1):
+            canceled = True
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            timed_out = True
+            break
+    stop_process_group(proc, readers, KILL_GRACE_S)
+    stdout = bytes(kept[-OUTPUT_KEEP_BYTES:]).decode("utf-8", "replace")
+    return ProcessOutcome(proc.returncode, stdout, timed_out, canceled)
+
+
+def _timeout_of(task: dict) -> float | None:
+    value = task.get("timeout_s")
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise TaskError(f"timeout_s must be a positive number, got {value!r}")
+    return float(value)
+
+
+class ProcessExecutor(Executor):
+    """The executors that run one program per task (shell, claude, codex). They share process groups,
+    timeouts, cancellation and output streaming, and differ in the command line and the result."""
+
+    @abc.abstractmethod
+    def command(self, ctx: TaskContext) -> list[str]:
+        """The argv for this task; raises TaskError when the task cannot be run."""
+
+    @abc.abstractmethod
+    def finish(self, outcome: ProcessOutcome) -> tuple[dict, str]:
+        """The result document and error sentence of a process that exited on its own."""
+
+    def run(self, ctx: TaskContext) -> ExecResult:
+        try:
+            argv, timeout_s = self.command(ctx), _timeout_of(ctx.task)
+        except TaskError as exc:
+            return ExecResult({}, None, str(exc))
+        try:
+            outcome = run_in_process_group(argv, ctx, timeout_s)
+        except OSError as exc:
+            return ExecResult({}, None, f"cannot start {argv[0]}: {exc}")
+        result, error = self.finish(outcome)
+        if outcome.timed_out:
+            error = f"timeout after {timeout_s:g} s"
+        elif outcome.canceled:
+            error = "canceled"
+        return ExecResult(result, outcome.returncode, error)
+
+
+class ShellExecutor(ProcessExecutor):
+    name = "shell"
+
+    def check(self) -> ExecutorCheck:
+        usable = os.access("/bin/sh", os.X_OK)
+        return ExecutorCheck(usable, "/bin/sh" if usable else "/bin/sh not found")
+
+    def command(self, ctx: TaskContext) -> list[str]:
+        command = ctx.task.get("command")
+        if not isinstance(command, str) or not command.strip():
+            raise TaskError("shell task has no command")
+        return ["/bin/sh", "-c", command]
+
+    def finish(self, outcome: ProcessOutcome) -> tuple[dict, str]:
+        result = {
+            "exit_code": outcome.returncode,
+            "stdout_tail": tail_utf8(outcome.stdout, STDOUT_TAIL_BYTES, note=False),
+        }
+        return result, "" if outcome.returncode == 0 else f"exit code {outcome.returncode}"
+
+
+class CliExecutor(ProcessExecutor):
+    """An AI coding CLI run non-interactively with the task's prompt; the binary is found on PATH unless
+    the override variable names one."""
+
+    program = ""
+    binary_env = ""
+
+    def __init__(self, environ: dict[str, str] | None = None):
+        super().__init__(environ)
+        self.binary = shutil.which(self.environ.get(self.binary_env) or self.program, path=self.environ.get("PATH"))
+
+    def check(self) -> ExecutorCheck:
+        if not self.binary:
+            return ExecutorCheck(False, f"{self.program} not found on PATH (nor ${self.binary_env})")
+        try:
+            proc = subprocess.run(
+                [self.binary, "--version"],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return ExecutorCheck(False, f"{self.binary} --version failed: {exc}")
+        line = next((s.strip() for s in (proc.stdout + proc.stderr).splitlines() if s.strip()), "")
+        if proc.returncode != 0:
+            return ExecutorCheck(False, f"{self.binary} --version exited with {proc.returncode}: {line}")
+        number = re.search(r"\d+(?:\.\d+)+", line)
+        return ExecutorCheck(True, f"{self.binary}, {line}", number.group(0) if number else line or None)
+
+    @abc.abstractmethod
+    def arguments(self, ctx: TaskContext, prompt: str) -> list[str]:
+        """The arguments after the binary."""
+
+    def command(self, ctx: TaskContext) -> list[str]:
+        if not self.binary:
+            raise TaskError(f"{self.program} not found on this agent")
+        prompt = ctx.task.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise TaskError(f"{self.name} task has no prompt")
+        return [self.binary, *self.arguments(ctx, prompt)]
+
+    def parse_output(self, stdout: str) -> tuple[Any, str]:
+        """The task's output from the CLI's stdout, and an error sentence when the CLI reports one."""
+        return stdout.strip(), ""
+
+    def finish(self, outcome: ProcessOutcome) -> tuple[dict, str]:
+        output, error = self.parse_output(outcome.stdout)
+        if outcome.returncode != 0:
+            error = f"{self.program} exited with code {outcome.returncode}"
+        return {"output": output, "exit_code": outcome.returncode}, error
+
+
+class ClaudeExecutor(CliExecutor):
+    name = program = "claude"
+    binary_env = "CP_CLAUDE_BIN"
+
+    def arguments(self, ctx: TaskContext, prompt: str) -> list[str]:
+        args = ["-p", prompt, "--output-format", "json"]
+        if ctx.params.get("skip_permissions") is True:
+            args.append("--dangerously-skip-permissions")
+        return args
+
+    def parse_output(self, stdout: str) -> tuple[Any, str]:
+        try:
+            doc = json.loads(stdout)
+        except ValueError:
+            return stdout.strip(), ""
+        if not isinstance(doc, dict):
+            return stdout.strip(), ""
+        return doc.get("result", stdout.strip()), "claude reported an error" if doc.get("is_error") else ""
+
+
+class CodexExecutor(CliExecutor):
+    name = program = "codex"
+    binary_env = "CP_CODEX_BIN"
+
+    def arguments(self, ctx: TaskContext, prompt: str) -> list[str]:
+        return ["exec", "--skip-git-repo-check", prompt]  # the fresh work dir is not a git repository
+
+
+EXECUTOR_CLASSES: dict[str, type[Executor]] = {
+    "shell": ShellExecutor,
+    "simulated": SimulatedExecutor,
+    "claude": ClaudeExecutor,
+    "codex": CodexExecutor,
+}
+
+
+def build_executors(names: list[str] | tuple[str, ...], environ: dict[str, str] | None = None) -> dict[str, Executor]:
+    return {name: EXECUTOR_CLASSES[name](environ) for name in names}
+
+
+def default_executor_names(environ: dict[str, str] | None = None) -> list[str]:
+    found = [e.name for e in (ClaudeExecutor(environ), CodexExecutor(environ)) if e.binary]
+    return ["shell", "simulated", *found]
+
+
+def check_executors(executors: dict[str, Executor]) -> dict[str, ExecutorCheck]:
+    """Each executor's check; registration sends the versions found, --check prints them all."""
+    return {name: executor.check() for name, executor in executors.items()}
+
+
+# --------------------------------------------------------------------------------------------- the agent
+
+
+class ProgressStream:
+    """An attempt's progress, message and new output, sent from a thread of its own at most twice a second,
+    so a chatty task neither floods the server nor waits on the network."""
+
+    def __init__(self, send: Callable[[dict], None], name: str):
+        self._send = send
+        self._lock = threading.Lock()
+        self._progress, self._message, self._log, self._log_chars = 0.0, "", [], 0
+        self._dirty = False
+        self._wake, self._closed = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"progress-{name}")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def report(self, progress: float | None = None, message: str | None = None) -> None:
+        with self._lock:
+            if progress is not None:
+                self._progress = min(1.0, max(0.0, float(progress)))
+            if message is not None:
+                self._message = message[:MESSAGE_MAX_CHARS]
+            self._dirty = True
+        self._wake.set()
+
+    def log(self, text: str) -> None:
+        if not text:
+            return
+        with self._lock:
+            self._log.append(text)
+            self._log_chars += len(text)
+            if self._log_chars > 2 * LOG_CHUNK_BYTES:  # the server is slow: keep what one call may carry
+                self._log = [tail_utf8("".join(self._log), LOG_CHUNK_BYTES)]
+                self._log_chars = len(self._log[0])
+            self._dirty = True
+        self._wake.set()
+
+    def _take(self) -> dict | None:
+        with self._lock:
+            if not self._dirty:
+                return None
+            text = tail_utf8("".join(self._log), LOG_CHUNK_BYTES)
+            self._log, self._log_chars, self._dirty = [], 0, False
+            return {"progress": self._progress, "message": self._message, "log": text}
+
+    def _loop(self) -> None:
+        last_sent = 0.0
+        while not self._closed.is_set():
+            self._wake.wait(1.0)
+            gap = last_sent + PROGRESS_MIN_GAP_S - time.monotonic()
+            if gap > 0 and self._closed.wait(gap):
+                break
+            self._wake.clear()
+            payload = self._take()
+            if payload:
+                self._send(payload)
+                last_sent = time.monotonic()
+
+    def flush(self) -> None:
+        """Send what is pending now, from the caller's thread."""
+        payload = self._take()
+        if payload:
+            self._send(payload)
+
+    def close(self) -> None:
+        """Stop the thread, then flush."""
+        self._closed.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=TASK_CALL_PATIENCE_S + 5)
+        self.flush()
+
+
+class TaskRun:
+    """One attempt on this agent, from assignment to completion, in a thread of its own."""
+
+    def __init__(self, agent: Agent, assignment: dict):
+        self.agent = agent
+        self.attempt_id: str = assignment["attempt_id"]
+        self.task: dict = assignment["task"]
+        self.key = str(self.task.get("key") or "task")
+        self.work_dir = agent.config.work_dir / f"{safe_name(self.key)}-{self.attempt_id[:8]}"
+        self.canceled = threading.Event()
+        self.cancel_reason = ""
+        self.stale = False
+        self._lock = threading.Lock()
+        self.stream = ProgressStream(self._send_progress, self.key)
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"task-{self.key}")
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            self.cancel_reason = self.cancel_reason or reason
+        self.canceled.set()
+
+    def abandon(self, why: Exception) -> None:
+        """The attempt is no longer ours: stop the work and never complete it."""
+        if not self.stale:
+            log.warning("attempt %s of %s is no longer ours (%s); stopping it", self.attempt_id, self.key, why)
+        self.stale = True
+        self.cancel("stale attempt")
+
+    def _call(self, path: str, payload: Any = None, **kwargs: Any) -> dict | None:
+        """An attempt call; None when it did not go through (an answer saying the attempt is no longer ours
+        abandons it)."""
+        try:
+            return self.agent.call_for_task(f"/attempts/{self.attempt_id}/{path}", payload, **kwargs)
+        except ApiError as exc:
+            if exc.status in (401, 403, 404, 409):
+                self.abandon(exc)
+            else:
+                log.warning("%s of attempt %s refused: %s", path, self.attempt_id, exc)
+        except TransientError as exc:
+            log.warning("%s of attempt %s not delivered: %s", path, self.attempt_id, exc)
+        except FatalError as exc:  # may come from the progress thread: tell the agent, do not just die
+            self.agent.fail(str(exc))
+            self.abandon(exc)
+        return None
+
+    def _send_progress(self, payload: dict) -> None:
+        answer = self._call("progress", payload)
+        if answer and answer.get("cancel") is True and not self.canceled.is_set():
+            log.info("server canceled %s", self.key)
+            self.cancel("canceled by server (timeout)")
+
+    def _run(self) -> None:
+        try:
+            self._execute_and_complete()
+        except Exception as exc:  # one broken task must not take the daemon down; the server still hears of it
+            log.exception("attempt %s of %s crashed", self.attempt_id, self.key)
+            if not self.stale:
+                self._complete(ExecResult({}, None, f"agent error: {exc}"))
+        finally:
+            self.agent.run_finished(self)
+
+    def _execute_and_complete(self) -> None:
+        executor_name = str(self.task.get("executor"))
+        log.info("starting %s (%s, attempt %s)", self.key, executor_name, self.attempt_id)
+        if self.work_dir.exists():
+            shutil.rmtree(self.work_dir)
+        (self.work_dir / "out").mkdir(parents=True)
+        self.stream.report(0.0, "started")
+        self.stream.flush()  # before the executor starts: an attempt that is stale already never runs
+        if self.stale:
+            return
+        self.stream.start()
+        outcome = self._execute(executor_name)
+        self.stream.close()
+        if self.stale:
+            return
+        if self.cancel_reason:
+            outcome.error = self.cancel_reason
+        self._upload_artifacts()
+        if not self.stale:
+            self._complete(outcome)
+
+    def _execute(self, executor_name: str) -> ExecResult:
+        executor = self.agent.executors.get(executor_name)
+        if executor is None:
+            return ExecResult({}, None, f"executor {executor_name!r} is not enabled on {self.agent.config.name}")
+        if self.canceled.is_set():
+            return ExecResult({}, None, "canceled")
+        config = self.agent.config
+        ctx = TaskContext(self.task, self.attempt_id, self.work_dir, self.stream.report, self.stream.log)
+        ctx.agent_name, ctx.time_scale, ctx.canceled = config.name, config.time_scale, self.canceled
+        try:
+            return executor.run(ctx)
+        except Exception as exc:
+            log.exception("executor %s failed on %s", executor_name, self.key)
+            return ExecResult({}, None, f"executor error: {exc}")
+
+    def _upload_artifacts(self) -> None:
+        out = self.work_dir / "out"
+        for root, _dirs, files in os.walk(out):  # does not descend into symlinked directories
+            for filename in sorted(files):
+                path = Path(root, filename)
+                st = path.lstat()
+                if not stat.S_ISREG(st.st_mode):  # a symlink could point anywhere on this host
+                    continue
+                name = path.relative_to(out).as_posix()
+                if st.st_size > ARTIFACT_MAX_BYTES:
+                    log.warning("not uploading %s: %d bytes is too large", name, st.st_size)
+                    continue
+                body, content_type = encode_artifact(name, path.read_bytes())
+                if self._call("artifacts", body=body, content_type=content_type) is not None:
+                    log.info("uploaded %s of %s (%d bytes)", name, self.key, st.st_size)
+                if self.stale:
+                    return
+
+    def _complete(self, outcome: ExecResult) -> None:
+        result = outcome.result
+        if len(json.dumps(result)) > RESULT_MAX_BYTES:
+            result = {"exit_code": outcome.exit_code, "dropped": "the result was larger than 1 MiB"}
+        payload: dict[str, Any] = {
+            "outcome": "failed" if outcome.error else "succeeded",
+            "result": result,
+            "error": outcome.error,
+        }
+        if outcome.exit_code is not None:
+            payload["exit_code"] = outcome.exit_code
+        if self._call("complete", payload) is not None:
+            log.info("%s %s%s", self.key, payload["outcome"], f": {outcome.error}" if outcome.error else "")
+
+
+class Agent:
+    """Registration, the claim loop, heartbeats, commands and shutdown; tasks run in TaskRun threads."""
+
+    def __init__(
+        self,
+        config: Config,
+        executors: dict[str, Executor],
+        api: ApiClient | None = None,
+        executor_versions: dict[str, str] | None = None,
+    ):
+        self.config = config
+        self.executors = executors
+        self.executor_versions = executor_versions or {}
+        self.api = api or ApiClient(config.server, config.ca_file)
+        self.state = StateFile(config.state_file)
+        self.token = self.agent_id = ""
+        self.timings = dict(DEFAULT_TIMINGS)
+        self.heartbeat_interval_s = self.wait_s = 0.0
+        self._apply_timings({})
+        self.fatal = ""
+        self._runs: dict[str, TaskRun] = {}
+        self._runs_lock = threading.Lock()
+        self._auth_lock = threading.Lock()
+        self._draining, self._hard_stop = threading.Event(), threading.Event()
+        self._exited, self._slot_freed = threading.Event(), threading.Event()
+        self._signals = 0
+
+    # ---- lifecycle
+
+    def run(self) -> int:
+        """Serve until drained, shut down or unable to go on; returns the exit status."""
+        self._install_signal_handlers()
+        try:
+            self._load_or_register()
+        except FatalError as exc:
+            log.error("%s", exc)
+            return 1
+        except TransientError:
+            return 0  # a signal arrived while the server was unreachable
+        log.info(
+            "serving as %s (%s); executors %s, capacity %d",
+            self.config.name,
+            self.agent_id,
+            ",".join(self.executors),
+            self.config.capacity,
+        )
+        heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat")
+        heartbeat.start()
+        self._claim_loop()
+        self._wait_for_runs()
+        self._exited.set()
+        heartbeat.join(timeout=2.0)
+        if self.fatal:
+            log.error("stopped: %s", self.fatal)
+            return 1
+        log.info("stopped")
+        return 0
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # Python runs signal handlers on the main thread only, and an idle main thread may not get to it for
+        # a long time when the kernel delivered the signal to another thread. The wakeup fd is written at once
+        # by the C-level handler in whichever thread got the signal, so a thread reading it acts promptly; and
+        # acting there, not in a handler, cannot deadlock on a lock the interrupted main thread holds.
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda _signum, _frame: None)  # the work happens in _watch_signals
+        threading.Thread(target=self._watch_signals, args=(read_fd,), daemon=True, name="signals").start()
+
+    def _watch_signals(self, read_fd: int) -> None:
+        while data := os.read(read_fd, 16):
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s: draining (a second signal cancels running tasks)", signal.Signals(signum).name)
+            self.begin_drain()
+        else:
+            log.info("%s: canceling running tasks", signal.Signals(signum).name)
+            self.shutdown_now()
+
+    def begin_drain(self) -> None:
+        """Claim nothing more; running tasks finish, then the agent exits."""
+        self._draining.set()
+        self.api.abort_pending()
+
+    def shutdown_now(self) -> None:
+        """Cancel running tasks and exit (the main loop does the canceling)."""
+        self._hard_stop.set()
+        self.begin_drain()
+        self._slot_freed.set()
+
+    def fail(self, message: str) -> None:
+        self.fatal = self.fatal or message
+        self.shutdown_now()
+
+    # ---- identity
+
+    def _apply_timings(self, doc: dict) -> None:
+        """Take the server's timings from `doc` (keys it lacks keep their values)."""
+        for key in DEFAULT_TIMINGS:
+            value = doc.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                self.timings[key] = float(value)
+        # Three beats per lease, so one lost heartbeat never costs a running attempt its lease.
+        self.heartbeat_interval_s = min(self.timings["heartbeat_interval_s"], self.timings["lease_s"] / 3)
+        wanted = self.config.wait_s
+        self.wait_s = self.timings["max_wait_s"] if wanted is None else min(wanted, self.timings["max_wait_s"])
+
+    def _load_or_register(self) -> None:
+        saved = self.state.load(self.config.server, self.config.name)
+        if saved:
+            self.token, self.agent_id = saved["token"], str(saved.get("agent_id") or "")
+            self._apply_timings(saved)
+            log.info("reusing the identity saved in %s", self.state.path)
+        elif self.config.enrollment_token:
+            self._register()
+        else:
+            raise FatalError(
+                f"no saved identity in {self.state.path} and no enrollment token: pass "
+                "--enrollment-token or set CP_ENROLLMENT_TOKEN"
+            )
+
+    def _register(self) -> None:
+        body = {
+            "name": self.config.name,
+            "labels": self.config.labels,
+            "hostname": socket.gethostname(),
+            "version": VERSION,
+            "executors": list(self.executors),
+            "capacity": self.config.capacity,
+            "executor_versions": self.executor_versions,
+        }
+        give_up_at = time.monotonic() + NAME_TAKEN_PATIENCE_S
+        while True:
+            try:
+                answer = self.api.call(
+                    "/agents/register", body, token=self.config.enrollment_token, stop=self._draining
+                )
+                break
+            except ApiError as exc:
+                # 409: a predecessor of this name (crashed, state file lost) still counts as online.
+                if exc.status != 409 or time.monotonic() > give_up_at:
+                    raise FatalError(f"registration refused: {exc}") from exc
+                log.warning(
+                    "name %s is online on the server (%s); retrying until it goes offline", self.config.name, exc.detail
+                )
+                if self._draining.wait(5.0):
+                    raise TransientError("registration interrupted") from exc
+        token = answer.get("token")
+        if not isinstance(token, str) or not token:
+            raise FatalError("registration answer has no token")
+        self.token, self.agent_id = token, str(answer.get("agent_id") or "")
+        self._apply_timings(answer)
+        # The timings are saved too: a restart reusing the token gets no register answer to learn them from.
+        self.state.save(
+            {
+                "agent_id": self.agent_id,
+                "token": token,
+                "name": self.config.name,
+                "server": self.config.server,
+                **self.timings,
+            }
+        )
+        log.info("registered as agent %s", self.agent_id)
+
+    def _call(self, path: str, payload: Any = None, **kwargs: Any) -> dict:
+        """An agent-token call. A 401 means the server no longer knows this identity: register again (if
+        the enrollment token allows) and repeat the call once."""
+        token = self.token
+        try:
+            return self.api.call(path, payload, token=token, **kwargs)
+        except ApiError as exc:
+            if exc.status != 401:
+                raise
+        with self._auth_lock:
+            if self.token == token:  # else another thread has registered again already
+                if not self.config.enrollment_token:
+                    raise FatalError(
+                        "the server rejects this agent's token (revoked, or the agent retired) "
+                        "and there is no enrollment token to register again with: pass "
+                        "--enrollment-token or set CP_ENROLLMENT_TOKEN"
+                    )
+                log.warning("the server rejected the agent token; registering again")
+                self._register()
+        return self.api.call(path, payload, token=self.token, **kwargs)
+
+    def call_for_task(self, path: str, payload: Any = None, **kwargs: Any) -> dict:
+        # Bounded, and cut to one try on a hard stop so shutdown stays prompt.
+        return self._call(path, payload, stop=self._hard_stop, patience=TASK_CALL_PATIENCE_S, **kwargs)
+
+    # ---- loops
+
+    def _claim_loop(self) -> None:
+        backoff = Backoff()
+        while not self._draining.is_set():
+            self._slot_freed.clear()
+            free = self.config.capacity - len(self._runs)
+            if free <= 0:
+                self._slot_freed.wait(1.0)
+                continue
+            started = time.monotonic()
+            try:
+                answer = self._call(
+                    "/agents/claim",
+                    {"capacity": free, "wait_s": self.wait_s},
+                    stop=self._draining,
+                    abort_on=self._draining,
+                    timeout=self.wait_s + CLAIM_TIMEOUT_MARGIN_S,
+                )
+            except TransientError:
+                continue  # only raised once draining
+            except FatalError as exc:
+                self.fail(str(exc))
+                return
+            except ApiError as exc:
+                if exc.status == 403:
+                    self.fail(f"the server refuses this agent ({exc.detail or exc.code}); is it disabled?")
+                    return
+                if exc.status == 400 and "wait_s" in exc.detail and self.wait_s > 0:
+                    # Timings saved with the identity may predate a server change; wait less until it fits.
+                    self.timings["max_wait_s"] = self.wait_s // 2
+                    self._apply_timings({})
+                log.error("claim refused: %s", exc)
+                self._draining.wait(backoff.next_delay())
+                continue
+            assignments = answer.get("assignments") or []
+            for assignment in assignments:
+                self._start_run(assignment)
+            if not assignments and time.monotonic() - started < 1.0:
+                self._draining.wait(1.0)  # a server answering empty at once must not make us spin
+
+    def _start_run(self, assignment: Any) -> None:
+        if not (
+            isinstance(assignment, dict)
+            and isinstance(assignment.get("attempt_id"), str)
+            and isinstance(assignment.get("task"), dict)
+        ):
+            log.error("ignoring a malformed assignment: %r", assignment)
+            return
+        run = TaskRun(self, assignment)
+        with self._runs_lock:
+            if run.attempt_id in self._runs:
+                return
+            self._runs[run.attempt_id] = run
+        run.thread.start()
+
+    def run_finished(self, run: TaskRun) -> None:
+        with self._runs_lock:
+            self._runs.pop(run.attempt_id, None)
+        self._slot_freed.set()
+        if self.config.once:
+            self.begin_drain()
+
+    def _wait_for_runs(self) -> None:
+        give_up_at = None
+        while True:
+            self._slot_freed.clear()
+            with self._runs_lock:
+                runs = list(self._runs.values())
+            if not runs:
+                return
+            if self._hard_stop.is_set():
+                if give_up_at is None:
+                    for run in runs:
+                        run.cancel("canceled: agent shutting down")
+                    give_up_at = time.monotonic() + KILL_GRACE_S + 5
+                elif time.monotonic() > give_up_at:
+                    log.error("leaving %d task(s) behind", len(runs))
+                    return
+            self._slot_freed.wait(0.5)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._exited.wait(self.heartbeat_interval_s):
+            with self._runs_lock:
+                attempts = [run.attempt_id for run in self._runs.values() if not run.stale]
+            status = "draining" if self._draining.is_set() else "busy" if attempts else "idle"
+            try:
+                answer = self._call("/agents/heartbeat", {"status": status, "attempts": attempts}, stop=self._exited)
+            except TransientError:
+                continue
+            except ApiError as exc:
+                log.warning("heartbeat refused: %s", exc)
+                continue
+            except FatalError as exc:
+                self.fail(str(exc))
+                return
+            self._apply_timings(answer)  # a server may announce changed timings here; PROTOCOL.md has none
+            for command in answer.get("commands") or []:
+                self._obey(command)
+
+    def _obey(self, command: Any) -> None:
+        kind = command.get("type") if isinstance(command, dict) else None
+        if kind == "cancel":
+            with self._runs_lock:
+                run = self._runs.get(str(command.get("attempt_id")))
+            if run:
+                log.info("server canceled %s", run.key)
+                run.cancel("canceled by server")
+        elif kind == "drain":
+            if not self._draining.is_set():
+                log.info("server asked to drain")
+            self.begin_drain()
+        elif kind == "shutdown":
+            if not self._hard_stop.is_set():
+                log.info("server asked to shut down")
+            self.shutdown_now()
+        else:
+            log.warning("ignoring unknown command %r", command)
+
+
+# --------------------------------------------------------------------------------------------- entry
+
+
+def run_check(config: Config) -> int:
+    """The pre-flight: which executors work on this host, and whether the server answers."""
+    checks = check_executors(build_executors(KNOWN_EXECUTORS))
+    for name, check in checks.items():
+        print(f"executor {name}: {'ok' if check.usable else 'unusable'} ({check.detail})")
+    server_ok = False
+    if not config.server:
+        text = "not configured (--server or CP_SERVER)"
+    else:
+        try:
+            status, doc = ApiClient(config.server, config.ca_file).health()
+        except (TransientError, FatalError) as exc:
+            text = f"unreachable ({config.server}: {exc})"
+        else:
+            server_ok = status == 200 and bool(doc)
+            answer = json.dumps(doc) if server_ok else "not the expected 200 JSON"
+            text = f"{'ok' if server_ok else 'error'} ({config.server} answered HTTP {status}, {answer})"
+    print(f"server: {text}")
+    return 0 if server_ok and any(check.usable for check in checks.values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = Config.from_argv(argv)
+    except ConfigError as exc:
+        print(f"cp_agent: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level, stream=sys.stderr, format=f"%(asctime)s {config.name} %(levelname)s %(message)s"
+    )
+    if config.check:
+        return run_check(config)
+    executors = build_executors(config.executors)
+    checks = check_executors(executors)
+    unusable = [f"{name}: {check.detail}" for name, check in checks.items() if not check.usable]
+    if unusable:
+        log.error("executors not usable here: %s", "; ".join(unusable))
+        return 2
+    versions = {name: check.version for name, check in checks.items() if check.version}
+    return Agent(config, executors, executor_versions=versions).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,748 @@
+"""The agent daemon on its own: real processes, real sockets, a tiny stand-in server; no Django.
+
+Run: .venv/bin/python -m pytest tests/agents_app/test_cp_agent_unit.py -q -p no:django
+"""
+
+from __future__ import annotations
+
+import ast
+import email.parser
+import email.policy
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from agents_app import cp_agent
+from agents_app.cp_agent import (
+    ClaudeExecutor,
+    CodexExecutor,
+    Config,
+    ConfigError,
+    ProgressStream,
+    ShellExecutor,
+    SimulatedExecutor,
+    StateFile,
+    TaskContext,
+)
+
+AGENT_PY = Path(cp_agent.__file__)
+REPO = AGENT_PY.parent.parent
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+class Recorder:
+    """What an executor reported through its context."""
+
+    def __init__(self):
+        self.progress: list[tuple[float | None, str | None]] = []
+        self.output: list[str] = []
+
+    def report(self, progress=None, message=None):
+        self.progress.append((progress, message))
+
+    def log(self, text):
+        self.output.append(text)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
+
+def make_context(tmp_path: Path, recorder: Recorder, **task) -> TaskContext:
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True, exist_ok=True)
+    task = {"id": "task-uuid", "run_id": "run-uuid", "key": "core-1", "title": "Core", **task}
+    return TaskContext(
+        task,
+        "attempt-uuid-1234",
+        work,
+        agent_name="unit-agent",
+        time_scale=1.0,
+        report=recorder.report,
+        log=recorder.log,
+    )
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie (an orphan's reaper may be slow or absent in containers)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def write_script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+FAKE_CLAUDE = """\
+if [ "$1" = "--version" ]; then echo "2.0.14 (Claude Code)"; exit 0; fi
+for arg in "$@"; do printf '%s\\n' "$arg"; done > "$CP_OUT_DIR/argv.txt"
+printf '{"type":"result","is_error":false,"result":"claude did: %s","session_id":"s1"}\\n' "$2"
+"""
+
+FAKE_CODEX = """\
+if [ "$1" = "--version" ]; then echo "codex-cli 0.46.0"; exit 0; fi
+for arg in "$@"; do printf '%s\\n' "$arg"; done > "$CP_OUT_DIR/argv.txt"
+echo "thinking..." >&2
+echo "codex did: $3"
+"""
+
+
+@pytest.fixture
+def fake_clis(tmp_path: Path) -> dict[str, str]:
+    """An environment whose PATH holds fake `claude` and `codex` programs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_script(bin_dir / "claude", FAKE_CLAUDE)
+    write_script(bin_dir / "codex", FAKE_CODEX)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------- stdlib only
+
+
+def test_module_imports_only_the_standard_library():
+    tree = ast.parse(AGENT_PY.read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import in the agent daemon"
+            imported.add(node.module.split(".")[0])
+    assert imported, "no imports found: the check is broken"
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    assert "stdlib-only" in (ast.get_docstring(tree) or "")
+
+
+def test_runs_as_a_script_and_as_a_module():
+    for argv in ([str(AGENT_PY), "--help"], ["-m", "agents_app.cp_agent", "--help"]):
+        proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=10)
+        assert proc.returncode == 0, proc.stderr
+        assert "--enrollment-token" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------- shell
+
+
+def test_shell_task_succeeds_with_its_stdout_tail(tmp_path):
+    rec = Recorder()
+    ctx = make_context(tmp_path, rec, executor="shell", command="echo hello; echo oops >&2")
+    outcome = ShellExecutor().run(ctx)
+    assert (outcome.error, outcome.exit_code) == ("", 0)
+    assert outcome.result == {"exit_code": 0, "stdout_tail": "hello\n"}
+    assert "hello" in rec.text and "oops" in rec.text
+
+
+def test_shell_task_fails_with_its_exit_code(tmp_path):
+    outcome = ShellExecutor().run(make_context(tmp_path, Recorder(), command="echo before; exit 3"))
+    assert outcome.exit_code == 3
+    assert outcome.error == "exit code 3"
+    assert outcome.result["stdout_tail"] == "before\n"
+
+
+def test_shell_task_runs_in_its_work_dir_with_the_cp_variables(tmp_path):
+    ctx = make_context(
+        tmp_path,
+        Recorder(),
+        command='pwd; echo "$CP_TASK_ID $CP_TASK_KEY $CP_RUN_ID $CP_ATTEMPT_ID"; echo made > "$CP_OUT_DIR/file.txt"',
+    )
+    outcome = ShellExecutor().run(ctx)
+    lines = outcome.result["stdout_tail"].splitlines()
+    assert Path(lines[0]).resolve() == ctx.work_dir.resolve()
+    assert lines[1] == "task-uuid core-1 run-uuid attempt-uuid-1234"
+    assert (ctx.out_dir / "file.txt").read_text() == "made\n"
+
+
+def test_shell_task_without_a_command_fails_without_running(tmp_path):
+    outcome = ShellExecutor().run(make_context(tmp_path, Recorder(), command=None))
+    assert outcome.error == "shell task has no command" and outcome.exit_code is None
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    ctx = make_context(
+        tmp_path,
+        Recorder(),
+        timeout_s=0.5,
+        command=("sleep 100 & echo $! > bg.pid; sleep 100 & echo $! > fg.pid; echo $$ > sh.pid; wait"),
+    )
+    started = time.monotonic()
+    outcome = ShellExecutor().run(ctx)
+    assert time.monotonic() - started < 2.5
+    assert outcome.error == "timeout after 0.5 s"
+    assert outcome.exit_code == -signal.SIGTERM
+    pids = [int((ctx.work_dir / name).read_text()) for name in ("bg.pid", "fg.pid", "sh.pid")]
+    assert all(process_gone(pid) for pid in pids), pids
+
+
+def test_background_children_do_not_outlive_a_finished_task(tmp_path):
+    ctx = make_context(tmp_path, Recorder(), command="sleep 100 & echo $! > bg.pid; echo done")
+    started = time.monotonic()
+    outcome = ShellExecutor().run(ctx)
+    assert outcome.error == "" and time.monotonic() - started < 2
+    assert process_gone(int((ctx.work_dir / "bg.pid").read_text()))
+
+
+def test_cancel_stops_the_task_promptly(tmp_path):
+    ctx = make_context(tmp_path, Recorder(), command="echo $$ > sh.pid; sleep 100")
+    threading.Timer(0.3, ctx.canceled.set).start()
+    started = time.monotonic()
+    outcome = ShellExecutor().run(ctx)
+    assert outcome.error == "canceled" and time.monotonic() - started < 2
+    assert process_gone(int((ctx.work_dir / "sh.pid").read_text()))
+
+
+def test_cp_progress_lines_report_progress(tmp_path):
+    rec = Recorder()
+    ctx = make_context(
+        tmp_path,
+        rec,
+        command="echo 'CP_PROGRESS 0.25 compiling'; printf 'CP_PROGRESS 0.5'; "
+        "echo; echo 'CP_PROGRESS 1 all done'; echo 'not CP_PROGRESS 0.9'",
+    )
+    ShellExecutor().run(ctx)
+    assert rec.progress == [(0.25, "compiling"), (0.5, None), (1.0, "all done")]
+
+
+def test_output_streams_before_the_process_ends(tmp_path):
+    rec = Recorder()
+    ctx = make_context(tmp_path, rec, command="printf 'partial line without newline'; sleep 1")
+    worker = threading.Thread(target=ShellExecutor().run, args=(ctx,))
+    worker.start()
+    deadline = time.monotonic() + 0.8
+    while "partial" not in rec.text and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "partial line without newline" in rec.text
+    worker.join()
+
+
+# ------------------------------------------------------------------------------------------- simulated
+
+
+def test_simulated_task_reports_steps_and_writes_its_result_file(tmp_path):
+    rec = Recorder()
+    ctx = make_context(tmp_path, rec, executor="simulated", params={"duration_s": 0.1, "steps": 4})
+    outcome = SimulatedExecutor().run(ctx)
+    assert outcome.error == ""
+    assert [p for p, _ in rec.progress] == [0.25, 0.5, 0.75, 1.0]
+    written = json.loads((ctx.out_dir / "core-1_result.json").read_text())
+    assert written == outcome.result
+    assert written["task"] == "core-1" and written["title"] == "Core" and written["agent"] == "unit-agent"
+    assert written["simulated"] is True and written["duration_s"] == 0.1
+
+
+def test_simulated_task_honors_fail_and_time_scale(tmp_path):
+    ctx = make_context(tmp_path, Recorder(), params={"duration_s": 100, "fail": True})
+    ctx.time_scale = 0.001
+    started = time.monotonic()
+    outcome = SimulatedExecutor().run(ctx)
+    assert time.monotonic() - started < 1
+    assert outcome.error == "simulated failure"
+    assert json.loads((ctx.out_dir / "core-1_result.json").read_text())["outcome"] == "failed"
+
+
+def test_simulated_task_stops_when_canceled(tmp_path):
+    ctx = make_context(tmp_path, Recorder(), params={"duration_s": 30})
+    threading.Timer(0.2, ctx.canceled.set).start()
+    started = time.monotonic()
+    assert SimulatedExecutor().run(ctx).error == "canceled"
+    assert time.monotonic() - started < 1
+
+
+# ------------------------------------------------------------------------------------------- AI CLIs
+
+
+def test_claude_gets_the_prompt_and_its_json_result_becomes_the_output(tmp_path, fake_clis):
+    ctx = make_context(tmp_path, Recorder(), executor="claude", prompt="plan the framework")
+    outcome = ClaudeExecutor(fake_clis).run(ctx)
+    assert outcome.error == ""
+    assert outcome.result == {"output": "claude did: plan the framework", "exit_code": 0}
+    argv = (ctx.out_dir / "argv.txt").read_text().splitlines()
+    assert argv == ["-p", "plan the framework", "--output-format", "json"]
+
+
+def test_claude_skips_permissions_only_when_asked(tmp_path, fake_clis):
+    ctx = make_context(tmp_path, Recorder(), prompt="go", params={"skip_permissions": True})
+    ClaudeExecutor(fake_clis).run(ctx)
+    assert (ctx.out_dir / "argv.txt").read_text().splitlines()[-1] == "--dangerously-skip-permissions"
+
+
+def test_claude_binary_can_be_named_by_cp_claude_bin(tmp_path, fake_clis):
+    other = write_script(tmp_path / "my-claude", 'echo \'{"result": "from override"}\'')
+    executor = ClaudeExecutor({"PATH": "/nonexistent", "CP_CLAUDE_BIN": str(other)})
+    assert executor.run(make_context(tmp_path, Recorder(), prompt="x")).result["output"] == "from override"
+
+
+def test_codex_runs_exec_with_the_prompt_and_captures_stdout(tmp_path, fake_clis):
+    rec = Recorder()
+    ctx = make_context(tmp_path, rec, executor="codex", prompt="implement core module 1")
+    outcome = CodexExecutor(fake_clis).run(ctx)
+    assert outcome.error == ""
+    assert outcome.result == {"output": "codex did: implement core module 1", "exit_code": 0}
+    assert (ctx.out_dir / "argv.txt").read_text().splitlines() == [
+        "exec",
+        "--skip-git-repo-check",
+        "implement core module 1",
+    ]
+    assert "thinking..." in rec.text
+
+
+def test_failing_cli_fails_the_task(tmp_path):
+    bad = write_script(tmp_path / "codex", "echo broken >&2; exit 2")
+    outcome = CodexExecutor({"PATH": str(tmp_path)}).run(make_context(tmp_path, Recorder(), prompt="x"))
+    assert outcome.error == "codex exited with code 2" and outcome.exit_code == 2
+    assert bad.exists()
+
+
+def test_check_reports_the_cli_versions_and_an_unreachable_server(tmp_path, fake_clis):
+    proc = subprocess.run(
+        [sys.executable, str(AGENT_PY), "--check", "--server", f"http://127.0.0.1:{closed_port()}"],
+        capture_output=True,
+        text=True,
+        env=fake_clis,
+        timeout=15,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = dict(line.split(":", 1) for line in proc.stdout.splitlines())
+    assert lines["executor claude"].strip().startswith("ok") and "2.0.14 (Claude Code)" in lines["executor claude"]
+    assert "codex-cli 0.46.0" in lines["executor codex"]
+    assert lines["executor shell"].strip().startswith("ok")
+    assert lines["server"].strip().startswith("unreachable")
+
+
+def test_check_passes_when_the_server_answers(fake_server):
+    proc = subprocess.run(
+        [sys.executable, str(AGENT_PY), "--check", "--server", fake_server.url],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert proc.returncode == 0, proc.stdout
+    assert "server: ok" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------- configuration
+
+
+def test_plain_http_to_a_remote_host_is_refused_without_insecure(tmp_path):
+    with pytest.raises(ConfigError, match="refusing plain http"):
+        Config.from_argv(["--server", "http://cp.example.com"], environ={})
+    assert Config.from_argv(["--server", "http://cp.example.com/", "--insecure"], environ={}).server == (
+        "http://cp.example.com"
+    )
+    for url in ("http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000", "https://cp.example.com"):
+        assert Config.from_argv(["--server", url], environ={}).server == url
+
+
+def test_plain_http_refusal_exits_with_status_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(AGENT_PY), "--server", "http://10.1.2.3:8000", "--enrollment-token", "t"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "--insecure" in proc.stderr
+
+
+def test_options_come_from_the_environment_and_are_validated(tmp_path):
+    env = {"CP_SERVER": "https://cp.example.com", "CP_ENROLLMENT_TOKEN": "enroll", "PATH": "/nonexistent"}
+    config = Config.from_argv(["--work-dir", str(tmp_path), "--name", "cg-1", "--labels", "codex, linux"], env)
+    assert (config.server, config.enrollment_token, config.labels) == (
+        "https://cp.example.com",
+        "enroll",
+        ["codex", "linux"],
+    )
+    assert config.executors == ["shell", "simulated"]  # no claude/codex on that PATH
+    assert config.state_file == tmp_path / "cg-1.state.json"
+    for bad in (["--name", "bad name"], ["--labels", "a/b"], ["--capacity", "0"], ["--executors", "perl"]):
+        with pytest.raises(ConfigError):
+            Config.from_argv(bad, env)
+    assert cp_agent.NAME_RE.fullmatch(Config.from_argv([], env).name)
+
+
+def test_state_file_is_created_private(tmp_path):
+    path = tmp_path / "state" / "cg-1.state.json"
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "cg-1.state.json.tmp").write_text("left over")
+    os.chmod(tmp_path / "state" / "cg-1.state.json.tmp", 0o644)
+    StateFile(path).save({"agent_id": "a", "token": "secret", "name": "cg-1", "server": "https://s"})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert StateFile(path).load("https://s", "cg-1")["token"] == "secret"
+    assert StateFile(path).load("https://other", "cg-1") is None
+    assert StateFile(path).load("https://s", "cg-2") is None
+
+
+# ------------------------------------------------------------------------------------------- wire format
+
+
+def test_multipart_body_parses_back_to_the_file_and_its_name():
+    body, content_type = cp_agent.encode_artifact("reports/a b.json", b"\x00binary\r\n--data")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    name_part, file_part = message.iter_parts()
+    assert name_part.get_param("name", header="content-disposition") == "name"
+    assert name_part.get_content().strip() == "reports/a b.json"
+    assert file_part.get_filename() == "reports/a b.json"
+    assert file_part.get_payload(decode=True) == b"\x00binary\r\n--data"
+
+
+def test_log_tail_fits_the_limit_and_says_what_was_dropped():
+    text = "é" * 50_000  # 100,000 UTF-8 bytes
+    tail = cp_agent.tail_utf8(text, 65536)
+    assert len(tail.encode()) <= 65536 and tail.startswith("[cp-agent: ") and tail.endswith("é")
+    assert cp_agent.tail_utf8("short", 65536) == "short"
+
+
+def test_progress_stream_sends_at_most_twice_a_second():
+    sent: list[tuple[float, dict]] = []
+    stream = ProgressStream(lambda payload: sent.append((time.monotonic(), payload)), "t")
+    stream.start()
+    for i in range(200):
+        stream.report(i / 200, f"step {i}")
+        stream.log(f"line {i}\n")
+        time.sleep(0.005)
+    stream.close()
+    gaps = [b[0] - a[0] for a, b in zip(sent, sent[1:-1], strict=False)]  # the flush on close is not throttled
+    assert all(gap >= cp_agent.PROGRESS_MIN_GAP_S - 0.05 for gap in gaps), gaps
+    assert "".join(p["log"] for _, p in sent) == "".join(f"line {i}\n" for i in range(200))
+    assert sent[-1][1]["message"] == "step 199"
+
+
+def test_backoff_is_jittered_and_capped():
+    backoff = cp_agent.Backoff()
+    delays = [backoff.next_delay() for _ in range(40)]
+    assert all(0 <= d <= 10 for d in delays) and delays[0] <= 0.2
+    assert len(set(delays)) > 30
+
+
+# ------------------------------------------------------------------------------------------- the daemon
+
+
+class FakeServer:
+    """The server's side of the agent endpoints, enough to watch one agent: records every call."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+        self.assignments: list[dict] = []
+        self.tokens = {"enroll"}
+        self.stale: set[str] = set()
+        self.timed_out: set[str] = set()
+        self.outages: dict[str, int] = {}  # path -> how many more calls answer 503
+        self.commands: list[dict] = []
+        self.artifacts: list[tuple[str, str, bytes]] = []
+        self.changed = threading.Condition()
+        self.registrations = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.answer(200, {"status": "ok"})
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                path = self.path.removeprefix("/api/v1")
+                if token not in server.tokens:
+                    return self.answer(401, {"error": "unauthorized", "detail": "unknown token"})
+                if self.headers.get("Content-Type", "").startswith("multipart/"):
+                    body = server.record_artifact(path, self.headers["Content-Type"], raw)
+                else:
+                    body = json.loads(raw)
+                status, answer = server.route(path, body)
+                self.answer(status, answer)
+
+            def answer(self, status, doc):
+                data = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, address: None  # agents cut held long polls short on purpose
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def record_artifact(self, path, content_type, raw):
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+        )
+        name, file = message.iter_parts()
+        self.artifacts.append((name.get_content().strip(), file.get_filename(), file.get_payload(decode=True)))
+        return {}
+
+    def route(self, path, body):
+        with self.changed:
+            self.calls.append((path, body))
+            self.changed.notify_all()
+        attempt = path.split("/")[2] if path.startswith("/attempts/") else None
+        if self.outages.get(path):
+            self.outages[path] -= 1
+            return 503, {"error": "unavailable", "detail": "try again"}
+        if attempt in self.stale:
+            return 409, {"error": "stale_attempt", "detail": "not yours any more"}
+        if path == "/agents/register":
+            self.registrations += 1
+            token = f"agent-token-{self.registrations}"
+            self.tokens.add(token)
+            return 201, {
+                "agent_id": f"agent-{self.registrations}",
+                "token": token,
+                "heartbeat_interval_s": 0.2,
+                "lease_s": 60,
+                "max_wait_s": 2,
+            }
+        if path == "/agents/claim":
+            with self.changed:
+                self.changed.wait_for(lambda: self.assignments, timeout=body["wait_s"])
+                taken, self.assignments = self.assignments[: body["capacity"]], self.assignments[body["capacity"] :]
+            return 200, {"assignments": taken}
+        if path == "/agents/heartbeat":
+            commands, self.commands = self.commands, []
+            return 200, {"commands": commands}
+        if path.endswith("/progress"):
+            return 200, {"lease_expires_at": "2030-01-01T00:00:00Z", "cancel": attempt in self.timed_out}
+        if path.endswith("/artifacts"):
+            return 201, {"artifact_id": "x", "name": self.artifacts[-1][0], "size": 1, "sha256": "0"}
+        if path.endswith("/complete"):
+            return 200, {"task_state": body["outcome"]}
+        return 404, {"error": "not_found", "detail": path}
+
+    def assign(self, attempt_id, **task):
+        with self.changed:
+            self.assignments.append(
+                {
+                    "attempt_id": attempt_id,
+                    "lease_expires_at": "2030-01-01T00:00:00Z",
+                    "task": {
+                        "id": f"t-{attempt_id}",
+                        "run_id": "r1",
+                        "key": "core-1",
+                        "title": "Core",
+                        "params": {},
+                        "timeout_s": 60,
+                        "attempt": 1,
+                        "command": None,
+                        "prompt": None,
+                        **task,
+                    },
+                }
+            )
+            self.changed.notify_all()
+
+    def paths(self):
+        return [path for path, _ in self.calls]
+
+    def wait_for(self, predicate, timeout=3.0):
+        with self.changed:
+            assert self.changed.wait_for(lambda: predicate(self), timeout=timeout), self.paths()
+
+    def body(self, path):
+        return next(body for p, body in self.calls if p == path)
+
+
+@pytest.fixture
+def fake_server():
+    server = FakeServer()
+    yield server
+    server.httpd.shutdown()
+
+
+def start_agent(server: FakeServer, tmp_path: Path, *extra: str) -> subprocess.Popen:
+    argv = [
+        sys.executable,
+        str(AGENT_PY),
+        "--server",
+        server.url,
+        "--name",
+        "unit-1",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--executors",
+        "shell,simulated",
+        "--log-level",
+        "debug",
+        *extra,
+    ]
+    env = {**os.environ, "CP_ENROLLMENT_TOKEN": "enroll"}
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 5.0) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"agent did not exit:\n{err}")
+    return proc.returncode, err
+
+
+def test_agent_registers_runs_a_task_uploads_its_output_and_completes(fake_server, tmp_path):
+    fake_server.assign("a1b2c3d4-0000", executor="simulated", params={"duration_s": 0.2, "steps": 2})
+    code, err = finish(start_agent(fake_server, tmp_path, "--once"))
+    assert code == 0, err
+    register = fake_server.body("/agents/register")
+    assert register["name"] == "unit-1" and register["executors"] == ["shell", "simulated"]
+    assert register["capacity"] == 1 and register["version"] == cp_agent.VERSION
+    claim = fake_server.body("/agents/claim")
+    assert claim == {"capacity": 1, "wait_s": 2.0}
+    progress = [body for path, body in fake_server.calls if path.endswith("/progress")]
+    assert progress[0] == {"progress": 0.0, "message": "started", "log": ""}
+    assert progress[-1]["progress"] == 1.0 and "simulated step 2/2" in "".join(p["log"] for p in progress)
+    assert [(name, filename) for name, filename, _ in fake_server.artifacts] == [
+        ("core-1_result.json", "core-1_result.json")
+    ]
+    complete = fake_server.body("/attempts/a1b2c3d4-0000/complete")
+    assert complete["outcome"] == "succeeded" and complete["result"]["simulated"] is True
+    assert fake_server.paths().index("/attempts/a1b2c3d4-0000/artifacts") < fake_server.paths().index(
+        "/attempts/a1b2c3d4-0000/complete"
+    )
+    assert (tmp_path / "work" / "core-1-a1b2c3d4" / "out" / "core-1_result.json").exists()
+    state = tmp_path / "work" / "unit-1.state.json"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    assert json.loads(state.read_text())["token"] == "agent-token-1"
+
+
+def test_a_restarted_agent_reuses_its_identity(fake_server, tmp_path):
+    fake_server.assign("00000001", executor="shell", command="true")
+    assert finish(start_agent(fake_server, tmp_path, "--once"))[0] == 0
+    fake_server.assign("00000002", executor="shell", command="mkdir -p out/sub && echo hi > out/sub/x.txt")
+    assert finish(start_agent(fake_server, tmp_path, "--once"))[0] == 0
+    assert fake_server.registrations == 1
+    assert fake_server.artifacts[-1][0] == "sub/x.txt"
+    assert fake_server.body("/attempts/00000002/complete")["exit_code"] == 0
+
+
+def test_a_revoked_token_makes_the_agent_register_again(fake_server, tmp_path):
+    fake_server.assign("00000001", executor="shell", command="true")
+    assert finish(start_agent(fake_server, tmp_path, "--once"))[0] == 0
+    fake_server.tokens.discard("agent-token-1")
+    fake_server.assign("00000002", executor="shell", command="true")
+    assert finish(start_agent(fake_server, tmp_path, "--once"))[0] == 0
+    assert fake_server.registrations == 2
+    assert json.loads((tmp_path / "work" / "unit-1.state.json").read_text())["token"] == "agent-token-2"
+
+
+def test_a_failing_task_is_completed_as_failed(fake_server, tmp_path):
+    fake_server.assign("00000003", executor="shell", command="echo bad; exit 4")
+    assert finish(start_agent(fake_server, tmp_path, "--once"))[0] == 0
+    complete = fake_server.body("/attempts/00000003/complete")
+    assert (complete["outcome"], complete["error"], complete["exit_code"]) == ("failed", "exit code 4", 4)
+
+
+def test_a_stale_attempt_is_killed_and_never_completed(fake_server, tmp_path):
+    fake_server.assign("00000004", executor="shell", command="echo $$ > pid; while :; do echo tick; sleep 0.1; done")
+    proc = start_agent(fake_server, tmp_path, "--once")
+    fake_server.wait_for(lambda s: any(p.endswith("/progress") for p in s.paths()))
+    fake_server.stale.add("00000004")  # the next progress call (the output keeps coming) answers 409
+    code, err = finish(proc)
+    assert code == 0, err
+    assert "no longer ours" in err
+    assert not any(path.endswith(("/complete", "/artifacts")) for path in fake_server.paths())
+    assert process_gone(int((tmp_path / "work" / "core-1-00000004" / "pid").read_text()))
+
+
+def test_a_second_signal_cancels_running_tasks(fake_server, tmp_path):
+    fake_server.assign("00000007", executor="shell", command="sleep 100")
+    proc = start_agent(fake_server, tmp_path)
+    fake_server.wait_for(lambda s: any(p.endswith("/progress") for p in s.paths()))
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    assert proc.poll() is None  # draining: the task keeps running
+    proc.send_signal(signal.SIGINT)
+    code, err = finish(proc)
+    assert code == 0, err
+    complete = fake_server.body("/attempts/00000007/complete")
+    assert (complete["outcome"], complete["error"]) == ("failed", "canceled: agent shutting down")
+
+
+def test_sigterm_drains_an_idle_agent_at_once(fake_server, tmp_path):
+    proc = start_agent(fake_server, tmp_path)
+    fake_server.wait_for(lambda s: "/agents/claim" in s.paths())
+    time.sleep(0.2)  # the claim is now held by the server
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc)
+    assert code == 0, err
+    assert time.monotonic() - started < 1.5  # not the 2 s the long poll would hold
+
+
+def test_drain_command_lets_the_running_task_finish(fake_server, tmp_path):
+    fake_server.assign("00000005", executor="shell", command="sleep 0.6; echo finished")
+    proc = start_agent(fake_server, tmp_path)
+    fake_server.wait_for(lambda s: any(p.endswith("/progress") for p in s.paths()))
+    fake_server.commands.append({"type": "drain"})
+    code, err = finish(proc)
+    assert code == 0, err
+    assert fake_server.body("/attempts/00000005/complete")["outcome"] == "succeeded"
+    heartbeats = [body for path, body in fake_server.calls if path == "/agents/heartbeat"]
+    assert {"status": "busy", "attempts": ["00000005"]} in heartbeats
+
+
+def test_cancel_command_fails_the_task(fake_server, tmp_path):
+    fake_server.assign("00000006", executor="shell", command="sleep 100")
+    proc = start_agent(fake_server, tmp_path, "--once")
+    fake_server.wait_for(lambda s: any(p.endswith("/progress") for p in s.paths()))
+    fake_server.commands.append({"type": "cancel", "attempt_id": "00000006"})
+    code, err = finish(proc)
+    assert code == 0, err
+    complete = fake_server.body("/attempts/00000006/complete")
+    assert (complete["outcome"], complete["error"]) == ("failed", "canceled by server")
+
+
+def test_server_errors_are_retried(fake_server, tmp_path):
+    fake_server.outages = {"/agents/register": 2, "/agents/claim": 2, "/attempts/00000008/complete": 2}
+    fake_server.assign("00000008", executor="shell", command="true")
+    code, err = finish(start_agent(fake_server, tmp_path, "--once"))
+    assert code == 0, err
+    assert fake_server.paths().count("/attempts/00000008/complete") == 3
+    assert "retrying in" in err
+
+
+def test_a_timed_out_attempt_is_canceled_and_failed(fake_server, tmp_path):
+    fake_server.timed_out.add("00000009")
+    fake_server.assign("00000009", executor="shell", command="sleep 100")
+    code, err = finish(start_agent(fake_server, tmp_path, "--once"))
+    assert code == 0, err
+    complete = fake_server.body("/attempts/00000009/complete")
+    assert (complete["outcome"], complete["error"]) == ("failed", "canceled by server (timeout)")
+
+
+def test_shutdown_command_cancels_running_tasks_and_exits(fake_server, tmp_path):
+    fake_server.assign("0000000a", executor="simulated", params={"duration_s": 100})
+    proc = start_agent(fake_server, tmp_path)
+    fake_server.wait_for(lambda s: any(p.endswith("/progress") for p in s.paths()))
+    fake_server.commands.append({"type": "shutdown"})
+    code, err = finish(proc)
+    assert code == 0, err
+    assert fake_server.body("/attempts/0000000a/complete")["error"] == "canceled: agent shutting down"
