@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
@@ -99,7 +100,14 @@ def register_agent(enrollment: str | None, info: dict) -> tuple[Agent, str]:
         retired_attempts = []
         events = EventLog(f"agent:{info['name']}")
         if old is not None:
-            if old.status == AgentStatus.ONLINE and old.enabled:
+            silent_since = now - timedelta(seconds=settings.CP_OFFLINE_AFTER_S)
+            # Online in name only when nobody swept since it went silent: it is offline in fact.
+            if (
+                old.status == AgentStatus.ONLINE
+                and old.enabled
+                and old.last_seen_at
+                and old.last_seen_at > silent_since
+            ):
                 raise ActionError(f"an agent named {old.name!r} is online", "name_taken")
             retired_attempts = list(old.attempts.filter(state__in=("assigned", "running")).values_list("id", flat=True))
             events.add("agent", old.status, AgentStatus.RETIRED, agent=old.id, detail={"reason": "re-registered"})

@@ -1,0 +1,198 @@
+"""What the dashboard and the terminal monitor show, read in a bounded number of queries whatever the size
+of a run: runs with counts and ETAs, the fleet, active attempts, recently completed, the queue, the DAG and
+the timeline. Plain dicts and lists, so the web pages and the `monitor` command share them."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from datetime import timedelta
+
+from django.db import connection
+from django.db.models import Count, Q
+from django.utils import timezone
+
+from agents_app.models import Agent, AgentStatus
+
+from .models import Attempt, Run, Task, TaskDependency
+from .states import AttemptState, RunState, TaskState
+
+# The scheduler's order (tasks_app.queries.CANDIDATES), for showing the queue as it will be served.
+QUEUE_ORDER = ("-priority", "-critical_path_s", "ready_at", "created_at", "id")
+
+
+def _fraction(counts: dict, progress_sum: float) -> float:
+    total = sum(counts.values())
+    if not total:
+        return 0.0
+    done = counts.get(TaskState.SUCCEEDED, 0) + counts.get(TaskState.SKIPPED, 0) + counts.get(TaskState.FAILED, 0)
+    done += counts.get(TaskState.CANCELED, 0)
+    return min(1.0, (done + progress_sum) / total)
+
+
+def run_summaries(run_ids=None, limit: int = 50) -> list[dict]:
+    """Runs (newest first) with counts by state, progress, start, end and ETA: four queries in all."""
+    runs = Run.objects.order_by("-created_at")
+    if run_ids is not None:
+        runs = runs.filter(pk__in=run_ids)
+    runs = list(runs[:limit])
+    ids = [r.id for r in runs]
+    counts: dict = defaultdict(Counter)
+    for run_id, state, n in Task.objects.filter(run_id__in=ids).values_list("run_id", "state").annotate(n=Count("id")):
+        counts[run_id][state] = n
+    progress: dict = defaultdict(float)
+    for run_id, p in Attempt.objects.filter(run_id__in=ids, state__in=AttemptState.LIVE).values_list(
+        "run_id", "progress"
+    ):
+        progress[run_id] += p
+    etas = _etas(ids)
+    return [
+        {
+            "id": r.id,
+            "name": r.name,
+            "state": r.state,
+            "created_at": r.created_at,
+            "finished_at": r.finished_at,
+            "counts": {s: counts[r.id].get(s, 0) for s in TaskState.ALL},
+            "total": sum(counts[r.id].values()),
+            "fraction": _fraction(counts[r.id], progress[r.id]),
+            "eta": etas.get(r.id) if r.state in RunState.ACTIVE else None,
+        }
+        for r in runs
+    ]
+
+
+def _etas(run_ids) -> dict:
+    """ETA per active run: the longest remaining critical path by estimates, scaled by how actual durations
+    compared with estimates so far in that run."""
+    if not run_ids:
+        return {}
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            SELECT t.run_id,
+                   max(t.critical_path_s * (1 - t.progress)) FILTER (WHERE t.state IN
+                       ('blocked', 'ready', 'assigned', 'running')),
+                   sum(EXTRACT(EPOCH FROM (a.finished_at - a.started_at))) FILTER (WHERE a.state = 'succeeded'),
+                   sum(t.estimate_s) FILTER (WHERE a.state = 'succeeded')
+              FROM tasks_app_task t
+              LEFT JOIN tasks_app_attempt a ON a.task_id = t.id AND a.state = 'succeeded'
+             WHERE t.run_id = ANY(%s::uuid[])
+             GROUP BY t.run_id
+            """,
+            [list(run_ids)],
+        )
+        rows = cur.fetchall()
+    now = timezone.now()
+    out = {}
+    for run_id, remaining, actual, estimated in rows:
+        if remaining is None:
+            continue
+        ratio = (actual / estimated) if actual and estimated else 1.0
+        out[run_id] = now + timedelta(seconds=float(remaining) * float(ratio))
+    return out
+
+
+def fleet_summary() -> dict:
+    """Agents online / busy / offline / draining / disabled (one query)."""
+    busy_ids = Attempt.objects.filter(state__in=AttemptState.LIVE).values("agent_id")
+    live = Q(retired_at__isnull=True)
+    row = Agent.objects.filter(live).aggregate(
+        online=Count("id", filter=Q(status=AgentStatus.ONLINE, enabled=True)),
+        busy=Count("id", filter=Q(status=AgentStatus.ONLINE, pk__in=busy_ids)),
+        offline=Count("id", filter=Q(status=AgentStatus.OFFLINE)),
+        draining=Count("id", filter=Q(draining=True)),
+        disabled=Count("id", filter=Q(enabled=False)),
+        total=Count("id"),
+    )
+    row["idle"] = max(0, row["online"] - row["busy"])
+    return row
+
+
+def _attempt_rows(qs) -> list[dict]:
+    now = timezone.now()
+    rows = []
+    for a in qs.values(
+        "id", "state", "progress", "message", "assigned_at", "started_at", "finished_at", "number", "error",
+        "agent__name", "agent_id", "task_id", "task__key", "task__title", "task__estimate_s", "run_id", "run__name",
+    ):  # fmt: skip
+        start = a["started_at"] or a["assigned_at"]
+        end = a["finished_at"] or now
+        a["elapsed_s"] = max(0.0, (end - start).total_seconds()) if start else 0.0
+        rows.append(a)
+    return rows
+
+
+def active_attempts(run_id=None, limit: int = 200) -> list[dict]:
+    qs = Attempt.objects.filter(state__in=AttemptState.LIVE)
+    if run_id is not None:
+        qs = qs.filter(run_id=run_id)
+    return _attempt_rows(qs.order_by("assigned_at")[:limit])
+
+
+def recently_completed(run_id=None, limit: int = 10) -> list[dict]:
+    qs = Attempt.objects.filter(state__in=AttemptState.TERMINAL, finished_at__isnull=False)
+    if run_id is not None:
+        qs = qs.filter(run_id=run_id)
+    return _attempt_rows(qs.order_by("-finished_at")[:limit])
+
+
+def queue(run_id=None, limit: int = 20) -> list[dict]:
+    """Ready tasks in the order the scheduler will hand them out (paused runs' tasks are left out)."""
+    qs = Task.objects.filter(state=TaskState.READY, run__state=RunState.RUNNING)
+    if run_id is not None:
+        qs = qs.filter(run_id=run_id)
+    return list(
+        qs.order_by(*QUEUE_ORDER).values(
+            "id", "key", "title", "priority", "critical_path_s", "requires", "executor", "ready_at", "run_id",
+            "run__name", "attempts_used",
+        )[:limit]
+    )  # fmt: skip
+
+
+def agents_table() -> list[dict]:
+    """Every current agent with its live attempts (two queries)."""
+    agents = list(
+        Agent.objects.filter(retired_at__isnull=True).order_by("name").values(
+            "id", "name", "labels", "executors", "executor_versions", "capacity", "hostname", "version", "status",
+            "reported_status", "enabled", "draining", "last_seen_at",
+        )
+    )  # fmt: skip
+    live: dict = defaultdict(list)
+    for a in Attempt.objects.filter(state__in=AttemptState.LIVE).values(
+        "id", "agent_id", "progress", "message", "task_id", "task__key", "run_id"
+    ):
+        live[a["agent_id"]].append(a)
+    now = timezone.now()
+    for agent in agents:
+        agent["attempts"] = live.get(agent["id"], [])
+        seen = agent["last_seen_at"]
+        agent["heartbeat_age_s"] = (now - seen).total_seconds() if seen else None
+        agent["display_status"] = display_status(agent)
+    return agents
+
+
+def display_status(agent: dict) -> str:
+    """One word for people: disabled, offline, draining, busy or idle."""
+    if not agent["enabled"]:
+        return "disabled"
+    if agent["status"] != AgentStatus.ONLINE:
+        return "offline"
+    if agent["draining"]:
+        return "draining"
+    return "busy" if agent.get("attempts") else "idle"
+
+
+def run_graph(run_id) -> tuple[list[dict], list[tuple]]:
+    """The run's tasks (for the DAG picture) and its edges (upstream id, downstream id): two queries."""
+    tasks = list(
+        Task.objects.filter(run_id=run_id)
+        .order_by("depth", "key")
+        .values("id", "key", "title", "state", "depth", "progress", "estimate_s", "critical_path_s")
+    )
+    edges = list(TaskDependency.objects.filter(task__run_id=run_id).values_list("depends_on_id", "task_id"))
+    return tasks, edges
+
+
+def timeline(run_id) -> list[dict]:
+    """Every attempt of the run with its agent, times and the task's estimate (the Gantt chart)."""
+    return _attempt_rows(Attempt.objects.filter(run_id=run_id).order_by("agent__name", "assigned_at"))
