@@ -1,13 +1,29 @@
-"""ASGI entry point: HTTP through Django; websockets (the dashboard) through Channels."""
+"""ASGI entry point: HTTP through Django; the dashboard's websockets through Channels, behind the allowed-hosts
+origin check and the session authentication (consumers refuse anonymous users)."""
 
 import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "control_plane.settings")
 
-from django.core.asgi import get_asgi_application
+from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.urls import path  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app})
+from tasks_app.consumers import LivePageConsumer  # noqa: E402
+
+websocket_urls = [
+    path("ws/<str:page>/", LivePageConsumer.as_asgi()),
+    path("ws/<str:page>/<str:obj_id>/", LivePageConsumer.as_asgi()),
+]
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urls))),
+    }
+)

@@ -141,7 +141,9 @@ STATIC_ROOT = DATA_DIR / "staticfiles"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 MEDIA_ROOT = Path(env_str("CP_MEDIA_ROOT", str(DATA_DIR / "media")))
 
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
 
 # The largest JSON body any endpoint takes (a big DAG document); each endpoint applies its own, smaller limit.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("CP_MAX_BODY_BYTES", 16 * 1024 * 1024 + 65536)
@@ -175,6 +177,9 @@ CP_LOG_MAX_BYTES = env_int("CP_LOG_MAX_BYTES", 64 * 1024)
 CP_ARTIFACT_MAX_BYTES = env_int("CP_ARTIFACT_MAX_BYTES", 10 * 1024 * 1024)
 # Keep at most this much of an attempt's log (the tail); older text is dropped.
 CP_ATTEMPT_LOG_KEEP_BYTES = env_int("CP_ATTEMPT_LOG_KEEP_BYTES", 1024 * 1024)
+
+# Live dashboard pages are re-rendered at most this often however fast things change (bursts coalesce).
+CP_LIVE_MIN_INTERVAL_S = env_float("CP_LIVE_MIN_INTERVAL_S", 0.15)
 
 LOGGING = {
     "version": 1,

@@ -1,11 +1,22 @@
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from agents_app import api as agent_api
 from tasks_app import api as run_api
+from tasks_app import views
 
 api = "api/v1/"
 urlpatterns = [
+    path("", views.overview, name="overview"),
+    path("runs/<uuid:run_id>/", views.run_page, name="run"),
+    path("runs/<uuid:run_id>/<str:operation>/", views.operate_run, name="operate-run"),
+    path("tasks/<uuid:task_id>/", views.task_page, name="task"),
+    path("tasks/<uuid:task_id>/retry/", views.retry_task, name="retry-task"),
+    path("agents/", views.agents_page, name="agents"),
+    path("agents/<uuid:agent_id>/<str:operation>/", views.operate_agent, name="operate-agent"),
+    path("accounts/login/", auth_views.LoginView.as_view(template_name="registration/login.html"), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path(f"{api}health", run_api.health),
     path(f"{api}agents/register", agent_api.register),

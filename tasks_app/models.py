@@ -78,6 +78,8 @@ class Run(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # Viewers watch; operators also cancel/pause/resume runs, retry tasks and drain/disable agents.
+        permissions = [("operate_run", "Can operate runs, tasks and agents from the dashboard")]
         constraints = [models.CheckConstraint(condition=Q(state__in=RunState.ALL), name="run_state_valid")]
         indexes = [models.Index(fields=["state"], name="run_state_idx")]
 

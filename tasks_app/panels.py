@@ -168,6 +168,8 @@ def agents_table() -> list[dict]:
         seen = agent["last_seen_at"]
         agent["heartbeat_age_s"] = (now - seen).total_seconds() if seen else None
         agent["display_status"] = display_status(agent)
+        versions = agent["executor_versions"] or {}
+        agent["executor_list"] = [(e, versions.get(e, "")) for e in agent["executors"]]
     return agents
 
 

@@ -1,0 +1,122 @@
+"""The dashboard's pages and the operators' actions. Thin: a page renders `pages.page_context`; an action
+checks the permission, calls one action function and answers with a flash message (the websocket pushes the
+new state to every open page)."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpResponse, HttpResponseForbidden
+from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_POST
+
+from agents_app import registry
+
+from . import actions
+from .pages import PAGES, page_context, parse_id
+
+OPERATE = "tasks_app.operate_run"
+
+
+def _page(request, page: str, template: str, obj_id=None):
+    try:
+        context = page_context(page, obj_id)
+    except actions.NotFound:
+        raise Http404 from None
+    context.update(
+        {
+            "page": page,
+            "obj_id": obj_id,
+            "panels": PAGES[page],
+            "perms_operate": request.user.has_perm(OPERATE),
+            "ws_path": f"/ws/{page}/" + (f"{obj_id}/" if obj_id else ""),
+        }
+    )
+    return render(request, template, context)
+
+
+@login_required
+def overview(request):
+    return _page(request, "overview", "dashboard/overview.html")
+
+
+@login_required
+def run_page(request, run_id):
+    return _page(request, "run", "dashboard/run.html", str(run_id))
+
+
+@login_required
+def task_page(request, task_id):
+    return _page(request, "task", "dashboard/task.html", str(task_id))
+
+
+@login_required
+def agents_page(request):
+    return _page(request, "agents", "dashboard/agents.html")
+
+
+def _actor(request) -> str:
+    return f"user:{request.user.get_username()}"
+
+
+def _answer(request, text: str, ok: bool = True, back: str = "/"):
+    """htmx gets a flash fragment (swapped into #flash); a plain form post is redirected back."""
+    if request.headers.get("HX-Request"):
+        html = render_to_string("dashboard/flash.html", {"text": text, "ok": ok})
+        return HttpResponse(html, status=200 if ok else 409)
+    (messages.success if ok else messages.error)(request, text)
+    return redirect(request.headers.get("Referer") or back)
+
+
+def _operator_only(view):
+    @login_required
+    @require_POST
+    def wrapper(request, *args, **kwargs):
+        if not request.user.has_perm(OPERATE):
+            return HttpResponseForbidden("You may watch but not operate: ask for the operator permission.")
+        try:
+            return view(request, *args, **kwargs)
+        except actions.NotFound:
+            raise Http404 from None
+        except actions.ActionError as exc:
+            return _answer(request, exc.detail, ok=False)
+
+    wrapper.__name__ = view.__name__
+    return wrapper
+
+
+RUN_OPERATIONS = {"cancel": actions.cancel_run, "pause": actions.pause_run, "resume": actions.resume_run}
+
+
+@_operator_only
+def operate_run(request, run_id, operation: str):
+    action = RUN_OPERATIONS.get(operation)
+    if action is None:
+        raise Http404
+    state = action(str(run_id), _actor(request))
+    return _answer(request, f"Run {operation}: now {state}.", back=f"/runs/{run_id}/")
+
+
+@_operator_only
+def retry_task(request, task_id):
+    actions.retry_task(str(task_id), _actor(request))
+    return _answer(request, "Task queued again.", back=f"/tasks/{task_id}/")
+
+
+AGENT_OPERATIONS = {
+    "drain": {"draining": True},
+    "undrain": {"draining": False},
+    "disable": {"enabled": False},
+    "enable": {"enabled": True},
+    "shutdown": {"shutdown_requested": True},
+}
+
+
+@_operator_only
+def operate_agent(request, agent_id, operation: str):
+    flags = AGENT_OPERATIONS.get(operation)
+    if flags is None:
+        raise Http404
+    agent = registry.set_agent_flags(parse_id(agent_id), _actor(request), **flags)
+    return _answer(request, f"Agent {agent.name}: {operation} done.", back="/agents/")

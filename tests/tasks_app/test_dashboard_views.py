@@ -1,0 +1,170 @@
+"""The dashboard's pages and actions through Django's test client: login, permissions, CSRF, escaping,
+and query counts that do not grow with the size of a run."""
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.test import Client
+
+from tasks_app import actions
+from tasks_app.models import Event, Task
+from tests.conftest import doc
+
+pytestmark = pytest.mark.django_db
+XSS = "<script>alert(1)</script>"
+
+
+@pytest.fixture
+def viewer(django_user_model):
+    user = django_user_model.objects.create_user("vera", password="pw-vera-12345")
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def operator_client(django_user_model):
+    user = django_user_model.objects.create_user("otto", password="pw-otto-12345")
+    user.user_permissions.add(Permission.objects.get(codename="operate_run"))
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    return client
+
+
+def csrf_post(client, url):
+    client.get("/")  # sets the CSRF cookie
+    token = client.cookies["csrftoken"].value
+    return client.post(url, HTTP_X_CSRFTOKEN=token, HTTP_HX_REQUEST="true")
+
+
+def big_run(submit, n):
+    tasks = [{"key": f"t{i}", "deps": [f"t{i - 1}"] if i % 10 else []} for i in range(n)]
+    return submit(doc(*tasks, name=f"run-{n}"))
+
+
+@pytest.mark.parametrize("url", ["/", "/agents/", "/runs/00000000-0000-0000-0000-000000000000/"])
+def test_every_page_needs_login(client, url):
+    response = client.get(url)
+    assert response.status_code == 302
+    assert response["Location"].startswith("/accounts/login/")
+
+
+def test_login_page_renders(client):
+    assert client.get("/accounts/login/").status_code == 200
+
+
+def test_pages_render_for_a_viewer(viewer, submit, make_agent):
+    run = submit(doc({"key": "a"}, {"key": "b", "deps": ["a"]}))
+    agent = make_agent("ccg-1", labels=[])
+    got = actions.claim_ready_tasks(agent, 1)[0]
+    actions.record_progress(agent, got["attempt_id"], 0.4, "halfway there", "line one\n")
+    task = Task.objects.get(run=run, key="a")
+    for url in ("/", "/agents/", f"/runs/{run.id}/", f"/tasks/{task.id}/"):
+        response = viewer.get(url)
+        assert response.status_code == 200, url
+    page = viewer.get(f"/runs/{run.id}/").content.decode()
+    assert "halfway there" in page and "ccg-1" in page and "<svg" in page
+    task_page = viewer.get(f"/tasks/{task.id}/").content.decode()
+    assert "line one" in task_page
+
+
+def test_unknown_run_or_task_is_404(viewer):
+    assert viewer.get("/runs/00000000-0000-0000-0000-000000000000/").status_code == 404
+    assert viewer.get("/tasks/00000000-0000-0000-0000-000000000000/").status_code == 404
+
+
+def test_everything_agents_send_is_escaped(viewer, submit, make_agent):
+    run = submit(doc({"key": "x", "title": XSS}))
+    agent = make_agent("evil", labels=[])
+    got = actions.claim_ready_tasks(agent, 1)[0]
+    actions.record_progress(agent, got["attempt_id"], 0.1, XSS, XSS)
+    actions.complete_attempt(agent, got["attempt_id"], "failed", {"out": XSS}, XSS, 1)
+    task = Task.objects.get(run=run)
+    for url in ("/", f"/runs/{run.id}/", f"/tasks/{task.id}/", "/agents/"):
+        body = viewer.get(url).content.decode()
+        assert XSS not in body, url
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in viewer.get(f"/tasks/{task.id}/").content.decode()
+
+
+def test_run_page_query_count_does_not_grow_with_the_run(viewer, submit, django_assert_max_num_queries):
+    small, large = big_run(submit, 10), big_run(submit, 400)
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    counts = []
+    for run in (small, large):
+        with CaptureQueriesContext(connection) as ctx:
+            assert viewer.get(f"/runs/{run.id}/").status_code == 200
+        counts.append(len(ctx.captured_queries))
+    assert counts[0] == counts[1], counts
+    with django_assert_max_num_queries(25):
+        viewer.get(f"/runs/{large.id}/")
+
+
+@pytest.mark.parametrize("page", ["/", "/agents/"])
+def test_overview_and_agents_query_counts_are_bounded(viewer, submit, make_agent, page, django_assert_max_num_queries):
+    for i in range(5):
+        big_run(submit, 20)
+    for i in range(8):
+        agent = make_agent(f"a{i}", labels=[])
+        actions.claim_ready_tasks(agent, 1)
+    with django_assert_max_num_queries(20):
+        assert viewer.get(page).status_code == 200
+
+
+def test_task_page_query_count_is_bounded(viewer, submit, make_agent, django_assert_max_num_queries):
+    run = submit(doc({"key": "a", "max_attempts": 5, "retry_delay_s": 0}))
+    agent = make_agent("solo", labels=[])
+    for _ in range(4):
+        got = actions.claim_ready_tasks(agent, 1)[0]
+        actions.complete_attempt(agent, got["attempt_id"], "failed", {}, "boom", 1)
+    task = Task.objects.get(run=run)
+    with django_assert_max_num_queries(20):
+        assert viewer.get(f"/tasks/{task.id}/").status_code == 200
+
+
+def test_viewer_may_not_operate(viewer, submit):
+    run = submit(doc({"key": "a"}))
+    response = viewer.post(f"/runs/{run.id}/cancel/")
+    assert response.status_code == 403
+    run.refresh_from_db()
+    assert run.state == "running"
+
+
+def test_operator_actions_need_the_csrf_token(operator_client, submit):
+    run = submit(doc({"key": "a"}))
+    assert operator_client.post(f"/runs/{run.id}/pause/").status_code == 403
+    run.refresh_from_db()
+    assert run.state == "running"
+
+
+def test_operator_pauses_resumes_and_cancels_and_the_trail_names_them(operator_client, submit):
+    run = submit(doc({"key": "a"}))
+    for op, state in (("pause", "paused"), ("resume", "running"), ("cancel", "canceled")):
+        response = csrf_post(operator_client, f"/runs/{run.id}/{op}/")
+        assert response.status_code == 200, op
+        run.refresh_from_db()
+        assert run.state == state
+    assert Event.objects.filter(run=run, kind="run", actor="user:otto").count() == 3
+    refused = csrf_post(operator_client, f"/runs/{run.id}/resume/")
+    assert refused.status_code == 409 and b"cannot be resumed" in refused.content
+
+
+def test_operator_retries_a_failed_task(operator_client, submit, make_agent):
+    run = submit(doc({"key": "a", "max_attempts": 1}))
+    agent = make_agent("solo", labels=[])
+    got = actions.claim_ready_tasks(agent, 1)[0]
+    actions.complete_attempt(agent, got["attempt_id"], "failed", {}, "boom", 1)
+    task = Task.objects.get(run=run)
+    assert csrf_post(operator_client, f"/tasks/{task.id}/retry/").status_code == 200
+    task.refresh_from_db()
+    assert task.state == "ready"
+
+
+def test_operator_drains_disables_and_enables_an_agent(operator_client, make_agent):
+    from agents_app.models import Agent
+
+    agent = make_agent("cg-1", labels=[])
+    for op, field, value in (("drain", "draining", True), ("disable", "enabled", False), ("enable", "enabled", True)):
+        assert csrf_post(operator_client, f"/agents/{agent['id']}/{op}/").status_code == 200
+        assert getattr(Agent.objects.get(pk=agent["id"]), field) is value
+    assert Event.objects.filter(agent_id=agent["id"], actor="user:otto").count() == 3
