@@ -13,7 +13,7 @@ from . import panels
 from .actions import NotFound
 from .dagsvg import render_svg, state_map
 from .gantt import render_gantt_svg
-from .models import Artifact, Attempt, Event, Run, Task
+from .models import Artifact, Attempt, Event, Task
 from .reports import run_metrics
 from .states import RunState
 

@@ -102,7 +102,7 @@ def test_run_page_query_count_does_not_grow_with_the_run(viewer, submit, django_
 
 @pytest.mark.parametrize("page", ["/", "/agents/"])
 def test_overview_and_agents_query_counts_are_bounded(viewer, submit, make_agent, page, django_assert_max_num_queries):
-    for i in range(5):
+    for _ in range(5):
         big_run(submit, 20)
     for i in range(8):
         agent = make_agent(f"a{i}", labels=[])
