@@ -44,6 +44,7 @@ class LivePageConsumer(AsyncWebsocketConsumer):
         self.dirty = False
         self.last_sent = 0.0
         self.panel_sent: dict[str, float] = {}
+        self.panel_html: dict[str, str] = {}
         self.flusher: asyncio.Task | None = None
         self.hub = EventHub.current()
         await self.accept()
@@ -100,7 +101,7 @@ class LivePageConsumer(AsyncWebsocketConsumer):
             if p.min_interval_s == 0 or now - self.panel_sent.get(p.id, 0.0) >= p.min_interval_s
         }
         try:
-            html, run_id = await db_call(self._render)(due)
+            fragments, run_id = await db_call(self._render)(due)
         except NotFound:
             await self.close(code=4404)
             return
@@ -110,15 +111,20 @@ class LivePageConsumer(AsyncWebsocketConsumer):
         if self.page == "task":
             self.task_run_id = run_id
         self.last_sent = time.monotonic()
-        for panel_id in due:
+        # Only panels whose HTML changed go out: less to send, and a button is not replaced under a
+        # person's pointer while unrelated numbers tick.
+        changed = [html for panel_id, html in fragments.items() if self.panel_html.get(panel_id) != html]
+        for panel_id, html in fragments.items():
             self.panel_sent[panel_id] = self.last_sent
-        await self.send(text_data=html)
+            self.panel_html[panel_id] = html
+        if changed:
+            await self.send(text_data="".join(changed))
 
     def _render(self, due: set[str]):
-        html = render_panels(self.page, self.obj_id, self.user, only=due)
+        fragments = render_panels(self.page, self.obj_id, self.user, only=due)
         run_id = None
         if self.page == "task":
             from .models import Task
 
             run_id = str(Task.objects.filter(pk=self.obj_id).values_list("run_id", flat=True).first())
-        return html, run_id
+        return fragments, run_id

@@ -36,6 +36,7 @@ PAGES: dict[str, list[Panel]] = {
     ],
     "run": [
         Panel("panel-run-head", "dashboard/panels/run_head.html"),
+        Panel("panel-run-actions", "dashboard/panels/run_actions.html"),
         Panel("dag-states", "dashboard/panels/dag_states.html"),
         Panel("panel-active", "dashboard/panels/active.html"),
         Panel("panel-recent", "dashboard/panels/recent.html"),
@@ -147,10 +148,12 @@ def _task_context(task_id: str) -> dict:
     }
 
 
-def render_panels(page: str, obj_id: str | None, user, only: set[str] | None = None) -> str:
-    """The page's panels as out-of-band fragments, for the websocket."""
+def render_panels(page: str, obj_id: str | None, user, only: set[str] | None = None) -> dict[str, str]:
+    """The page's panels as out-of-band fragments for the websocket, by panel id."""
     context = page_context(page, obj_id, full=False)
     context.update({"oob": True, "user": user, "perms_operate": user.has_perm("tasks_app.operate_run")})
-    return "".join(
-        render_to_string(p.template, {**context, "panel_id": p.id}) for p in PAGES[page] if only is None or p.id in only
-    )
+    return {
+        p.id: render_to_string(p.template, {**context, "panel_id": p.id})
+        for p in PAGES[page]
+        if only is None or p.id in only
+    }

@@ -87,7 +87,8 @@ def _etas(run_ids) -> dict:
     for run_id, remaining, actual, estimated in rows:
         if remaining is None:
             continue
-        ratio = (actual / estimated) if actual and estimated else 1.0
+        # EXTRACT(EPOCH ...) comes back as Decimal, estimates as float.
+        ratio = (float(actual) / float(estimated)) if actual and estimated else 1.0
         out[run_id] = now + timedelta(seconds=float(remaining) * float(ratio))
     return out
 

@@ -57,6 +57,9 @@ def server_tmp(tmp_path_factory):
 @pytest.fixture(scope="session")
 def live_server_proc(django_db_setup, django_db_blocker, server_tmp):
     """One server process for the session (tests using it need `transactional_db`)."""
+    from django.core.management import call_command
+
+    call_command("collectstatic", "--noinput", verbosity=0)  # served by whitenoise, as in production
     with django_db_blocker.unblock():
         server = Server(server_tmp)
     yield server

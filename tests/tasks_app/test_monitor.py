@@ -2,7 +2,6 @@
 run's metrics, agent text shown literally (never as rich markup), bad run ids, and the live loop's ending."""
 
 import io
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -132,7 +131,7 @@ def test_agent_text_is_shown_literally_never_as_markup(make_agent, submit):
 
 @pytest.mark.parametrize(
     ("bad", "message"),
-    [(str(uuid.uuid4()), "no run with id"), ("not-a-uuid", "malformed run id"), ("123", "malformed run id")],
+    [("c024f69f-8aad-4587-977c-bc1e5b92f0d5", "no run with id"), ("not-a-uuid", "malformed run id"), ("123", "malformed run id")],
 )
 def test_an_unknown_or_malformed_run_id_is_a_command_error(db, bad, message):
     with pytest.raises(CommandError, match=message):

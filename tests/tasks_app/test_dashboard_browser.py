@@ -1,0 +1,235 @@
+"""The live dashboard in a real browser (Debian's Chromium driven by Playwright) against a real server with
+real agent processes. Every page's screenshot lands in test-artifacts/screenshots/ (git-ignored)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import websockets
+from django.test import Client
+from playwright.sync_api import expect, sync_playwright
+
+from control_plane import launch
+from tasks_app.models import Event, Run, Task
+from tests.conftest import doc, http
+
+pytestmark = pytest.mark.django_db(transaction=True)
+CHROMIUM_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+XSS = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    # Playwright's sync API keeps an event loop on this thread; Django would take the test's own (sync)
+    # database calls for async ones. They are not: allow them.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def people(django_user_model):
+    from django.contrib.auth.models import Permission
+
+    operator = django_user_model.objects.create_user("olga", password="pw-olga-12345")
+    operator.user_permissions.add(Permission.objects.get(codename="operate_run"))
+    viewer = django_user_model.objects.create_user("victor", password="pw-victor-12345")
+    return {"operator": ("olga", "pw-olga-12345"), "viewer": ("victor", "pw-victor-12345")}
+
+
+def login(browser, server, who, **context_args):
+    context = browser.new_context(**context_args)
+    page = context.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+    page.dialogs = dialogs
+    page.goto(f"{server.url}/")
+    expect(page).to_have_url(f"{server.url}/accounts/login/?next=/")
+    page.fill("input[name=username]", who[0])
+    page.fill("input[name=password]", who[1])
+    page.click("button[type=submit]")
+    expect(page).to_have_url(f"{server.url}/")
+    return page
+
+
+def shoot(page, artifacts_dir, name):
+    folder = artifacts_dir / "screenshots"
+    folder.mkdir(exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+
+
+def submit_run(document) -> Run:
+    from tasks_app.actions import submit_run as submit
+    from tasks_app.dag import parse_document
+
+    return submit(parse_document(document), document, actor="test")
+
+
+@pytest.fixture
+def agents(live_server_proc, enrollment_token, tmp_path):
+    procs = []
+
+    def start(*names, labels=("w",), time_scale="1"):
+        for name in names:
+            procs.append(
+                launch.start_agent(
+                    live_server_proc.url, enrollment_token, name, list(labels), tmp_path / "agents",
+                    executors=["simulated", "shell"], extra=["--time-scale", time_scale],
+                    log=tmp_path / f"{name}.log",
+                )  # fmt: skip
+            )
+
+    yield start
+    for p in procs:
+        launch.stop(p)
+
+
+def test_watch_a_run_progress_without_reloading(browser, live_server_proc, people, agents, artifacts_dir):
+    document = doc(
+        *[{"key": f"step-{i}", "deps": [f"step-{i - 1}"] if i else [], "requires": ["w"],
+           "title": f"Step {i}", "params": {"duration_s": 0.6}, "estimate_s": 1} for i in range(4)],
+        {"key": "side", "requires": ["w"], "params": {"duration_s": 1.2}, "estimate_s": 2},
+        name="live-demo",
+    )  # fmt: skip
+    run = submit_run(document)
+    page = login(browser, live_server_proc, people["viewer"])
+    shoot(page, artifacts_dir, "overview-before")
+    page.goto(f"{live_server_proc.url}/runs/{run.id}/")
+    expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+    expect(page.locator("[data-testid=run-state]")).to_have_text("running")
+    loaded_at = page.evaluate("performance.timeOrigin")
+    # Count DOM changes the websocket makes to the DAG picture, without any reload.
+    page.evaluate(
+        """() => { window.cpChanges = 0; new MutationObserver(m => { window.cpChanges += m.length; })
+           .observe(document.querySelector('svg.dag'), {attributes: true, subtree: true}); }"""
+    )
+    agents("w-1", "w-2")
+    expect(page.locator("g.node.st-running").first).to_be_visible(timeout=20_000)
+    shoot(page, artifacts_dir, "run-running")
+    expect(page.locator("[data-testid=run-state]")).to_have_text("succeeded", timeout=60_000)
+    assert page.evaluate("performance.timeOrigin") == loaded_at  # the same document all along
+    assert page.evaluate("window.cpChanges") > 5
+    expect(page.locator("g.node.st-succeeded")).to_have_count(5)
+    expect(page.locator("[data-testid=speedup]")).to_be_visible()
+    shoot(page, artifacts_dir, "run-finished")
+    task = Task.objects.get(run=run, key="side")
+    page.goto(f"{live_server_proc.url}/tasks/{task.id}/")
+    expect(page.locator("[data-testid=task-state]")).to_have_text("succeeded")
+    expect(page.locator("a[download]")).to_have_count(1)  # its result file, downloadable
+    shoot(page, artifacts_dir, "task")
+    page.goto(f"{live_server_proc.url}/agents/")
+    expect(page.locator("tr[data-agent=w-1]")).to_be_visible()
+    shoot(page, artifacts_dir, "agents")
+    page.goto(f"{live_server_proc.url}/")
+    shoot(page, artifacts_dir, "overview-after")
+    phone = login(browser, live_server_proc, people["viewer"], viewport={"width": 390, "height": 844})
+    phone.goto(f"{live_server_proc.url}/runs/{run.id}/")
+    shoot(phone, artifacts_dir, "run-phone")
+    wide = login(
+        browser, live_server_proc, people["viewer"], viewport={"width": 1920, "height": 1080}, color_scheme="dark"
+    )
+    wide.goto(f"{live_server_proc.url}/runs/{run.id}/")
+    shoot(wide, artifacts_dir, "run-1920-dark")
+
+
+def test_operator_cancels_a_run_and_the_trail_names_them(browser, live_server_proc, people, agents):
+    run = submit_run(doc({"key": "forever", "requires": ["w"], "params": {"duration_s": 120}}, name="to-cancel"))
+    agents("w-9")
+    page = login(browser, live_server_proc, people["operator"])
+    page.goto(f"{live_server_proc.url}/runs/{run.id}/")
+    expect(page.locator("g.node.st-running")).to_have_count(1, timeout=20_000)
+    page.get_by_role("button", name="Cancel run").click()
+    expect(page.locator("[data-testid=run-state]")).to_have_text("canceled", timeout=10_000)
+    assert page.dialogs and "Cancel run to-cancel?" in page.dialogs[0]
+    assert Event.objects.filter(run=run, kind="run", to_state="canceled", actor="user:olga").exists()
+
+
+def test_viewer_sees_no_controls_and_is_refused(browser, live_server_proc, people):
+    run = submit_run(doc({"key": "a", "requires": ["nobody"]}, name="watch-only"))
+    page = login(browser, live_server_proc, people["viewer"])
+    page.goto(f"{live_server_proc.url}/runs/{run.id}/")
+    expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+    expect(page.locator("text=Cancel run")).to_have_count(0)
+    status = page.evaluate(
+        """async (url) => { const token = JSON.parse(document.body.getAttribute('hx-headers'))['X-CSRFToken'];
+           const r = await fetch(url, {method: 'POST', headers: {'X-CSRFToken': token}}); return r.status; }""",
+        f"/runs/{run.id}/cancel/",
+    )
+    assert status == 403
+    assert Run.objects.get(pk=run.pk).state == "running"
+
+
+def test_a_task_titled_with_a_script_renders_as_text(browser, live_server_proc, people, artifacts_dir):
+    run = submit_run(doc({"key": "xss", "title": XSS, "requires": ["nobody"]}, name=XSS))
+    page = login(browser, live_server_proc, people["viewer"])
+    for url in ("/", f"/runs/{run.id}/", f"/tasks/{Task.objects.get(run=run).id}/"):
+        page.goto(f"{live_server_proc.url}{url}")
+        expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+    expect(page.locator("p.title")).to_have_text(XSS)
+    shoot(page, artifacts_dir, "task-xss")
+    assert page.dialogs == []
+
+
+def _session_cookie(username, password) -> str:
+    client = Client()
+    assert client.login(username=username, password=password)
+    return client.cookies["sessionid"].value
+
+
+async def _handshake(url, headers) -> str:
+    try:
+        async with websockets.connect(url, additional_headers=headers, open_timeout=5) as ws:
+            first = await asyncio.wait_for(ws.recv(), 5)
+            return "accepted:" + first[:40]
+    except websockets.exceptions.InvalidStatus as exc:
+        return f"refused:{exc.response.status_code}"
+    except websockets.exceptions.ConnectionClosed as exc:
+        return f"closed:{exc.rcvd.code if exc.rcvd else None}"
+
+
+def _handshake_in_thread(url, headers) -> str:
+    # Playwright's sync API owns this thread's event loop (module-scoped browser): use a thread of our own.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, _handshake(url, headers)).result()
+
+
+def test_websocket_refuses_anonymous_and_foreign_origin(live_server_proc, people):
+    url = f"ws://127.0.0.1:{live_server_proc.port}/ws/overview/"
+    own = f"http://127.0.0.1:{live_server_proc.port}"
+    session = _session_cookie(*people["viewer"])
+    anonymous = _handshake_in_thread(url, {"Origin": own})
+    foreign = _handshake_in_thread(url, {"Origin": "http://evil.example", "Cookie": f"sessionid={session}"})
+    member = _handshake_in_thread(url, {"Origin": own, "Cookie": f"sessionid={session}"})
+    assert anonymous.startswith(("refused", "closed")), anonymous
+    assert foreign.startswith(("refused", "closed")), foreign
+    assert member.startswith("accepted:"), member
+
+
+def test_live_updates_come_from_another_server_process(browser, live_server_proc, people, server_tmp, operator):
+    """The page listens on process 1; the run is submitted and canceled through process 2's API."""
+    from tests.conftest import Server
+
+    _, token = operator
+    second = Server(server_tmp)
+    try:
+        page = login(browser, live_server_proc, people["viewer"])
+        expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+        status, body = http("POST", f"{second.url}/api/v1/runs", doc({"key": "a", "requires": ["z"]}, name="from-two"),
+                            token=token)  # fmt: skip
+        assert status == 201
+        expect(page.locator("#panel-runs")).to_contain_text("from-two", timeout=5_000)
+        started = time.monotonic()
+        http("POST", f"{second.url}/api/v1/runs/{body['run_id']}/cancel", token=token)
+        expect(page.locator(f"tr[data-run='{body['run_id']}'] .badge")).to_have_text("canceled", timeout=5_000)
+        assert time.monotonic() - started < 3
+    finally:
+        second.stop()
