@@ -83,9 +83,7 @@ def test_seed_integration_planning_then_two_implementations(live_server_proc, fl
     wait_for(lambda: run_state(run_id) not in (RunState.RUNNING,), 60, what="the run to end")
     assert run_state(run_id) == RunState.SUCCEEDED
     tasks = {t.key: t for t in Task.objects.filter(run_id=run_id)}
-    done_by = {
-        key: Attempt.objects.get(task=t, state="succeeded").agent.name for key, t in tasks.items()
-    }
+    done_by = {key: Attempt.objects.get(task=t, state="succeeded").agent.name for key, t in tasks.items()}
     assert done_by["Task-1"] == "ccg-1"
     assert {done_by["Task-2"], done_by["Task-3"]} <= {"cg-1", "cg-2"}
     # Both implementations started only after planning finished.

@@ -42,7 +42,7 @@ def people(django_user_model):
 
     operator = django_user_model.objects.create_user("olga", password="pw-olga-12345")
     operator.user_permissions.add(Permission.objects.get(codename="operate_run"))
-    viewer = django_user_model.objects.create_user("victor", password="pw-victor-12345")
+    django_user_model.objects.create_user("victor", password="pw-victor-12345")
     return {"operator": ("olga", "pw-olga-12345"), "viewer": ("victor", "pw-victor-12345")}
 
 
@@ -82,8 +82,13 @@ def agents(live_server_proc, enrollment_token, tmp_path):
         for name in names:
             procs.append(
                 launch.start_agent(
-                    live_server_proc.url, enrollment_token, name, list(labels), tmp_path / "agents",
-                    executors=["simulated", "shell"], extra=["--time-scale", time_scale],
+                    live_server_proc.url,
+                    enrollment_token,
+                    name,
+                    list(labels),
+                    tmp_path / "agents",
+                    executors=["simulated", "shell"],
+                    extra=["--time-scale", time_scale],
                     log=tmp_path / f"{name}.log",
                 )  # fmt: skip
             )

@@ -131,7 +131,11 @@ def test_agent_text_is_shown_literally_never_as_markup(make_agent, submit):
 
 @pytest.mark.parametrize(
     ("bad", "message"),
-    [("c024f69f-8aad-4587-977c-bc1e5b92f0d5", "no run with id"), ("not-a-uuid", "malformed run id"), ("123", "malformed run id")],
+    [
+        ("c024f69f-8aad-4587-977c-bc1e5b92f0d5", "no run with id"),
+        ("not-a-uuid", "malformed run id"),
+        ("123", "malformed run id"),
+    ],
 )
 def test_an_unknown_or_malformed_run_id_is_a_command_error(db, bad, message):
     with pytest.raises(CommandError, match=message):

@@ -331,4 +331,3 @@ def test_concurrent_completions_of_two_parents_release_their_child(make_agent, s
             t.join(30)
         assert state_of(run, "child") == TaskState.READY, f"round {round_}"
         assert Event.objects.filter(run=run, task__key="child", to_state="ready").count() == 1
-

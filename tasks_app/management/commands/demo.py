@@ -48,8 +48,14 @@ class Command(BaseCommand):
             for name, labels in plan:
                 children.append(
                     launch.start_agent(
-                        server, token, name, labels, logs / "agents", executors=["simulated", "shell"],
-                        extra=["--time-scale", str(time_scale)], log=logs / f"agent-{name}.log",
+                        server,
+                        token,
+                        name,
+                        labels,
+                        logs / "agents",
+                        executors=["simulated", "shell"],
+                        extra=["--time-scale", str(time_scale)],
+                        log=logs / f"agent-{name}.log",
                     )  # fmt: skip
                 )
             self.stdout.write(f"==> {len(plan)} agents: {', '.join(n for n, _ in plan)}")

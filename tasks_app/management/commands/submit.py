@@ -4,8 +4,10 @@ from pathlib import Path
 import yaml
 from django.core.management.base import BaseCommand, CommandError
 
+from tasks_app import workflows
 from tasks_app.actions import submit_run
 from tasks_app.dag import DagError, parse_document
+from tasks_app.models import Workflow
 
 
 def load_document(path: Path) -> dict:
@@ -21,15 +23,26 @@ def load_document(path: Path) -> dict:
 
 
 class Command(BaseCommand):
-    help = "Submit a DAG document (YAML or JSON file) as a new run and print the run's id."
+    help = "Start a run of a DAG document (YAML or JSON file) or of a workflow (by name); print the run's id."
 
     def add_arguments(self, parser):
-        parser.add_argument("file", help="a DAG document: FILE.yaml or FILE.json")
+        parser.add_argument("file", help="a DAG document (FILE.yaml or FILE.json), or the name of a workflow")
         parser.add_argument("--priority", type=int, default=None)
         parser.add_argument("--max-parallel", type=int, default=None)
 
     def handle(self, *args, file, priority, max_parallel, **options):
-        document = load_document(Path(file))
+        path = Path(file)
+        if not path.is_file():
+            workflow = Workflow.objects.filter(name=file).first()
+            if workflow is None:
+                raise CommandError(f"{file!r} is neither a DAG document file nor the name of a workflow")
+            try:
+                run = workflows.start_run(workflow, actor="cli:submit", priority=priority, max_parallel=max_parallel)
+            except DagError as exc:
+                raise CommandError(f"workflow {file!r} is not a valid DAG: {exc.detail}") from None
+            self.stdout.write(str(run.id))
+            return
+        document = load_document(path)
         try:
             dag = parse_document(document)
         except DagError as exc:
