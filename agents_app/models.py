@@ -11,15 +11,22 @@ from django.db.models import Q
 class AgentStatus(models.TextChoices):
     ONLINE = "online"
     OFFLINE = "offline"
-    RETIRED = "retired"  # its name was registered again; the old identity is gone for good
+    RETIRED = "retired"  # its name was registered again or its token revoked; the identity is gone for good
 
 
 class Agent(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=64)
     labels = ArrayField(models.CharField(max_length=64), default=list, blank=True)
+    # Only the executors that passed the agent's last pre-flight: the scheduler offers tasks by this column.
     executors = ArrayField(models.CharField(max_length=32), default=list, blank=True)
     executor_versions = models.JSONField(default=dict, blank=True)
+    # The last pre-flight of every executor the agent was configured with, usable or not, for people:
+    # {name: {"usable": bool, "detail": str, "version": str | None}}.
+    preflight = models.JSONField(default=dict, blank=True)
+    preflight_at = models.DateTimeField(null=True, blank=True)
+    # An operator asked for a new pre-flight; the next heartbeat answer carries the command.
+    preflight_requested = models.BooleanField(default=False)
     capacity = models.PositiveSmallIntegerField(default=1)
     hostname = models.CharField(max_length=255, blank=True)
     version = models.CharField(max_length=64, blank=True)
@@ -36,6 +43,8 @@ class Agent(models.Model):
     registered_at = models.DateTimeField(auto_now_add=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
     retired_at = models.DateTimeField(null=True, blank=True)
+    # Set with retired_at when an operator revoked the token, so the agent is told why it is refused.
+    revoked_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
