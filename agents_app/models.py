@@ -102,3 +102,7 @@ class ApiToken(TokenBase):
 
     def __str__(self):
         return f"{self.prefix}… ({self.user})"
+
+
+# Hosts and SSH provisioning live in their own module; imported here so Django finds the models.
+from .host_models import Host, HostOperation  # noqa: E402, F401

@@ -181,6 +181,19 @@ CP_ATTEMPT_LOG_KEEP_BYTES = env_int("CP_ATTEMPT_LOG_KEEP_BYTES", 1024 * 1024)
 # Live dashboard pages are re-rendered at most this often however fast things change (bursts coalesce).
 CP_LIVE_MIN_INTERVAL_S = env_float("CP_LIVE_MIN_INTERVAL_S", 0.15)
 
+# --- Hosts provisioned over SSH (agents_app/host_*.py) ---
+# Fernet key(s) that encrypt hosts' private keys in the database; comma-separated, the first encrypts.
+CP_HOST_KEY_SECRET = env_str("CP_HOST_KEY_SECRET")
+# The URL deployed agents use to reach this server, when a host does not name its own.
+CP_PUBLIC_URL = env_str("CP_PUBLIC_URL")
+CP_SSH_CONNECT_TIMEOUT_S = env_float("CP_SSH_CONNECT_TIMEOUT_S", 10.0)
+# One operation on one host, end to end; under the django-q2 job timeout (Q_CLUSTER["timeout"]).
+CP_HOST_OPERATION_TIMEOUT_S = env_float("CP_HOST_OPERATION_TIMEOUT_S", 240.0)
+CP_HOST_PARALLEL = env_int("CP_HOST_PARALLEL", 20)
+# How long a deploy waits for its agents to enroll; how long `stop` lets agents drain before canceling tasks.
+CP_HOST_ENROLL_WAIT_S = env_float("CP_HOST_ENROLL_WAIT_S", 30.0)
+CP_HOST_STOP_GRACE_S = env_float("CP_HOST_STOP_GRACE_S", 10.0)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
