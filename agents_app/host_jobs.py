@@ -1,0 +1,234 @@
+"""Host operations as django-q2 jobs: one job runs a batch (the same operation on many hosts) concurrently
+with asyncio, each host bounded by its own timeouts, so one slow or failing host delays or stops no other.
+Progress and output are written to the HostOperation rows as they happen; the hosts page shows them.
+
+`start_operations` is the one entry point (dashboard, admin, `manage.py hosts`); `run_batch_job` is what the
+q cluster (or the command, in the foreground) executes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from control_plane.http_api import db_call
+
+from . import provision
+from .host_keys import UnusableKey, check_private_key, normalize_host_key
+from .host_models import Host, HostOperation, HostOperationKind, HostOperationState
+from .host_secrets import SecretUnavailable, decrypt_private_key
+from .models import Agent
+from .registry import create_enrollment_token
+
+log = logging.getLogger(__name__)
+DAEMON = Path(__file__).resolve().parent / "cp_agent.py"
+OUTPUT_KEEP_CHARS = 64 * 1024
+# Operations that write a fresh enrollment token to the host and start agents with it.
+STARTS_AGENTS = (HostOperationKind.DEPLOY, HostOperationKind.RESTART, HostOperationKind.UPGRADE)
+# Each agent may enroll twice with one token (e.g. again after the server forgot it); restart and upgrade
+# write a fresh token anyway, so an old one on the host is worth little.
+TOKEN_USES_PER_AGENT = 2
+TOKEN_LIFETIME = timedelta(hours=24)
+
+
+def start_operations(kind: str, hosts, actor: str, *, background: bool = True) -> list[HostOperation]:
+    """One HostOperation per host, run by one django-q2 job (or here and now when not `background`)."""
+    if kind not in HostOperationKind.values:
+        raise ValueError(f"unknown host operation {kind!r}; one of {', '.join(HostOperationKind.values)}")
+    batch = uuid.uuid4()
+    ops = [HostOperation.objects.create(batch=batch, host=h, kind=kind, requested_by=actor) for h in hosts]
+    ids = [str(op.id) for op in ops]
+    if not ids:
+        return []
+    if background:
+        from django_q.tasks import async_task
+
+        task_id = async_task("agents_app.host_jobs.run_batch_job", ids, task_name=f"hosts {kind}", group="hosts")
+        HostOperation.objects.filter(batch=batch).update(q_task_id=task_id)
+    else:
+        run_batch_job(ids)
+    return list(HostOperation.objects.filter(batch=batch).select_related("host").order_by("host__name"))
+
+
+def run_batch_job(operation_ids: list[str]) -> dict:
+    """Run the still-queued operations among `operation_ids` (a retried job does not redo finished ones)."""
+    claimed = _claim(operation_ids)
+    if claimed:
+        asyncio.run(_run_all(claimed))
+    states = HostOperation.objects.filter(pk__in=operation_ids).values_list("host__name", "state")
+    return dict(states)
+
+
+def _claim(operation_ids) -> list[HostOperation]:
+    with transaction.atomic():
+        ops = list(
+            HostOperation.objects.select_for_update(skip_locked=True)
+            .select_related("host")
+            .filter(pk__in=operation_ids, state=HostOperationState.QUEUED)
+        )
+        HostOperation.objects.filter(pk__in=[op.pk for op in ops]).update(
+            state=HostOperationState.RUNNING, started_at=timezone.now(), message="starting"
+        )
+    return ops
+
+
+async def _run_all(ops: list[HostOperation]) -> None:
+    limit = asyncio.Semaphore(max(1, settings.CP_HOST_PARALLEL))
+
+    async def one(op):
+        async with limit:
+            await run_one(op)
+
+    # return_exceptions: a bug in one host's run must not cancel the others'.
+    await asyncio.gather(*(one(op) for op in ops), return_exceptions=True)
+
+
+async def run_one(op: HostOperation) -> None:
+    """Run one operation to a final state; every failure ends up in the row, none escapes."""
+    recorder = Recorder(op.pk)
+    try:
+        target, daemon, token = await db_call(prepare)(op)
+        result = await asyncio.wait_for(
+            provision.run_operation(op.kind, target, recorder.report, daemon=daemon, token=token),
+            settings.CP_HOST_OPERATION_TIMEOUT_S,
+        )
+        if op.kind in STARTS_AGENTS:
+            await recorder.report(0.9, "waiting for the agents to enroll")
+            enrolled = await wait_enrolled(op.pk, len(target.agent_names))
+            result["enrolled"] = enrolled
+            if enrolled < len(target.agent_names):
+                raise provision.ProvisionError(
+                    f"{op.host.name}: {enrolled}/{len(target.agent_names)} agents enrolled within "
+                    f"{settings.CP_HOST_ENROLL_WAIT_S:.0f} s; is {target.server_url} reachable from the host? "
+                    "See the agents' last log lines (status)."
+                )
+            await recorder.report(output=f"{enrolled} agents enrolled\n")
+        if op.kind == HostOperationKind.SCAN:
+            await db_call(record_offered_key)(op.host_id, result["offered_host_key"])
+        await recorder.finish(HostOperationState.SUCCEEDED, "done", result=result)
+    except provision.HostKeyChanged as exc:
+        log.error("%s", exc)
+        if exc.offered:
+            await db_call(record_offered_key)(op.host_id, exc.offered)
+        await recorder.finish(HostOperationState.FAILED, "host key changed: refused", error=str(exc))
+    except (provision.ProvisionError, UnusableKey, SecretUnavailable) as exc:
+        await recorder.finish(HostOperationState.FAILED, "failed", error=str(exc))
+    except TimeoutError:
+        error = f"{op.host.name}: gave up after {settings.CP_HOST_OPERATION_TIMEOUT_S:.0f} s"
+        await recorder.finish(HostOperationState.FAILED, "timed out", error=error)
+    except Exception as exc:
+        log.exception("host operation %s on %s", op.kind, op.host.name)
+        await recorder.finish(HostOperationState.FAILED, "failed", error=f"unexpected error: {exc!r}")
+
+
+def prepare(op: HostOperation) -> tuple[provision.Target, str, str]:
+    """The Target (private key decrypted in memory only), the daemon's source and, for operations that
+    start agents, a fresh enrollment token tied to this operation (so its agents are known as this host's)."""
+    host = op.host
+    target = target_of(host, with_key=op.kind != HostOperationKind.SCAN)
+    token = ""
+    if op.kind in STARTS_AGENTS:
+        if not target.server_url:
+            raise provision.ProvisionError(
+                f"{host.name}: no server URL for the agents: set the host's server URL or CP_PUBLIC_URL"
+            )
+        token, record = create_enrollment_token(
+            note=f"host {host.name}: {op.kind}",
+            uses=TOKEN_USES_PER_AGENT * max(1, host.agent_count),
+            expires=TOKEN_LIFETIME,
+        )
+        HostOperation.objects.filter(pk=op.pk).update(enrollment_token=record)
+    daemon = DAEMON.read_text() if op.kind in (HostOperationKind.DEPLOY, HostOperationKind.UPGRADE) else ""
+    return target, daemon, token
+
+
+def target_of(host: Host, with_key: bool = True) -> provision.Target:
+    return provision.Target(
+        name=host.name,
+        address=host.address,
+        port=host.port,
+        user=host.user,
+        host_key=host.host_key,
+        private_key=private_key_of(host) if with_key else None,
+        python=host.remote_python,
+        remote_dir=host.remote_dir,
+        server_url=(host.server_url or settings.CP_PUBLIC_URL).rstrip("/"),
+        ca_bundle=host.ca_bundle,
+        agent_names=tuple(host.agent_names),
+        labels=tuple(host.agent_labels),
+        executors=tuple(host.agent_executors),
+        capacity=host.agent_capacity,
+        connect_timeout_s=settings.CP_SSH_CONNECT_TIMEOUT_S,
+        stop_grace_s=settings.CP_HOST_STOP_GRACE_S,
+    )
+
+
+def private_key_of(host: Host):
+    if host.key_encrypted:
+        return check_private_key(decrypt_private_key(host.key_encrypted))
+    if host.key_path:
+        try:
+            text = Path(host.key_path).expanduser().read_text()
+        except OSError as exc:
+            raise provision.ProvisionError(f"{host.name}: cannot read the key file {host.key_path}: {exc}") from None
+        return check_private_key(text)
+    raise provision.ProvisionError(f"{host.name}: no private key: set a key file path or store a key")
+
+
+def record_offered_key(host_id: int, offered: str) -> None:
+    Host.objects.filter(pk=host_id).update(offered_host_key=normalize_host_key(offered), offered_at=timezone.now())
+
+
+async def wait_enrolled(op_id, expected: int) -> int:
+    """How many agents enrolled with this operation's token, waiting up to CP_HOST_ENROLL_WAIT_S for all."""
+    deadline = time.monotonic() + settings.CP_HOST_ENROLL_WAIT_S
+    count = db_call(_enrolled_count)
+    while True:
+        enrolled = await count(op_id)
+        if enrolled >= expected or time.monotonic() >= deadline:
+            return enrolled
+        await asyncio.sleep(0.5)
+
+
+def _enrolled_count(op_id) -> int:
+    return Agent.objects.filter(enrollment_token__host_operation=op_id, retired_at__isnull=True).count()
+
+
+class Recorder:
+    """Writes one operation's progress, message and output to its row as they come."""
+
+    def __init__(self, op_id):
+        self.op_id = op_id
+        self.output = ""
+
+    async def report(self, progress: float | None = None, message: str = "", output: str = "") -> None:
+        if message:
+            self.output += message + "\n"
+        self.output = (self.output + output)[-OUTPUT_KEEP_CHARS:]
+        fields: dict = {"output": self.output}
+        if progress is not None:
+            fields["progress"] = progress
+        if message:
+            fields["message"] = message[:1000]
+        await db_call(HostOperation.objects.filter(pk=self.op_id).update)(**fields)
+
+    async def finish(self, state: str, message: str, result: dict | None = None, error: str = "") -> None:
+        if error:
+            self.output = (self.output + "ERROR: " + error + "\n")[-OUTPUT_KEEP_CHARS:]
+        await db_call(HostOperation.objects.filter(pk=self.op_id).update)(
+            state=state,
+            message=message,
+            error=error,
+            result=result or {},
+            output=self.output,
+            progress=1.0,
+            finished_at=timezone.now(),
+        )
