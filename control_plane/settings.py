@@ -62,6 +62,20 @@ DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",") if h]
 CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
+# --- HTTPS: served directly (CP_TLS_CERT and CP_TLS_KEY, which `./run serve --cert --key` sets), or behind a
+# reverse proxy that terminates TLS and says so in X-Forwarded-Proto (CP_BEHIND_TLS_PROXY=1; the proxy must
+# overwrite that header, or a client could claim https itself). Either way cookies are sent over TLS only,
+# and the proxy case lets CSRF's origin check see the https:// origin the browser sends.
+CP_TLS_CERT = env_str("CP_TLS_CERT")
+CP_TLS_KEY = env_str("CP_TLS_KEY")
+CP_BEHIND_TLS_PROXY = env_bool("CP_BEHIND_TLS_PROXY")
+if CP_BEHIND_TLS_PROXY:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+_served_over_tls = bool(CP_TLS_CERT) or CP_BEHIND_TLS_PROXY
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("CP_SECURE_COOKIES", _served_over_tls)
+# HSTS makes browsers refuse plain http to this host for that long: opt-in, as it is hard to take back.
+SECURE_HSTS_SECONDS = env_int("CP_HSTS_SECONDS", 0)
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -36,14 +37,16 @@ def test_database_url() -> str:
 
 
 class Server:
-    """A real ASGI server process against the test database."""
+    """A real ASGI server process against the test database; over HTTPS with `pki` (tests/certs.py)."""
 
-    def __init__(self, tmp: Path, extra_env: dict | None = None, kind: str = "uvicorn"):
+    def __init__(self, tmp: Path, extra_env: dict | None = None, kind: str = "uvicorn", pki=None):
         self.port = launch.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if pki else 'http'}://127.0.0.1:{self.port}"
         self.log = tmp / f"server-{self.port}.log"
         env = {"DATABASE_URL": test_database_url(), **FAST_TIMINGS, **(extra_env or {})}
-        self.proc = launch.start_server(self.port, env=env, kind=kind, log=self.log)
+        tls = (str(pki.cert_file), str(pki.key_file)) if pki else None
+        ca_file = str(pki.ca_file) if pki else None
+        self.proc = launch.start_server(self.port, env=env, kind=kind, log=self.log, tls=tls, ca_file=ca_file)
 
     def stop(self):
         launch.stop(self.proc)
@@ -64,6 +67,35 @@ def live_server_proc(django_db_setup, django_db_blocker, server_tmp):
         server = Server(server_tmp)
     yield server
     server.stop()
+
+
+def wait_for(predicate, timeout=60.0, interval=0.1, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def fleet(live_server_proc, enrollment_token, tmp_path):
+    """Starts agent daemon processes (on the session's server unless told another, with the test's enrollment
+    token unless given one); stops them all afterwards. Each logs to tmp_path/NAME.log."""
+    procs = []
+
+    def start(name, labels, executors=("simulated", "shell"), extra=(), server=None, env=None, token=None):
+        proc = launch.start_agent(
+            (server or live_server_proc).url, token or enrollment_token, name, list(labels), tmp_path / "agents",
+            executors=list(executors), extra=list(extra), log=tmp_path / f"{name}.log", env=env,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        launch.stop(proc, timeout=15)
 
 
 def http(method: str, url: str, body=None, token: str | None = None, raw: bytes | None = None, headers=None):

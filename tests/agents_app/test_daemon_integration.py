@@ -11,23 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from control_plane import launch
 from tasks_app.models import Artifact, Attempt, Run, Task
 from tasks_app.states import RunState
-from tests.conftest import Server, doc, http
+from tests.conftest import Server, doc, http, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 SEED = Path(__file__).resolve().parents[2] / "docs" / "examples" / "webapp_framework.yaml"
-
-
-def wait_for(predicate, timeout=60.0, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def process_gone(pid: int) -> bool:
@@ -41,24 +30,6 @@ def process_gone(pid: int) -> bool:
 
 def run_state(run_id) -> str:
     return Run.objects.get(pk=run_id).state
-
-
-@pytest.fixture
-def fleet(live_server_proc, enrollment_token, tmp_path):
-    """Starts agent daemon processes on the session's server; stops them all afterwards."""
-    procs = []
-
-    def start(name, labels, executors=("simulated", "shell"), extra=(), server=None, env=None):
-        proc = launch.start_agent(
-            (server or live_server_proc).url, enrollment_token, name, list(labels), tmp_path / "agents",
-            executors=list(executors), extra=list(extra), log=tmp_path / f"{name}.log", env=env,
-        )  # fmt: skip
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        launch.stop(proc, timeout=15)
 
 
 def submit_via_api(server_url, token, document) -> str:
