@@ -162,6 +162,9 @@ LOGOUT_REDIRECT_URL = "/accounts/login/"
 # The largest JSON body any endpoint takes (a big DAG document); each endpoint applies its own, smaller limit.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("CP_MAX_BODY_BYTES", 16 * 1024 * 1024 + 65536)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+# The admin's workflow editor posts ~18 fields per task row and edits up to 300 rows in place
+# (tasks_app.admin.INLINE_MAX_TASKS); Django's default of 1,000 fields would refuse a 56-row workflow.
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 10_000
 
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 

@@ -1,5 +1,6 @@
 """The workflow admin's own pages: import a DAG document, start runs (the action's intermediate page), export,
-and the DAG preview of the change page. Thin views: `tasks_app.workflows` does the work."""
+and the DAG picture of the change page. Thin views: `tasks_app.workflows` and `tasks_app.workflow_preview` do
+the work."""
 
 from __future__ import annotations
 
@@ -11,21 +12,20 @@ from django import forms
 from django.contrib import messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import Http404, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
-from django.views.decorators.http import require_http_methods
 
-from . import workflows
-from .dag import DagError, topological_order
+from . import workflow_preview, workflows
+from .dag import DagError
 from .models import Workflow
 
 IMPORT_MAX_BYTES = 16 * 1024 * 1024
-PREVIEW_MAX_ROWS = 5000
 
 
-def _actor(request) -> str:
+def actor_of(request) -> str:
+    """How the audit trail names the signed-in user."""
     return f"user:{request.user.get_username()}"
 
 
@@ -76,14 +76,14 @@ def import_workflow(model_admin, request):
     """Create a workflow from an uploaded or pasted document, or replace the one of the same name."""
     if not model_admin.has_add_permission(request):
         raise PermissionDenied
-    form = ImportForm(request.POST or None, request.FILES or None)
+    form = ImportForm(*(request.POST, request.FILES) if request.method == "POST" else ())
     if request.method == "POST" and form.is_valid():
         replace = form.cleaned_data["replace"]
         if replace and not model_admin.has_change_permission(request):
             form.add_error("replace", "You may create workflows but not change them.")
         else:
             try:
-                workflow = workflows.import_document(form.cleaned_data["document"], replace, actor=_actor(request))
+                workflow = workflows.import_document(form.cleaned_data["document"], replace, actor=actor_of(request))
             except DagError as exc:
                 form.add_error(None, f"Not a valid DAG document: {exc.detail}")
             except workflows.WorkflowExists as exc:
@@ -154,7 +154,7 @@ def start_runs(model_admin, request, queryset):
             try:
                 run = workflows.start_run(
                     workflow,
-                    actor=_actor(request),
+                    actor=actor_of(request),
                     user=request.user,
                     priority=form.cleaned_data["priority"],
                     max_parallel=form.cleaned_data["max_parallel"],
@@ -179,76 +179,23 @@ def start_runs(model_admin, request, queryset):
     return TemplateResponse(request, "admin/tasks_app/workflow/start_run.html", context)
 
 
-# --- DAG preview: the hook for tasks_app.dagsvg ----------------------------------------------------------
+# --- The DAG picture of the change page ------------------------------------------------------------------
 
 
-def _rows_of_saved(workflow: Workflow) -> list[tuple[str, str, list[str]]]:
-    document = workflows.workflow_to_document(workflow)
-    return [(t["key"], t.get("title") or t["key"], t.get("deps", [])) for t in document["tasks"]]
-
-
-def _rows_of_form(data) -> list[tuple[str, str, list[str]]]:
-    """The task rows of the change form as posted (prefix "tasks"): (key, title, deps), deleted rows left out."""
-    try:
-        total = min(int(data.get("tasks-TOTAL_FORMS", 0)), PREVIEW_MAX_ROWS)
-    except ValueError:
-        total = 0
-    rows = []
-    for i in range(total):
-        key = data.get(f"tasks-{i}-key", "").strip()
-        if not key or data.get(f"tasks-{i}-DELETE"):
-            continue
-        deps = [k for k in re.split(r"[\s,]+", data.get(f"tasks-{i}-deps_keys", "")) if k]
-        rows.append((key, data.get(f"tasks-{i}-title", "").strip() or key, deps))
-    return rows
-
-
-def dag_picture(rows: list[tuple[str, str, list[str]]]) -> tuple[str, str]:
-    """(content, content type): the DAG drawn by tasks_app.dagsvg, or a plain sentence saying why not."""
-    keys = {}
-    for key, _title, deps in rows:
-        keys.setdefault(key, deps)
-    graph = {k: [d for d in deps if d in keys] for k, deps in keys.items()}
-    if not graph:
-        return "No tasks yet.", "text/plain; charset=utf-8"
-    try:
-        order = topological_order(graph)
-    except DagError as exc:
-        return f"Cannot draw it: {exc.detail}.", "text/plain; charset=utf-8"
-    depth: dict[str, int] = {}
-    for key in order:
-        depth[key] = max((depth[d] + 1 for d in graph[key]), default=0)
-    titles = {key: title for key, title, _deps in reversed(rows)}
-    nodes = [
-        {"id": k, "key": k, "title": titles[k], "state": "blocked" if graph[k] else "ready", "depth": depth[k]}
-        for k in order
-    ]
-    edges = [(d, k) for k in order for d in graph[k]]
-    # HOOK: tasks_app.dagsvg is being written separately; until it exists the preview says so.
-    try:
-        from .dagsvg import render_svg
-    except ImportError:
-        return (
-            f"{len(nodes)} tasks, {len(edges)} dependencies, {max(depth.values()) + 1} waves"
-            " (the DAG picture appears here once tasks_app.dagsvg exists).",
-            "text/plain; charset=utf-8",
-        )
-    return render_svg(nodes, edges), "image/svg+xml; charset=utf-8"
-
-
-@require_http_methods(["GET", "POST"])
-def _preview(request, rows_of):
-    content, content_type = dag_picture(rows_of())
-    return HttpResponse(content, content_type=content_type)
-
-
-def preview_workflow(model_admin, request, object_id):
-    """GET: the saved workflow's DAG. POST: the DAG of the change form's current task rows."""
+def preview_workflow(model_admin, request, object_id=None):
+    """GET (with an object id): the saved workflow's DAG. POST: the DAG of the change form's task rows as
+    posted, for the live preview while someone edits (the add page has no object id yet)."""
+    if request.method not in ("GET", "POST"):
+        return HttpResponseNotAllowed(["GET", "POST"])
+    if request.method == "POST":
+        if not (model_admin.has_add_permission(request) or model_admin.has_change_permission(request)):
+            raise PermissionDenied
+        return HttpResponse(workflow_preview.picture(workflow_preview.rows_of_form(request.POST)))
+    if object_id is None:
+        raise Http404("no such workflow")
     workflow = model_admin.get_object(request, object_id)
     if workflow is None:
         raise Http404("no such workflow")
     if not model_admin.has_view_or_change_permission(request, workflow):
         raise PermissionDenied
-    if request.method == "POST":
-        return _preview(request, lambda: _rows_of_form(request.POST))
-    return _preview(request, lambda: _rows_of_saved(workflow))
+    return HttpResponse(workflow_preview.picture(workflow_preview.rows_of_workflow(workflow)))
