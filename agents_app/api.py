@@ -18,7 +18,7 @@ from tasks_app import actions
 from tasks_app.hub import EventHub
 from tasks_app.models import Artifact
 
-from . import registry, tokens
+from . import preflight, registry, tokens
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 EXECUTOR_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -49,6 +49,10 @@ async def register(request):
         "hostname": f.str("hostname", 255, default=""),
         "version": f.str("version", 64, default=""),
         "executor_versions": f.obj("executor_versions", default={}),
+        # Extras to PROTOCOL.md (README, "API"): the daemon's pre-flight of every executor it was configured
+        # with, and the current token of the identity it re-enrolls (so it may take its own online name).
+        "preflight": preflight.parse_report(f.obj("preflight", default={})),
+        "replaces_token": f.str("replaces_token", 128),
     }
     if not NAME_RE.match(info["name"]):
         raise ApiError(400, "bad_request", "'name' must be 1-64 of [A-Za-z0-9._-]")
@@ -104,9 +108,23 @@ async def heartbeat(request):
         raise ApiError(400, "bad_request", "'attempts' must list attempt ids") from None
     agent = await _agent(request)
     commands = await db_call(actions.heartbeat)(agent, status, attempt_ids)
+    if await db_call(preflight.take_request)(agent["id"]):
+        commands.append({"type": "preflight"})  # an extra command (README, "API"): check executors again
     # The timings ride along (an extra to PROTOCOL.md) so an agent that re-used its identity after a restart
     # learns them without registering again.
     return JsonResponse({"commands": commands, **_timings()})
+
+
+@api_view
+async def report_preflight(request):
+    """An extra endpoint (README, "API"): the agent's new pre-flight, sent at start-up with a saved identity
+    and after a `preflight` command. Its offered executors become those that passed."""
+    require_method(request, "POST")
+    f = Fields(json_body(request, JSON_LIMIT))
+    report = preflight.parse_report(f.obj("preflight", required=True))
+    agent = await _agent(request)
+    passed = await db_call(preflight.record)(agent["id"], report)
+    return JsonResponse({"executors": passed})
 
 
 @api_view

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 KNOWN_EXECUTORS = ("shell", "simulated", "claude", "codex")
 DEFAULT_TIMINGS = {"heartbeat_interval_s": 10.0, "lease_s": 60.0, "max_wait_s": 30.0}
@@ -63,6 +63,12 @@ CLAIM_TIMEOUT_MARGIN_S = 15.0  # the claim's HTTP timeout is wait_s plus this
 TASK_CALL_PATIENCE_S = 120.0  # progress/artifacts/complete retry this long, then give up
 NAME_TAKEN_PATIENCE_S = 60.0  # > 3 heartbeats: how long a crashed predecessor with our name stays online
 PROGRESS_LINE_RE = re.compile(r"CP_PROGRESS\s+([0-9]*\.?[0-9]+)[ \t]*(.*)")
+# 401 codes that mean this identity is gone for good: registering again would undo an operator's revocation
+# or fight the newer registration of our name, so the agent stops instead (an unknown token re-registers).
+IDENTITY_GONE = {
+    "agent_revoked": "the server revoked this agent's token",
+    "agent_replaced": "a newer registration of this agent's name replaced this identity",
+}
 
 log = logging.getLogger("cp_agent")
 
@@ -152,6 +158,7 @@ class Config:
     wait_s: float | None = None
     ca_file: str | None = None
     insecure: bool = False
+    re_enroll: bool = False
     check: bool = False
     once: bool = False
     log_level: str = "INFO"
@@ -183,6 +190,8 @@ class Config:
             server = validate_server_url(server, args.insecure)
         elif not args.check:
             raise ConfigError("--server (or CP_SERVER) is required")
+        if args.ca_file:
+            tls_context(args.ca_file)  # an unreadable or malformed bundle is a bad option, said now
         work_dir = Path(args.work_dir).absolute()  # tasks get CP_OUT_DIR and may change directory
         state_file = Path(args.state_file) if args.state_file else work_dir / f"{name}.state.json"
         return cls(
@@ -227,6 +236,11 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--wait-s", type=float, help="long-poll wait (default: the server's max_wait_s)")
     p.add_argument("--ca-file", help="CA bundle to verify the server's certificate with")
     p.add_argument("--insecure", action="store_true", help="allow plain http:// to a non-loopback host")
+    p.add_argument(
+        "--re-enroll",
+        action="store_true",
+        help="register again with the enrollment token even when an identity is saved (rotates the agent token)",
+    )
     p.add_argument("--check", action="store_true", help="pre-flight: report executors and server, then exit")
     p.add_argument("--once", action="store_true", help="exit after the first task finishes")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -234,6 +248,15 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------- HTTP
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Certificate and host name verification against the system's CAs, or only those of `ca_file` (a
+    private CA); ConfigError when the bundle cannot be read."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--ca-file {ca_file}: cannot load CA certificates: {exc}") from exc
 
 
 class Backoff:
@@ -266,7 +289,7 @@ class ApiClient:
         self.server = server
         self._https = parts.scheme == "https"
         self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path.rstrip("/")
-        self._ssl = ssl.create_default_context(cafile=ca_file) if self._https else None
+        self._ssl = tls_context(ca_file) if self._https else None
         self._abortable: set[http.client.HTTPConnection] = set()
         self._abort_lock = threading.Lock()
 
@@ -297,7 +320,15 @@ class ApiClient:
             response = conn.getresponse()
             return response.status, response.read()
         except ssl.SSLCertVerificationError as exc:
-            raise FatalError(f"TLS verification of {self.server} failed: {exc} (see --ca-file)") from exc
+            raise FatalError(
+                f"TLS verification of {self.server} failed: {exc.verify_message or exc}; the agent trusts the "
+                "system's CAs, or only those of --ca-file"
+            ) from exc
+        except ssl.SSLError as exc:
+            if exc.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+                # Retrying cannot help: the port does not speak TLS (a plain-HTTP server behind https://).
+                raise FatalError(f"{self.server} does not speak TLS ({exc.reason}); is it an http:// server?") from exc
+            raise TransientError(f"{method} {path}: TLS error {exc}") from exc
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise TransientError(f"{method} {path}: {exc or type(exc).__name__}") from exc
         finally:
@@ -939,6 +970,8 @@ class TaskRun:
         executor = self.agent.executors.get(executor_name)
         if executor is None:
             return ExecResult({}, None, f"executor {executor_name!r} is not enabled on {self.agent.config.name}")
+        if executor_name not in self.agent.usable:  # offered in the instant before a failed re-check landed
+            return ExecResult({}, None, f"executor {executor_name!r} failed its pre-flight on {self.agent.config.name}")
         if self.canceled.is_set():
             return ExecResult({}, None, "canceled")
         config = self.agent.config
@@ -991,11 +1024,11 @@ class Agent:
         config: Config,
         executors: dict[str, Executor],
         api: ApiClient | None = None,
-        executor_versions: dict[str, str] | None = None,
     ):
         self.config = config
-        self.executors = executors
-        self.executor_versions = executor_versions or {}
+        self.executors = executors  # every configured one; tasks run only on those in self.usable
+        self.usable: list[str] = []
+        self._preflight_lock = threading.Lock()
         self.api = api or ApiClient(config.server, config.ca_file)
         self.state = StateFile(config.state_file)
         self.token = self.agent_id = ""
@@ -1015,10 +1048,15 @@ class Agent:
     def run(self) -> int:
         """Serve until drained, shut down or unable to go on; returns the exit status."""
         self._install_signal_handlers()
+        report = self.preflight()
+        if not self.usable:
+            log.error("stopped: no executor passed its pre-flight")
+            return 1
         try:
-            self._load_or_register()
+            if self._load_or_register(report):
+                self._report_preflight(report)  # the saved identity's executors may have changed since
         except FatalError as exc:
-            log.error("%s", exc)
+            log.error("stopped: %s", exc)
             return 1
         except TransientError:
             return 0  # a signal arrived while the server was unreachable
@@ -1026,7 +1064,7 @@ class Agent:
             "serving as %s (%s); executors %s, capacity %d",
             self.config.name,
             self.agent_id,
-            ",".join(self.executors),
+            ",".join(self.usable),
             self.config.capacity,
         )
         heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat")
@@ -1098,30 +1136,75 @@ class Agent:
         wanted = self.config.wait_s
         self.wait_s = self.timings["max_wait_s"] if wanted is None else min(wanted, self.timings["max_wait_s"])
 
-    def _load_or_register(self) -> None:
+    def _load_or_register(self, report: dict) -> bool:
+        """Take the saved identity (True) or register (False)."""
         saved = self.state.load(self.config.server, self.config.name)
-        if saved:
+        if saved and not self.config.re_enroll:
             self.token, self.agent_id = saved["token"], str(saved.get("agent_id") or "")
             self._apply_timings(saved)
             log.info("reusing the identity saved in %s", self.state.path)
-        elif self.config.enrollment_token:
-            self._register()
-        else:
+            return True
+        if not self.config.enrollment_token:
             raise FatalError(
-                f"no saved identity in {self.state.path} and no enrollment token: pass "
-                "--enrollment-token or set CP_ENROLLMENT_TOKEN"
+                f"{'--re-enroll needs' if saved else f'no saved identity in {self.state.path} and no'} an "
+                "enrollment token: pass --enrollment-token or set CP_ENROLLMENT_TOKEN"
             )
+        # Re-enrolling proves it holds the old token, so the server rotates it even while it counts as online.
+        self._register(report, replaces=saved["token"] if saved else None)
+        return False
 
-    def _register(self) -> None:
+    # ---- pre-flight
+
+    def preflight(self) -> dict:
+        """Check every configured executor now (CLI found, its version); only those that pass get tasks.
+        Returns the report the server keeps: {name: {"usable", "detail", "version"}}."""
+        checks = check_executors(self.executors)
+        self.usable = [name for name, check in checks.items() if check.usable]
+        for name, check in checks.items():
+            if check.usable:
+                log.info("pre-flight: %s ok (%s)", name, check.detail)
+            else:
+                log.warning("pre-flight: %s FAILED, it gets no tasks: %s", name, check.detail)
+        return {name: {"usable": c.usable, "detail": c.detail, "version": c.version} for name, c in checks.items()}
+
+    def _report_preflight(self, report: dict) -> None:
+        try:
+            self._call("/agents/preflight", {"preflight": report}, stop=self._draining, patience=TASK_CALL_PATIENCE_S)
+        except ApiError as exc:  # a server older than this daemon keeps the executors registered before
+            log.warning("pre-flight report refused: %s", exc)
+        except TransientError as exc:
+            log.warning("pre-flight report not delivered: %s", exc)
+
+    def _recheck(self) -> None:
+        """The operator's `preflight` command: check again and report; a parked claim is cut short so the
+        next one is matched against the new executor set."""
+        if not self._preflight_lock.acquire(blocking=False):
+            return  # a re-check is under way already
+        try:
+            before = list(self.usable)
+            self._report_preflight(self.preflight())
+            if self.usable != before:
+                self.api.abort_pending()
+        except FatalError as exc:
+            self.fail(str(exc))
+        finally:
+            self._preflight_lock.release()
+
+    # ---- registration
+
+    def _register(self, report: dict, replaces: str | None = None) -> None:
         body = {
             "name": self.config.name,
             "labels": self.config.labels,
             "hostname": socket.gethostname(),
             "version": VERSION,
-            "executors": list(self.executors),
+            "executors": list(self.usable),
             "capacity": self.config.capacity,
-            "executor_versions": self.executor_versions,
+            "executor_versions": {name: c["version"] for name, c in report.items() if c["usable"] and c["version"]},
+            "preflight": report,
         }
+        if replaces:
+            body["replaces_token"] = replaces
         give_up_at = time.monotonic() + NAME_TAKEN_PATIENCE_S
         while True:
             try:
@@ -1164,16 +1247,20 @@ class Agent:
         except ApiError as exc:
             if exc.status != 401:
                 raise
+            if exc.code in IDENTITY_GONE:
+                raise FatalError(
+                    f"{IDENTITY_GONE[exc.code]} ({exc.detail}); to enroll again, start it with --re-enroll "
+                    "and an enrollment token"
+                ) from exc
         with self._auth_lock:
             if self.token == token:  # else another thread has registered again already
                 if not self.config.enrollment_token:
                     raise FatalError(
-                        "the server rejects this agent's token (revoked, or the agent retired) "
-                        "and there is no enrollment token to register again with: pass "
-                        "--enrollment-token or set CP_ENROLLMENT_TOKEN"
+                        "the server does not know this agent's token and there is no enrollment token to "
+                        "register again with: pass --enrollment-token or set CP_ENROLLMENT_TOKEN"
                     )
-                log.warning("the server rejected the agent token; registering again")
-                self._register()
+                log.warning("the server does not know the agent token; registering again")
+                self._register(self.preflight())
         return self.api.call(path, payload, token=self.token, **kwargs)
 
     def call_for_task(self, path: str, payload: Any = None, **kwargs: Any) -> dict:
@@ -1271,6 +1358,9 @@ class Agent:
             except TransientError:
                 continue
             except ApiError as exc:
+                if exc.status == 403:  # disabled: stop now, not heartbeat into refusals forever
+                    self.fail(f"the server refuses this agent ({exc.detail or exc.code}); is it disabled?")
+                    return
                 log.warning("heartbeat refused: %s", exc)
                 continue
             except FatalError as exc:
@@ -1296,6 +1386,10 @@ class Agent:
             if not self._hard_stop.is_set():
                 log.info("server asked to shut down")
             self.shutdown_now()
+        elif kind == "preflight":
+            log.info("server asked for a pre-flight")
+            # CLIs answer --version slowly at times; heartbeats must not wait for them.
+            threading.Thread(target=self._recheck, daemon=True, name="preflight").start()
         else:
             log.warning("ignoring unknown command %r", command)
 
@@ -1335,14 +1429,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if config.check:
         return run_check(config)
-    executors = build_executors(config.executors)
-    checks = check_executors(executors)
-    unusable = [f"{name}: {check.detail}" for name, check in checks.items() if not check.usable]
-    if unusable:
-        log.error("executors not usable here: %s", "; ".join(unusable))
-        return 2
-    versions = {name: check.version for name, check in checks.items() if check.version}
-    return Agent(config, executors, executor_versions=versions).run()
+    return Agent(config, build_executors(config.executors)).run()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from datetime import timedelta
 
 from django.conf import settings
@@ -13,7 +14,7 @@ from tasks_app import queries as q
 from tasks_app.actions import ActionError, EventLog, lose_attempts
 from tasks_app.notify import Changes
 
-from . import tokens
+from . import preflight, tokens
 from .models import Agent, AgentStatus, ApiToken, EnrollmentToken
 
 
@@ -53,12 +54,24 @@ def authenticate_agent(token: str | None) -> dict:
         cur.execute(q.TOUCH_AGENT, {"token_hash": tokens.hash_token(token)})
         row = cur.fetchone()
     if row is None:
-        raise AuthError("unknown or revoked agent token")
+        raise _refusal_of(tokens.hash_token(token))
     keys = ("id", "name", "labels", "executors", "capacity", "enabled", "draining", "shutdown_requested")
     agent = dict(zip(keys, row, strict=True))
     if not agent["enabled"]:
         raise Forbidden("this agent is disabled", "agent_disabled")
     return agent
+
+
+def _refusal_of(token_hash: str) -> AuthError:
+    """Why a token no longer works, so the agent can tell "stop" from "register again": a revoked or
+    replaced identity must stop (registering again would undo the operator's revocation or fight the
+    newer registration), while an unknown token (a server with a new database) may enroll again."""
+    retired = Agent.objects.filter(token_hash=token_hash).values("revoked_at").first()
+    if retired is None:
+        return AuthError("unknown agent token")
+    if retired["revoked_at"] is not None:
+        return AuthError("this agent's token was revoked by an operator", "agent_revoked")
+    return AuthError("this agent identity was replaced: its name was registered again", "agent_replaced")
 
 
 def authenticate_user(token: str | None):
@@ -107,17 +120,21 @@ def register_agent(enrollment: str | None, info: dict) -> tuple[Agent, str]:
                 and old.enabled
                 and old.last_seen_at
                 and old.last_seen_at > silent_since
+                and not _proves_identity(old, info.get("replaces_token"))
             ):
                 raise ActionError(f"an agent named {old.name!r} is online", "name_taken")
             retired_attempts = list(old.attempts.filter(state__in=("assigned", "running")).values_list("id", flat=True))
             events.add("agent", old.status, AgentStatus.RETIRED, agent=old.id, detail={"reason": "re-registered"})
             Agent.objects.filter(pk=old.pk).update(status=AgentStatus.RETIRED, retired_at=now)
         token, digest, _prefix = tokens.mint(tokens.AGENT)
+        report = info.get("preflight") or {}
         agent = Agent.objects.create(
             name=info["name"],
             labels=info["labels"],
-            executors=info["executors"],
-            executor_versions=info.get("executor_versions") or {},
+            executors=preflight.usable(info["executors"], report),
+            executor_versions=preflight.versions(report) if report else info.get("executor_versions") or {},
+            preflight=report,
+            preflight_at=now if report else None,
             capacity=info["capacity"],
             hostname=info.get("hostname") or "",
             version=info.get("version") or "",
@@ -133,6 +150,34 @@ def register_agent(enrollment: str | None, info: dict) -> tuple[Agent, str]:
     if retired_attempts:
         lose_attempts(retired_attempts, "agent re-registered", f"agent:{agent.name}")
     return agent, token
+
+
+def _proves_identity(agent: Agent, token: str | None) -> bool:
+    """The registering agent holds `agent`'s current token: it is re-enrolling itself (rotating its token),
+    not a second agent taking a name in use."""
+    return bool(token) and hmac.compare_digest(tokens.hash_token(token), agent.token_hash)
+
+
+def revoke_agent(agent_id, actor: str) -> Agent:
+    """Revoke an agent's token for good: its next call answers 401 `agent_revoked` and the daemon stops; its
+    live attempts are lost (their tasks go back to ready). Enrolling again needs an enrollment token."""
+    now = timezone.now()
+    with transaction.atomic():
+        agent = Agent.objects.select_for_update().filter(pk=agent_id, retired_at__isnull=True).first()
+        if agent is None:
+            from tasks_app.actions import NotFound
+
+            raise NotFound("no current agent with that id")
+        live = list(agent.attempts.filter(state__in=("assigned", "running")).values_list("id", flat=True))
+        Agent.objects.filter(pk=agent.pk).update(status=AgentStatus.RETIRED, retired_at=now, revoked_at=now)
+        events = EventLog(actor)
+        events.add("agent", agent.status, AgentStatus.RETIRED, agent=agent.id, detail={"reason": "token revoked"})
+        with connection.cursor() as cur:
+            events.write(cur)
+            Changes(agents=True).send(cur)
+    if live:
+        lose_attempts(live, "agent token revoked", actor)
+    return agent
 
 
 def set_agent_flags(agent_id, actor: str, **flags) -> Agent:

@@ -176,5 +176,5 @@ class Fields:
                 raise ApiError(400, "bad_request", f"'{name}' holds an invalid entry: {item!r}")
         return value
 
-    def obj(self, name, default=None):
-        return self._get(name, (dict,), False, default, "an object")
+    def obj(self, name, default=None, required=False):
+        return self._get(name, (dict,), required, default, "an object")

@@ -11,6 +11,7 @@ from django.db import connection
 from django.db.models import Count, Q
 from django.utils import timezone
 
+from agents_app import preflight
 from agents_app.models import Agent, AgentStatus
 
 from .models import Attempt, Run, Task, TaskDependency
@@ -155,7 +156,7 @@ def agents_table() -> list[dict]:
     agents = list(
         Agent.objects.filter(retired_at__isnull=True).order_by("name").values(
             "id", "name", "labels", "executors", "executor_versions", "capacity", "hostname", "version", "status",
-            "reported_status", "enabled", "draining", "last_seen_at",
+            "reported_status", "enabled", "draining", "last_seen_at", "preflight", "preflight_at",
         )
     )  # fmt: skip
     live: dict = defaultdict(list)
@@ -169,8 +170,9 @@ def agents_table() -> list[dict]:
         seen = agent["last_seen_at"]
         agent["heartbeat_age_s"] = (now - seen).total_seconds() if seen else None
         agent["display_status"] = display_status(agent)
-        versions = agent["executor_versions"] or {}
-        agent["executor_list"] = [(e, versions.get(e, "")) for e in agent["executors"]]
+        agent["executor_list"] = preflight.executor_rows(
+            agent["executors"], agent["executor_versions"] or {}, agent["preflight"] or {}
+        )
     return agents
 
 

@@ -11,7 +11,7 @@ from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_POST
 
-from agents_app import registry
+from agents_app import preflight, registry
 
 from . import actions
 from .pages import PAGES, page_context, parse_id
@@ -113,8 +113,19 @@ AGENT_OPERATIONS = {
 }
 
 
+# Operations that are not a flag: a new pre-flight (delivered with the next heartbeat), revoking the token.
+AGENT_ACTIONS = {
+    "preflight": (preflight.request, "pre-flight requested; it runs at the next heartbeat"),
+    "revoke": (registry.revoke_agent, "token revoked; the agent stops at its next call"),
+}
+
+
 @_operator_only
 def operate_agent(request, agent_id, operation: str):
+    if operation in AGENT_ACTIONS:
+        action, done = AGENT_ACTIONS[operation]
+        agent = action(parse_id(agent_id), _actor(request))
+        return _answer(request, f"Agent {agent.name}: {done}.", back="/agents/")
     flags = AGENT_OPERATIONS.get(operation)
     if flags is None:
         raise Http404
