@@ -529,6 +529,8 @@ class FakeServer:
         if path == "/agents/heartbeat":
             commands, self.commands = self.commands, []
             return 200, {"commands": commands}
+        if path == "/agents/preflight":
+            return 200, {"executors": [name for name, check in body["preflight"].items() if check["usable"]]}
         if path.endswith("/progress"):
             return 200, {"lease_expires_at": "2030-01-01T00:00:00Z", "cancel": attempt in self.timed_out}
         if path.endswith("/artifacts"):
@@ -577,7 +579,7 @@ def fake_server():
     server.httpd.shutdown()
 
 
-def start_agent(server: FakeServer, tmp_path: Path, *extra: str) -> subprocess.Popen:
+def start_agent(server: FakeServer, tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     argv = [
         sys.executable,
         str(AGENT_PY),
@@ -593,7 +595,7 @@ def start_agent(server: FakeServer, tmp_path: Path, *extra: str) -> subprocess.P
         "debug",
         *extra,
     ]
-    env = {**os.environ, "CP_ENROLLMENT_TOKEN": "enroll"}
+    env = {**os.environ, "CP_ENROLLMENT_TOKEN": "enroll", **(env or {})}
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -746,3 +748,42 @@ def test_shutdown_command_cancels_running_tasks_and_exits(fake_server, tmp_path)
     code, err = finish(proc)
     assert code == 0, err
     assert fake_server.body("/attempts/0000000a/complete")["error"] == "canceled: agent shutting down"
+
+
+def test_an_executor_failing_its_preflight_is_reported_but_not_offered(fake_server, tmp_path):
+    broken = write_script(tmp_path / "codex", "echo 'not logged in' >&2; exit 1")
+    fake_server.assign("0000000b", executor="shell", command="true")
+    proc = start_agent(fake_server, tmp_path, "--executors", "shell,codex", "--once", env={"CP_CODEX_BIN": str(broken)})
+    code, err = finish(proc)
+    assert code == 0, err  # it serves with what works
+    register = fake_server.body("/agents/register")
+    assert register["executors"] == ["shell"]
+    assert register["preflight"]["codex"] == {
+        "usable": False,
+        "detail": f"{broken} --version exited with 1: not logged in",
+        "version": None,
+    }
+    assert register["preflight"]["shell"]["usable"] is True
+    assert "pre-flight: codex FAILED, it gets no tasks" in err
+
+
+def test_a_preflight_command_makes_the_agent_check_again_and_report(fake_server, tmp_path):
+    proc = start_agent(fake_server, tmp_path)
+    fake_server.wait_for(lambda s: "/agents/claim" in s.paths())
+    fake_server.commands.append({"type": "preflight"})
+    fake_server.wait_for(lambda s: "/agents/preflight" in s.paths())
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc)[0] == 0
+    report = fake_server.body("/agents/preflight")["preflight"]
+    assert set(report) == {"shell", "simulated"} and all(check["usable"] for check in report.values())
+
+
+def test_re_enroll_registers_again_proving_the_old_identity(fake_server, tmp_path):
+    fake_server.assign("0000000c", executor="shell", command="true")
+    assert finish(start_agent(fake_server, tmp_path, "--once"))[0] == 0
+    fake_server.assign("0000000d", executor="shell", command="true")
+    assert finish(start_agent(fake_server, tmp_path, "--once", "--re-enroll"))[0] == 0
+    registrations = [body for path, body in fake_server.calls if path == "/agents/register"]
+    assert "replaces_token" not in registrations[0]
+    assert registrations[1]["replaces_token"] == "agent-token-1"
+    assert json.loads((tmp_path / "work" / "unit-1.state.json").read_text())["token"] == "agent-token-2"
