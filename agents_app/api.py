@@ -37,6 +37,31 @@ async def _agent(request) -> dict:
     return await db_call(registry.authenticate_agent)(tokens.bearer(request.headers.get("Authorization")))
 
 
+def _as_agent(action):
+    """`action(agent, *args)` after authenticating the request's agent token, in one trip to the database
+    executor (one thread hop, one pooled connection): the hot path of every task makes two such calls."""
+
+    def run(token, *args):
+        return action(registry.authenticate_agent(token), *args)
+
+    call = db_call(run)
+
+    async def act(request, *args):
+        EventHub.current()
+        return await call(tokens.bearer(request.headers.get("Authorization")), *args)
+
+    return act
+
+
+def _claim_now(agent: dict, capacity: int) -> tuple[dict, list]:
+    return agent, actions.claim_ready_tasks(agent, capacity)
+
+
+claim_as_agent = _as_agent(_claim_now)
+progress_as_agent = _as_agent(actions.record_progress)
+complete_as_agent = _as_agent(actions.complete_attempt)
+
+
 @api_view
 async def register(request):
     require_method(request, "POST")
@@ -71,16 +96,21 @@ def _timings() -> dict:
 
 @api_view
 async def claim(request):
-    """The long poll. The waiter is registered before each claim query, so a task made ready while the
-    query runs still wakes us: no notification can fall between "nothing for you" and "wait"."""
+    """The long poll. In the waiting loop the waiter is registered before each claim query, so a task made
+    ready while the query runs still wakes us: no notification can fall between "nothing for you" and "wait".
+    The first query, before any waiter exists, only serves work already waiting; finding none, the loop
+    registers and looks again."""
     require_method(request, "POST")
     f = Fields(json_body(request, JSON_LIMIT))
     capacity = f.int("capacity", 1, 64, default=1)
     wait_s = f.number("wait_s", 0, settings.CP_MAX_WAIT_S, default=0)
-    agent = await _agent(request)
+    deadline = time.monotonic() + wait_s
+    # The busy fleet's case first: work is waiting, so authenticate and claim in one go.
+    agent, assignments = await claim_as_agent(request, capacity)
+    if assignments or wait_s <= 0:
+        return JsonResponse({"assignments": assignments})
     hub = EventHub.current()
     claim_tasks = db_call(actions.claim_ready_tasks)
-    deadline = time.monotonic() + wait_s
     while True:
         waiter = hub.register(agent["labels"], agent["executors"])
         try:
@@ -138,8 +168,7 @@ async def progress(request, attempt_id: str):
     log_text = f.str("log", body_limit)
     if log_text is not None and len(log_text.encode("utf-8", "surrogatepass")) > settings.CP_LOG_MAX_BYTES:
         raise ApiError(413, "too_large", f"'log' may be at most {settings.CP_LOG_MAX_BYTES} bytes a call")
-    agent = await _agent(request)
-    answer = await db_call(actions.record_progress)(agent, _attempt_id(attempt_id), value, message, log_text)
+    answer = await progress_as_agent(request, _attempt_id(attempt_id), value, message, log_text)
     return JsonResponse(answer)
 
 
@@ -153,9 +182,8 @@ async def complete(request, attempt_id: str):
         raise ApiError(413, "too_large", f"'result' may be at most {settings.CP_RESULT_MAX_BYTES} bytes")
     error = f.str("error", 100_000, default="")
     exit_code = f.int("exit_code", -(2**31), 2**31 - 1)
-    agent = await _agent(request)
-    task_state = await db_call(actions.complete_attempt)(
-        agent, _attempt_id(attempt_id), outcome, result, error or "", exit_code
+    task_state = await complete_as_agent(
+        request, _attempt_id(attempt_id), outcome, result, error or "", exit_code
     )
     return JsonResponse({"task_state": task_state})
 

@@ -1,5 +1,6 @@
-"""ASGI entry point: HTTP through Django; the dashboard's websockets through Channels, behind the allowed-hosts
-origin check and the session authentication (consumers refuse anonymous users)."""
+"""ASGI entry point: HTTP through Django (agents' calls on a lean handler, see agent_asgi); the dashboard's
+websockets through Channels, behind the allowed-hosts origin check and the session authentication
+(consumers refuse anonymous users)."""
 
 import os
 
@@ -14,6 +15,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.urls import path  # noqa: E402
 
+from control_plane.agent_asgi import route_http  # noqa: E402
 from tasks_app.consumers import LivePageConsumer  # noqa: E402
 
 websocket_urls = [
@@ -23,7 +25,7 @@ websocket_urls = [
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": route_http(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urls))),
     }
 )

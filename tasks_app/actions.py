@@ -16,7 +16,7 @@ from django.db import connection, transaction
 from . import queries as q
 from .dag import Dag
 from .models import Run, Task, TaskDependency
-from .notify import Changes
+from .notify import CHANNEL, Changes
 from .states import (
     RUN_OPERATIONS,
     AttemptState,
@@ -66,19 +66,39 @@ class EventLog:
             (run, task, attempt, agent, kind, frm or "", to or "", actor or self.actor, json.dumps(detail or {}))
         )
 
+    def insert_sql(self) -> tuple[str, list]:
+        """One multi-row INSERT of the gathered events (empty SQL when there are none)."""
+        if not self.rows:
+            return "", []
+        row = "(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, now())"
+        sql = (
+            "INSERT INTO tasks_app_event (run_id, task_id, attempt_id, agent_id, kind, from_state, to_state,"
+            " actor, detail, created_at) VALUES " + ", ".join([row] * len(self.rows))
+        )
+        params = [value for r in self.rows for value in r]
+        self.rows = []
+        return sql, params
+
     def write(self, cursor) -> None:
-        if self.rows:
-            cursor.executemany(
-                "INSERT INTO tasks_app_event (run_id, task_id, attempt_id, agent_id, kind, from_state, to_state,"
-                " actor, detail, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, now())",
-                self.rows,
-            )
-            self.rows = []
+        sql, params = self.insert_sql()
+        if sql:
+            cursor.execute(sql, params)
 
 
 def _commit(cursor, events: EventLog, changes: Changes) -> None:
-    events.write(cursor)
-    changes.send(cursor)
+    """Write the events and send the notification, in one round trip (both take effect at commit)."""
+    insert, params = events.insert_sql()
+    payload = changes.payload()
+    if payload is None:
+        if insert:
+            cursor.execute(insert, params)
+        return
+    notify = "SELECT pg_notify(%s, %s)"
+    if insert:
+        # A data-modifying CTE always runs, referenced or not.
+        cursor.execute(f"WITH ev AS ({insert}) {notify}", [*params, CHANNEL, payload])
+    else:
+        cursor.execute(notify, [CHANNEL, payload])
 
 
 # --- Submitting ---------------------------------------------------------------------------------------
@@ -154,7 +174,7 @@ def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
     global_limit = settings.CP_GLOBAL_MAX_LIVE
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(q.LOCK_AGENT_LIVE, {"agent_id": agent["id"]})
-        agent_capacity, agent_live = cur.fetchone()
+        agent_capacity, _, agent_live = cur.fetchone()
         free = min(capacity, agent_capacity - agent_live)
         if free <= 0:
             return []
@@ -243,6 +263,7 @@ def _lock_attempt(cur, attempt_id) -> dict:
     keys = (
         "id", "state", "agent_id", "task_id", "run_id", "number", "result", "error", "exit_code", "task_state",
         "max_attempts", "attempts_used", "attempt_base", "retry_delay_s", "timeout_s", "elapsed_s",
+        "has_dependents",
     )  # fmt: skip
     return dict(zip(keys, row, strict=True))
 
@@ -366,14 +387,14 @@ def _end_attempt(
     events.add("task", task_from, target, **ids, detail={"attempt": att["number"]})
     if target == TaskState.READY:
         changes.task_ready(executor, requires, delay)
-    elif target == TaskState.SUCCEEDED:
+    elif target == TaskState.SUCCEEDED and att["has_dependents"]:
         cur.execute(q.LOCK_DEPENDENTS, {"task_id": att["task_id"]})
         cur.execute(q.RELEASE_DEPENDENTS, {"task_id": att["task_id"]})
         for dep_id, dep_executor, dep_requires in cur.fetchall():
             events.add("task", TaskState.BLOCKED, TaskState.READY, run=att["run_id"], task=dep_id,
                        detail={"because": "dependencies succeeded"})  # fmt: skip
             changes.task_ready(dep_executor, dep_requires)
-    else:
+    elif target != TaskState.SUCCEEDED and att["has_dependents"]:
         _skip_downstream(cur, att["run_id"], att["task_id"], events)
     _settle_run(cur, att["run_id"], events, changes, slot_freed=True)
     return target

@@ -127,12 +127,15 @@ class Task(models.Model):
             models.CheckConstraint(condition=Q(max_attempts__gte=1), name="task_max_attempts_min"),
         ]
         indexes = [
-            # The claim query: ready tasks in the scheduler's order.
+            # The claim query: ready tasks in exactly the scheduler's order (queries.CANDIDATES), so a claim
+            # reads the first few entries instead of sorting the whole backlog.
             models.Index(
                 F("priority").desc(),
                 F("critical_path_s").desc(),
-                "ready_at",
-                name="task_ready_idx",
+                F("ready_at").asc(nulls_first=True),
+                "created_at",
+                "id",
+                name="task_ready_order_idx",
                 condition=Q(state="ready"),
             ),
             models.Index(fields=["run", "state"], name="task_run_state_idx"),

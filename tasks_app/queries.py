@@ -6,18 +6,31 @@ Run-wide operations (cancel) lock the run alone first and touch its tasks in lat
 """
 
 # Authenticate an agent and count the call as contact, in one round trip and outside the caller's
-# transaction (so no work transaction ever holds the agent row while waiting for a run lock).
+# transaction (so no work transaction ever holds the agent row while waiting for a run lock). The row is
+# written at most once a second per agent (or at once when it comes back online): a busy agent's calls
+# then cost a read, not a row version and WAL each, and "last seen" stays far finer than the offline threshold.
 TOUCH_AGENT = """
-UPDATE agents_app_agent
-   SET last_seen_at = now(),
-       status = CASE WHEN enabled THEN 'online' ELSE status END
- WHERE token_hash = %(token_hash)s AND retired_at IS NULL
-RETURNING id, name, labels, executors, capacity, enabled, draining, shutdown_requested
+WITH a AS (
+    SELECT id, name, labels, executors, capacity, enabled, draining, shutdown_requested, status, last_seen_at
+      FROM agents_app_agent WHERE token_hash = %(token_hash)s AND retired_at IS NULL
+), touched AS (
+    UPDATE agents_app_agent g
+       SET last_seen_at = now(), status = CASE WHEN g.enabled THEN 'online' ELSE g.status END
+      FROM a
+     WHERE g.id = a.id
+       AND (a.last_seen_at IS NULL OR a.last_seen_at < now() - interval '1 second'
+            OR (a.enabled AND a.status <> 'online'))
+)
+SELECT id, name, labels, executors, capacity, enabled, draining, shutdown_requested FROM a
 """
 
 # Claim, step 1: the agent's row lock serialises its own concurrent claims (capacity is per agent).
+# It also turns sorting off for the rest of this transaction only: the planner's default guess for
+# `requires <@ labels` (half a percent of rows) makes it sort every ready task rather than walk
+# task_ready_order_idx in the claim order and stop after `limit` rows; with a backlog of thousands that sort
+# was most of a claim's cost.
 LOCK_AGENT_LIVE = """
-SELECT a.capacity,
+SELECT a.capacity, set_config('enable_sort', 'off', true),
        (SELECT count(*) FROM tasks_app_attempt x WHERE x.agent_id = a.id AND x.state IN ('assigned', 'running'))
   FROM agents_app_agent a WHERE a.id = %(agent_id)s FOR UPDATE
 """
@@ -66,14 +79,14 @@ WITH upd AS (
     INSERT INTO tasks_app_attempt
            (id, task_id, run_id, agent_id, number, state, lease_expires_at, progress, message, log, error,
             assigned_at)
-    SELECT gen_random_uuid(), upd.id, upd.run_id, %(agent_id)s, upd.attempts_used, 'assigned',
+    SELECT gen_random_uuid(), upd.id, upd.run_id, %(agent_id)s::uuid, upd.attempts_used, 'assigned',
            now() + make_interval(secs => %(lease_s)s), 0, '', '', '', now()
       FROM upd
  RETURNING id, task_id, lease_expires_at
 ), ev AS (
     INSERT INTO tasks_app_event (run_id, task_id, attempt_id, agent_id, kind, from_state, to_state, actor, detail,
                                  created_at)
-    SELECT upd.run_id, upd.id, ins.id, %(agent_id)s, 'task', 'ready', 'assigned', %(actor)s, '{}'::jsonb, now()
+    SELECT upd.run_id, upd.id, ins.id, %(agent_id)s::uuid, 'task', 'ready', 'assigned', %(actor)s, '{}'::jsonb, now()
       FROM upd JOIN ins ON ins.task_id = upd.id
 )
 SELECT ins.id, ins.lease_expires_at, upd.id, upd.run_id, upd.key, upd.title, upd.executor, upd.command,
@@ -85,7 +98,8 @@ SELECT ins.id, ins.lease_expires_at, upd.id, upd.run_id, upd.key, upd.title, upd
 LOCK_ATTEMPT = """
 SELECT a.id, a.state, a.agent_id, a.task_id, a.run_id, a.number, a.result, a.error, a.exit_code,
        t.state, t.max_attempts, t.attempts_used, t.attempt_base, t.retry_delay_s, t.timeout_s,
-       EXTRACT(EPOCH FROM (now() - COALESCE(a.started_at, a.assigned_at)))
+       EXTRACT(EPOCH FROM (now() - COALESCE(a.started_at, a.assigned_at))),
+       EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.depends_on_id = t.id)
   FROM tasks_app_attempt a JOIN tasks_app_task t ON t.id = a.task_id
  WHERE a.id = %(attempt_id)s
    FOR UPDATE OF a, t
