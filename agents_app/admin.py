@@ -267,3 +267,7 @@ class ApiTokenAdmin(TokenAdmin):
 
     def create_token(self, request, data):
         return registry.create_api_token(data["user"], note=data.get("note") or "")
+
+
+# Hosts and SSH provisioning are registered by their own module.
+from . import admin_hosts  # noqa: E402, F401

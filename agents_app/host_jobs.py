@@ -25,7 +25,7 @@ from . import provision
 from .host_keys import UnusableKey, check_private_key, normalize_host_key
 from .host_models import Host, HostOperation, HostOperationKind, HostOperationState
 from .host_secrets import SecretUnavailable, decrypt_private_key
-from .models import Agent
+from .models import Agent, AgentStatus
 from .registry import create_enrollment_token
 
 log = logging.getLogger(__name__)
@@ -101,16 +101,19 @@ async def run_one(op: HostOperation) -> None:
             settings.CP_HOST_OPERATION_TIMEOUT_S,
         )
         if op.kind in STARTS_AGENTS:
-            await recorder.report(0.9, "waiting for the agents to enroll")
-            enrolled = await wait_enrolled(op.pk, len(target.agent_names))
-            result["enrolled"] = enrolled
-            if enrolled < len(target.agent_names):
+            # The old processes are gone by now (stop checked), so any contact from now on is a new one's.
+            since = timezone.now()
+            await recorder.report(0.9, "waiting for the agents to come online")
+            names = target.agent_names
+            online = await wait_online(names, since)
+            result["online"] = online
+            if len(online) < len(names):
+                missing = ", ".join(n for n in names if n not in online)
                 raise provision.ProvisionError(
-                    f"{op.host.name}: {enrolled}/{len(target.agent_names)} agents enrolled within "
-                    f"{settings.CP_HOST_ENROLL_WAIT_S:.0f} s; is {target.server_url} reachable from the host? "
-                    "See the agents' last log lines (status)."
+                    f"{op.host.name}: {missing} not online within {settings.CP_HOST_ENROLL_WAIT_S:.0f} s; is "
+                    f"{target.server_url} reachable from the host? The agents' last log lines are above."
                 )
-            await recorder.report(output=f"{enrolled} agents enrolled\n")
+            await recorder.report(output=f"{len(online)} agents online\n")
         if op.kind == HostOperationKind.SCAN:
             await db_call(record_offered_key)(op.host_id, result["offered_host_key"])
         await recorder.finish(HostOperationState.SUCCEEDED, "done", result=result)
@@ -187,19 +190,23 @@ def record_offered_key(host_id: int, offered: str) -> None:
     Host.objects.filter(pk=host_id).update(offered_host_key=normalize_host_key(offered), offered_at=timezone.now())
 
 
-async def wait_enrolled(op_id, expected: int) -> int:
-    """How many agents enrolled with this operation's token, waiting up to CP_HOST_ENROLL_WAIT_S for all."""
+async def wait_online(names, since) -> list[str]:
+    """Which of the agents `names` have been in touch since `since`, waiting up to CP_HOST_ENROLL_WAIT_S for
+    all. A fresh agent enrolls with the operation's token; a restarted one re-uses its saved identity."""
     deadline = time.monotonic() + settings.CP_HOST_ENROLL_WAIT_S
-    count = db_call(_enrolled_count)
+    check = db_call(_online)
     while True:
-        enrolled = await count(op_id)
-        if enrolled >= expected or time.monotonic() >= deadline:
-            return enrolled
+        online = await check(names, since)
+        if len(online) >= len(names) or time.monotonic() >= deadline:
+            return online
         await asyncio.sleep(0.5)
 
 
-def _enrolled_count(op_id) -> int:
-    return Agent.objects.filter(enrollment_token__host_operation=op_id, retired_at__isnull=True).count()
+def _online(names, since) -> list[str]:
+    agents = Agent.objects.filter(
+        name__in=names, retired_at__isnull=True, status=AgentStatus.ONLINE, last_seen_at__gte=since
+    )
+    return sorted(agents.values_list("name", flat=True))
 
 
 class Recorder:

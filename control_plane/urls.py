@@ -3,6 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from agents_app import api as agent_api
+from agents_app import host_views
 from tasks_app import api as run_api
 from tasks_app import views
 
@@ -15,6 +16,10 @@ urlpatterns = [
     path("tasks/<uuid:task_id>/retry/", views.retry_task, name="retry-task"),
     path("agents/", views.agents_page, name="agents"),
     path("agents/<uuid:agent_id>/<str:operation>/", views.operate_agent, name="operate-agent"),
+    path("hosts/", host_views.hosts_page, name="hosts"),
+    path("hosts/operations/", host_views.operations_panel, name="host-operations"),
+    path("hosts/operate/", host_views.operate_hosts, name="operate-hosts"),
+    path("hosts/<int:host_id>/confirm-key/", host_views.confirm_host_key, name="confirm-host-key"),
     path("accounts/login/", auth_views.LoginView.as_view(template_name="registration/login.html"), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from datetime import timedelta
 
 from django.db import connection
-from django.db.models import Count, Q
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from agents_app import preflight
@@ -157,6 +157,8 @@ def agents_table() -> list[dict]:
         Agent.objects.filter(retired_at__isnull=True).order_by("name").values(
             "id", "name", "labels", "executors", "executor_versions", "capacity", "hostname", "version", "status",
             "reported_status", "enabled", "draining", "last_seen_at", "preflight", "preflight_at",
+            # Set when the agent enrolled with a token a host operation wrote: we provisioned it there.
+            provisioned_host=F("enrollment_token__host_operation__host__name"),
         )
     )  # fmt: skip
     live: dict = defaultdict(list)

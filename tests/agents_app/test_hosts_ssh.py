@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 
 from agents_app.host_jobs import start_operations
+from agents_app.host_keys import fingerprint
 from agents_app.host_models import Host, HostOperation
+from agents_app.host_secrets import encrypt_private_key
+from agents_app.host_trust import confirm_offered_key
 from agents_app.models import Agent
 from control_plane import launch
+from tasks_app.actions import ActionError
 from tasks_app.models import Attempt, Run
 from tests import conftest as shared
+from tests.agents_app.conftest import keygen as shared_keygen
 from tests.agents_app.test_daemon_integration import process_gone, wait_for
 from tests.conftest import doc
 
@@ -46,7 +54,7 @@ def make_host(sshd, tmp_path):
             "address": "127.0.0.1", "port": sshd.port, "user": sshd.user, "key_path": str(sshd.user_key_path),
             "host_key": sshd.host_key_pub, "remote_python": "/usr/bin/python3",
             "remote_dir": str(tmp_path / f"remote-{name}"), "agent_count": 2, "agent_labels": ["lb"],
-            "agent_executors": ["simulated", "shell"],
+            "agent_executors": ["simulated", "shell"], "server_url": "http://127.0.0.1:9",
         }  # fmt: skip
         values.update(fields)
         host = Host.objects.create(name=name, **values)
@@ -66,7 +74,7 @@ def qcluster(tmp_path):
     env = {"DATABASE_URL": shared.test_database_url(), "CP_Q_WORKERS": "1"}
     proc = launch.start_qcluster(env=env, log=tmp_path / "qcluster.log")
     yield proc
-    launch.stop(proc)
+    launch.stop(proc, timeout=3)  # its jobs are done; a graceful django-q2 shutdown takes ~8 s
 
 
 def wait_finished(op: HostOperation, timeout: float = 90.0) -> HostOperation:
@@ -85,7 +93,7 @@ def test_deploy_through_the_queue_enrolls_agents_that_run_a_dag_and_stop(make_ho
     assert deploy.q_task_id  # went through django-q2, not run here
     deploy = wait_finished(deploy)
     assert deploy.state == "succeeded", deploy.output
-    assert deploy.progress == 1.0 and "2 agents enrolled" in deploy.output
+    assert deploy.progress == 1.0 and "2 agents online" in deploy.output
 
     # Detached: alive after the SSH session ended, each the leader of its own session.
     pids = daemon_pids(host)
@@ -115,3 +123,133 @@ def test_deploy_through_the_queue_enrolls_agents_that_run_a_dag_and_stop(make_ho
     wait_for(lambda: all(process_gone(pid) for pid in pids.values()), timeout=10, what="the daemons to exit")
     assert daemon_pids(host) == {}
     assert [a["alive"] for a in stop.result["agents"]] == [False, False]
+
+
+def test_a_changed_host_key_is_refused_loudly_and_nothing_is_run(make_host, sshd, tmp_path, caplog):
+    impostor_pin = shared_keygen(tmp_path / "other_host_key")
+    host = make_host("moved", host_key=impostor_pin)
+
+    [op] = start_operations("deploy", [host], "test", background=False)
+
+    assert op.state == "failed"
+    assert "HOST KEY CHANGED for moved" in op.error and "Refusing to connect" in op.error
+    assert op.message == "host key changed: refused"
+    assert "HOST KEY CHANGED" in caplog.text  # logged as an error too, not only stored
+    host.refresh_from_db()
+    assert host.host_key_changed
+    assert host.offered_fingerprint == fingerprint(sshd.host_key_pub) != host.host_key_fingerprint
+    assert host.host_key == impostor_pin  # the pin is not replaced by what the host said
+    assert not Path(host.remote_dir).exists()  # we never logged in
+
+
+def test_unreachable_hosts_fail_within_bounds_and_do_not_stop_a_good_one(make_host, live_server_proc, settings):
+    settings.CP_SSH_CONNECT_TIMEOUT_S = 2.0
+    good = make_host("good", server_url=live_server_proc.url, agent_count=1)
+    closed = make_host("closed", port=launch.free_port())  # nothing listens there
+    blackhole = make_host("blackhole", address="192.0.2.1", port=22)  # TEST-NET-1: never answers
+
+    started = time.monotonic()
+    ops = {op.host.name: op for op in start_operations("deploy", [good, closed, blackhole], "test", background=False)}
+    elapsed = time.monotonic() - started
+
+    assert ops["good"].state == "succeeded", ops["good"].output
+    assert ops["closed"].state == "failed" and "cannot reach 127.0.0.1" in ops["closed"].error
+    assert ops["blackhole"].state == "failed" and "cannot reach 192.0.2.1:22" in ops["blackhole"].error
+    # The bad hosts cost at most their connect timeout, in parallel with the good one's deploy.
+    assert elapsed < 45
+    assert ops["good"].started_at and ops["blackhole"].finished_at
+    blackhole_s = (ops["blackhole"].finished_at - ops["blackhole"].started_at).total_seconds()
+    assert blackhole_s < 2.0 + 3.0
+    start_operations("stop", [good], "test", background=False)
+
+
+def test_first_use_needs_the_operator_to_confirm_the_fingerprint(make_host, sshd):
+    host = make_host("fresh", host_key="")
+
+    [refused] = start_operations("status", [host], "test", background=False)
+    assert refused.state == "failed" and "no confirmed host key" in refused.error
+
+    [scan] = start_operations("scan", [host], "test", background=False)
+    assert scan.state == "succeeded", scan.error
+    host.refresh_from_db()
+    assert host.host_key == "" and host.offered_fingerprint == fingerprint(sshd.host_key_pub)
+    assert host.offered_fingerprint == ssh_keygen_fingerprint(sshd.host_key_pub)
+
+    with pytest.raises(ActionError, match="not the SHA256:wrong"):
+        confirm_offered_key(host.pk, "SHA256:wrong", "user:olivia")
+    confirm_offered_key(host.pk, host.offered_fingerprint, "user:olivia")
+    host.refresh_from_db()
+    assert host.host_key_fingerprint == fingerprint(sshd.host_key_pub)
+    assert host.host_key_confirmed_by == "user:olivia" and host.host_key_confirmed_at
+
+    [status] = start_operations("status", [host], "test", background=False)
+    assert status.state == "succeeded", status.error
+    assert status.result == {"installed": False, "agents": []}
+
+
+def test_restart_upgrade_status_uninstall(make_host, live_server_proc):
+    host = make_host("cycle", server_url=live_server_proc.url, agent_count=1, agent_capacity=2)
+    [deploy] = start_operations("deploy", [host], "test", background=False)
+    assert deploy.state == "succeeded", deploy.output
+    first = daemon_pids(host)["cycle-1"]
+    agent = Agent.objects.get(name="cycle-1", retired_at__isnull=True)
+    assert agent.capacity == 2
+
+    [status] = start_operations("status", [host], "test", background=False)
+    [row] = status.result["agents"]
+    assert row["name"] == "cycle-1" and row["alive"] and row["pid"] == str(first)
+    assert any("registered as agent" in line for line in row["log_tail"]), row
+
+    [restart] = start_operations("restart", [host], "test", background=False)
+    assert restart.state == "succeeded", restart.output
+    second = daemon_pids(host)["cycle-1"]
+    assert second != first and process_gone(first) and is_our_daemon(second, "cycle-1")
+
+    # An older daemon on the host is replaced by the server's copy.
+    daemon = Path(host.remote_dir) / "cp_agent.py"
+    daemon.write_text(daemon.read_text().replace('VERSION = "', 'VERSION = "0.9-old-', 1))
+    [upgrade] = start_operations("upgrade", [host], "test", background=False)
+    assert upgrade.state == "succeeded", upgrade.output
+    assert "upgrading the daemon 0.9-old-" in upgrade.output
+    assert daemon.read_text() == (Path(launch.AGENT_SCRIPT)).read_text()
+    third = daemon_pids(host)["cycle-1"]
+    assert is_our_daemon(third, "cycle-1") and process_gone(second)
+
+    [uninstall] = start_operations("uninstall", [host], "test", background=False)
+    assert uninstall.state == "succeeded", uninstall.output
+    wait_for(lambda: process_gone(third), timeout=10, what="the daemon to exit")
+    assert not Path(host.remote_dir).exists()
+
+    [again] = start_operations("restart", [host], "test", background=False)
+    assert again.state == "failed" and "nothing deployed" in again.error
+
+
+def test_a_private_key_stored_encrypted_logs_in(make_host, sshd, settings):
+    settings.CP_HOST_KEY_SECRET = Fernet.generate_key().decode()
+    host = make_host("vault", key_path="")
+    host.key_encrypted = encrypt_private_key(sshd.user_key_text)
+    host.save()
+    assert "PRIVATE KEY" not in Host.objects.values_list("key_encrypted", flat=True).get(pk=host.pk)
+
+    [status] = start_operations("status", [host], "test", background=False)
+    assert status.state == "succeeded", status.error
+
+    settings.CP_HOST_KEY_SECRET = Fernet.generate_key().decode()  # rotated away without re-saving the key
+    [refused] = start_operations("status", [host], "test", background=False)
+    assert refused.state == "failed" and "does not decrypt with CP_HOST_KEY_SECRET" in refused.error
+    settings.CP_HOST_KEY_SECRET = ""
+    [refused] = start_operations("status", [host], "test", background=False)
+    assert refused.state == "failed" and "set CP_HOST_KEY_SECRET" in refused.error
+
+
+def test_a_key_the_host_does_not_accept_is_reported(make_host, tmp_path):
+    stranger = tmp_path / "stranger"
+    shared_keygen(stranger)
+    host = make_host("locked", key_path=str(stranger))
+    [op] = start_operations("status", [host], "test", background=False)
+    assert op.state == "failed" and "refused our private key" in op.error
+
+
+def ssh_keygen_fingerprint(pub: str) -> str:
+    out = subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=pub, capture_output=True, text=True, check=True)
+    return out.stdout.split()[1]
