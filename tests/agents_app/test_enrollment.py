@@ -12,6 +12,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -202,3 +203,33 @@ def test_only_the_holder_of_an_online_agents_token_may_take_its_name(live_server
     assert (status, body["error"]) == (409, "name_taken")
     status, body = register_call(live_server_proc.url, token, "taken", replaces_token=first["token"])
     assert status == 201 and body["token"] != first["token"]
+
+
+def test_an_operator_revokes_from_the_agents_page_and_a_viewer_may_not(
+    live_server_proc, operator, django_user_model, client
+):
+    token, _ = registry.create_enrollment_token()
+    status, body = register_call(live_server_proc.url, token, "paged")
+    assert status == 201
+    viewer = django_user_model.objects.create_user("vera", password="pw-vera-12345")
+    client.force_login(viewer)
+    assert client.post(f"/agents/{body['agent_id']}/revoke/").status_code == 403
+    assert current("paged") is not None
+
+    client.force_login(operator[0])
+    answer = client.post(f"/agents/{body['agent_id']}/revoke/", headers={"HX-Request": "true"})
+    assert answer.status_code == 200 and "token revoked" in answer.content.decode()
+    agent = Agent.objects.get(pk=body["agent_id"])
+    assert (agent.status, agent.retired_at is not None, agent.revoked_at is not None) == ("retired", True, True)
+    assert client.post(f"/agents/{body['agent_id']}/revoke/").status_code == 404  # nothing current to revoke
+
+
+def test_revoke_agent_command_names_what_it_revoked(live_server_proc):
+    token, _ = registry.create_enrollment_token()
+    assert register_call(live_server_proc.url, token, "cmd-1")[0] == 201
+    out = StringIO()
+    call_command("revoke_agent", "cmd-1", stdout=out)
+    assert out.getvalue().strip() == "cmd-1: token revoked"
+    assert current("cmd-1") is None
+    with pytest.raises(CommandError, match="no current agent named cmd-1"):
+        call_command("revoke_agent", "cmd-1")
