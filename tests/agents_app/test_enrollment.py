@@ -130,7 +130,7 @@ def test_revoking_an_agent_stops_it_within_one_heartbeat_and_it_does_not_enroll_
     registry.revoke_agent(agent.pk, "user:test")
     assert proc.wait(HEARTBEAT_S + 10) == 1
     # One heartbeat to hear it, then a prompt stop (its task's process group is killed on the way out).
-    assert time.monotonic() - revoked < HEARTBEAT_S + 2.5
+    assert time.monotonic() - revoked < HEARTBEAT_S + 4
     log = log_of(tmp_path, "doomed")
     assert "stopped: the server revoked this agent's token" in log and "--re-enroll" in log
     attempt.refresh_from_db()
@@ -168,7 +168,7 @@ def test_disabling_an_agent_stops_its_daemon_within_one_heartbeat(fleet, tmp_pat
     disabled = time.monotonic()
     registry.set_agent_flags(current("sleepy").pk, "user:test", enabled=False)
     assert proc.wait(HEARTBEAT_S + 10) == 1
-    assert time.monotonic() - disabled < HEARTBEAT_S + 2.5
+    assert time.monotonic() - disabled < HEARTBEAT_S + 4
     assert "the server refuses this agent (this agent is disabled)" in log_of(tmp_path, "sleepy")
 
 
