@@ -179,6 +179,7 @@ def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
         if free <= 0:
             return []
         chosen: list = []
+        chosen_runs: set = set()
         full_runs: list = []
         run_slots: dict = {}
         global_free = None
@@ -213,6 +214,7 @@ def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
                         continue
                     run_slots[run_id] -= 1
                 chosen.append(task_id)
+                chosen_runs.add(run_id)
                 if global_free is not None:
                     global_free -= 1
             if len(chosen) >= free or (global_free is not None and global_free <= 0) or not full_runs:
@@ -226,11 +228,11 @@ def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
                 "agent_id": agent["id"],
                 "lease_s": settings.CP_LEASE_S,
                 "actor": f"agent:{agent['name']}",
+                "channel": CHANNEL,
+                "payload": Changes(runs=chosen_runs).payload(),
             },
         )
         rows = cur.fetchall()
-        changes = Changes(runs={r[3] for r in rows})
-        changes.send(cur)
     return [
         {
             "attempt_id": str(attempt_id),
@@ -332,18 +334,9 @@ def complete_attempt(agent: dict, attempt_id, outcome: str, result, error: str, 
             return att["task_state"]
         _require_live(att, agent["id"])
         events, changes = EventLog(f"agent:{agent['name']}"), Changes(runs={att["run_id"]})
-        cur.execute(
-            """
-            UPDATE tasks_app_attempt
-               SET state = %(state)s, result = %(result)s::jsonb, error = %(error)s, exit_code = %(exit_code)s,
-                   finished_at = now(), started_at = COALESCE(started_at, now()),
-                   progress = CASE WHEN %(state)s = 'succeeded' THEN 1 ELSE progress END
-             WHERE id = %(id)s
-            """,
-            {"state": outcome, "result": json.dumps(result) if result is not None else None, "error": error or "",
-             "exit_code": exit_code, "id": att["id"]},
-        )  # fmt: skip
-        task_state = _end_attempt(cur, att, outcome, events, changes, agent_id=agent["id"])
+        ending = {"state": outcome, "result": json.dumps(result) if result is not None else None,
+                  "error": error or "", "exit_code": exit_code}  # fmt: skip
+        task_state = _end_attempt(cur, att, outcome, events, changes, q.ATTEMPT_COMPLETED, ending, agent["id"])
         _commit(cur, events, changes)
     return task_state
 
@@ -356,9 +349,18 @@ def _same_completion(att: dict, result, error, exit_code) -> bool:
 
 
 def _end_attempt(
-    cur, att: dict, attempt_state: str, events: EventLog, changes: Changes, agent_id=None, detail=None
+    cur,
+    att: dict,
+    attempt_state: str,
+    events: EventLog,
+    changes: Changes,
+    attempt_set: str,
+    ending: dict,
+    agent_id=None,
+    detail=None,
 ) -> str:
-    """Apply an ended attempt to its task, its dependents and its run. Returns the task's new state."""
+    """End the attempt (`attempt_set`, one of the queries' ATTEMPT_* SET lists, with `ending` as its
+    parameters) and apply that to its task, its dependents and its run. Returns the task's new state."""
     check_transition("attempt", att["state"], attempt_state)
     ids = {"run": att["run_id"], "task": att["task_id"], "attempt": att["id"], "agent": agent_id or att["agent_id"]}
     events.add("attempt", att["state"], attempt_state, **ids, detail=detail)
@@ -372,7 +374,8 @@ def _end_attempt(
     check_transition("task", task_from, target)
     delay = att["retry_delay_s"] if target == TaskState.READY else 0
     cur.execute(
-        """
+        f"""
+        WITH ended AS (UPDATE tasks_app_attempt SET {attempt_set} WHERE id = %(attempt_id)s)
         UPDATE tasks_app_task
            SET state = %(state)s,
                progress = CASE WHEN %(state)s = 'succeeded' THEN 1 WHEN %(state)s = 'ready' THEN 0 ELSE progress END,
@@ -381,7 +384,8 @@ def _end_attempt(
          WHERE id = %(task_id)s
         RETURNING executor, requires
         """,
-        {"state": target, "delay": delay, "task_id": att["task_id"]},
+        {**{f"a_{k}": v for k, v in ending.items()}, "attempt_id": att["id"], "state": target, "delay": delay,
+         "task_id": att["task_id"]},
     )  # fmt: skip
     executor, requires = cur.fetchone()
     events.add("task", task_from, target, **ids, detail={"attempt": att["number"]})
@@ -461,11 +465,10 @@ def lose_attempts(attempt_ids, reason: str, actor: str) -> int:
             if att["state"] not in AttemptState.LIVE:
                 continue
             events, changes = EventLog(actor), Changes(runs={att["run_id"]})
-            cur.execute(
-                "UPDATE tasks_app_attempt SET state = 'lost', error = %s, finished_at = now() WHERE id = %s",
-                [reason, att["id"]],
+            ending = {"state": AttemptState.LOST, "error": reason}
+            _end_attempt(
+                cur, att, AttemptState.LOST, events, changes, q.ATTEMPT_ENDED, ending, detail={"reason": reason}
             )
-            _end_attempt(cur, att, AttemptState.LOST, events, changes, detail={"reason": reason})
             _commit(cur, events, changes)
             lost += 1
     return lost
@@ -584,12 +587,17 @@ def cancel_run(run_id, actor: str) -> str:
             att = _lock_attempt(cur, attempt_id)
             if att["state"] not in AttemptState.LIVE:
                 continue
-            cur.execute(
-                "UPDATE tasks_app_attempt SET state = 'canceled', error = 'run canceled', finished_at = now()"
-                " WHERE id = %s",
-                [attempt_id],
+            ending = {"state": AttemptState.CANCELED, "error": "run canceled"}
+            _end_attempt(
+                cur,
+                att,
+                AttemptState.CANCELED,
+                events,
+                changes,
+                q.ATTEMPT_ENDED,
+                ending,
+                detail={"reason": "run canceled"},
             )
-            _end_attempt(cur, att, AttemptState.CANCELED, events, changes, detail={"reason": "run canceled"})
             _commit(cur, events, changes)
     return RunState.CANCELED
 

@@ -66,8 +66,8 @@ SELECT pg_advisory_xact_lock(7262001),
 """
 
 # Claim, step 4: assign the chosen tasks, create their attempts (leased from this moment, on the database's
-# clock) and write the audit events, in one statement. The partial unique index on live attempts is the
-# last line of defence against a second live attempt of one task.
+# clock), write the audit events and queue the notification (sent on commit), in one statement. The partial
+# unique index on live attempts is the last line of defence against a second live attempt of one task.
 ASSIGN = """
 WITH upd AS (
     UPDATE tasks_app_task
@@ -91,7 +91,7 @@ WITH upd AS (
 )
 SELECT ins.id, ins.lease_expires_at, upd.id, upd.run_id, upd.key, upd.title, upd.executor, upd.command,
        upd.prompt, upd.params, upd.timeout_s, upd.attempts_used
-  FROM upd JOIN ins ON ins.task_id = upd.id
+  FROM upd JOIN ins ON ins.task_id = upd.id, (SELECT pg_notify(%(channel)s, %(payload)s)) AS announce
 """
 
 # An agent's call about one attempt: lock the attempt, then its task (the global lock order).
@@ -104,6 +104,16 @@ SELECT a.id, a.state, a.agent_id, a.task_id, a.run_id, a.number, a.result, a.err
  WHERE a.id = %(attempt_id)s
    FOR UPDATE OF a, t
 """
+
+# Ending an attempt: the SET list of its UPDATE, which runs in the same statement as its task's update
+# (actions._end_attempt), with parameters prefixed a_. The agent's completion...
+ATTEMPT_COMPLETED = """
+state = %(a_state)s, result = %(a_result)s::jsonb, error = %(a_error)s, exit_code = %(a_exit_code)s,
+finished_at = now(), started_at = COALESCE(started_at, now()),
+progress = CASE WHEN %(a_state)s = 'succeeded' THEN 1 ELSE progress END
+"""
+# ... and the server's (lost, canceled).
+ATTEMPT_ENDED = "state = %(a_state)s, error = %(a_error)s, finished_at = now()"
 
 # Dependents of a task, locked in id order: two upstream tasks finishing at once then take turns, and the
 # second sees the first's success (READ COMMITTED re-reads after the wait), so no dependent stays blocked.
