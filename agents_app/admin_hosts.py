@@ -8,6 +8,9 @@ list (they run as django-q2 jobs) and followed on the hosts page.
 
 from __future__ import annotations
 
+import re
+
+from cryptography import x509
 from django import forms
 from django.contrib import admin
 from django.contrib.postgres.forms import SimpleArrayField
@@ -19,6 +22,8 @@ from .host_jobs import start_operations
 from .host_keys import UnusableKey, check_private_key, normalize_host_key
 from .host_models import NAME_VALIDATOR, Host, HostOperation, HostOperationKind
 from .host_secrets import SecretUnavailable, encrypt_private_key
+
+SERVER_URL_RE = re.compile(r"https?://[^\s/?#]+(/\S*)?")
 
 
 def _actor(request) -> str:
@@ -66,6 +71,22 @@ class HostForm(forms.ModelForm):
             return normalize_host_key(text) if text else ""
         except UnusableKey as exc:
             raise forms.ValidationError(str(exc)) from None
+
+    def clean_server_url(self):
+        url = self.cleaned_data["server_url"].strip()
+        if url and not SERVER_URL_RE.fullmatch(url):
+            raise forms.ValidationError("an http:// or https:// URL the agents reach this server at")
+        return url
+
+    def clean_ca_bundle(self):
+        pem = self.cleaned_data["ca_bundle"].strip()
+        if not pem:
+            return ""
+        try:
+            x509.load_pem_x509_certificates(pem.encode())
+        except ValueError:
+            raise forms.ValidationError("not PEM certificates (-----BEGIN CERTIFICATE----- …)") from None
+        return pem + "\n"
 
     def clean_agent_labels(self):
         labels = self.cleaned_data["agent_labels"]

@@ -25,7 +25,7 @@ from . import provision
 from .host_keys import UnusableKey, check_private_key, normalize_host_key
 from .host_models import Host, HostOperation, HostOperationKind, HostOperationState
 from .host_secrets import SecretUnavailable, decrypt_private_key
-from .models import Agent, AgentStatus
+from .models import Agent, AgentStatus, EnrollmentToken
 from .registry import create_enrollment_token
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def start_operations(kind: str, hosts, actor: str, *, background: bool = True) -
     """One HostOperation per host, run by one django-q2 job (or here and now when not `background`)."""
     if kind not in HostOperationKind.values:
         raise ValueError(f"unknown host operation {kind!r}; one of {', '.join(HostOperationKind.values)}")
+    abandon_stale_operations()
     batch = uuid.uuid4()
     ops = [HostOperation.objects.create(batch=batch, host=h, kind=kind, requested_by=actor) for h in hosts]
     ids = [str(op.id) for op in ops]
@@ -117,6 +118,8 @@ async def run_one(op: HostOperation) -> None:
         if op.kind == HostOperationKind.SCAN:
             await db_call(record_offered_key)(op.host_id, result["offered_host_key"])
         await recorder.finish(HostOperationState.SUCCEEDED, "done", result=result)
+        await db_call(settle_tokens)(op.pk, succeeded=True)
+        return
     except provision.HostKeyChanged as exc:
         log.error("%s", exc)
         if exc.offered:
@@ -130,6 +133,36 @@ async def run_one(op: HostOperation) -> None:
     except Exception as exc:
         log.exception("host operation %s on %s", op.kind, op.host.name)
         await recorder.finish(HostOperationState.FAILED, "failed", error=f"unexpected error: {exc!r}")
+    await db_call(settle_tokens)(op.pk, succeeded=False)
+
+
+def settle_tokens(op_id, succeeded: bool) -> None:
+    """A host keeps one working enrollment token: the one its last successful start wrote there. A failed
+    operation's token is revoked unless an agent enrolled with it; a success revokes the host's older ones.
+    (Revoking an enrollment token does not touch the agents that enrolled with it.)"""
+    op = HostOperation.objects.filter(pk=op_id).values("host_id", "enrollment_token_id").first()
+    if op is None or op["enrollment_token_id"] is None:
+        return
+    live = EnrollmentToken.objects.filter(revoked_at__isnull=True)
+    if succeeded:
+        older = live.filter(host_operation__host_id=op["host_id"]).exclude(pk=op["enrollment_token_id"])
+        older.update(revoked_at=timezone.now())
+    else:
+        live.filter(pk=op["enrollment_token_id"], uses=0).update(revoked_at=timezone.now())
+
+
+def abandon_stale_operations() -> int:
+    """Fail operations still `running` long after any run could have ended: the worker that ran them died
+    (a retried job only picks up `queued` ones, so nothing else would ever finish them)."""
+    limit = settings.CP_HOST_OPERATION_TIMEOUT_S + settings.CP_HOST_ENROLL_WAIT_S + 60
+    return HostOperation.objects.filter(
+        state=HostOperationState.RUNNING, started_at__lt=timezone.now() - timedelta(seconds=limit)
+    ).update(
+        state=HostOperationState.FAILED,
+        message="abandoned",
+        error="the worker running this operation stopped before it finished; run it again",
+        finished_at=timezone.now(),
+    )
 
 
 def prepare(op: HostOperation) -> tuple[provision.Target, str, str]:

@@ -7,24 +7,32 @@ operations are not scheduler events on the live websocket, and a page with nothi
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
+from django.utils import timezone
 
 from tasks_app.views import OPERATE, _actor, _answer, _operator_only
 
-from .host_jobs import start_operations
+from .host_jobs import abandon_stale_operations, start_operations
 from .host_models import Host, HostOperation, HostOperationKind, HostOperationState
 from .host_trust import confirm_offered_key
 
 RECENT_OPERATIONS = 30
 BADGE = {"queued": "ag-offline", "running": "ag-busy", "succeeded": "ag-idle", "failed": "ag-disabled"}
 ACTIVE = (HostOperationState.QUEUED, HostOperationState.RUNNING)
+# A job the cluster has not picked up after this long probably has no cluster to pick it up.
+QUEUE_PATIENCE_S = 10
 
 
 def operations_context() -> dict:
+    abandon_stale_operations()
     ops = list(HostOperation.objects.select_related("host").order_by("-created_at")[:RECENT_OPERATIONS])
+    waiting_since = timezone.now() - timedelta(seconds=QUEUE_PATIENCE_S)
     for op in ops:
         op.badge = BADGE[op.state]
+        op.waiting_long = op.state == HostOperationState.QUEUED and op.created_at < waiting_since
     return {"operations": ops, "operations_active": any(op.state in ACTIVE for op in ops)}
 
 

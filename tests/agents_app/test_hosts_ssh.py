@@ -7,12 +7,15 @@ import os
 import signal
 import subprocess
 import time
+import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
+from django.utils import timezone
 
-from agents_app.host_jobs import start_operations
+from agents_app.host_jobs import abandon_stale_operations, start_operations
 from agents_app.host_keys import fingerprint
 from agents_app.host_models import Host, HostOperation
 from agents_app.host_secrets import encrypt_private_key
@@ -24,6 +27,7 @@ from tasks_app.models import Attempt, Run
 from tests import conftest as shared
 from tests.agents_app.conftest import keygen as shared_keygen
 from tests.agents_app.test_daemon_integration import process_gone, wait_for
+from tests.certs import make_pki
 from tests.conftest import doc
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -253,3 +257,61 @@ def test_a_key_the_host_does_not_accept_is_reported(make_host, tmp_path):
 def ssh_keygen_fingerprint(pub: str) -> str:
     out = subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=pub, capture_output=True, text=True, check=True)
     return out.stdout.split()[1]
+
+
+@pytest.fixture
+def https_server(tmp_path):
+    """A server process serving HTTPS with a certificate from a throwaway CA (tests/certs.py)."""
+    pki = make_pki(tmp_path / "pki", "hosts")
+    server = shared.Server(tmp_path, pki=pki)
+    yield server, pki
+    server.stop()
+
+
+def test_deploy_over_https_the_agents_verify_the_server_with_the_hosts_ca(make_host, https_server, submit, settings):
+    server, pki = https_server
+    settings.CP_HOST_ENROLL_WAIT_S = 6.0
+    # Without the CA the agents refuse the server's certificate: the deploy says so instead of succeeding.
+    blind = make_host("blind", server_url=server.url, agent_count=1)
+    [refused] = start_operations("deploy", [blind], "test", background=False)
+    assert refused.state == "failed"
+    # The agent gives up at once ("exited right after starting") or is not online in time; either way its log
+    # lines say why.
+    assert "unable to get local issuer certificate" in refused.error + refused.output
+    assert refused.enrollment_token.revoked_at is not None  # a failed deploy's unused token is revoked
+    start_operations("stop", [blind], "test", background=False)
+
+    host = make_host("tls", server_url=server.url, agent_count=1, ca_bundle=pki.ca_file.read_text())
+    [deploy] = start_operations("deploy", [host], "test", background=False)
+    assert deploy.state == "succeeded", deploy.output
+    assert (Path(host.remote_dir) / "ca.pem").read_text() == pki.ca_file.read_text()
+    run = submit(doc({"key": "hello", "requires": ["lb"], "executor": "shell", "command": "echo over tls"}))
+    wait_for(lambda: Run.objects.get(pk=run.pk).state == "succeeded", timeout=60, what="the run to succeed")
+    assert Attempt.objects.get(run=run).agent.name == "tls-1"
+
+    # A second successful start leaves the host with one working enrollment token: the newest.
+    [restart] = start_operations("restart", [host], "test", background=False)
+    assert restart.state == "succeeded", restart.output
+    deploy.enrollment_token.refresh_from_db()
+    restart.enrollment_token.refresh_from_db()
+    assert deploy.enrollment_token.revoked_at is not None and restart.enrollment_token.revoked_at is None
+    [stop] = start_operations("stop", [host], "test", background=False)
+    assert stop.state == "succeeded" and daemon_pids(host) == {}
+
+
+def test_an_operation_whose_worker_died_is_failed_not_left_running(make_host, settings):
+    host = make_host("orphan")
+    settings.CP_HOST_OPERATION_TIMEOUT_S = 1
+    settings.CP_HOST_ENROLL_WAIT_S = 1
+    stuck = HostOperation.objects.create(
+        batch=uuid.uuid4(), host=host, kind="deploy", state="running",
+        started_at=timezone.now() - timedelta(seconds=120),
+    )  # fmt: skip
+    fresh = HostOperation.objects.create(
+        batch=uuid.uuid4(), host=host, kind="deploy", state="running", started_at=timezone.now()
+    )
+    assert abandon_stale_operations() == 1
+    stuck.refresh_from_db()
+    fresh.refresh_from_db()
+    assert stuck.state == "failed" and "stopped before it finished" in stuck.error
+    assert fresh.state == "running"

@@ -4,12 +4,14 @@ with a sentence (never a 500), keys never stored or shown in clear, provisioned 
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import pytest
 from cryptography.fernet import Fernet
 from django.contrib.auth.models import Permission
 from django.core.management import CommandError, call_command
 from django.test import Client
+from django.utils import timezone
 
 from agents_app.host_keys import fingerprint
 from agents_app.host_models import Host, HostOperation
@@ -91,6 +93,9 @@ def test_an_operator_queues_an_operation_for_the_selected_hosts(operator_client,
 
     panel = operator_client.get("/hosts/operations/").content.decode()
     assert 'hx-trigger="every 2s"' in panel  # refreshes while something is in progress
+    assert "is the django-q2 cluster running" not in panel
+    HostOperation.objects.update(created_at=timezone.now() - timedelta(minutes=1))
+    assert "is the django-q2 cluster running" in operator_client.get("/hosts/operations/").content.decode()
     HostOperation.objects.update(state="failed", error=XSS)
     panel = operator_client.get("/hosts/operations/").content.decode()
     assert "every 2s" not in panel and XSS not in panel and "&lt;script&gt;" in panel
@@ -187,6 +192,8 @@ def test_admin_stores_a_pasted_private_key_encrypted_and_never_shows_it(admin_cl
         ({"key_path": "/k", "remote_dir": "../../etc"}, True, "without &#x27;..&#x27;"),
         ({"key_path": "/k", "agent_labels": "ok,no spaces"}, True, "label &#x27;no spaces&#x27;: 1-64 of letters"),
         ({"key_path": "/k", "port": "70000"}, True, "less than or equal to 65535"),
+        ({"key_path": "/k", "server_url": "cp.example.com; rm -rf ~"}, True, "an http:// or https:// URL"),
+        ({"key_path": "/k", "ca_bundle": "-----BEGIN CERTIFICATE-----\nnope"}, True, "not PEM certificates"),
     ],
 )
 def test_admin_refuses_bad_host_input_with_a_sentence(admin_client_, keys, settings, overrides, secret, says):
