@@ -111,10 +111,16 @@ async def claim(request):
         return JsonResponse({"assignments": assignments})
     hub = EventHub.current()
     claim_tasks = db_call(actions.claim_ready_tasks)
+    woken = False
     while True:
         waiter = hub.register(agent["labels"], agent["executors"])
         try:
-            assignments = await claim_tasks(agent, capacity)
+            if woken:
+                # Meanwhile the agent may have been revoked, disabled, or have reported a failed pre-flight:
+                # who it is and what it may run are read again (in the claim's own trip to the database).
+                agent, assignments = await claim_as_agent(request, capacity)
+            else:
+                assignments = await claim_tasks(agent, capacity)
             remaining = deadline - time.monotonic()
             if assignments or remaining <= 0:
                 return JsonResponse({"assignments": assignments})
@@ -122,6 +128,7 @@ async def claim(request):
                 await asyncio.wait_for(waiter.event.wait(), remaining)
             except TimeoutError:
                 return JsonResponse({"assignments": []})
+            woken = True
         finally:
             hub.unregister(waiter)
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from control_plane import launch
 
@@ -96,6 +99,25 @@ def fleet(live_server_proc, enrollment_token, tmp_path):
     yield start
     for proc in procs:
         launch.stop(proc, timeout=15)
+
+
+def parked_claim(server_url: str, token: str, agent_id, wait_s: float) -> tuple[threading.Thread, dict]:
+    """A claim long poll from another thread, returned once the server has authenticated it (and is about to
+    park it); `answer` gets the (status, body) when it ends."""
+    from agents_app.models import Agent
+
+    # Contact is written at most once a second per agent: age it, so the claim's touch shows.
+    seen_before = timezone.now() - timedelta(seconds=10)
+    Agent.objects.filter(pk=agent_id).update(last_seen_at=seen_before)
+    answer: dict = {}
+    url = f"{server_url}/api/v1/agents/claim"
+    thread = threading.Thread(
+        target=lambda: answer.update(result=http("POST", url, {"capacity": 1, "wait_s": wait_s}, token=token))
+    )
+    thread.start()
+    wait_for(lambda: Agent.objects.get(pk=agent_id).last_seen_at > seen_before, 10, 0.02, "the claim to arrive")
+    time.sleep(0.2)  # from authenticated to parked takes a claim query; none can be observed from outside
+    return thread, answer
 
 
 def http(method: str, url: str, body=None, token: str | None = None, raw: bytes | None = None, headers=None):

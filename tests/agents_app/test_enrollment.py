@@ -20,7 +20,7 @@ from agents_app import registry
 from agents_app.models import Agent, EnrollmentToken
 from agents_app.tokens import hash_token
 from tasks_app.models import Attempt, Task
-from tests.conftest import FAST_TIMINGS, doc, http, wait_for
+from tests.conftest import FAST_TIMINGS, doc, http, parked_claim, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 HEARTBEAT_S = float(FAST_TIMINGS["CP_HEARTBEAT_INTERVAL_S"])
@@ -233,3 +233,16 @@ def test_revoke_agent_command_names_what_it_revoked(live_server_proc):
     assert current("cmd-1") is None
     with pytest.raises(CommandError, match="no current agent named cmd-1"):
         call_command("revoke_agent", "cmd-1")
+
+
+def test_a_claim_parked_before_the_revocation_gets_401_when_work_arrives_not_the_work(live_server_proc, submit):
+    token, _ = registry.create_enrollment_token()
+    status, body = register_call(live_server_proc.url, token, "parked")
+    assert status == 201
+    poll, answer = parked_claim(live_server_proc.url, body["token"], body["agent_id"], wait_s=5)
+    registry.revoke_agent(body["agent_id"], "user:test")
+    run = submit(doc({"key": "bait", "executor": "shell", "command": "true"}))
+    poll.join(10)
+    status, refusal = answer["result"]
+    assert (status, refusal["error"]) == (401, "agent_revoked")
+    assert not Attempt.objects.filter(run=run).exists()

@@ -14,7 +14,7 @@ from agents_app import preflight
 from agents_app.models import Agent
 from tasks_app.models import Attempt, Task
 from tests.agents_app.test_cp_agent_unit import FAKE_CLAUDE, FAKE_CODEX, write_script
-from tests.conftest import doc, http, register, wait_for
+from tests.conftest import doc, http, parked_claim, register, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -205,3 +205,16 @@ def test_executor_rows_fall_back_to_what_an_agent_declared():
     ]
     rows = preflight.executor_rows(["shell"], {}, {"codex": CODEX_BROKEN, "shell": {**CODEX_OK, "version": None}})
     assert [(r["name"], r["usable"]) for r in rows] == [("codex", False), ("shell", True)]
+
+
+def test_a_claim_parked_before_a_failed_preflight_is_not_given_that_executors_task(
+    live_server_proc, enrollment_token, submit
+):
+    agent = register(live_server_proc.url, enrollment_token, "cg-14", executors=("shell", "codex"))
+    poll, answer = parked_claim(live_server_proc.url, agent["token"], agent["agent_id"], wait_s=2)
+    report = {"shell": {"usable": True, "detail": "/bin/sh", "version": None}, "codex": CODEX_BROKEN}
+    assert preflight_call(live_server_proc.url, agent["token"], {"preflight": report})[0] == 200
+    run = submit(doc({"key": "implement", "executor": "codex", "prompt": "write it"}))
+    poll.join(10)
+    assert answer["result"] == (200, {"assignments": []})
+    assert not Attempt.objects.filter(run=run).exists()
