@@ -14,6 +14,11 @@ dependencies are not installed, so the daemon must work as one file copied anywh
     python3 cp_agent.py --server https://cp.example.com --name cg-1 --labels linux,cg   # CP_ENROLLMENT_TOKEN set
     python3 cp_agent.py --check --server https://cp.example.com
 
+Over https it verifies the server's certificate against the system's CAs or --ca-file; plain http is
+refused to any host but loopback unless --insecure, because every call carries a bearer token. At start
+and when the server asks, it checks its executors (the pre-flight) and is offered tasks only for those that
+passed. A revoked or replaced identity stops it; --re-enroll registers again and rotates its token.
+
 Exit status: 0 after a clean stop, 1 when the agent cannot go on (or --check failed), 2 for bad options.
 """
 
