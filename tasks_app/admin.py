@@ -49,7 +49,7 @@ class WorkflowTaskInline(admin.TabularInline):
 class WorkflowAdmin(admin.ModelAdmin):
     form = WorkflowForm
     inlines = [WorkflowTaskInline]
-    list_display = ["name", "task_count", "run_count", "max_parallel", "updated_at"]
+    list_display = ["name", "task_count", "run_count", "max_parallel", "priority", "updated_at"]
     search_fields = ["name", "description"]
     list_filter = ["updated_at"]
     actions = ["start_run", "duplicate", "export_yaml", "export_json"]

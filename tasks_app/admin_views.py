@@ -142,7 +142,10 @@ class StartRunForm(forms.Form):
         required=False, min_value=1, max_value=100_000, help_text="live attempts at once; empty: the workflow's own"
     )
     priority = forms.IntegerField(
-        required=False, min_value=-1_000_000, max_value=1_000_000, help_text="added to every task's; empty: 0"
+        required=False,
+        min_value=-1_000_000,
+        max_value=1_000_000,
+        help_text="added to every task's; empty: the workflow's own",
     )
 
 

@@ -27,6 +27,8 @@ class Workflow(models.Model):
     name = models.CharField(max_length=128, unique=True)
     description = models.TextField(blank=True)
     max_parallel = models.PositiveIntegerField(null=True, blank=True)
+    # The document's top-level priority: its runs' priority unless the start overrides it.
+    priority = models.IntegerField(default=0)
     defaults = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -32,7 +32,7 @@ def _error_field(form: forms.Form, field: str | None) -> str | None:
 class WorkflowForm(forms.ModelForm):
     class Meta:
         model = Workflow
-        fields = ["name", "description", "max_parallel", "defaults"]
+        fields = ["name", "description", "max_parallel", "priority", "defaults"]
         widgets = {"description": forms.Textarea(attrs={"rows": 3, "cols": 80})}
 
     def clean_defaults(self):
@@ -47,8 +47,9 @@ class WorkflowForm(forms.ModelForm):
             "defaults": data.get("defaults"),
             "tasks": [{"key": "probe", "executor": "simulated"}],
         }
-        if data.get("max_parallel") is not None:
-            probe["max_parallel"] = data["max_parallel"]
+        for name in ("max_parallel", "priority"):
+            if data.get(name) is not None:
+                probe[name] = data[name]
         try:
             parse_document(probe)
         except DagError as exc:

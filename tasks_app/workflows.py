@@ -62,6 +62,8 @@ def workflow_to_document(workflow: Workflow) -> dict:
         document["description"] = workflow.description
     if workflow.max_parallel is not None:
         document["max_parallel"] = workflow.max_parallel
+    if workflow.priority:
+        document["priority"] = workflow.priority
     if workflow.defaults:
         document["defaults"] = dict(workflow.defaults)
     document["tasks"] = tasks
@@ -180,6 +182,7 @@ def _write(document: dict, workflow: Workflow | None) -> Workflow:
     fields = {
         "description": document.get("description") or "",
         "max_parallel": document.get("max_parallel"),
+        "priority": document.get("priority", 0),
         "defaults": dict(document.get("defaults") or {}),
     }
     if workflow is None:

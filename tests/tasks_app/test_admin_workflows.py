@@ -89,6 +89,7 @@ def new_workflow_data(name: str, *rows: dict, **fields) -> dict:
         "name": name,
         "description": "",
         "max_parallel": "",
+        "priority": "0",
         "defaults": "{}",
         "tasks-TOTAL_FORMS": 0,
         "tasks-INITIAL_FORMS": 0,
@@ -224,6 +225,10 @@ def test_the_workflows_own_fields_are_validated(client, ada):
     )
     assert response.status_code == 200
     assert "defaults may only set" in str(response.context["adminform"].form.errors["defaults"])
+    response = client.post(
+        reverse("admin:tasks_app_workflow_add"), new_workflow_data("w", {"key": "a"}, priority="2000000")
+    )
+    assert "priority" in response.context["adminform"].form.errors
     nightly()
     response = client.post(reverse("admin:tasks_app_workflow_add"), new_workflow_data("nightly", {"key": "a"}))
     assert "already exists" in str(response.context["adminform"].form.errors["name"])
@@ -304,7 +309,7 @@ def act(client, action: str, workflows_: list[Workflow], **extra):
 
 def test_start_a_run_asks_for_overrides_then_starts_it(client, ada):
     workflow = nightly()
-    workflow.max_parallel = 2
+    workflow.max_parallel, workflow.priority = 2, -1
     workflow.save()
     page = act(client, "start_run", [workflow])
     assert page.status_code == 200 and b"max_parallel" in page.content and b"nightly" in page.content
@@ -319,7 +324,7 @@ def test_start_a_run_asks_for_overrides_then_starts_it(client, ada):
     assert sorted(run.tasks.values_list("key", "priority")) == [("build", 3), ("plan", 3), ("test", 3)]
     act(client, "start_run", [workflow], apply="1", max_parallel="", priority="")
     second = Run.objects.exclude(pk=run.pk).get()
-    assert (second.max_parallel, second.priority) == (2, 0)
+    assert (second.max_parallel, second.priority) == (2, -1)  # the workflow's own
     assert [e.actor for e in audit("run started")] == ["user:ada", "user:ada"]
     messages = [str(m) for m in client.get(reverse(CHANGELIST)).context["messages"]]
     assert any("Started" in m for m in messages)

@@ -39,6 +39,7 @@ def snapshot(workflow: Workflow) -> dict:
     return {
         "description": workflow.description,
         "max_parallel": workflow.max_parallel,
+        "priority": workflow.priority,
         "defaults": workflow.defaults,
         "tasks": [
             {"key": t.key, "deps": deps.get(t.id, []), **{f: getattr(t, f) for f in TASK_FIELDS}}
@@ -101,6 +102,7 @@ def dags(draw):
     for name, strategy in {
         "description": TEXT,
         "max_parallel": st.integers(1, 100_000),
+        "priority": st.integers(-1_000_000, 1_000_000).filter(bool),
         "defaults": st.fixed_dictionaries(
             {},
             optional={
@@ -120,6 +122,7 @@ def expected_snapshot(document: dict) -> dict:
     return {
         "description": document.get("description", ""),
         "max_parallel": document.get("max_parallel"),
+        "priority": document.get("priority", 0),
         "defaults": document.get("defaults", {}),
         "tasks": [
             {
