@@ -11,8 +11,9 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from tasks_app import queries as q
-from tasks_app.actions import ActionError, EventLog, lose_attempts
+from tasks_app.actions import ActionError, EventLog, NotFound, lose_attempts
 from tasks_app.notify import Changes
+from tasks_app.states import AttemptState
 
 from . import preflight, tokens
 from .models import Agent, AgentStatus, ApiToken, EnrollmentToken
@@ -51,12 +52,15 @@ def authenticate_agent(token: str | None) -> dict:
     if not token:
         raise AuthError("an agent token is required (Authorization: Bearer <token>)")
     with connection.cursor() as cur:
-        cur.execute(q.TOUCH_AGENT, {"token_hash": tokens.hash_token(token)})
+        cur.execute(q.AUTH_AGENT, {"token_hash": tokens.hash_token(token)})
         row = cur.fetchone()
-    if row is None:
-        raise _refusal_of(tokens.hash_token(token))
+        if row is None:
+            raise _refusal_of(tokens.hash_token(token))
+        *fields, stale = row
+        if stale:
+            cur.execute(q.TOUCH_AGENT, {"agent_id": row[0]})
     keys = ("id", "name", "labels", "executors", "capacity", "enabled", "draining", "shutdown_requested")
-    agent = dict(zip(keys, row, strict=True))
+    agent = dict(zip(keys, fields, strict=True))
     if not agent["enabled"]:
         raise Forbidden("this agent is disabled", "agent_disabled")
     return agent
@@ -123,9 +127,7 @@ def register_agent(enrollment: str | None, info: dict) -> tuple[Agent, str]:
                 and not _proves_identity(old, info.get("replaces_token"))
             ):
                 raise ActionError(f"an agent named {old.name!r} is online", "name_taken")
-            retired_attempts = list(old.attempts.filter(state__in=("assigned", "running")).values_list("id", flat=True))
-            events.add("agent", old.status, AgentStatus.RETIRED, agent=old.id, detail={"reason": "re-registered"})
-            Agent.objects.filter(pk=old.pk).update(status=AgentStatus.RETIRED, retired_at=now)
+            retired_attempts = _retire(old, now, events, "re-registered")
         token, digest, _prefix = tokens.mint(tokens.AGENT)
         report = info.get("preflight") or {}
         agent = Agent.objects.create(
@@ -158,6 +160,15 @@ def _proves_identity(agent: Agent, token: str | None) -> bool:
     return bool(token) and hmac.compare_digest(tokens.hash_token(token), agent.token_hash)
 
 
+def _retire(agent: Agent, now, events: EventLog, reason: str, **fields) -> list:
+    """Retire `agent` for good (its row locked by the caller's transaction): its token stops working and its
+    name is free. Returns its live attempts, for the caller to lose once the transaction has committed."""
+    live = list(agent.attempts.filter(state__in=AttemptState.LIVE).values_list("id", flat=True))
+    events.add("agent", agent.status, AgentStatus.RETIRED, agent=agent.id, detail={"reason": reason})
+    Agent.objects.filter(pk=agent.pk).update(status=AgentStatus.RETIRED, retired_at=now, **fields)
+    return live
+
+
 def revoke_agent(agent_id, actor: str) -> Agent:
     """Revoke an agent's token for good: its next call answers 401 `agent_revoked` and the daemon stops; its
     live attempts are lost (their tasks go back to ready). Enrolling again needs an enrollment token."""
@@ -165,13 +176,9 @@ def revoke_agent(agent_id, actor: str) -> Agent:
     with transaction.atomic():
         agent = Agent.objects.select_for_update().filter(pk=agent_id, retired_at__isnull=True).first()
         if agent is None:
-            from tasks_app.actions import NotFound
-
             raise NotFound("no current agent with that id")
-        live = list(agent.attempts.filter(state__in=("assigned", "running")).values_list("id", flat=True))
-        Agent.objects.filter(pk=agent.pk).update(status=AgentStatus.RETIRED, retired_at=now, revoked_at=now)
         events = EventLog(actor)
-        events.add("agent", agent.status, AgentStatus.RETIRED, agent=agent.id, detail={"reason": "token revoked"})
+        live = _retire(agent, now, events, "token revoked", revoked_at=now)
         with connection.cursor() as cur:
             events.write(cur)
             Changes(agents=True).send(cur)
@@ -188,8 +195,6 @@ def set_agent_flags(agent_id, actor: str, **flags) -> Agent:
     with transaction.atomic():
         agent = Agent.objects.select_for_update().filter(Q(pk=agent_id), retired_at__isnull=True).first()
         if agent is None:
-            from tasks_app.actions import NotFound
-
             raise NotFound("no agent with that id")
         events = EventLog(actor)
         for name, value in flags.items():

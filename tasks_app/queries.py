@@ -5,23 +5,19 @@ agent row -> attempt rows -> task rows (by id) -> run row(s) (by id).
 Run-wide operations (cancel) lock the run alone first and touch its tasks in later transactions.
 """
 
-# Authenticate an agent and count the call as contact, in one round trip and outside the caller's
-# transaction (so no work transaction ever holds the agent row while waiting for a run lock). The row is
-# written at most once a second per agent (or at once when it comes back online): a busy agent's calls
-# then cost a read, not a row version and WAL each, and "last seen" stays far finer than the offline threshold.
+# Authenticate an agent, outside the caller's transaction (so no work transaction ever holds the agent row
+# while waiting for a run lock). The call counts as contact: `stale` says whether to record it (TOUCH_AGENT).
+# Contact is written at most once a second per agent (or at once when it comes back online): a busy agent's
+# calls then cost an index read, not a row version and WAL each, and "last seen" stays far finer than the
+# offline threshold.
+AUTH_AGENT = """
+SELECT id, name, labels, executors, capacity, enabled, draining, shutdown_requested,
+       last_seen_at IS NULL OR last_seen_at < now() - interval '1 second' OR (enabled AND status <> 'online')
+  FROM agents_app_agent WHERE token_hash = %(token_hash)s AND retired_at IS NULL
+"""
 TOUCH_AGENT = """
-WITH a AS (
-    SELECT id, name, labels, executors, capacity, enabled, draining, shutdown_requested, status, last_seen_at
-      FROM agents_app_agent WHERE token_hash = %(token_hash)s AND retired_at IS NULL
-), touched AS (
-    UPDATE agents_app_agent g
-       SET last_seen_at = now(), status = CASE WHEN g.enabled THEN 'online' ELSE g.status END
-      FROM a
-     WHERE g.id = a.id
-       AND (a.last_seen_at IS NULL OR a.last_seen_at < now() - interval '1 second'
-            OR (a.enabled AND a.status <> 'online'))
-)
-SELECT id, name, labels, executors, capacity, enabled, draining, shutdown_requested FROM a
+UPDATE agents_app_agent SET last_seen_at = now(), status = CASE WHEN enabled THEN 'online' ELSE status END
+ WHERE id = %(agent_id)s
 """
 
 # Claim, step 1: the agent's row lock serialises its own concurrent claims (capacity is per agent).
