@@ -19,7 +19,7 @@ from tasks_app import workflows
 from tasks_app.admin import INLINE_MAX_TASKS
 from tasks_app.models import Event, Run, Workflow, WorkflowTask
 from tests.conftest import doc
-from tests.tasks_app.test_workflows import dags, snapshot
+from tests.tasks_app.test_workflows import chain_document, dags, snapshot
 
 pytestmark = pytest.mark.django_db
 CHANGELIST = "admin:tasks_app_workflow_changelist"
@@ -524,21 +524,6 @@ def test_every_workflow_change_is_in_the_audit_trail_with_the_users_name(client,
 
 
 # --- Scale ------------------------------------------------------------------------------------------------
-
-
-def chain_document(n: int, name: str) -> dict:
-    """n tasks, each depending on the one before it and on the one at half its index: a deep, wide DAG."""
-    return doc(
-        *[
-            {
-                "key": f"t{i}",
-                "title": f"Task {i}",
-                "deps": list(dict.fromkeys([f"t{i - 1}", f"t{i // 2}"])) if i else [],
-            }
-            for i in range(n)
-        ],
-        name=name,
-    )
 
 
 def test_a_2000_task_workflow_imports_through_the_admin_in_under_5_seconds(client, ada):

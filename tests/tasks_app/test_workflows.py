@@ -48,6 +48,21 @@ def snapshot(workflow: Workflow) -> dict:
     }
 
 
+def chain_document(n: int, name: str) -> dict:
+    """n tasks, each depending on the one before it and on the one at half its index: a deep, wide DAG."""
+    return doc(
+        *[
+            {
+                "key": f"t{i}",
+                "title": f"Task {i}",
+                "deps": list(dict.fromkeys([f"t{i - 1}", f"t{i // 2}"])) if i else [],
+            }
+            for i in range(n)
+        ],
+        name=name,
+    )
+
+
 def workflow_events(change: str | None = None):
     events = Event.objects.filter(kind="workflow").order_by("id")
     return [e for e in events if change is None or e.detail["change"] == change]
@@ -324,3 +339,44 @@ def test_submit_takes_a_workflow_name_as_well_as_a_file(tmp_path):
 
     with pytest.raises(CommandError, match="neither a DAG document file nor the name of a workflow"):
         run_command("submit", "nothing-of-that-name")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read"),
+        (b"\xff\xfe junk", "not UTF-8 text"),
+        (b"name: [unclosed", "neither valid JSON nor valid YAML"),
+        (b"- a list", "the document must be a JSON object"),
+    ],
+)
+def test_import_command_refuses_a_bad_file_with_a_clear_message(tmp_path, content, message):
+    path = tmp_path / "wf.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CommandError, match=message):
+        run_command("import_workflow", str(path))
+    assert not Workflow.objects.exists()
+
+
+def test_a_2000_task_file_imports_with_the_command_in_under_5_seconds(tmp_path):
+    import time
+
+    path = tmp_path / "big.yaml"
+    path.write_text(workflows.dump_document(chain_document(2000, "big"), "yaml"))
+    started = time.perf_counter()
+    assert "2000 tasks" in run_command("import_workflow", str(path))
+    elapsed = time.perf_counter() - started
+    assert elapsed < 5, f"the import took {elapsed:.2f} s"
+    assert Workflow.objects.get(name="big").tasks.count() == 2000
+
+
+def test_submit_by_name_applies_overrides_and_refuses_an_invalid_workflow():
+    workflows.import_document(doc({"key": "a"}, name="nightly", max_parallel=2, priority=4))
+    run = Run.objects.get(pk=run_command("submit", "nightly").strip())
+    assert (run.max_parallel, run.priority) == (2, 4)
+    run = Run.objects.get(pk=run_command("submit", "nightly", "--max-parallel", "9", "--priority", "-1").strip())
+    assert (run.max_parallel, run.priority) == (9, -1)
+    Workflow.objects.create(name="draft")
+    with pytest.raises(CommandError, match="workflow 'draft' is not a valid DAG: tasks must be a non-empty list"):
+        run_command("submit", "draft")

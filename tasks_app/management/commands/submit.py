@@ -1,7 +1,5 @@
-import json
 from pathlib import Path
 
-import yaml
 from django.core.management.base import BaseCommand, CommandError
 
 from tasks_app import workflows
@@ -11,15 +9,17 @@ from tasks_app.models import Workflow
 
 
 def load_document(path: Path) -> dict:
-    """A DAG document from a .json or .yaml/.yml file."""
+    """A DAG document from a JSON or YAML file (the admin's import reads files the same way)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{path} is not UTF-8 text") from None
     try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise CommandError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+        return workflows.load_document_text(text)
+    except DagError as exc:
+        raise CommandError(f"{path}: {exc.detail}") from None
 
 
 class Command(BaseCommand):
