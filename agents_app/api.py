@@ -189,9 +189,7 @@ async def complete(request, attempt_id: str):
         raise ApiError(413, "too_large", f"'result' may be at most {settings.CP_RESULT_MAX_BYTES} bytes")
     error = f.str("error", 100_000, default="")
     exit_code = f.int("exit_code", -(2**31), 2**31 - 1)
-    task_state = await complete_as_agent(
-        request, _attempt_id(attempt_id), outcome, result, error or "", exit_code
-    )
+    task_state = await complete_as_agent(request, _attempt_id(attempt_id), outcome, result, error or "", exit_code)
     return JsonResponse({"task_state": task_state})
 
 
