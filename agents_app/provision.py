@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import re
 import shlex
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import asyncssh
@@ -85,12 +86,12 @@ class AgentState:
 # ----------------------------------------------------------------------------------------- connections
 
 
-async def scan_host_key(target: Target) -> str:
-    """The host key the server presents (canonical OpenSSH line), without logging in."""
+async def scan_host_key(target: Target, algs: Sequence[str] = ()) -> str:
+    """The host key the server presents (canonical OpenSSH line), without logging in; of one of `algs` when
+    given (to compare with a pinned key of that type)."""
+    scan = asyncssh.get_server_host_key(target.address, target.port, config=[], server_host_key_algs=algs)
     try:
-        key = await asyncio.wait_for(
-            asyncssh.get_server_host_key(target.address, target.port, config=[]), target.connect_timeout_s
-        )
+        key = await asyncio.wait_for(scan, target.connect_timeout_s)
     except (OSError, asyncssh.Error, TimeoutError) as exc:
         raise ProvisionError(f"{target.name}: cannot reach {target.address}:{target.port}: {_why(exc)}") from None
     if key is None:
@@ -121,16 +122,27 @@ async def connect(target: Target) -> asyncssh.SSHClientConnection:
             keepalive_interval=15,
         )
     except asyncssh.HostKeyNotVerifiable:
-        offered = ""
-        try:
-            offered = await scan_host_key(target)
-        except ProvisionError:
-            pass
-        raise HostKeyChanged(target.name, target.host_key, offered) from None
+        raise HostKeyChanged(target.name, target.host_key, await _presented_key(target, pinned)) from None
     except asyncssh.PermissionDenied:
         raise ProvisionError(f"{target.name}: {target.user}@{target.address} refused our private key") from None
     except (OSError, asyncssh.Error, TimeoutError) as exc:
+        # A host without any key of the pinned type ends the key exchange (often by just closing): look at
+        # what it presents before calling it a network problem. Nothing to look at when nobody answered.
+        if not isinstance(exc, (ConnectionRefusedError, TimeoutError, socket.gaierror)):
+            offered = await _presented_key(target, pinned)
+            if offered and offered != pinned.export_public_key("openssh").decode().strip():
+                raise HostKeyChanged(target.name, target.host_key, offered) from None
         raise ProvisionError(f"{target.name}: cannot reach {target.address}:{target.port}: {_why(exc)}") from None
+
+
+async def _presented_key(target: Target, pinned: asyncssh.SSHKey) -> str:
+    """What the host presents: a key of the pinned key's type if it has one, else any; "" if nothing."""
+    for algs in ([alg.decode() for alg in pinned.sig_algorithms], ()):  # () = any type
+        try:
+            return await scan_host_key(target, algs)
+        except ProvisionError:
+            continue
+    return ""
 
 
 def _why(exc: BaseException) -> str:

@@ -129,8 +129,10 @@ def test_deploy_through_the_queue_enrolls_agents_that_run_a_dag_and_stop(make_ho
     assert [a["alive"] for a in stop.result["agents"]] == [False, False]
 
 
-def test_a_changed_host_key_is_refused_loudly_and_nothing_is_run(make_host, sshd, tmp_path, caplog):
-    impostor_pin = shared_keygen(tmp_path / "other_host_key")
+# Another key of the same type, or a key of a type the host no longer has at all.
+@pytest.mark.parametrize("kind", ["ed25519", "ecdsa"])
+def test_a_changed_host_key_is_refused_loudly_and_nothing_is_run(make_host, sshd, tmp_path, caplog, kind):
+    impostor_pin = shared_keygen(tmp_path / "other_host_key", kind)
     host = make_host("moved", host_key=impostor_pin)
 
     [op] = start_operations("deploy", [host], "test", background=False)
