@@ -23,6 +23,7 @@ from .host_keys import UnusableKey, check_private_key, normalize_host_key
 from .host_models import NAME_VALIDATOR, Host, HostOperation, HostOperationKind
 from .host_secrets import SecretUnavailable, encrypt_private_key
 
+MAX_LABELS = 32
 SERVER_URL_RE = re.compile(r"https?://[^\s/?#]+(/\S*)?")
 
 
@@ -90,6 +91,8 @@ class HostForm(forms.ModelForm):
 
     def clean_agent_labels(self):
         labels = self.cleaned_data["agent_labels"]
+        if len(labels) > MAX_LABELS:
+            raise forms.ValidationError(f"at most {MAX_LABELS} labels (PROTOCOL.md's limit)")
         for label in labels:
             try:
                 NAME_VALIDATOR(label)

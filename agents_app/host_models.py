@@ -14,6 +14,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 from django.db.models import Q
 
+from .host_keys import fingerprint
+
 # The protocol's name rule; a prefix leaves room for "-NN".
 NAME_VALIDATOR = RegexValidator(r"^[A-Za-z0-9._-]{1,64}\Z", "1-64 of letters, digits, '.', '_' and '-'")
 PREFIX_VALIDATOR = RegexValidator(r"^[A-Za-z0-9._-]{1,58}\Z", "1-58 of letters, digits, '.', '_' and '-'")
@@ -80,14 +82,10 @@ class Host(models.Model):
 
     @property
     def host_key_fingerprint(self) -> str:
-        from .host_keys import fingerprint
-
         return fingerprint(self.host_key)
 
     @property
     def offered_fingerprint(self) -> str:
-        from .host_keys import fingerprint
-
         return fingerprint(self.offered_host_key)
 
     @property

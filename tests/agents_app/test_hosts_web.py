@@ -192,6 +192,7 @@ def test_admin_stores_a_pasted_private_key_encrypted_and_never_shows_it(admin_cl
         ({"key_path": "/k", "remote_dir": "../../etc"}, True, "without &#x27;..&#x27;"),
         ({"key_path": "/k", "agent_labels": "ok,no spaces"}, True, "label &#x27;no spaces&#x27;: 1-64 of letters"),
         ({"key_path": "/k", "port": "70000"}, True, "less than or equal to 65535"),
+        ({"key_path": "/k", "agent_labels": ",".join(f"l{i}" for i in range(33))}, True, "at most 32 labels"),
         ({"key_path": "/k", "server_url": "cp.example.com; rm -rf ~"}, True, "an http:// or https:// URL"),
         ({"key_path": "/k", "ca_bundle": "-----BEGIN CERTIFICATE-----\nnope"}, True, "not PEM certificates"),
     ],
