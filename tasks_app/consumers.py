@@ -2,8 +2,8 @@
 any server or worker process) and pushes the page's panels as htmx out-of-band fragments.
 
 Bursts are coalesced: a page is re-rendered at most once per `CP_LIVE_MIN_INTERVAL_S`, however many
-changes arrive, and heavy panels less often still. On (re)connect the whole page is sent, so a page that
-reconnects after a server restart resyncs by itself."""
+changes arrive, and heavy panels less often still (the larger, the less often). On (re)connect the whole
+page is sent, so a page that reconnects after a server restart resyncs by itself."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from .hub import EventHub
 from .pages import PAGES, parse_id, render_panels
 
 log = logging.getLogger(__name__)
+# Heavy panels (those with a minimum interval) are re-sent at no more than this many bytes a second.
+HEAVY_PANEL_BYTES_PER_S = 50_000
 
 
 class LivePageConsumer(AsyncWebsocketConsumer):
@@ -45,7 +47,13 @@ class LivePageConsumer(AsyncWebsocketConsumer):
         self.last_sent = 0.0
         self.panel_sent: dict[str, float] = {}
         self.panel_html: dict[str, str] = {}
+        # Heavy panels: panel id -> (the panel's own minimum interval, the interval its last size calls for).
+        self.panel_interval = {p.id: (p.min_interval_s, p.min_interval_s) for p in PAGES[self.page] if p.min_interval_s}
         self.flusher: asyncio.Task | None = None
+        # One render at a time: the first one (on connect) may still run when the next is due.
+        self.render_lock = asyncio.Lock()
+        self.shown_states: dict = {}  # the DAG states the page shows: pushes carry only changes
+        self.held_timer: asyncio.TimerHandle | None = None
         self.hub = EventHub.current()
         await self.accept()
         self.hub.subscribers.append(self.on_event)
@@ -57,6 +65,8 @@ class LivePageConsumer(AsyncWebsocketConsumer):
             hub.subscribers.remove(self.on_event)
         if getattr(self, "flusher", None) is not None:
             self.flusher.cancel()
+        if getattr(self, "held_timer", None) is not None:
+            self.held_timer.cancel()
 
     async def receive(self, text_data=None, bytes_data=None):
         # The page sends nothing we act on; operator actions are CSRF-checked POSTs.
@@ -80,6 +90,9 @@ class LivePageConsumer(AsyncWebsocketConsumer):
             self.dirty = True
         elif not self.concerns_me(event):
             return
+        self._flush_later()
+
+    def _flush_later(self) -> None:
         self.dirty = True
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush_soon())
@@ -93,13 +106,27 @@ class LivePageConsumer(AsyncWebsocketConsumer):
             await self.flush()
 
     async def flush(self):
+        async with self.render_lock:
+            await self._flush()
+
+    async def _flush(self):
         self.dirty = False
-        now = time.monotonic()
+        # The interval counts from the start of a render, not its end: a page is re-rendered every
+        # interval under a steady stream of changes, rather than every interval plus a render's time.
+        now = self.last_sent = time.monotonic()
         due = {
             p.id
             for p in PAGES[self.page]
-            if p.min_interval_s == 0 or now - self.panel_sent.get(p.id, 0.0) >= p.min_interval_s
+            if p.min_interval_s == 0 or now - self.panel_sent.get(p.id, 0.0) >= self.panel_interval[p.id][1]
         }
+        held = [p for p in PAGES[self.page] if p.id not in due]
+        if held:
+            # A held panel still owes the page this change: come back when it is due, even if nothing else
+            # happens by then (the last change of a run must reach its Gantt chart too).
+            if self.held_timer is not None:
+                self.held_timer.cancel()
+            delay = min(self.panel_interval[p.id][1] - (now - self.panel_sent[p.id]) for p in held)
+            self.held_timer = asyncio.get_running_loop().call_later(delay, self._flush_later)
         try:
             fragments, run_id = await db_call(self._render)(due)
         except NotFound:
@@ -107,21 +134,26 @@ class LivePageConsumer(AsyncWebsocketConsumer):
             return
         except Exception:
             log.exception("rendering the live %s page failed", self.page)
+            self.shown_states.clear()  # it may be ahead of the page now: send every state next time
             return
         if self.page == "task":
             self.task_run_id = run_id
-        self.last_sent = time.monotonic()
         # Only panels whose HTML changed go out: less to send, and a button is not replaced under a
         # person's pointer while unrelated numbers tick.
         changed = [html for panel_id, html in fragments.items() if self.panel_html.get(panel_id) != html]
         for panel_id, html in fragments.items():
-            self.panel_sent[panel_id] = self.last_sent
+            self.panel_sent[panel_id] = now
             self.panel_html[panel_id] = html
+            if panel_id in self.panel_interval:
+                # A heavy panel's pace follows its size: a 1,000-attempt Gantt chart (~450 KiB) costs the
+                # browser a few hundred milliseconds to swap in, time in which no other update shows.
+                base = self.panel_interval[panel_id][0]
+                self.panel_interval[panel_id] = (base, max(base, len(html) / HEAVY_PANEL_BYTES_PER_S))
         if changed:
             await self.send(text_data="".join(changed))
 
     def _render(self, due: set[str]):
-        fragments = render_panels(self.page, self.obj_id, self.user, only=due)
+        fragments = render_panels(self.page, self.obj_id, self.user, only=due, shown_states=self.shown_states)
         run_id = None
         if self.page == "task":
             from .models import Task

@@ -22,6 +22,9 @@ from .states import RunState
 class Panel:
     id: str
     template: str
+    # The run page's context entries the template reads beyond `run`: a live push computes only what the
+    # panels it re-renders need (at 1,000 tasks the Gantt chart's data alone costs more than all the rest).
+    needs: tuple[str, ...] = ()
     # Heavy panels (the Gantt chart) are re-sent at most this often, whatever the rate of changes.
     min_interval_s: float = 0.0
 
@@ -35,13 +38,13 @@ PAGES: dict[str, list[Panel]] = {
         Panel("panel-queue", "dashboard/panels/queue.html"),
     ],
     "run": [
-        Panel("panel-run-head", "dashboard/panels/run_head.html"),
+        Panel("panel-run-head", "dashboard/panels/run_head.html", needs=("metrics",)),
         Panel("panel-run-actions", "dashboard/panels/run_actions.html"),
-        Panel("dag-states", "dashboard/panels/dag_states.html"),
-        Panel("panel-active", "dashboard/panels/active.html"),
-        Panel("panel-recent", "dashboard/panels/recent.html"),
-        Panel("panel-queue", "dashboard/panels/queue.html"),
-        Panel("panel-gantt", "dashboard/panels/gantt.html", min_interval_s=2.0),
+        Panel("dag-states", "dashboard/panels/dag_states.html", needs=("states",)),
+        Panel("panel-active", "dashboard/panels/active.html", needs=("active",)),
+        Panel("panel-recent", "dashboard/panels/recent.html", needs=("recent",)),
+        Panel("panel-queue", "dashboard/panels/queue.html", needs=("queue",)),
+        Panel("panel-gantt", "dashboard/panels/gantt.html", needs=("gantt_svg",), min_interval_s=2.0),
     ],
     "task": [
         Panel("panel-task-head", "dashboard/panels/task_head.html"),
@@ -64,8 +67,9 @@ def parse_id(value) -> str:
         raise NotFound("no such object") from None
 
 
-def page_context(page: str, obj_id: str | None = None, *, full: bool = True) -> dict:
-    """Everything the page's panels show. `full` adds what only the first render needs (the DAG picture)."""
+def page_context(page: str, obj_id: str | None = None, *, full: bool = True, wanted: set[str] | None = None) -> dict:
+    """Everything the page's panels show. `full` adds what only the first render needs (the DAG picture);
+    `wanted` limits the run page to those context entries (None: all)."""
     if page == "overview":
         return {
             "runs": panels.run_summaries(limit=50),
@@ -78,32 +82,39 @@ def page_context(page: str, obj_id: str | None = None, *, full: bool = True) -> 
     if page == "agents":
         return {"fleet": panels.fleet_summary(), "agents": panels.agents_table()}
     if page == "run":
-        return _run_context(parse_id(obj_id), full)
+        return _run_context(parse_id(obj_id), full, wanted)
     if page == "task":
         return _task_context(parse_id(obj_id))
     raise NotFound(f"no page {page!r}")
 
 
-def _run_context(run_id: str, full: bool) -> dict:
+def _run_context(run_id: str, full: bool, wanted: set[str] | None = None) -> dict:
     summaries = panels.run_summaries([run_id], limit=1)
     if not summaries:
         raise NotFound("no run with that id")
     run = summaries[0]
-    tasks, edges = panels.run_graph(run_id)
-    attempts = panels.timeline(run_id)
-    context = {
-        "run": run,
-        "states": state_map(tasks),
-        "active": panels.active_attempts(run_id),
-        "recent": panels.recently_completed(run_id, limit=10),
-        "queue": panels.queue(run_id, limit=15),
-        "gantt_svg": render_gantt_svg(attempts),
-        "metrics": run_metrics(run_id) if run["state"] not in RunState.ACTIVE else None,
-        "show_run": False,
-    }
-    if context["metrics"]:
-        by_id = {t["id"]: t for t in tasks}
-        context["critical_path"] = _critical_chain(by_id, edges)
+    finished = run["state"] not in RunState.ACTIVE
+
+    def want(key: str) -> bool:
+        return wanted is None or key in wanted
+
+    context = {"run": run, "show_run": False}
+    # The whole graph only for the picture and the critical path; live pushes need states alone.
+    tasks, edges = panels.run_graph(run_id) if full or (finished and want("metrics")) else (None, None)
+    if want("states"):
+        context["states"] = state_map(tasks if tasks is not None else panels.task_states(run_id))
+    if want("active"):
+        context["active"] = panels.active_attempts(run_id)
+    if want("recent"):
+        context["recent"] = panels.recently_completed(run_id, limit=10)
+    if want("queue"):
+        context["queue"] = panels.queue(run_id, limit=15)
+    if want("gantt_svg"):
+        context["gantt_svg"] = render_gantt_svg(panels.timeline(run_id))
+    if want("metrics"):
+        context["metrics"] = run_metrics(run_id) if finished else None
+        if context["metrics"]:
+            context["critical_path"] = _critical_chain({t["id"]: t for t in tasks}, edges)
     if full:
         context["dag_svg"] = render_svg(tasks, edges)
         context["task_count"] = len(tasks)
@@ -148,12 +159,22 @@ def _task_context(task_id: str) -> dict:
     }
 
 
-def render_panels(page: str, obj_id: str | None, user, only: set[str] | None = None) -> dict[str, str]:
-    """The page's panels as out-of-band fragments for the websocket, by panel id."""
-    context = page_context(page, obj_id, full=False)
+def render_panels(
+    page: str, obj_id: str | None, user, only: set[str] | None = None, shown_states: dict | None = None
+) -> dict[str, str]:
+    """The page's panels as out-of-band fragments for the websocket, by panel id.
+
+    `shown_states`, when given, is the DAG states the page shows already (the caller keeps it, starting
+    empty): the states panel then carries only the tasks whose state or progress differ, or is left out when
+    none do, and `shown_states` is brought up to date. At 1,000 tasks the whole map is ~60 KiB a push."""
+    chosen = [p for p in PAGES[page] if only is None or p.id in only]
+    wanted = {need for p in chosen for need in p.needs}
+    context = page_context(page, obj_id, full=False, wanted=wanted)
+    if shown_states is not None and "states" in context:
+        current = context["states"]
+        context["states"] = {k: v for k, v in current.items() if shown_states.get(k) != v}
+        shown_states.update(current)
+        if not context["states"]:
+            chosen = [p for p in chosen if "states" not in p.needs]
     context.update({"oob": True, "user": user, "perms_operate": user.has_perm("tasks_app.operate_run")})
-    return {
-        p.id: render_to_string(p.template, {**context, "panel_id": p.id})
-        for p in PAGES[page]
-        if only is None or p.id in only
-    }
+    return {p.id: render_to_string(p.template, {**context, "panel_id": p.id}) for p in chosen}

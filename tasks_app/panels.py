@@ -200,6 +200,11 @@ def run_graph(run_id) -> tuple[list[dict], list[tuple]]:
     return tasks, edges
 
 
+def task_states(run_id) -> list[dict]:
+    """Each task's id, state and progress: what a live update of the DAG picture needs (one query)."""
+    return list(Task.objects.filter(run_id=run_id).values("id", "state", "progress"))
+
+
 def timeline(run_id) -> list[dict]:
     """Every attempt of the run with its agent, times and the task's estimate (the Gantt chart)."""
     return _attempt_rows(Attempt.objects.filter(run_id=run_id).order_by("agent__name", "assigned_at"))

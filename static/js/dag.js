@@ -6,8 +6,8 @@
    which renders <script id="dag-states" type="application/json">{"<task id>": ["running", 0.42], ...}</script>,
    node id -> [state, progress 0..1]. An element with id "dag-states" wrapping such a script (an htmx
    out-of-band panel) works too, as does <div id="dag-states" data-states='{...}'>. Once on load and whenever
-   htmx swaps content in (htmx:afterSwap; htmx:oobAfterSwap, which the ws extension fires too), the map is
-   applied to every svg.dag on the page: each node's st-<state> class, data-state, state word, tooltip state
+   htmx swaps in content holding it (htmx:afterSwap; htmx:oobAfterSwap, which the ws extension fires too), the
+   map is applied to every svg.dag on the page: each node's st-<state> class, data-state, state word, tooltip state
    line and progress bar. Ids not in the picture are ignored. window.cpDag.apply(svgEl, states) does it by hand.
 
    Pan & zoom (svg.dag, svg.gantt): the wheel zooms around the cursor, dragging pans, a double-click resets;
@@ -72,10 +72,13 @@
     });
   }
 
-  function applyFromPage() {
+  var applied = null;  // the states element applied last: each one is applied once (see initSwapped)
+
+  function applyFromPage(force) {
     var el = document.getElementById("dag-states");
     if (el && el.tagName !== "SCRIPT") el = el.querySelector('script[type="application/json"]') || el;
-    if (!el) return;
+    if (!el || (el === applied && !force)) return;
+    applied = el;
     var states;
     try { states = JSON.parse(el.tagName === "SCRIPT" ? el.textContent : el.getAttribute("data-states")); }
     catch (e) { return; }
@@ -134,11 +137,27 @@
 
   function init() {
     document.querySelectorAll("svg.dag, svg.gantt").forEach(initView);
-    applyFromPage();
+    applyFromPage(true);
   }
 
-  document.addEventListener("htmx:afterSwap", init);
-  document.addEventListener("htmx:oobAfterSwap", init);
+  // One live push swaps several panels, and htmx fires an out-of-band after-swap event for every element
+  // swapped so far (and for the socket's own element) after each of them: a dozen events a push. Each such
+  // element is looked into once, and each states map applied once: scanning and applying a 1,000-task page
+  // for every event was most of the page's script time. (A regular swap may fill a lasting element anew.)
+  function initSwapped(e) {
+    var root = e.target;
+    if (!root || root.nodeType !== 1) return;
+    if (e.type === "htmx:oobAfterSwap") {
+      if (root._cpSeen) return;
+      root._cpSeen = true;
+    }
+    if (root.matches("svg.dag, svg.gantt")) initView(root);
+    else root.querySelectorAll("svg.dag, svg.gantt").forEach(initView);
+    if (root.id === "dag-states" || root.querySelector("#dag-states")) applyFromPage();
+  }
+
+  document.addEventListener("htmx:afterSwap", initSwapped);
+  document.addEventListener("htmx:oobAfterSwap", initSwapped);
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init); else init();
-  window.cpDag = { apply: apply, applyFromPage: applyFromPage, init: init };
+  window.cpDag = { apply: apply, applyFromPage: function () { applyFromPage(true); }, init: init };
 })();
