@@ -12,10 +12,12 @@ import re
 
 from cryptography import x509
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.postgres.forms import SimpleArrayField
 from django.utils import timezone
 from django.utils.html import format_html
+
+from tasks_app.actions import ActionError
 
 from .cp_agent import KNOWN_EXECUTORS
 from .host_jobs import start_operations
@@ -128,7 +130,11 @@ class HostForm(forms.ModelForm):
 
 def _queue_action(kind: str):
     def action(modeladmin, request, queryset):
-        ops = start_operations(kind, list(queryset), _actor(request))
+        try:
+            ops = start_operations(kind, list(queryset), _actor(request))
+        except ActionError as exc:
+            modeladmin.message_user(request, exc.detail, level=messages.ERROR)
+            return
         modeladmin.message_user(request, f"{kind} queued for {len(ops)} host(s); follow it on /hosts/.")
 
     action.__name__ = f"queue_{kind}"

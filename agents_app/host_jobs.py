@@ -20,6 +20,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from control_plane.http_api import db_call
+from tasks_app.actions import ActionError
 
 from . import provision
 from .host_keys import UnusableKey, check_private_key, normalize_host_key
@@ -37,6 +38,12 @@ STARTS_AGENTS = (HostOperationKind.DEPLOY, HostOperationKind.RESTART, HostOperat
 # write a fresh token anyway, so an old one on the host is worth little.
 TOKEN_USES_PER_AGENT = 2
 TOKEN_LIFETIME = timedelta(hours=24)
+ACTIVE = (HostOperationState.QUEUED, HostOperationState.RUNNING)
+QUEUE_PATIENCE = timedelta(minutes=15)
+
+
+class HostBusy(ActionError):
+    code = "host_busy"
 
 
 def start_operations(kind: str, hosts, actor: str, *, background: bool = True) -> list[HostOperation]:
@@ -45,7 +52,15 @@ def start_operations(kind: str, hosts, actor: str, *, background: bool = True) -
         raise ValueError(f"unknown host operation {kind!r}; one of {', '.join(HostOperationKind.values)}")
     abandon_stale_operations()
     batch = uuid.uuid4()
-    ops = [HostOperation.objects.create(batch=batch, host=h, kind=kind, requested_by=actor) for h in hosts]
+    with transaction.atomic():
+        # Locking the hosts' rows serialises starts: two operations at once on one host (a deploy and an
+        # uninstall, say) would undo each other's work there.
+        locked = list(Host.objects.select_for_update().filter(pk__in=[h.pk for h in hosts]).order_by("pk"))
+        busy = HostOperation.objects.filter(host__in=locked, state__in=ACTIVE).select_related("host")
+        if busy:
+            doing = "; ".join(f"{op.host.name} has a {op.kind} {op.state}" for op in busy)
+            raise HostBusy(f"{doing}: wait for it to finish (nothing was started)")
+        ops = [HostOperation.objects.create(batch=batch, host=h, kind=kind, requested_by=actor) for h in locked]
     ids = [str(op.id) for op in ops]
     if not ids:
         return []
@@ -152,17 +167,25 @@ def settle_tokens(op_id, succeeded: bool) -> None:
 
 
 def abandon_stale_operations() -> int:
-    """Fail operations still `running` long after any run could have ended: the worker that ran them died
-    (a retried job only picks up `queued` ones, so nothing else would ever finish them)."""
+    """Fail operations that will never finish, so their hosts can be operated on again: still `running` long
+    after any run could have ended (the worker died; a retried job only picks up `queued` ones), or still
+    `queued` after QUEUE_PATIENCE (no q cluster ran; should one start later, it skips them)."""
+    now = timezone.now()
     limit = settings.CP_HOST_OPERATION_TIMEOUT_S + settings.CP_HOST_ENROLL_WAIT_S + 60
-    return HostOperation.objects.filter(
-        state=HostOperationState.RUNNING, started_at__lt=timezone.now() - timedelta(seconds=limit)
-    ).update(
+    ops = HostOperation.objects
+    died = ops.filter(state=HostOperationState.RUNNING, started_at__lt=now - timedelta(seconds=limit)).update(
         state=HostOperationState.FAILED,
         message="abandoned",
         error="the worker running this operation stopped before it finished; run it again",
-        finished_at=timezone.now(),
+        finished_at=now,
     )
+    never = ops.filter(state=HostOperationState.QUEUED, created_at__lt=now - QUEUE_PATIENCE).update(
+        state=HostOperationState.FAILED,
+        message="never started",
+        error="no django-q2 cluster picked this operation up; start one (./run manage qcluster) and run it again",
+        finished_at=now,
+    )
+    return died + never
 
 
 def prepare(op: HostOperation) -> tuple[provision.Target, str, str]:

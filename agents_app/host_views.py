@@ -15,13 +15,12 @@ from django.utils import timezone
 
 from tasks_app.views import OPERATE, _actor, _answer, _operator_only
 
-from .host_jobs import abandon_stale_operations, start_operations
+from .host_jobs import ACTIVE, abandon_stale_operations, start_operations
 from .host_models import Host, HostOperation, HostOperationKind, HostOperationState
 from .host_trust import confirm_offered_key
 
 RECENT_OPERATIONS = 30
 BADGE = {"queued": "ag-offline", "running": "ag-busy", "succeeded": "ag-idle", "failed": "ag-disabled"}
-ACTIVE = (HostOperationState.QUEUED, HostOperationState.RUNNING)
 # A job the cluster has not picked up after this long probably has no cluster to pick it up.
 QUEUE_PATIENCE_S = 10
 

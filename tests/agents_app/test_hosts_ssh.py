@@ -163,7 +163,9 @@ def test_unreachable_hosts_fail_within_bounds_and_do_not_stop_a_good_one(make_ho
     assert ops["blackhole"].state == "failed" and "cannot reach 192.0.2.1:22" in ops["blackhole"].error
     # The bad hosts cost at most their connect timeout, in parallel with the good one's deploy.
     assert elapsed < 45
-    assert ops["good"].started_at and ops["blackhole"].finished_at
+    # Concurrent, not one after the other: the good host comes first in the batch, yet the closed port's
+    # failure was recorded while the good host's deploy was still going.
+    assert ops["closed"].finished_at < ops["good"].finished_at
     blackhole_s = (ops["blackhole"].finished_at - ops["blackhole"].started_at).total_seconds()
     assert blackhole_s < 2.0 + 3.0
     start_operations("stop", [good], "test", background=False)
@@ -301,7 +303,7 @@ def test_deploy_over_https_the_agents_verify_the_server_with_the_hosts_ca(make_h
     assert stop.state == "succeeded" and daemon_pids(host) == {}
 
 
-def test_an_operation_whose_worker_died_is_failed_not_left_running(make_host, settings):
+def test_operations_that_will_never_finish_are_failed_and_a_busy_host_takes_no_other(make_host, settings):
     host = make_host("orphan")
     settings.CP_HOST_OPERATION_TIMEOUT_S = 1
     settings.CP_HOST_ENROLL_WAIT_S = 1
@@ -312,8 +314,14 @@ def test_an_operation_whose_worker_died_is_failed_not_left_running(make_host, se
     fresh = HostOperation.objects.create(
         batch=uuid.uuid4(), host=host, kind="deploy", state="running", started_at=timezone.now()
     )
-    assert abandon_stale_operations() == 1
-    stuck.refresh_from_db()
-    fresh.refresh_from_db()
+    unpicked = HostOperation.objects.create(batch=uuid.uuid4(), host=host, kind="status")
+    HostOperation.objects.filter(pk=unpicked.pk).update(created_at=timezone.now() - timedelta(minutes=20))
+
+    assert abandon_stale_operations() == 2
+    for op in (stuck, fresh, unpicked):
+        op.refresh_from_db()
     assert stuck.state == "failed" and "stopped before it finished" in stuck.error
+    assert unpicked.state == "failed" and "no django-q2 cluster picked this operation up" in unpicked.error
     assert fresh.state == "running"
+    with pytest.raises(ActionError, match="orphan has a deploy running"):
+        start_operations("stop", [host], "test", background=False)

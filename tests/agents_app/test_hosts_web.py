@@ -96,6 +96,11 @@ def test_an_operator_queues_an_operation_for_the_selected_hosts(operator_client,
     assert "is the django-q2 cluster running" not in panel
     HostOperation.objects.update(created_at=timezone.now() - timedelta(minutes=1))
     assert "is the django-q2 cluster running" in operator_client.get("/hosts/operations/").content.decode()
+    # One operation at a time per host: a second one is refused, and nothing is started.
+    again = hx_post(operator_client, "/hosts/operate/", {"operation": "uninstall", "host": [host.pk]})
+    assert again.status_code == 409 and "mugen has a status queued: wait for it" in again.content.decode()
+    assert HostOperation.objects.count() == 1
+
     HostOperation.objects.update(state="failed", error=XSS)
     panel = operator_client.get("/hosts/operations/").content.decode()
     assert "every 2s" not in panel and XSS not in panel and "&lt;script&gt;" in panel

@@ -74,7 +74,10 @@ class Command(BaseCommand):
         if every == bool(names):
             raise CommandError("name the hosts, or pass --all")
         hosts = list(Host.objects.order_by("name")) if every else self.hosts_named(names)
-        ops = start_operations(kind, hosts, ACTOR, background=background)
+        try:
+            ops = start_operations(kind, hosts, ACTOR, background=background)
+        except ActionError as exc:
+            raise CommandError(exc.detail) from None
         if background:
             for op in ops:
                 self.stdout.write(f"{op.host.name}: {kind} queued ({op.id})")
