@@ -3,14 +3,18 @@ complete, artifacts) is token-authenticated JSON and needs none of the cookie-er
 
 Under ASGI every sync middleware step and request signal is a hop to a thread, and Django's per-request
 ThreadSensitiveContext starts (and joins) a fresh thread for those hops: measured, that was most of the
-server's CPU per task. This handler has no middleware and no per-request context, so a request's only
-thread hops are its database work (on the DB executor) and the two request signals (on asgiref's one
-shared sync thread). Everything else (pages, admin, run API, artifact downloads with a session) goes
-through the full stack.
+server's CPU per task. This handler has no middleware, no per-request context and no request_started
+signal (its receivers reset this thread's query log and close this thread's connections: the event loop's
+thread has none, all database work runs on the DB executor). A request's only thread hop is its database
+work. Everything else (pages, admin, run API, artifact downloads with a session) goes through the full stack.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
 
@@ -29,6 +33,38 @@ class AgentApiHandler(ASGIHandler):
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
         await self.handle(scope, receive, send)
+
+    async def handle(self, scope, receive, send):
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        try:
+            request, response = self.create_request(scope, body_file)
+            if request is not None:
+                response = await self._respond_unless_gone(request, receive)
+                if response is None:
+                    return
+            await self.send_response(response, send)
+            # Closing a JSON response only sends request_finished (see above): cheap, no thread needed.
+            response.close()
+        finally:
+            body_file.close()
+
+    async def _respond_unless_gone(self, request, receive):
+        """The view's response, or None when the client went away first: its view is then cancelled, so a
+        long poll whose agent disconnected never claims a task for nobody."""
+        view = asyncio.ensure_future(self.run_get_response(request))
+        gone = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        await asyncio.wait({view, gone}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (gone, view) if view.done() else (view, gone):
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RequestAborted):
+                await task
+        if view.cancelled():
+            return None
+        return view.result()
 
 
 def route_http(full_app, agent_app=None):

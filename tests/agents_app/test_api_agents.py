@@ -8,6 +8,8 @@ max wait 5 s, offline after 3 s), so every test here finishes well inside those 
 from __future__ import annotations
 
 import hashlib
+import json
+import socket
 import threading
 import time
 import uuid
@@ -397,6 +399,27 @@ def test_long_poll_is_not_woken_by_a_task_it_cannot_run(server, enroll, run_of):
     run_of({"key": "needs-gpu", "requires": ["gpu"]})
     poller.join(5)
     assert answer["assignments"] == []
+
+
+def test_a_long_poll_whose_agent_hung_up_claims_nothing(server, enroll, run_of):
+    """The server drops a parked long poll when its client disconnects, instead of handing the next task to
+    a connection nobody reads (it would sit assigned until its lease ran out)."""
+    from tasks_app.models import Attempt
+
+    gone, other = enroll("gone-1"), enroll("other-1")
+    host, port = server.removeprefix("http://").split(":")
+    body = json.dumps({"capacity": 1, "wait_s": MAX_WAIT_S}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /api/v1/agents/claim HTTP/1.1\r\nHost: " + host.encode() + b"\r\nAuthorization: Bearer "
+            + gone.token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body
+        )  # fmt: skip
+        time.sleep(0.5)  # parked
+    time.sleep(0.3)  # the server has seen the hang-up
+    run = run_of({"key": "for-someone-listening"})
+    assert [a["task"]["key"] for a in other.claim(wait_s=2)] == ["for-someone-listening"]
+    assert not Attempt.objects.filter(task__run=run, agent_id=gone.id).exists()
 
 
 def test_claim_without_a_valid_agent_token_is_401(server, enrollment_token):
