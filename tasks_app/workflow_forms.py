@@ -30,13 +30,41 @@ def _error_field(form: forms.Form, field: str | None) -> str | None:
 
 
 class WorkflowForm(forms.ModelForm):
+    """The workflow's own fields. `opened_version` is the workflow's `updated_at` when the page was opened: a
+    save over someone else's newer save is refused rather than silently undoing it (every path that changes a
+    workflow saves its row, so `updated_at` moves with each change)."""
+
+    opened_version = forms.CharField(required=False, widget=forms.HiddenInput)
+
     class Meta:
         model = Workflow
         fields = ["name", "description", "max_parallel", "priority", "defaults"]
         widgets = {"description": forms.Textarea(attrs={"rows": 3, "cols": 80})}
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["opened_version"] = self.instance.updated_at.isoformat()
+
     def clean_defaults(self):
         return self.cleaned_data.get("defaults") or {}
+
+    def clean_opened_version(self):
+        """Lock the workflow's row (the admin saves in one transaction, so two saves of one workflow take
+        turns) and compare its version with the page's."""
+        opened = self.cleaned_data.get("opened_version")
+        if not self.instance.pk or not opened:
+            return opened
+        current = Workflow.objects.select_for_update().filter(pk=self.instance.pk).values_list("updated_at")
+        current = current.first()
+        if current is not None and current[0].isoformat() != opened:
+            # On the form as a whole: the field is hidden, and so would be an error shown next to it.
+            self.add_error(
+                None,
+                f"Someone changed this workflow at {current[0]:%Y-%m-%d %H:%M:%S} UTC, after you opened this page."
+                " Open it again to see their changes, then make yours.",
+            )
+        return opened
 
     def clean(self):
         data = super().clean()

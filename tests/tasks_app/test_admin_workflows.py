@@ -266,6 +266,26 @@ def test_editing_a_workflow_never_changes_a_run_already_started(client, ada):
     assert run.tasks.count() == 3
 
 
+def test_a_save_over_someone_elses_newer_save_is_refused(client, ada):
+    workflow = nightly()
+    mine = form_data(client.get(change_url(workflow)))
+    theirs = form_data(client.get(change_url(workflow)))
+    theirs[f"tasks-{row_index(theirs, 'plan')}-title"] = "their title"
+    assert client.post(change_url(workflow), theirs).status_code == 302
+    mine[f"tasks-{row_index(mine, 'test')}-DELETE"] = "on"
+    response = client.post(change_url(workflow), mine)
+    assert response.status_code == 200
+    assert "Someone changed this workflow at" in response.content.decode()
+    assert sorted(deps_of(workflow)) == ["build", "plan", "test"]
+    assert workflow.tasks.get(key="plan").title == "their title"
+    # An import with replace counts as a change too.
+    mine = form_data(client.get(change_url(workflow)))
+    workflows.import_document(doc({"key": "solo"}, name="nightly"), replace=True)
+    mine["description"] = "stale"
+    assert "Someone changed this workflow" in client.post(change_url(workflow), mine).content.decode()
+    assert deps_of(workflow) == {"solo": []}
+
+
 # --- The live preview's endpoint --------------------------------------------------------------------------
 
 
