@@ -32,6 +32,9 @@ def count_of(model, fk: str):
 
 
 class WorkflowTaskInline(admin.TabularInline):
+    """A workflow's tasks are part of the workflow: editing them takes the workflow's permissions (`change`,
+    or `add` on the add page), not a second set for the task model that nobody would think to grant."""
+
     model = WorkflowTask
     form = WorkflowTaskForm
     formset = WorkflowTaskFormSet
@@ -40,6 +43,21 @@ class WorkflowTaskInline(admin.TabularInline):
 
     def get_queryset(self, request):
         return super().get_queryset(request).order_by("position", "id")
+
+    def _may_edit(self, request, workflow) -> bool:
+        return request.user.has_perm("tasks_app.add_workflow" if workflow is None else "tasks_app.change_workflow")
+
+    def has_add_permission(self, request, obj):
+        return self._may_edit(request, obj)
+
+    def has_change_permission(self, request, obj=None):
+        return self._may_edit(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return self._may_edit(request, obj)
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.has_perm("tasks_app.view_workflow") or self._may_edit(request, obj)
 
 
 # --- Workflows --------------------------------------------------------------------------------------------

@@ -495,8 +495,19 @@ def test_an_editor_may_edit_but_starting_runs_needs_the_run_permission(client, d
     client.force_login(staff(django_user_model, "ed", "view_workflow", "change_workflow", "add_workflow"))
     data = form_data(client.get(change_url(workflow)))
     data["description"] = "edited by ed"
+    # The workflow's permissions are enough to edit its tasks (none on the task model itself).
+    data[f"tasks-{row_index(data, 'plan')}-title"] = "Plan, by ed"
+    data[f"tasks-{row_index(data, 'test')}-DELETE"] = "on"
+    add_rows(data, {"key": "ship", "deps": "build"})
     assert client.post(change_url(workflow), data).status_code == 302
+    assert deps_of(workflow) == {"plan": [], "build": ["plan"], "ship": ["build"]}
+    assert workflow.tasks.get(key="plan").title == "Plan, by ed"
     assert audit("changed")[0].actor == "user:ed"
+    response = client.post(
+        reverse("admin:tasks_app_workflow_add"), new_workflow_data("ed's", {"key": "a"}, {"key": "b", "deps": "a"})
+    )
+    assert response.status_code == 302
+    assert deps_of(Workflow.objects.get(name="ed's")) == {"a": [], "b": ["a"]}
     actions = dict(client.get(reverse(CHANGELIST)).context["action_form"].fields["action"].choices)
     assert "start_run" not in actions and "duplicate" in actions
 
