@@ -1,10 +1,16 @@
-/* Live-connection indicator for the dashboard: the htmx websocket extension reconnects by itself (with
-   jittered backoff) and the server resends the whole page on connect, so this only tells people. */
+/* The dashboard's live connection: the htmx websocket extension reconnects by itself and the server resends
+   the whole page on connect (a page resyncs after a server restart); this tells people whether the page is
+   live, sets the reconnect pace, swaps the pushed panels in, and keeps a streaming log at its end. */
 (function () {
   function set(state, text) {
     var el = document.getElementById("live-status");
     if (el) { el.dataset.state = state; el.textContent = text; }
   }
+  // After a server restart, come back within seconds: at most 5 s between tries (jittered, so that a room of
+  // open pages does not reconnect at once), not the extension's default of up to a minute.
+  htmx.config.wsReconnectDelay = function (retries) {
+    return Math.min(5000, 500 * Math.pow(2, retries)) * (0.5 + Math.random() / 2);
+  };
   document.addEventListener("htmx:wsOpen", function () { set("live", "live"); });
   document.addEventListener("htmx:wsClose", function () { set("reconnecting", "reconnecting…"); });
   document.addEventListener("htmx:wsError", function () { set("reconnecting", "reconnecting…"); });

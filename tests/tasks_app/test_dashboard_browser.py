@@ -15,7 +15,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from control_plane import launch
 from tasks_app.models import Event, Run, Task
-from tests.conftest import doc, http
+from tests.conftest import FAST_TIMINGS, doc, http, test_database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 CHROMIUM_ARGS = [
@@ -238,3 +238,91 @@ def test_live_updates_come_from_another_server_process(browser, live_server_proc
         assert time.monotonic() - started < 3
     finally:
         second.stop()
+
+
+def test_a_page_resyncs_by_itself_after_a_server_restart(browser, people, server_tmp, artifacts_dir):
+    """The server process is stopped and started again on the same port; meanwhile the run is canceled. The
+    open page says it is reconnecting, comes back live without a reload and shows the cancellation."""
+    from tasks_app import actions
+    from tests.conftest import Server
+
+    run = submit_run(doc({"key": "a", "requires": ["nobody"]}, name="through-a-restart"))
+    server = Server(server_tmp)
+    try:
+        page = login(browser, server, people["viewer"])
+        page.goto(f"{server.url}/runs/{run.id}/")
+        expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+        loaded_at = page.evaluate("performance.timeOrigin")
+        server.stop()
+        expect(page.locator("#live-status")).to_have_text("reconnecting…", timeout=10_000)
+        shoot(page, artifacts_dir, "run-reconnecting")
+        actions.cancel_run(str(run.id), "test")  # while no server is there to tell anyone
+        env = {"DATABASE_URL": test_database_url(), **FAST_TIMINGS}
+        server.proc = launch.start_server(server.port, env=env, log=server.log)
+        expect(page.locator("#live-status")).to_have_text("live", timeout=20_000)
+        expect(page.locator("[data-testid=run-state]")).to_have_text("canceled", timeout=10_000)
+        expect(page.locator("g.node.st-canceled")).to_have_count(1)
+        assert page.evaluate("performance.timeOrigin") == loaded_at  # no reload: the page resynced itself
+    finally:
+        server.stop()
+
+
+def _page_fits(page) -> bool:
+    return page.evaluate("document.scrollingElement.scrollWidth <= window.innerWidth")
+
+
+def _background_luminance(page) -> float:
+    rgb = page.evaluate("getComputedStyle(document.body).backgroundColor")  # "rgb(r, g, b)"
+    r, g, b = (int(x) for x in rgb[rgb.index("(") + 1 : rgb.index(")")].split(",")[:3])
+    return (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255
+
+
+@pytest.mark.parametrize(
+    "name, viewport, scheme",
+    [("phone", (390, 844), "light"), ("phone-dark", (390, 844), "dark"), ("1920", (1920, 1080), "light"),
+     ("1920-dark", (1920, 1080), "dark")],
+)  # fmt: skip
+def test_every_page_fits_the_screen_follows_the_theme_and_names_states(
+    browser, live_server_proc, people, artifacts_dir, name, viewport, scheme
+):
+    run = submit_run(doc({"key": "first", "requires": ["nobody"]}, {"key": "then", "deps": ["first"]}, name="fit"))
+    task = Task.objects.get(run=run, key="first")
+    page = login(
+        browser, live_server_proc, people["operator"],
+        viewport={"width": viewport[0], "height": viewport[1]}, color_scheme=scheme,
+    )  # fmt: skip
+    for label, url in (("overview", "/"), ("run", f"/runs/{run.id}/"), ("task", f"/tasks/{task.id}/"),
+                       ("agents", "/agents/")):  # fmt: skip
+        page.goto(f"{live_server_proc.url}{url}")
+        expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+        assert _page_fits(page), f"{label} scrolls sideways at {viewport[0]} px"
+        luminance = _background_luminance(page)
+        assert (luminance < 0.3) if scheme == "dark" else (luminance > 0.7), (label, luminance)
+        shoot(page, artifacts_dir, f"{label}-{name}")
+    page.goto(f"{live_server_proc.url}/runs/{run.id}/")
+    # State in words, not colour alone: on each node, in the legend and on the run's badge.
+    expect(page.locator("g.node[data-key=first] text.st")).to_have_text("ready")
+    expect(page.locator("g.node[data-key=then] text.st")).to_have_text("blocked")
+    expect(page.locator("g.legend")).to_contain_text("succeeded")
+    expect(page.locator("[data-testid=run-state]")).to_have_text("running")
+
+
+def test_static_files_come_from_the_server_itself(browser, live_server_proc, people):
+    """Production settings (DEBUG off): whitenoise serves our own copies of htmx, its websocket extension, the
+    scripts and the styles; nothing is loaded from another origin."""
+    page = login(browser, live_server_proc, people["viewer"])
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.goto(f"{live_server_proc.url}/")
+    expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+    assets = page.evaluate(
+        "[...document.querySelectorAll('script[src], link[rel=stylesheet]')].map(e => e.src || e.href)"
+    )
+    assert any("htmx-2.0.11.min.js" in a for a in assets) and any("htmx-ext-ws" in a for a in assets)
+    for url in assets:
+        assert url.startswith(f"{live_server_proc.url}/static/"), url
+        response = page.request.get(url)
+        assert response.status == 200, url
+        assert "max-age" in response.headers.get("cache-control", ""), url  # whitenoise, not Django's view
+    assert all(u.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:")) for u in requested), requested
+    assert page.evaluate("typeof htmx !== 'undefined' && htmx.version") == "2.0.11"
