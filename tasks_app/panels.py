@@ -4,7 +4,7 @@ the timeline. Plain dicts and lists, so the web pages and the `monitor` command 
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from datetime import timedelta
 
 from django.db import connection
@@ -31,66 +31,71 @@ def _fraction(counts: dict, progress_sum: float) -> float:
 
 
 def run_summaries(run_ids=None, limit: int = 50) -> list[dict]:
-    """Runs (newest first) with counts by state, progress, start, end and ETA: four queries in all."""
+    """Runs (newest first) with counts by state, progress, start, end and ETA: two queries in all."""
     runs = Run.objects.order_by("-created_at")
     if run_ids is not None:
         runs = runs.filter(pk__in=run_ids)
     runs = list(runs[:limit])
-    ids = [r.id for r in runs]
-    counts: dict = defaultdict(Counter)
-    for run_id, state, n in Task.objects.filter(run_id__in=ids).values_list("run_id", "state").annotate(n=Count("id")):
-        counts[run_id][state] = n
-    progress: dict = defaultdict(float)
-    for run_id, p in Attempt.objects.filter(run_id__in=ids, state__in=AttemptState.LIVE).values_list(
-        "run_id", "progress"
-    ):
-        progress[run_id] += p
-    etas = _etas(ids)
-    return [
-        {
-            "id": r.id,
-            "name": r.name,
-            "state": r.state,
-            "created_at": r.created_at,
-            "finished_at": r.finished_at,
-            "counts": {s: counts[r.id].get(s, 0) for s in TaskState.ALL},
-            "total": sum(counts[r.id].values()),
-            "fraction": _fraction(counts[r.id], progress[r.id]),
-            "eta": etas.get(r.id) if r.state in RunState.ACTIVE else None,
-        }
-        for r in runs
-    ]
+    figures = _run_figures([r.id for r in runs])
+    out = []
+    for r in runs:
+        f = figures.get(r.id, {"counts": {}, "progress": 0.0, "eta": None})
+        out.append(
+            {
+                "id": r.id,
+                "name": r.name,
+                "state": r.state,
+                "created_at": r.created_at,
+                "finished_at": r.finished_at,
+                "counts": {s: f["counts"].get(s, 0) for s in TaskState.ALL},
+                "total": sum(f["counts"].values()),
+                "fraction": _fraction(f["counts"], f["progress"]),
+                "eta": f["eta"] if r.state in RunState.ACTIVE else None,
+            }
+        )
+    return out
 
 
-def _etas(run_ids) -> dict:
-    """ETA per active run: the longest remaining critical path by estimates, scaled by how actual durations
-    compared with estimates so far in that run."""
+def _run_figures(run_ids) -> dict:
+    """Per run, in one pass over its tasks (one query: the live dashboard asks several times a second):
+    counts by state, the progress of live tasks (a task's progress is its live attempt's), and the ETA: the
+    longest remaining critical path by estimates, scaled by how actual durations compared with estimates so
+    far in that run. A task has at most one succeeded attempt (the database enforces it), so the join adds
+    no rows to count."""
     if not run_ids:
         return {}
+    counts = ", ".join("count(*) FILTER (WHERE t.state = %s)" for _ in TaskState.ALL)
     with connection.cursor() as cur:
         cur.execute(
-            """
-            SELECT t.run_id,
-                   max(t.critical_path_s * (1 - t.progress)) FILTER (WHERE t.state IN
-                       ('blocked', 'ready', 'assigned', 'running')),
-                   sum(EXTRACT(EPOCH FROM (a.finished_at - a.started_at))) FILTER (WHERE a.state = 'succeeded'),
-                   sum(t.estimate_s) FILTER (WHERE a.state = 'succeeded')
+            f"""
+            SELECT t.run_id, {counts},
+                   coalesce(sum(t.progress) FILTER (WHERE t.state = ANY(%s)), 0),
+                   max(t.critical_path_s * (1 - t.progress)) FILTER (WHERE t.state = ANY(%s)),
+                   sum(EXTRACT(EPOCH FROM (a.finished_at - a.started_at))),
+                   sum(t.estimate_s) FILTER (WHERE a.id IS NOT NULL)
               FROM tasks_app_task t
               LEFT JOIN tasks_app_attempt a ON a.task_id = t.id AND a.state = 'succeeded'
              WHERE t.run_id = ANY(%s::uuid[])
              GROUP BY t.run_id
             """,
-            [list(run_ids)],
+            [*TaskState.ALL, list(TaskState.LIVE), list(TaskState.PENDING), list(run_ids)],
         )
         rows = cur.fetchall()
     now = timezone.now()
     out = {}
-    for run_id, remaining, actual, estimated in rows:
-        if remaining is None:
-            continue
-        # EXTRACT(EPOCH ...) comes back as Decimal, estimates as float.
-        ratio = (float(actual) / float(estimated)) if actual and estimated else 1.0
-        out[run_id] = now + timedelta(seconds=float(remaining) * float(ratio))
+    n = len(TaskState.ALL)
+    for run_id, *values in rows:
+        progress, remaining, actual, estimated = values[n:]
+        eta = None
+        if remaining is not None:
+            # EXTRACT(EPOCH ...) comes back as Decimal, estimates as float.
+            ratio = (float(actual) / float(estimated)) if actual and estimated else 1.0
+            eta = now + timedelta(seconds=float(remaining) * ratio)
+        out[run_id] = {
+            "counts": {s: c for s, c in zip(TaskState.ALL, values[:n], strict=True) if c},
+            "progress": float(progress),
+            "eta": eta,
+        }
     return out
 
 
