@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 
 from django.contrib import admin
-from django.db.models import Count, IntegerField, OuterRef, Subquery
+from django.contrib.postgres.aggregates import ArrayAgg
+from django.db.models import Count, IntegerField, Max, OuterRef, Subquery
 from django.db.models.functions import Coalesce
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from . import admin_views, workflows
 from .models import Artifact, Attempt, Event, Run, Task, Workflow, WorkflowTask
-from .workflow_forms import WorkflowForm, WorkflowTaskForm, WorkflowTaskFormSet
+from .workflow_forms import SingleTaskForm, WorkflowForm, WorkflowTaskForm, WorkflowTaskFormSet
 
 # Above this many tasks the change page leaves the tasks out (rendering thousands of rows of inputs is
 # slow, and so is posting them): such workflows are edited as documents, exported and imported again.
@@ -190,6 +192,91 @@ class WorkflowAdmin(admin.ModelAdmin):
     @admin.action(description="Export the selected workflows as JSON", permissions=["view"])
     def export_json(self, request, queryset):
         return admin_views.export_download(queryset, "json")
+
+
+@admin.register(WorkflowTask)
+class WorkflowTaskAdmin(admin.ModelAdmin):
+    """Tasks one at a time: how a workflow too big to edit inline is edited in the admin (its change page
+    links here, filtered on it). Each save checks the whole DAG, moves the workflow's version (an editor's
+    open page of it goes stale) and is audited. Permissions are the workflow's, as for the inline."""
+
+    form = SingleTaskForm
+    list_display = ["key", "workflow", "title", "executor", "deps_text", "requires_text", "priority", "estimate_s"]
+    list_filter = ["executor", "workflow"]
+    search_fields = ["key", "title", "workflow__name"]
+    list_select_related = ["workflow"]
+    ordering = ["workflow__name", "position", "id"]
+    show_full_result_count = False
+    change_form_template = "admin/tasks_app/workflowtask/change_form.html"
+
+    class Media:
+        js = ["js/workflow_editor.js"]
+
+    def get_queryset(self, request):
+        keys = (
+            workflows.DepLink.objects.filter(from_workflowtask=OuterRef("pk"))
+            .order_by()
+            .values("from_workflowtask")
+            .annotate(keys=ArrayAgg("to_workflowtask__key", order_by="id"))
+            .values("keys")
+        )
+        return super().get_queryset(request).annotate(dep_keys=Subquery(keys))
+
+    @admin.display(description="deps")
+    def deps_text(self, obj):
+        return ", ".join(obj.dep_keys or ())
+
+    @admin.display(description="deps")
+    def deps_keys(self, obj):
+        """The form's deps field, as a read-only page shows it (a viewer's)."""
+        links = workflows.DepLink.objects.filter(from_workflowtask=obj).order_by("id")
+        return ", ".join(links.values_list("to_workflowtask__key", flat=True))
+
+    @admin.display(description="requires")
+    def requires_text(self, obj):
+        return ", ".join(obj.requires)
+
+    def _may_edit(self, request) -> bool:
+        return request.user.has_perm("tasks_app.change_workflow")
+
+    def has_add_permission(self, request):
+        return self._may_edit(request)
+
+    def has_change_permission(self, request, obj=None):
+        return self._may_edit(request)
+
+    def has_delete_permission(self, request, obj=None):
+        return self._may_edit(request)
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.has_perm("tasks_app.view_workflow") or self._may_edit(request)
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        workflow = obj.workflow if obj is not None else None
+        keys = list(workflow.tasks.values_list("key", flat=True)) if workflow is not None else []
+        return super().render_change_form(request, {**context, "workflow_keys": keys}, add, change, form_url, obj)
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            last = WorkflowTask.objects.filter(workflow=obj.workflow).aggregate(n=Max("position"))["n"]
+            obj.position = 0 if last is None else last + 1
+        super().save_model(request, obj, form, change)
+        form.save_dependencies(obj)
+        self._workflow_changed(request, obj.workflow, task=obj.key, task_change="changed" if change else "added")
+
+    def delete_model(self, request, obj):
+        super().delete_model(request, obj)
+        self._workflow_changed(request, obj.workflow, task=obj.key, task_change="deleted")
+
+    def delete_queryset(self, request, queryset):
+        chosen = list(queryset.select_related("workflow"))
+        super().delete_queryset(request, queryset)
+        for task in chosen:
+            self._workflow_changed(request, task.workflow, task=task.key, task_change="deleted")
+
+    def _workflow_changed(self, request, workflow, **detail):
+        Workflow.objects.filter(pk=workflow.pk).update(updated_at=timezone.now())
+        workflows.record_workflow_change(workflow.name, "changed", admin_views.actor_of(request), **detail)
 
 
 # --- Runs and their parts: read-only --------------------------------------------------------------------

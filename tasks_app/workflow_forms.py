@@ -119,7 +119,8 @@ class WorkflowTaskForm(forms.ModelForm):
 
     def __init__(self, *args, deps_by_task=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["requires"].help_text = "labels, comma-separated"
+        if "requires" in self.fields:  # a read-only page has no fields
+            self.fields["requires"].help_text = "labels, comma-separated"
         if self.instance.pk and deps_by_task is not None:
             self.initial["deps_keys"] = ", ".join(deps_by_task.get(self.instance.pk, ()))
 
@@ -289,4 +290,58 @@ class WorkflowTaskFormSet(forms.BaseInlineFormSet):
                 for dep in form.cleaned_data["deps_keys"]
             ],
             batch_size=5000,
+        )
+
+
+class SingleTaskForm(WorkflowTaskForm):
+    """One task of a workflow on a page of its own (how tasks of workflows too big to edit inline are edited).
+    `clean` checks the whole DAG the workflow would have after the save: the workflow's other tasks are read
+    from the database under a lock on the workflow's row, so two such saves take turns."""
+
+    class Meta(WorkflowTaskForm.Meta):
+        fields = ["workflow", *WorkflowTaskForm.Meta.fields]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk and "workflow" in self.fields:
+            self.fields["workflow"].disabled = True
+            self.initial["deps_keys"] = ", ".join(
+                workflows.DepLink.objects.filter(from_workflowtask=self.instance)
+                .order_by("id")
+                .values_list("to_workflowtask__key", flat=True)
+            )
+
+    def clean(self):
+        data = super().clean()
+        workflow = data.get("workflow")
+        if self.errors or workflow is None:
+            return data
+        Workflow.objects.select_for_update().filter(pk=workflow.pk).first()
+        document = workflows.workflow_to_document(workflow)
+        entry = self.task_entry()
+        old_key = self.instance.key if self.instance.pk else None
+        tasks = []
+        for task in document["tasks"]:
+            if task["key"] == old_key:
+                tasks.append(entry)
+                continue
+            if old_key and old_key in task.get("deps", ()):  # a rename: the links follow the task
+                task["deps"] = [entry["key"] if d == old_key else d for d in task["deps"]]
+            tasks.append(task)
+        if old_key is None:
+            tasks.append(entry)
+        try:
+            parse_document({**document, "tasks": tasks})
+        except DagError as exc:
+            mine = exc.keys and exc.keys[0] == entry["key"]
+            self.add_error(_error_field(self, exc.field) if mine else None, exc.detail)
+        return data
+
+    def save_dependencies(self, task: WorkflowTask) -> None:
+        """After the task's row is saved: its dependency links, by key, among its workflow's tasks."""
+        keys = self.cleaned_data["deps_keys"]
+        ids = dict(WorkflowTask.objects.filter(workflow=task.workflow, key__in=keys).values_list("key", "id"))
+        workflows.DepLink.objects.filter(from_workflowtask=task).delete()
+        workflows.DepLink.objects.bulk_create(
+            [workflows.DepLink(from_workflowtask_id=task.pk, to_workflowtask_id=ids[k]) for k in keys]
         )

@@ -2,7 +2,8 @@
 
    Key suggestions: a deps field offers the keys of the workflow's task rows as they stand in the form (not as
    saved: a row typed a second ago counts), minus its own key and the keys it already lists, through the
-   <datalist id="workflow-keys">.
+   <datalist id="workflow-keys">. On a single task's page (no rows) the keys come from the JSON script
+   "workflow-key-list".
 
    Live preview: whenever a task row changes (typing, a row added, removed or marked for deletion), the form is
    posted to data-preview-url, which answers the DAG picture as HTML (tasks_app/workflow_preview.py); the
@@ -15,16 +16,17 @@
   var DEBOUNCE_MS = 250;
 
   function start() {
-    var form = document.getElementById("workflow_form");
+    var form = document.getElementById("workflow_form") || document.getElementById("workflowtask_form");
     var list = document.getElementById("workflow-keys");
     var box = document.getElementById("dag-preview");
     if (!form) { return; }
 
+    var saved = document.getElementById("workflow-key-list");
+    var savedKeys = saved ? JSON.parse(saved.textContent) : [];
     function taskKeys() {
-      return Array.prototype.map.call(
-        form.querySelectorAll('input[name^="tasks-"][name$="-key"]'),
-        function (input) { return input.value.trim(); }
-      ).filter(Boolean);
+      var rows = form.querySelectorAll('input[name^="tasks-"][name$="-key"]');
+      if (!rows.length) { return savedKeys; }
+      return Array.prototype.map.call(rows, function (input) { return input.value.trim(); }).filter(Boolean);
     }
 
     function suggest(input) {

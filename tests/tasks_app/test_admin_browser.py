@@ -103,3 +103,17 @@ def test_a_new_workflow_is_drawn_from_its_first_row(editor, live_server_proc):
     page.click("#tasks-group .add-row a")
     row_field(page, 1, "key").fill("second")
     expect(page.locator("#dag-preview svg.dag g.node")).to_have_count(2)
+
+
+def test_a_single_tasks_page_suggests_its_workflows_keys(editor, live_server_proc):
+    page = editor
+    workflow = workflows.import_document(
+        doc({"key": "plan"}, {"key": "build", "deps": ["plan"]}, {"key": "test", "deps": ["build"]}, name="nightly")
+    )
+    task = workflow.tasks.get(key="test")
+    page.goto(f"{live_server_proc.url}/admin/tasks_app/workflowtask/{task.pk}/change/")
+    deps = page.locator('[name="deps_keys"]')
+    expect(deps).to_have_value("build")
+    deps.fill("build, ")
+    options = page.locator("#workflow-keys option").evaluate_all("els => els.map(e => e.value)")
+    assert options == ["build, plan"]  # not its own key, not one it lists; after what is typed
