@@ -712,3 +712,24 @@ def test_the_task_pages_of_a_2000_task_workflow_take_bounded_queries(client, ada
     with django_assert_max_num_queries(20):
         assert client.post(task_url(big, "t1500"), data).status_code == 302
     assert deps_of(big)["t1500"] == ["t1499", "t750", "t3"]
+
+
+def test_names_keys_and_titles_are_escaped_on_every_page(client, ada):
+    evil = "<script>alert(1)</script>"
+    workflow = workflows.import_document(
+        doc({"key": "a", "title": evil, "prompt": evil, "params": {"x": evil}}, name=evil, description=evil)
+    )
+    pages = [
+        client.get(reverse(CHANGELIST)),
+        client.get(change_url(workflow)),
+        client.get(reverse("admin:tasks_app_workflow_preview", args=[workflow.pk])),
+        client.get(task_url(workflow, "a")),
+        act(client, "start_run", [workflow]),
+        act(client, "duplicate", [workflow]),
+        client.get(reverse(CHANGELIST)),  # the duplicate's message
+        client.post(import_url(), {"text": json.dumps(doc({"key": "b"}, name=evil))}),  # name taken
+    ]
+    for page in pages:
+        assert page.status_code in (200, 302)
+        assert evil not in page.content.decode()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; (copy)" in pages[6].content.decode()
