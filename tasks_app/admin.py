@@ -100,6 +100,7 @@ class WorkflowAdmin(admin.ModelAdmin):
             path("preview/", view(self.preview_view), name="tasks_app_workflow_preview_form"),
             path("<path:object_id>/preview/", view(self.preview_view), name="tasks_app_workflow_preview"),
             path("<path:object_id>/export/", view(self.export_view), name="tasks_app_workflow_export"),
+            path("<path:object_id>/start/", view(self.start_view), name="tasks_app_workflow_start"),
             *super().get_urls(),
         ]
 
@@ -111,6 +112,9 @@ class WorkflowAdmin(admin.ModelAdmin):
 
     def export_view(self, request, object_id):
         return admin_views.export_workflow(self, request, object_id)
+
+    def start_view(self, request, object_id):
+        return admin_views.start_one_run(self, request, object_id)
 
     # -- editing: big workflows are edited as documents; every change is audited --
 
@@ -126,7 +130,9 @@ class WorkflowAdmin(admin.ModelAdmin):
         return super().get_inline_instances(request, obj)
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        extra_context = dict(extra_context or {}, inline_max_tasks=INLINE_MAX_TASKS)
+        extra_context = dict(
+            extra_context or {}, inline_max_tasks=INLINE_MAX_TASKS, can_start_run=self.has_start_run_permission(request)
+        )
         obj = self.get_object(request, object_id)
         if obj is not None and self._task_count(request, obj) > INLINE_MAX_TASKS:
             extra_context["tasks_not_inline"] = self._task_count(request, obj)

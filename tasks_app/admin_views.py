@@ -182,6 +182,20 @@ def start_runs(model_admin, request, queryset):
     return TemplateResponse(request, "admin/tasks_app/workflow/start_run.html", context)
 
 
+def start_one_run(model_admin, request, object_id):
+    """The change page's "Start a run…": the action's page for this one workflow, back to the change page
+    (whose messages link to the run) once started."""
+    if not model_admin.has_start_run_permission(request):
+        raise PermissionDenied
+    workflow = model_admin.get_object(request, object_id)
+    if workflow is None:
+        raise Http404("no such workflow")
+    response = start_runs(model_admin, request, Workflow.objects.filter(pk=workflow.pk))
+    if response is None:
+        return HttpResponseRedirect(reverse("admin:tasks_app_workflow_change", args=[workflow.pk]))
+    return response
+
+
 # --- The DAG picture of the change page ------------------------------------------------------------------
 
 

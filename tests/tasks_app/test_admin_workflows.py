@@ -350,6 +350,26 @@ def test_start_a_run_asks_for_overrides_then_starts_it(client, ada):
     assert any("Started" in m for m in messages)
 
 
+def test_a_run_is_started_from_the_change_page_too(client, ada, django_user_model):
+    workflow = nightly()
+    start = reverse("admin:tasks_app_workflow_start", args=[workflow.pk])
+    assert start in client.get(change_url(workflow)).content.decode()
+    page = client.get(start)
+    assert page.status_code == 200 and b'name="max_parallel"' in page.content
+    response = client.post(start, {"apply": "1", "max_parallel": "3", "priority": ""})
+    assert response.status_code == 302 and response["Location"] == change_url(workflow)
+    run = Run.objects.get()
+    assert (run.workflow, run.max_parallel, run.created_by) == (workflow, 3, ada)
+    messages = [str(m) for m in client.get(change_url(workflow)).context["messages"]]
+    assert any(f'href="/runs/{run.pk}/"' in m for m in messages)
+    assert client.get(reverse("admin:tasks_app_workflow_start", args=[999999])).status_code == 404
+
+    client.force_login(staff(django_user_model, "ed", "view_workflow", "change_workflow"))
+    assert start not in client.get(change_url(workflow)).content.decode()
+    assert client.post(start, {"apply": "1", "max_parallel": "", "priority": ""}).status_code == 403
+    assert Run.objects.count() == 1
+
+
 def test_a_workflow_without_tasks_is_not_started_and_says_why(client, ada):
     empty = Workflow.objects.create(name="empty")
     response = act(client, "start_run", [empty], apply="1", max_parallel="", priority="")
