@@ -1,8 +1,10 @@
 """The hosts page: hosts, their pinned keys and the operations run on them. Everyone logged in watches;
 operators (the same permission as for runs) start operations and confirm host keys.
 
-The operations panel refreshes itself (htmx, every 2 s) only while an operation is queued or running: host
-operations are not scheduler events on the live websocket, and a page with nothing in progress costs nothing.
+Host operations are not scheduler events on the live websocket, so the operations panel refreshes itself
+(htmx): every 2 s while an operation is queued or running, every 15 s otherwise (to show what others start).
+An operator's action answers with the flash and both panels, so the page shows its effect at once; the
+hosts panel is not refreshed otherwise, which would clear the operator's selection.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.contrib.auth.decorators import login_required
+from django.http import HttpResponse
 from django.shortcuts import render
+from django.template.loader import render_to_string
 from django.utils import timezone
 
 from tasks_app.views import OPERATE, _actor, _answer, _operator_only
@@ -46,16 +50,36 @@ def hosts_context() -> dict:
     return {"hosts": hosts, "operation_kinds": HostOperationKind.values}
 
 
+def page_context(request) -> dict:
+    return {**hosts_context(), **operations_context(), "perms_operate": request.user.has_perm(OPERATE)}
+
+
 @login_required
 def hosts_page(request):
-    context = {**hosts_context(), **operations_context(), "page": "hosts"}
-    context["perms_operate"] = request.user.has_perm(OPERATE)
-    return render(request, "dashboard/hosts.html", context)
+    return render(request, "dashboard/hosts.html", {**page_context(request), "page": "hosts"})
+
+
+def _answer_with_panels(request, text: str, selected=()):
+    """The flash and, for htmx, both panels as out-of-band swaps showing what the action changed (the hosts
+    the operator had selected stay selected)."""
+    if not request.headers.get("HX-Request"):
+        return _answer(request, text, back="/hosts/")
+    context = {**page_context(request), "oob": True, "selected": set(selected)}
+    html = render_to_string("dashboard/flash.html", {"text": text, "ok": True})
+    for template in ("dashboard/panels/hosts.html", "dashboard/panels/host_operations.html"):
+        html += render_to_string(template, context, request=request)
+    return HttpResponse(html)
 
 
 @login_required
 def operations_panel(request):
-    return render(request, "dashboard/panels/host_operations.html", operations_context())
+    """The operations panel, and each host's last-operation cell out of band (the rest of the hosts panel
+    stays as it is, selection included)."""
+    context = page_context(request)
+    html = render_to_string("dashboard/panels/host_operations.html", context, request=request)
+    for host in context["hosts"]:
+        html += render_to_string("dashboard/panels/host_last_operation.html", {"host": host, "oob": True})
+    return HttpResponse(html)
 
 
 @_operator_only
@@ -69,10 +93,10 @@ def operate_hosts(request):
         return _answer(request, "Select at least one host.", ok=False, back="/hosts/")
     start_operations(kind, hosts, _actor(request))
     names = ", ".join(h.name for h in hosts)
-    return _answer(request, f"{kind.capitalize()} queued for {names}.", back="/hosts/")
+    return _answer_with_panels(request, f"{kind.capitalize()} queued for {names}.", [h.pk for h in hosts])
 
 
 @_operator_only
 def confirm_host_key(request, host_id: int):
     host = confirm_offered_key(host_id, request.POST.get("fingerprint", ""), _actor(request))
-    return _answer(request, f"{host.name}: host key {host.host_key_fingerprint} pinned.", back="/hosts/")
+    return _answer_with_panels(request, f"{host.name}: host key {host.host_key_fingerprint} pinned.")

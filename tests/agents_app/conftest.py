@@ -1,4 +1,5 @@
-"""A real OpenSSH sshd on a loopback port, as the "remote host" of the provisioning tests.
+"""A real OpenSSH sshd on a loopback port, as the "remote host" of the provisioning tests; hosts pointing at
+it; a real django-q2 cluster.
 
 It runs as the test's user (root in CI containers, hence PermitRootLogin) with a host key and a user key made
 for the session; the remote side is this machine, so a test can look at the deployed processes directly."""
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from agents_app.host_models import Host
 from control_plane import launch
+from tests import conftest as shared
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -93,3 +97,51 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 10.
                 return
         time.sleep(0.05)
     raise TimeoutError(f"sshd did not listen on {port}: {log.read_text()[-2000:]}")
+
+
+def daemon_pids(host: Host) -> dict[str, int]:
+    """The deployed agents' pids by name, from the pid files the deploy wrote."""
+    run = Path(host.remote_dir) / "run"
+    return {p.stem: int(p.read_text()) for p in run.glob("*.pid")} if run.exists() else {}
+
+
+def is_our_daemon(pid: int, name: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return False
+    return f"cp_agent.py --name {name} " in cmdline
+
+
+@pytest.fixture
+def make_host(sshd, tmp_path):
+    """Hosts that point at the loopback sshd, each with its own remote folder; daemons left behind by a
+    failing test are killed afterwards."""
+    made = []
+
+    def make(name="loop", **fields) -> Host:
+        values = {
+            "address": "127.0.0.1", "port": sshd.port, "user": sshd.user, "key_path": str(sshd.user_key_path),
+            "host_key": sshd.host_key_pub, "remote_python": "/usr/bin/python3",
+            "remote_dir": str(tmp_path / f"remote-{name}"), "agent_count": 2, "agent_labels": ["lb"],
+            "agent_executors": ["simulated", "shell"], "server_url": "http://127.0.0.1:9",
+        }  # fmt: skip
+        values.update(fields)
+        host = Host.objects.create(name=name, **values)
+        made.append(host)
+        return host
+
+    yield make
+    for host in made:
+        for name, pid in daemon_pids(host).items():
+            if is_our_daemon(pid, name):
+                os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def qcluster(tmp_path):
+    """A real django-q2 cluster process on the test database."""
+    env = {"DATABASE_URL": shared.test_database_url(), "CP_Q_WORKERS": "1"}
+    proc = launch.start_qcluster(env=env, log=tmp_path / "qcluster.log")
+    yield proc
+    launch.stop(proc, timeout=3)  # its jobs are done; a graceful django-q2 shutdown takes ~8 s

@@ -4,7 +4,6 @@ host is this machine, so the tests can look at the daemons the deploy started.""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 import uuid
@@ -25,60 +24,13 @@ from control_plane import launch
 from tasks_app.actions import ActionError
 from tasks_app.models import Attempt, Run
 from tests import conftest as shared
+from tests.agents_app.conftest import daemon_pids, is_our_daemon
 from tests.agents_app.conftest import keygen as shared_keygen
 from tests.agents_app.test_daemon_integration import process_gone, wait_for
 from tests.certs import make_pki
 from tests.conftest import doc
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def daemon_pids(host: Host) -> dict[str, int]:
-    """The deployed agents' pids by name, from the pid files the deploy wrote."""
-    run = Path(host.remote_dir) / "run"
-    return {p.stem: int(p.read_text()) for p in run.glob("*.pid")} if run.exists() else {}
-
-
-def is_our_daemon(pid: int, name: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except FileNotFoundError:
-        return False
-    return f"cp_agent.py --name {name} " in cmdline
-
-
-@pytest.fixture
-def make_host(sshd, tmp_path):
-    """Hosts that point at the loopback sshd, each with its own remote folder; daemons left behind by a
-    failing test are killed afterwards."""
-    made = []
-
-    def make(name="loop", **fields) -> Host:
-        values = {
-            "address": "127.0.0.1", "port": sshd.port, "user": sshd.user, "key_path": str(sshd.user_key_path),
-            "host_key": sshd.host_key_pub, "remote_python": "/usr/bin/python3",
-            "remote_dir": str(tmp_path / f"remote-{name}"), "agent_count": 2, "agent_labels": ["lb"],
-            "agent_executors": ["simulated", "shell"], "server_url": "http://127.0.0.1:9",
-        }  # fmt: skip
-        values.update(fields)
-        host = Host.objects.create(name=name, **values)
-        made.append(host)
-        return host
-
-    yield make
-    for host in made:
-        for name, pid in daemon_pids(host).items():
-            if is_our_daemon(pid, name):
-                os.killpg(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def qcluster(tmp_path):
-    """A real django-q2 cluster process on the test database."""
-    env = {"DATABASE_URL": shared.test_database_url(), "CP_Q_WORKERS": "1"}
-    proc = launch.start_qcluster(env=env, log=tmp_path / "qcluster.log")
-    yield proc
-    launch.stop(proc, timeout=3)  # its jobs are done; a graceful django-q2 shutdown takes ~8 s
 
 
 def wait_finished(op: HostOperation, timeout: float = 90.0) -> HostOperation:

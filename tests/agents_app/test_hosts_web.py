@@ -87,6 +87,8 @@ def test_an_operator_queues_an_operation_for_the_selected_hosts(operator_client,
     assert 'value="deploy"' in operator_client.get("/hosts/").content.decode()
     response = hx_post(operator_client, "/hosts/operate/", {"operation": "status", "host": [host.pk]})
     assert response.status_code == 200 and "Status queued for mugen" in response.content.decode()
+    # The answer carries both panels (out of band), so the page shows the new operation at once.
+    assert response.content.decode().count('hx-swap-oob="true"') == 2 and "data-operation=" in response.content.decode()
     [op] = HostOperation.objects.all()
     assert (op.kind, op.state, op.requested_by) == ("status", "queued", "user:otto")
     assert op.q_task_id  # handed to django-q2
@@ -103,7 +105,7 @@ def test_an_operator_queues_an_operation_for_the_selected_hosts(operator_client,
 
     HostOperation.objects.update(state="failed", error=XSS)
     panel = operator_client.get("/hosts/operations/").content.decode()
-    assert "every 2s" not in panel and XSS not in panel and "&lt;script&gt;" in panel
+    assert 'hx-trigger="every 15s"' in panel and XSS not in panel and "&lt;script&gt;" in panel
 
 
 @pytest.mark.parametrize(
