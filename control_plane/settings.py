@@ -206,7 +206,6 @@ CP_PUBLIC_URL = env_str("CP_PUBLIC_URL")
 CP_SSH_CONNECT_TIMEOUT_S = env_float("CP_SSH_CONNECT_TIMEOUT_S", 10.0)
 # One operation on one host, end to end; under the django-q2 job timeout (Q_CLUSTER["timeout"]).
 CP_HOST_OPERATION_TIMEOUT_S = env_float("CP_HOST_OPERATION_TIMEOUT_S", 240.0)
-CP_HOST_PARALLEL = env_int("CP_HOST_PARALLEL", 20)
 # How long a deploy waits for its agents to enroll; how long `stop` lets agents drain before canceling tasks.
 CP_HOST_ENROLL_WAIT_S = env_float("CP_HOST_ENROLL_WAIT_S", 30.0)
 CP_HOST_STOP_GRACE_S = env_float("CP_HOST_STOP_GRACE_S", 10.0)
