@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -217,6 +218,51 @@ def test_websocket_refuses_anonymous_and_foreign_origin(live_server_proc, people
     assert anonymous.startswith(("refused", "closed")), anonymous
     assert foreign.startswith(("refused", "closed")), foreign
     assert member.startswith("accepted:"), member
+
+
+def _collect_pushes(url, headers, opened, stop, out):
+    async def main():
+        async with websockets.connect(url, additional_headers=headers, open_timeout=5, max_size=None) as ws:
+            await ws.recv()  # on connect: the whole page
+            opened.set()
+            while not stop.is_set():
+                try:
+                    message = await asyncio.wait_for(ws.recv(), 0.2)
+                except TimeoutError:
+                    continue
+                out.append((time.monotonic(), message))
+
+    asyncio.run(main())
+
+
+def test_a_burst_of_hundreds_of_changes_reaches_a_page_as_a_few_updates_a_second(live_server_proc, people, make_agent):
+    from django.conf import settings
+
+    from tasks_app import actions
+
+    run = submit_run(doc(*[{"key": f"t{i:03d}"} for i in range(100)], name="burst"))
+    url = f"ws://127.0.0.1:{live_server_proc.port}/ws/run/{run.id}/"
+    headers = {"Origin": live_server_proc.url, "Cookie": f"sessionid={_session_cookie(*people['viewer'])}"}
+    opened, stop, pushes = threading.Event(), threading.Event(), []
+    with ThreadPoolExecutor(1) as pool:
+        listening = pool.submit(_collect_pushes, url, headers, opened, stop, pushes)
+        try:
+            assert opened.wait(10)
+            agents = [make_agent(f"burst-{i}", labels=[], capacity=10) for i in range(10)]
+            started = time.monotonic()
+            claimed = [(agent, got) for agent in agents for got in actions.claim_ready_tasks(agent, 10)]
+            for agent, got in claimed:  # 200 more transactions, each announcing its change
+                actions.record_progress(agent, got["attempt_id"], 0.5, "half", None)
+                actions.complete_attempt(agent, got["attempt_id"], "succeeded", {}, "", 0)
+            ended = time.monotonic()
+            time.sleep(1.0)  # the last changes reach the page
+        finally:
+            stop.set()
+        listening.result(10)
+    assert len(claimed) == 100
+    window = ended + 1.0 - started
+    assert 2 <= len(pushes) <= window / settings.CP_LIVE_MIN_INTERVAL_S + 2, (len(pushes), window)
+    assert 'data-testid="run-state">succeeded<' in "".join(m for _, m in pushes[-3:])
 
 
 def test_live_updates_come_from_another_server_process(browser, live_server_proc, people, server_tmp, operator):
