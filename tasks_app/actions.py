@@ -265,7 +265,7 @@ def _lock_attempt(cur, attempt_id) -> dict:
     keys = (
         "id", "state", "agent_id", "task_id", "run_id", "number", "result", "error", "exit_code", "task_state",
         "max_attempts", "attempts_used", "attempt_base", "retry_delay_s", "timeout_s", "elapsed_s",
-        "has_dependents",
+        "has_dependents", "run_state", "max_parallel",
     )  # fmt: skip
     return dict(zip(keys, row, strict=True))
 
@@ -324,6 +324,7 @@ def record_progress(agent: dict, attempt_id, progress: float | None, message: st
 def complete_attempt(agent: dict, attempt_id, outcome: str, result, error: str, exit_code) -> str:
     """The agent's final word on an attempt. The same completion again is accepted and changes nothing;
     any other completion of a finished or foreign attempt is stale."""
+    actor = f"agent:{agent['name']}"
     with transaction.atomic(), connection.cursor() as cur:
         att = _lock_attempt(cur, attempt_id)
         if (
@@ -331,13 +332,15 @@ def complete_attempt(agent: dict, attempt_id, outcome: str, result, error: str, 
             and att["state"] == outcome
             and _same_completion(att, result, error, exit_code)
         ):
-            return att["task_state"]
-        _require_live(att, agent["id"])
-        events, changes = EventLog(f"agent:{agent['name']}"), Changes(runs={att["run_id"]})
-        ending = {"state": outcome, "result": json.dumps(result) if result is not None else None,
-                  "error": error or "", "exit_code": exit_code}  # fmt: skip
-        task_state = _end_attempt(cur, att, outcome, events, changes, q.ATTEMPT_COMPLETED, ending, agent["id"])
-        _commit(cur, events, changes)
+            task_state = att["task_state"]  # the same again: nothing changes (the run is settled below)
+        else:
+            _require_live(att, agent["id"])
+            events, changes = EventLog(actor), Changes(runs={att["run_id"]})
+            ending = {"state": outcome, "result": json.dumps(result) if result is not None else None,
+                      "error": error or "", "exit_code": exit_code}  # fmt: skip
+            task_state = _end_attempt(cur, att, outcome, events, changes, q.ATTEMPT_COMPLETED, ending, agent["id"])
+            _commit(cur, events, changes)
+    settle_run(att["run_id"], actor)
     return task_state
 
 
@@ -400,7 +403,11 @@ def _end_attempt(
             changes.task_ready(dep_executor, dep_requires)
     elif target != TaskState.SUCCEEDED and att["has_dependents"]:
         _skip_downstream(cur, att["run_id"], att["task_id"], events)
-    _settle_run(cur, att["run_id"], events, changes, slot_freed=True)
+    if att["run_state"] == RunState.RUNNING and (att["max_parallel"] or settings.CP_GLOBAL_MAX_LIVE):
+        # A slot of a limited run (or of the global limit) freed up: wake an agent for the run's next task.
+        cur.execute(q.TOP_READY_OF_RUN, {"run_id": att["run_id"], "limit": 1})
+        for executor, requires in cur.fetchall():
+            changes.task_ready(executor, requires)
     return target
 
 
@@ -411,25 +418,26 @@ def _skip_downstream(cur, run_id, task_id, events: EventLog) -> None:
                    detail={"because": str(task_id)})  # fmt: skip
 
 
-def _settle_run(cur, run_id, events: EventLog, changes: Changes, slot_freed: bool = False) -> None:
-    """End the run if nothing is pending; else, when a slot freed up, wake an agent for its next task."""
-    cur.execute("SELECT state, max_parallel FROM tasks_app_run WHERE id = %(run_id)s FOR UPDATE", {"run_id": run_id})
-    run_state, max_parallel = cur.fetchone()
-    cur.execute(q.RUN_HAS_PENDING, {"run_id": run_id})
-    if cur.fetchone()[0]:
-        if slot_freed and run_state == RunState.RUNNING and (max_parallel or settings.CP_GLOBAL_MAX_LIVE):
-            cur.execute(q.TOP_READY_OF_RUN, {"run_id": run_id, "limit": 1})
-            for executor, requires in cur.fetchall():
-                changes.task_ready(executor, requires)
-        return
-    if run_state not in RunState.ACTIVE:
-        return
-    cur.execute(q.RUN_TASK_STATES, {"run_id": run_id})
-    outcome = run_outcome(state for state, n in cur.fetchall())
-    check_transition("run", run_state, outcome)
-    cur.execute("UPDATE tasks_app_run SET state = %s, finished_at = now() WHERE id = %s", [outcome, run_id])
-    events.add("run", run_state, outcome, run=run_id)
-    changes.runs.add(run_id)
+def settle_run(run_id, actor: str = "system:scheduler") -> str | None:
+    """End the run if nothing of it is pending; returns its new state, or None. Called after the commit of
+    every change that can finish a run's last pending task (see queries.LOCK_RUN), and by the sweeper."""
+    with connection.cursor() as cur:
+        cur.execute(q.RUN_HAS_PENDING, {"run_id": run_id})
+        if cur.fetchone()[0]:
+            return None
+    with transaction.atomic(), connection.cursor() as cur:
+        run_state = _lock_run(cur, run_id)
+        cur.execute(q.RUN_HAS_PENDING, {"run_id": run_id})
+        if run_state not in RunState.ACTIVE or cur.fetchone()[0]:
+            return None
+        cur.execute(q.RUN_TASK_STATES, {"run_id": run_id})
+        outcome = run_outcome(state for state, n in cur.fetchall())
+        check_transition("run", run_state, outcome)
+        cur.execute("UPDATE tasks_app_run SET state = %s, finished_at = now() WHERE id = %s", [outcome, run_id])
+        events = EventLog(actor)
+        events.add("run", run_state, outcome, run=run_id)
+        _commit(cur, events, Changes(runs={run_id}))
+    return outcome
 
 
 # --- Heartbeats and sweeps ----------------------------------------------------------------------------
@@ -470,7 +478,8 @@ def lose_attempts(attempt_ids, reason: str, actor: str) -> int:
                 cur, att, AttemptState.LOST, events, changes, q.ATTEMPT_ENDED, ending, detail={"reason": reason}
             )
             _commit(cur, events, changes)
-            lost += 1
+        settle_run(att["run_id"], actor)  # a task that failed for good may have been the run's last
+        lost += 1
     return lost
 
 
@@ -480,31 +489,35 @@ def _server_gap_s() -> float:
 
 
 def sweep(force: bool = False) -> dict:
-    """Expire leases and mark silent agents offline. Safe to run from many processes at once.
-
-    Does nothing while the sweep clock forbids expiry (just after every server process was down)."""
+    """Expire leases, mark silent agents offline, end runs left with nothing pending (settle_run's backstop).
+    Safe to run from many processes at once. Expires nothing while the sweep clock forbids it (just after
+    every server process was down)."""
     with connection.cursor() as cur:
         cur.execute(q.EXPIRY_ALLOWED, {"gap_s": _server_gap_s()})
-        if not cur.fetchone()[0] and not force:
-            return {"expired": 0, "offline": 0}
-        with transaction.atomic():
-            cur.execute(q.SILENT_AGENTS, {"offline_after_s": settings.CP_OFFLINE_AFTER_S})
-            silent = cur.fetchall()
-            attempts = []
+        allowed = cur.fetchone()[0] or force
+        cur.execute(q.UNSETTLED_RUNS)
+        unsettled = [r[0] for r in cur.fetchall()]
+    settled = sum(settle_run(run_id, "system:sweeper") is not None for run_id in unsettled)
+    if not allowed:
+        return {"expired": 0, "offline": 0, "runs_settled": settled}
+    with connection.cursor() as cur, transaction.atomic():
+        cur.execute(q.SILENT_AGENTS, {"offline_after_s": settings.CP_OFFLINE_AFTER_S})
+        silent = cur.fetchall()
+        attempts = []
+        for agent_id, _name in silent:
+            cur.execute(q.LIVE_ATTEMPTS_OF_AGENT, {"agent_id": agent_id})
+            attempts += [r[0] for r in cur.fetchall()]
+        if silent:
+            events = EventLog("system:sweeper")
             for agent_id, _name in silent:
-                cur.execute(q.LIVE_ATTEMPTS_OF_AGENT, {"agent_id": agent_id})
-                attempts += [r[0] for r in cur.fetchall()]
-            if silent:
-                events = EventLog("system:sweeper")
-                for agent_id, _name in silent:
-                    events.add("agent", "online", "offline", agent=agent_id, detail={"reason": "silent"})
-                _commit(cur, events, Changes(agents=True))
+                events.add("agent", "online", "offline", agent=agent_id, detail={"reason": "silent"})
+            _commit(cur, events, Changes(agents=True))
     offline = lose_attempts(attempts, "agent went silent", "system:sweeper")
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(q.EXPIRED_ATTEMPTS)
         expired_ids = [r[0] for r in cur.fetchall()]
     expired = lose_attempts(expired_ids, "lease expired", "system:sweeper")
-    return {"expired": expired, "offline": offline, "agents_offline": len(silent)}
+    return {"expired": expired, "offline": offline, "agents_offline": len(silent), "runs_settled": settled}
 
 
 def tick_sweep_clock(starting: bool = False) -> None:

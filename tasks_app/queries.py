@@ -95,8 +95,9 @@ LOCK_ATTEMPT = """
 SELECT a.id, a.state, a.agent_id, a.task_id, a.run_id, a.number, a.result, a.error, a.exit_code,
        t.state, t.max_attempts, t.attempts_used, t.attempt_base, t.retry_delay_s, t.timeout_s,
        EXTRACT(EPOCH FROM (now() - COALESCE(a.started_at, a.assigned_at))),
-       EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.depends_on_id = t.id)
-  FROM tasks_app_attempt a JOIN tasks_app_task t ON t.id = a.task_id
+       EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.depends_on_id = t.id),
+       r.state, r.max_parallel
+  FROM tasks_app_attempt a JOIN tasks_app_task t ON t.id = a.task_id JOIN tasks_app_run r ON r.id = a.run_id
  WHERE a.id = %(attempt_id)s
    FOR UPDATE OF a, t
 """
@@ -153,14 +154,24 @@ UPDATE tasks_app_task t SET state = 'blocked', finished_at = NULL
 RETURNING t.id
 """
 
-# Run end check: the run row lock makes the last two completions of a run take turns, so exactly one of
-# them sees "nothing pending" and ends the run.
+# Run end (actions.settle_run). Every change that can finish a run's last pending task looks for pending
+# tasks after its commit, in a statement of its own: of several such changes committing at once, the last
+# to commit then sees all the others' work, so some change always sees "nothing pending" - without making
+# every completion of a run wait for one run row lock (that lock, held through each commit, capped a run's
+# throughput). Only then is the run row locked, the check repeated, and the run ended, exactly once.
 LOCK_RUN = "SELECT state FROM tasks_app_run WHERE id = %(run_id)s FOR UPDATE"
 RUN_HAS_PENDING = """
 SELECT EXISTS (SELECT 1 FROM tasks_app_task WHERE run_id = %(run_id)s
                   AND state IN ('blocked', 'ready', 'assigned', 'running'))
 """
 RUN_TASK_STATES = "SELECT state, count(*) FROM tasks_app_task WHERE run_id = %(run_id)s GROUP BY state"
+# The sweeper's backstop, for a process that stopped between a commit and its settle_run.
+UNSETTLED_RUNS = """
+SELECT r.id FROM tasks_app_run r
+ WHERE r.state IN ('running', 'paused')
+   AND NOT EXISTS (SELECT 1 FROM tasks_app_task t WHERE t.run_id = r.id
+                      AND t.state IN ('blocked', 'ready', 'assigned', 'running'))
+"""
 
 # The best ready task of a run, to wake one waiting agent when a slot of that run frees up.
 TOP_READY_OF_RUN = """

@@ -223,7 +223,7 @@ def test_nothing_expires_for_one_lease_after_a_server_restart(make_agent, submit
     got = claim(agent)[0]
     Attempt.objects.filter(pk=got["attempt_id"]).update(lease_expires_at=timezone.now() - timedelta(hours=1))
     actions.tick_sweep_clock(starting=True)  # first server after a downtime
-    assert actions.sweep() == {"expired": 0, "offline": 0}
+    assert actions.sweep() == {"expired": 0, "offline": 0, "runs_settled": 0}
     from tasks_app.models import SweepClock
 
     SweepClock.objects.update(expiry_not_before=timezone.now() - timedelta(hours=1))
@@ -331,3 +331,45 @@ def test_concurrent_completions_of_two_parents_release_their_child(make_agent, s
             t.join(30)
         assert state_of(run, "child") == TaskState.READY, f"round {round_}"
         assert Event.objects.filter(run=run, task__key="child", to_state="ready").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_last_tasks_finishing_at_once_end_the_run_exactly_once(make_agent, submit):
+    """No run row lock per completion: each completion looks for pending work after its own commit, so the
+    last of several finishing at once sees the others' work and ends the run - once."""
+    for round_ in range(8):
+        run = submit(doc(*[{"key": f"t{i}"} for i in range(4)], name=f"end-{round_}"))
+        agents = [make_agent(f"e{round_}-{i}", labels=[]) for i in range(4)]
+        got = [claim(a)[0] for a in agents]
+        barrier = threading.Barrier(len(agents))
+
+        def done(agent, assignment, barrier=barrier):
+            try:
+                barrier.wait()
+                finish(agent, assignment)
+            finally:
+                connections.close_all()
+
+        threads = [threading.Thread(target=done, args=p) for p in zip(agents, got, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        run.refresh_from_db()
+        assert run.state == RunState.SUCCEEDED, f"round {round_}"
+        assert Event.objects.filter(run=run, kind="run", to_state="succeeded").count() == 1
+
+
+def test_the_sweeper_ends_a_run_whose_completion_stopped_before_settling(make_agent, submit, monkeypatch):
+    run = submit(doc({"key": "only"}))
+    agent = make_agent("solo", labels=[])
+    got = claim(agent)[0]
+    with monkeypatch.context() as m:
+        m.setattr(actions, "settle_run", lambda *args, **kwargs: None)  # the process died right after commit
+        finish(agent, got)
+    run.refresh_from_db()
+    assert run.state == RunState.RUNNING and state_of(run, "only") == TaskState.SUCCEEDED
+    assert actions.sweep()["runs_settled"] == 1
+    run.refresh_from_db()
+    assert run.state == RunState.SUCCEEDED
+    assert Event.objects.get(run=run, kind="run", to_state="succeeded").actor == "system:sweeper"
