@@ -120,6 +120,27 @@ def parked_claim(server_url: str, token: str, agent_id, wait_s: float) -> tuple[
     return thread, answer
 
 
+def assert_error(answer, status: int, code: str | None = None, case=None) -> str:
+    """An error answer in PROTOCOL.md's shape: exactly {"error", "detail"}, both non-empty strings.
+    `case` names the input in failure messages when one test walks through several."""
+    got, body = answer
+    where = f"{case!r}: " if case is not None else ""
+    assert got == status, f"{where}{got} {body!r:.300}"
+    assert isinstance(body, dict), f"{where}not a JSON error body: {body[:200]!r}"
+    assert set(body) == {"error", "detail"}, f"{where}{body}"
+    assert isinstance(body["error"], str) and body["error"], f"{where}{body}"
+    assert isinstance(body["detail"], str) and body["detail"], f"{where}{body}"
+    if code is not None:
+        assert body["error"] == code, f"{where}{body}"
+    return body["detail"]
+
+
+def ok(answer, status: int = 200) -> dict:
+    got, body = answer
+    assert got == status, body
+    return body
+
+
 def http(method: str, url: str, body=None, token: str | None = None, raw: bytes | None = None, headers=None):
     """(status, parsed JSON or raw bytes) for one HTTP call; never raises for HTTP error statuses."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 import pytest
 from django.utils import timezone
 
-from tests.conftest import FAST_TIMINGS, doc, http
+from tests.conftest import FAST_TIMINGS, assert_error, doc, http, ok
 
 MAX_WAIT_S = int(FAST_TIMINGS["CP_MAX_WAIT_S"])
 KIB, MIB = 1024, 1024 * 1024
@@ -34,27 +34,6 @@ AGENT_POST_PATHS = (
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-
-def assert_error(answer, status: int, code: str | None = None, case=None) -> str:
-    """An error answer in PROTOCOL.md's shape: exactly {"error", "detail"}, both non-empty strings.
-    `case` names the input in failure messages when one test walks through several."""
-    got, body = answer
-    where = f"{case!r}: " if case is not None else ""
-    assert got == status, f"{where}{got} {body!r:.300}"
-    assert isinstance(body, dict), f"{where}not a JSON error body: {body[:200]!r}"
-    assert set(body) == {"error", "detail"}, f"{where}{body}"
-    assert isinstance(body["error"], str) and body["error"], f"{where}{body}"
-    assert isinstance(body["detail"], str) and body["detail"], f"{where}{body}"
-    if code is not None:
-        assert body["error"] == code, f"{where}{body}"
-    return body["detail"]
-
-
-def ok(answer, status: int = 200) -> dict:
-    got, body = answer
-    assert got == status, body
-    return body
 
 
 def multipart(fields: dict[str, tuple[str, bytes]]) -> tuple[bytes, dict]:

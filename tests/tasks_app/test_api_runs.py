@@ -9,34 +9,13 @@ import uuid
 import pytest
 from django.utils import timezone
 
-from tests.conftest import doc, http
+from tests.conftest import assert_error, doc, http, ok
 
 TASK_FIELDS = {"id", "key", "state", "attempt", "progress", "agent", "started_at", "finished_at"}
 TASK_STATES = {"blocked", "ready", "assigned", "running", "succeeded", "failed", "canceled", "skipped"}
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-
-def assert_error(answer, status: int, code: str | None = None, case=None) -> str:
-    """An error answer in PROTOCOL.md's shape: exactly {"error", "detail"}, both non-empty strings.
-    `case` names the input in failure messages when one test walks through several."""
-    got, body = answer
-    where = f"{case!r}: " if case is not None else ""
-    assert got == status, f"{where}{got} {body!r:.300}"
-    assert isinstance(body, dict), f"{where}not a JSON error body: {body[:200]!r}"
-    assert set(body) == {"error", "detail"}, f"{where}{body}"
-    assert isinstance(body["error"], str) and body["error"], f"{where}{body}"
-    assert isinstance(body["detail"], str) and body["detail"], f"{where}{body}"
-    if code is not None:
-        assert body["error"] == code, f"{where}{body}"
-    return body["detail"]
-
-
-def ok(answer, status: int = 200) -> dict:
-    got, body = answer
-    assert got == status, body
-    return body
 
 
 class Client:

@@ -26,6 +26,24 @@ def finish(agent, assignment, outcome="succeeded", result=None, error="", exit_c
     return actions.complete_attempt(agent, assignment["attempt_id"], outcome, result or {}, error, exit_code)
 
 
+def finish_at_once(claims) -> None:
+    """Complete each (agent, assignment) from a thread of its own, all released at the same moment."""
+    barrier = threading.Barrier(len(claims))
+
+    def done(agent, assignment):
+        try:
+            barrier.wait()
+            finish(agent, assignment)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=done, args=c) for c in claims]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+
 def state_of(run, key):
     return Task.objects.get(run=run, key=key).state
 
@@ -314,21 +332,7 @@ def test_concurrent_completions_of_two_parents_release_their_child(make_agent, s
     for round_ in range(10):
         run = submit(doc({"key": "p1"}, {"key": "p2"}, {"key": "child", "deps": ["p1", "p2"]}, name=f"r{round_}"))
         a1, a2 = make_agent(f"x{round_}", labels=[]), make_agent(f"y{round_}", labels=[])
-        g1, g2 = claim(a1)[0], claim(a2)[0]
-        barrier = threading.Barrier(2)
-
-        def done(agent, assignment, barrier=barrier):
-            try:
-                barrier.wait()
-                finish(agent, assignment)
-            finally:
-                connections.close_all()
-
-        threads = [threading.Thread(target=done, args=p) for p in ((a1, g1), (a2, g2))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        finish_at_once([(a1, claim(a1)[0]), (a2, claim(a2)[0])])
         assert state_of(run, "child") == TaskState.READY, f"round {round_}"
         assert Event.objects.filter(run=run, task__key="child", to_state="ready").count() == 1
 
@@ -340,21 +344,7 @@ def test_the_last_tasks_finishing_at_once_end_the_run_exactly_once(make_agent, s
     for round_ in range(8):
         run = submit(doc(*[{"key": f"t{i}"} for i in range(4)], name=f"end-{round_}"))
         agents = [make_agent(f"e{round_}-{i}", labels=[]) for i in range(4)]
-        got = [claim(a)[0] for a in agents]
-        barrier = threading.Barrier(len(agents))
-
-        def done(agent, assignment, barrier=barrier):
-            try:
-                barrier.wait()
-                finish(agent, assignment)
-            finally:
-                connections.close_all()
-
-        threads = [threading.Thread(target=done, args=p) for p in zip(agents, got, strict=True)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        finish_at_once([(a, claim(a)[0]) for a in agents])
         run.refresh_from_db()
         assert run.state == RunState.SUCCEEDED, f"round {round_}"
         assert Event.objects.filter(run=run, kind="run", to_state="succeeded").count() == 1
