@@ -380,8 +380,8 @@ def print_trace(trace: dict, seconds: float, top: int = 12) -> None:
 
 
 def render_profile(db_url: str, run_id: str, repeat: int = 5) -> dict:
-    """Median ms to render each panel of the run page, as the websocket does on every push (this process,
-    the same database, the finished run)."""
+    """Median ms to render each panel of the run page, as the websocket does (this process, the same
+    database, the finished run)."""
     os.environ["DATABASE_URL"] = db_url
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "control_plane.settings")
     import django
@@ -494,7 +494,8 @@ def main() -> int:
     finally:
         launch.stop(server)
     profile = render_profile(db["url"], rounds[-1]["run_id"])
-    say("server render per push, run page with a finished 1,000-task run (median of 5):")
+    say("server render of the run page's panels for the finished run, alone and all at once as on connect")
+    say("(whole DAG state map; later pushes carry only the changes), median of 5:")
     for name, p in profile.items():
         say(f"    {name:18} {p['ms']:7.1f} ms  {p['bytes'] / 1024:7.1f} KiB  {p['queries']} queries")
     p95s = [r["latency"]["all"]["p95_ms"] for r in rounds]
