@@ -16,7 +16,8 @@ from playwright.sync_api import expect, sync_playwright
 
 from control_plane import launch
 from tasks_app.models import Event, Run, Task
-from tests.conftest import FAST_TIMINGS, doc, http, test_database_url
+from tests import conftest
+from tests.conftest import doc, http
 
 pytestmark = pytest.mark.django_db(transaction=True)
 CHROMIUM_ARGS = [
@@ -303,7 +304,7 @@ def test_a_page_resyncs_by_itself_after_a_server_restart(browser, people, server
         expect(page.locator("#live-status")).to_have_text("reconnecting…", timeout=10_000)
         shoot(page, artifacts_dir, "run-reconnecting")
         actions.cancel_run(str(run.id), "test")  # while no server is there to tell anyone
-        env = {"DATABASE_URL": test_database_url(), **FAST_TIMINGS}
+        env = {"DATABASE_URL": conftest.test_database_url(), **conftest.FAST_TIMINGS}
         server.proc = launch.start_server(server.port, env=env, log=server.log)
         expect(page.locator("#live-status")).to_have_text("live", timeout=20_000)
         expect(page.locator("[data-testid=run-state]")).to_have_text("canceled", timeout=10_000)
