@@ -11,6 +11,7 @@ in the legend and tooltip). static/js/dag.js applies live updates (`state_codes`
 from __future__ import annotations
 
 import html
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from itertools import accumulate
@@ -269,6 +270,13 @@ def render_svg(nodes: list[dict], edges, *, compact: bool | None = None, href: s
             out.append(_node(by_id[n], *pos[n], s, compact))
     out.append("</g></svg>")
     return "".join(out)
+
+
+def picture_size(svg: str) -> tuple[int, int]:
+    """(width, height) of a picture `render_svg` drew, from its viewBox: pages size the picture's box to its
+    shape, so a small DAG does not sit in a screen-high frame."""
+    match = re.search(r'viewBox="0 0 (\d+) (\d+)"', svg)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
 def state_codes(nodes: list[dict]) -> dict:

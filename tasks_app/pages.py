@@ -11,7 +11,7 @@ from django.template.loader import render_to_string
 
 from . import panels
 from .actions import NotFound
-from .dagsvg import render_svg, state_map
+from .dagsvg import picture_size, render_svg, state_map
 from .gantt import render_gantt_svg
 from .models import Artifact, Attempt, Event, Task
 from .reports import run_metrics
@@ -117,6 +117,7 @@ def _run_context(run_id: str, full: bool, wanted: set[str] | None = None) -> dic
             context["critical_path"] = _critical_chain({t["id"]: t for t in tasks}, edges)
     if full:
         context["dag_svg"] = render_svg(tasks, edges)
+        context["dag_size"] = picture_size(context["dag_svg"])
         context["task_count"] = len(tasks)
     return context
 

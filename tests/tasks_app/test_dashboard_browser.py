@@ -347,6 +347,8 @@ def test_every_page_fits_the_screen_follows_the_theme_and_names_states(
         assert (luminance < 0.3) if scheme == "dark" else (luminance > 0.7), (label, luminance)
         shoot(page, artifacts_dir, f"{label}-{name}")
     page.goto(f"{live_server_proc.url}/runs/{run.id}/")
+    # The picture's box fits the screen too (panels clip: the page would not scroll, the picture be cut).
+    assert page.evaluate("document.querySelector('.dag-wrap').getBoundingClientRect().right <= innerWidth")
     # State in words, not colour alone: on each node, in the legend and on the run's badge.
     expect(page.locator("g.node[data-key=first] text.st")).to_have_text("ready")
     expect(page.locator("g.node[data-key=then] text.st")).to_have_text("blocked")
