@@ -277,3 +277,24 @@ def test_operations_that_will_never_finish_are_failed_and_a_busy_host_takes_no_o
     assert fresh.state == "running"
     with pytest.raises(ActionError, match="orphan has a deploy running"):
         start_operations("stop", [host], "test", background=False)
+
+
+def test_stop_lets_agents_drain_then_cancels_their_tasks_after_the_grace(make_host, live_server_proc, submit, settings):
+    settings.CP_HOST_STOP_GRACE_S = 1.0
+    host = make_host("busy", server_url=live_server_proc.url, agent_count=1)
+    [deploy] = start_operations("deploy", [host], "test", background=False)
+    assert deploy.state == "succeeded", deploy.output
+    pid = daemon_pids(host)["busy-1"]
+    run = submit(doc({"key": "long", "requires": ["lb"], "params": {"duration_s": 120}, "max_attempts": 1}))
+    wait_for(lambda: Attempt.objects.filter(run=run, state="running").exists(), timeout=30, what="the task to run")
+
+    started = time.monotonic()
+    [stop] = start_operations("stop", [host], "test", background=False)
+
+    assert stop.state == "succeeded", stop.output
+    assert "still running after 1 s: busy-1 (canceling their tasks)" in stop.output
+    assert "stopped busy-1" in stop.output
+    assert time.monotonic() - started < 30  # not the task's 120 s
+    assert process_gone(pid)
+    attempt = Attempt.objects.get(run=run)
+    assert attempt.state not in ("assigned", "running")
