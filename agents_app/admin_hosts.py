@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from tasks_app.actions import ActionError
+from tasks_app.views import _actor
 
 from .cp_agent import KNOWN_EXECUTORS
 from .host_jobs import start_operations
@@ -27,10 +28,6 @@ from .host_secrets import SecretUnavailable, encrypt_private_key
 
 MAX_LABELS = 32
 SERVER_URL_RE = re.compile(r"https?://[^\s/?#]+(/\S*)?")
-
-
-def _actor(request) -> str:
-    return f"user:{request.user.get_username()}"
 
 
 class HostForm(forms.ModelForm):
