@@ -9,7 +9,8 @@ database of their own (`cp_bench`, recreated each time), simulated agents speaki
 
 Everything (server, PostgreSQL, this load generator) shares the machine's cores; CPU shares are reported,
 including what other programs used meanwhile, so the reader can see who had the cores. Results go to the
-terminal and to bench/results.json. Exit status 1 when a target was missed.
+terminal and to bench/results.json. Exit status 1 when the production default (uvicorn, one worker) missed a
+target; the other servers are measured beside it for comparison.
 """
 
 from __future__ import annotations
@@ -135,13 +136,20 @@ def ms_pair(summary: dict) -> str:
 
 def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
     rows = []
+    # The targets bind the production default (the first server measured, uvicorn with one worker);
+    # the other servers are measured beside it for comparison (figure 4).
+    default = next(iter(results["servers"]), None)
+
+    def judged(name: str, target: str, ok: bool) -> tuple[str, str]:
+        return (target, verdict(ok)) if name == default else (f"({target})", "")
+
     lat_target, tp_target = f"<= {LATENCY_TARGET_MS:g} ms", f">= {THROUGHPUT_TARGET:g}/s"
     for name, res in results["servers"].items():
         lat = res["latency"]
         e2e = lat["ready_to_assigned"]
         ok = e2e["p99_ms"] <= LATENCY_TARGET_MS and not lat["missed"]
         rows += [
-            (f"F1 ready->assigned p99 [{name}]", f"{e2e['p99_ms']} ms", lat_target, verdict(ok)),
+            (f"F1 ready->assigned p99 [{name}]", f"{e2e['p99_ms']} ms", *judged(name, lat_target, ok)),
             (f"F1 ready->assigned p50 [{name}]", f"{e2e['p50_ms']} ms", "", ""),
             (f"F1   submit round trip p50 / p99 [{name}]", ms_pair(lat["submit_rtt"]), "", ""),
             (f"F1   claim answer after the 201 p50 / p99 [{name}]", ms_pair(lat["claim_after_submit_201"]), "", ""),
@@ -150,8 +158,9 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
             rows.append((f"F1   missed wake-ups [{name}]", str(lat["missed"]), "0", "FAIL"))
     for name, res in results["servers"].items():
         tp = res["throughput"]
-        ok = verdict(tp["tasks_per_s"] >= THROUGHPUT_TARGET)
-        rows.append((f"F2 throughput, {tp['agents']} agents [{name}]", f"{tp['tasks_per_s']} tasks/s", tp_target, ok))
+        ok = tp["tasks_per_s"] >= THROUGHPUT_TARGET
+        figure = f"{tp['tasks_per_s']} tasks/s"
+        rows.append((f"F2 throughput, {tp['agents']} agents [{name}]", figure, *judged(name, tp_target, ok)))
         rows.append((f"F2   CPU % of one core [{name}]", cpu_text(tp["cpu_pct_of_one_core"]), "", ""))
         rows.append((f"F2   CPU ms per task [{name}]", per_task_text(tp["cpu_ms_per_task"]), "", ""))
     poll = results.get("polling")
