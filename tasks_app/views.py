@@ -60,11 +60,12 @@ def _actor(request) -> str:
     return f"user:{request.user.get_username()}"
 
 
-def _answer(request, text: str, ok: bool = True, back: str = "/"):
-    """htmx gets a flash fragment (swapped into #flash); a plain form post is redirected back."""
+def _answer(request, text: str, ok: bool = True, back: str = "/", status: int = 409):
+    """htmx gets a flash fragment (swapped into #flash; a refusal with `status`); a plain form post is
+    redirected back."""
     if request.headers.get("HX-Request"):
         html = render_to_string("dashboard/flash.html", {"text": text, "ok": ok})
-        return HttpResponse(html, status=200 if ok else 409)
+        return HttpResponse(html, status=200 if ok else status)
     (messages.success if ok else messages.error)(request, text)
     return redirect(request.headers.get("Referer") or back)
 
@@ -74,7 +75,10 @@ def _operator_only(view):
     @require_POST
     def wrapper(request, *args, **kwargs):
         if not request.user.has_perm(OPERATE):
-            return HttpResponseForbidden("You may watch but not operate: ask for the operator permission.")
+            refusal = "You may watch but not operate: ask for the operator permission."
+            if request.headers.get("HX-Request"):
+                return _answer(request, refusal, ok=False, status=403)
+            return HttpResponseForbidden(refusal)
         try:
             return view(request, *args, **kwargs)
         except actions.NotFound:

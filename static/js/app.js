@@ -11,6 +11,15 @@
   htmx.config.wsReconnectDelay = function (retries) {
     return Math.min(5000, 500 * Math.pow(2, retries)) * (0.5 + Math.random() / 2);
   };
+  // An operator's action that the server refuses (409: the run already ended; 403: not an operator) answers
+  // with a flash fragment for #flash. htmx drops 4xx answers unless told: show that one.
+  document.addEventListener("htmx:beforeSwap", function (e) {
+    var status = e.detail.xhr.status;
+    if ((status === 409 || status === 403) && e.detail.target && e.detail.target.id === "flash") {
+      e.detail.shouldSwap = true;
+      e.detail.isError = false;
+    }
+  });
   document.addEventListener("htmx:wsOpen", function () { set("live", "live"); });
   document.addEventListener("htmx:wsClose", function () { set("reconnecting", "reconnecting…"); });
   document.addEventListener("htmx:wsError", function () { set("reconnecting", "reconnecting…"); });

@@ -160,6 +160,20 @@ def test_operator_cancels_a_run_and_the_trail_names_them(browser, live_server_pr
     assert Event.objects.filter(run=run, kind="run", to_state="canceled", actor="user:olga").exists()
 
 
+def test_a_refused_action_tells_the_operator_why(browser, live_server_proc, people):
+    """The run ended between the page's last update and the click: the server's refusal (409) shows as a
+    flash, not as nothing at all (htmx drops 4xx answers unless told)."""
+    from tasks_app import actions
+
+    run = submit_run(doc({"key": "a", "requires": ["nobody"]}, name="ends-first"))
+    page = login(browser, live_server_proc, people["operator"])
+    page.goto(f"{live_server_proc.url}/runs/{run.id}/")
+    expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+    actions.cancel_run(run.id, "user:someone-else")
+    page.evaluate("(url) => htmx.ajax('POST', url, {target: '#flash', swap: 'outerHTML'})", f"/runs/{run.id}/pause/")
+    expect(page.locator("#flash .flash.error")).to_contain_text("canceled", timeout=5_000)
+
+
 def test_viewer_sees_no_controls_and_is_refused(browser, live_server_proc, people):
     run = submit_run(doc({"key": "a", "requires": ["nobody"]}, name="watch-only"))
     page = login(browser, live_server_proc, people["viewer"])
