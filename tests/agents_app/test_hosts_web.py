@@ -160,6 +160,17 @@ def test_the_agents_page_marks_agents_we_provisioned(viewer, host):
     assert "provisioned" not in laptop_row
 
 
+def test_deleting_a_host_revokes_the_enrollment_tokens_written_to_it(host):
+    from agents_app.models import EnrollmentToken
+
+    _, mine = create_enrollment_token(note="host mugen: deploy")
+    HostOperation.objects.create(batch=uuid.uuid4(), host=host, kind="deploy", enrollment_token=mine)
+    _, unrelated = create_enrollment_token(note="a laptop")
+    host.delete()
+    assert EnrollmentToken.objects.get(pk=mine.pk).revoked_at is not None
+    assert EnrollmentToken.objects.get(pk=unrelated.pk).revoked_at is None
+
+
 # --- the admin ---------------------------------------------------------------------------------------------
 
 
