@@ -63,9 +63,6 @@ def server_tmp(tmp_path_factory):
 @pytest.fixture(scope="session")
 def live_server_proc(django_db_setup, django_db_blocker, server_tmp):
     """One server process for the session (tests using it need `transactional_db`)."""
-    from django.core.management import call_command
-
-    call_command("collectstatic", "--noinput", verbosity=0)  # served by whitenoise, as in production
     with django_db_blocker.unblock():
         server = Server(server_tmp)
     yield server
@@ -229,6 +226,15 @@ def doc(*tasks, name="t", max_parallel=None, **extra) -> dict:
 def artifacts_dir():
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def static_files():
+    """Static files collected once, as in production: whitenoise serves them from STATIC_ROOT, to the
+    in-process test client as to the live servers."""
+    from django.core.management import call_command
+
+    call_command("collectstatic", "--noinput", verbosity=0)
 
 
 def pytest_configure(config):
