@@ -16,11 +16,12 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from control_plane.http_api import db_call
 from tasks_app.actions import ActionError
+from tasks_app.notify import Changes
 
 from . import provision
 from .host_keys import UnusableKey, check_private_key, normalize_host_key
@@ -61,6 +62,7 @@ def start_operations(kind: str, hosts, actor: str, *, background: bool = True) -
             doing = "; ".join(f"{op.host.name} has a {op.kind} {op.state}" for op in busy)
             raise HostBusy(f"{doing}: wait for it to finish (nothing was started)")
         ops = [HostOperation.objects.create(batch=batch, host=h, kind=kind, requested_by=actor) for h in locked]
+        announce()
     ids = [str(op.id) for op in ops]
     if not ids:
         return []
@@ -93,6 +95,7 @@ def _claim(operation_ids) -> list[HostOperation]:
         HostOperation.objects.filter(pk__in=[op.pk for op in ops]).update(
             state=HostOperationState.RUNNING, started_at=timezone.now(), message="starting"
         )
+        announce()
     return ops
 
 
@@ -181,7 +184,22 @@ def abandon_stale_operations() -> int:
         error="no django-q2 cluster picked this operation up; start one (./run manage qcluster) and run it again",
         finished_at=now,
     )
+    if died + never:
+        announce()
     return died + never
+
+
+def announce() -> None:
+    """Tell the live hosts pages of every server process that operations changed (NOTIFY: sent when the
+    caller's transaction commits, at once outside one)."""
+    with connection.cursor() as cur:
+        Changes(hosts=True).send(cur)
+
+
+def _update_operation(op_id, **fields) -> None:
+    with transaction.atomic():
+        HostOperation.objects.filter(pk=op_id).update(**fields)
+        announce()
 
 
 def prepare(op: HostOperation) -> tuple[provision.Target, str, str]:
@@ -277,12 +295,13 @@ class Recorder:
             fields["progress"] = progress
         if message:
             fields["message"] = message[:1000]
-        await db_call(HostOperation.objects.filter(pk=self.op_id).update)(**fields)
+        await db_call(_update_operation)(self.op_id, **fields)
 
     async def finish(self, state: str, message: str, result: dict | None = None, error: str = "") -> None:
         if error:
             self.output = (self.output + "ERROR: " + error + "\n")[-OUTPUT_KEEP_CHARS:]
-        await db_call(HostOperation.objects.filter(pk=self.op_id).update)(
+        await db_call(_update_operation)(
+            self.op_id,
             state=state,
             message=message,
             error=error,

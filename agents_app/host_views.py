@@ -1,10 +1,12 @@
 """The hosts page: hosts, their pinned keys and the operations run on them. Everyone logged in watches;
 operators (the same permission as for runs) start operations and confirm host keys.
 
-Host operations are not scheduler events on the live websocket, so the operations panel refreshes itself
-(htmx): every 2 s while an operation is queued or running, every 15 s otherwise (to show what others start).
-An operator's action answers with the flash and both panels, so the page shows its effect at once; the
-hosts panel is not refreshed otherwise, which would clear the operator's selection.
+The operations panel is live like the other pages: every change a job makes to an operation is a NOTIFY
+(host_jobs.announce), and the page's websocket pushes the panel and each host's last-operation cell. Only
+while an operation waits in the queue does the panel also ask every 5 s: "not picked up yet" is a matter of
+time passing, which no event announces. An operator's action answers with the flash and both panels, so
+the page shows its effect at once; the hosts panel is not refreshed otherwise, which would clear the
+operator's selection.
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ def operations_context() -> dict:
     for op in ops:
         op.badge = BADGE[op.state]
         op.waiting_long = op.state == HostOperationState.QUEUED and op.created_at < waiting_since
-    return {"operations": ops, "operations_active": any(op.state in ACTIVE for op in ops)}
+    return {
+        "operations": ops,
+        "operations_active": any(op.state in ACTIVE for op in ops),
+        "operations_queued": any(op.state == HostOperationState.QUEUED for op in ops),
+    }
 
 
 def hosts_context() -> dict:
@@ -56,7 +62,7 @@ def page_context(request) -> dict:
 
 @login_required
 def hosts_page(request):
-    return render(request, "dashboard/hosts.html", {**page_context(request), "page": "hosts"})
+    return render(request, "dashboard/hosts.html", {**page_context(request), "page": "hosts", "ws_path": "/ws/hosts/"})
 
 
 def _answer_with_panels(request, text: str, selected=()):

@@ -75,6 +75,8 @@ class LivePageConsumer(AsyncWebsocketConsumer):
     def concerns_me(self, event: dict) -> bool:
         if self.page in ("overview", "agents"):
             return True
+        if self.page == "hosts":
+            return bool(event.get("hosts"))
         if event.get("wake_all"):
             return True
         return self.run_id() in event.get("runs", ())

@@ -22,13 +22,14 @@ class Changes:
     # (executor, requires, delay_s) of each task that became ready: a waiter whose agent matches is woken.
     ready: list = field(default_factory=list)
     agents: bool = False
+    hosts: bool = False  # host operations (agents_app.host_jobs) changed
     wake_all: bool = False
 
     def task_ready(self, executor: str, requires, delay_s: float = 0.0) -> None:
         self.ready.append((executor, list(requires or []), round(float(delay_s), 3)))
 
     def payload(self) -> str | None:
-        if not (self.runs or self.ready or self.agents or self.wake_all):
+        if not (self.runs or self.ready or self.agents or self.hosts or self.wake_all):
             return None
         body: dict = {"runs": sorted(str(r) for r in self.runs)[:100]}
         if self.wake_all or len(self.ready) > MAX_READY_DESCRIPTORS:
@@ -40,6 +41,8 @@ class Changes:
             body["ready"] = self.ready
         if self.agents:
             body["agents"] = True
+        if self.hosts:
+            body["hosts"] = True
         return json.dumps(body, separators=(",", ":"))
 
     def send(self, cursor) -> None:

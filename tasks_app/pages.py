@@ -57,6 +57,9 @@ PAGES: dict[str, list[Panel]] = {
         Panel("panel-fleet", "dashboard/panels/fleet.html"),
         Panel("panel-agents", "dashboard/panels/agents.html"),
     ],
+    # The operations, and each host's last-operation cell; not the hosts table, whose checkboxes hold the
+    # operator's selection.
+    "hosts": [Panel("panel-host-operations", "dashboard/panels/host_operations_live.html")],
 }
 
 
@@ -81,6 +84,10 @@ def page_context(page: str, obj_id: str | None = None, *, full: bool = True, wan
         }
     if page == "agents":
         return {"fleet": panels.fleet_summary(), "agents": panels.agents_table()}
+    if page == "hosts":
+        from agents_app.host_views import hosts_context, operations_context
+
+        return {**hosts_context(), **operations_context()}
     if page == "run":
         return _run_context(parse_id(obj_id), full, wanted)
     if page == "task":
