@@ -7,14 +7,17 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import connections
 from django.http import JsonResponse
 
+from control_plane.rate_limit import FailureLimiter
 from tasks_app.actions import ActionError
 from tasks_app.dag import DagError
 from tasks_app.states import InvalidTransition
@@ -24,6 +27,10 @@ log = logging.getLogger(__name__)
 # Database work of async views runs here. Threads are shared by all requests and no request keeps one
 # while it waits, so thousands of parked long polls cost no threads and no connections.
 DB_EXECUTOR = ThreadPoolExecutor(max_workers=int(os.environ.get("CP_DB_THREADS", "16")), thread_name_prefix="db")
+
+
+# Failed authentications (401s) per client address: past CP_AUTH_FAILURES_PER_MIN, 429 (rate_limit.py).
+AUTH_FAILURES = FailureLimiter()
 
 
 class ApiError(Exception):
@@ -61,11 +68,23 @@ def api_view(view):
 
     @functools.wraps(view)
     async def wrapper(request, *args, **kwargs):
+        address = request.META.get("REMOTE_ADDR") or "unknown"
+        wait_s = AUTH_FAILURES.retry_after(address, settings.CP_AUTH_FAILURES_PER_MIN)
+        if wait_s:
+            response = error_response(
+                429, "rate_limited", "too many failed authentications from this address; try again later"
+            )
+            response["Retry-After"] = str(math.ceil(wait_s))
+            return response
         try:
             return await view(request, *args, **kwargs)
         except ApiError as exc:
+            if exc.status == 401:
+                AUTH_FAILURES.failed(address)
             return error_response(exc.status, exc.code, exc.detail)
         except ActionError as exc:
+            if exc.status == 401:
+                AUTH_FAILURES.failed(address)
             return error_response(exc.status, exc.code, exc.detail)
         except DagError as exc:
             return error_response(422, "invalid_dag", exc.detail)

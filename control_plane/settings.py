@@ -192,6 +192,9 @@ CP_GLOBAL_MAX_LIVE = env_int("CP_GLOBAL_MAX_LIVE", 0)
 CP_RESULT_MAX_BYTES = env_int("CP_RESULT_MAX_BYTES", 1024 * 1024)
 CP_LOG_MAX_BYTES = env_int("CP_LOG_MAX_BYTES", 64 * 1024)
 CP_ARTIFACT_MAX_BYTES = env_int("CP_ARTIFACT_MAX_BYTES", 10 * 1024 * 1024)
+# Failed authentications (401) a client address may make in a minute before every API call it makes gets 429
+# for the rest of that minute (per server process; 0: no limit).
+CP_AUTH_FAILURES_PER_MIN = env_int("CP_AUTH_FAILURES_PER_MIN", 30)
 # Keep at most this much of an attempt's log (the tail); older text is dropped.
 CP_ATTEMPT_LOG_KEEP_BYTES = env_int("CP_ATTEMPT_LOG_KEEP_BYTES", 1024 * 1024)
 

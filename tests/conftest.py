@@ -26,6 +26,8 @@ FAST_TIMINGS = {
     "CP_LEASE_S": "6",
     "CP_SWEEP_INTERVAL_S": "0.5",
     "CP_MAX_WAIT_S": "5",
+    # The error tests send bad tokens on purpose, from one address: the limit has a test of its own.
+    "CP_AUTH_FAILURES_PER_MIN": "0",
 }
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -226,6 +228,14 @@ def doc(*tasks, name="t", max_parallel=None, **extra) -> dict:
 def artifacts_dir():
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(autouse=True)
+def fresh_auth_failure_counts():
+    """In-process API calls count failed authentications per address (127.0.0.1 for all): from zero each test."""
+    from control_plane.http_api import AUTH_FAILURES
+
+    AUTH_FAILURES.windows.clear()
 
 
 @pytest.fixture(scope="session", autouse=True)
