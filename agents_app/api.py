@@ -57,7 +57,15 @@ def _claim_now(agent: dict, capacity: int) -> tuple[dict, list]:
     return agent, actions.claim_ready_tasks(agent, capacity)
 
 
+def _heartbeat_now(agent: dict, status: str, attempt_ids: list[str]) -> list[dict]:
+    commands = actions.heartbeat(agent, status, attempt_ids)
+    if preflight.take_request(agent["id"]):
+        commands.append({"type": "preflight"})  # an extra command (README, "API"): check executors again
+    return commands
+
+
 claim_as_agent = _as_agent(_claim_now)
+heartbeat_as_agent = _as_agent(_heartbeat_now)
 progress_as_agent = _as_agent(actions.record_progress)
 complete_as_agent = _as_agent(actions.complete_attempt)
 
@@ -143,10 +151,7 @@ async def heartbeat(request):
         attempt_ids = [str(uuid.UUID(a)) for a in attempt_ids]
     except ValueError:
         raise ApiError(400, "bad_request", "'attempts' must list attempt ids") from None
-    agent = await _agent(request)
-    commands = await db_call(actions.heartbeat)(agent, status, attempt_ids)
-    if await db_call(preflight.take_request)(agent["id"]):
-        commands.append({"type": "preflight"})  # an extra command (README, "API"): check executors again
+    commands = await heartbeat_as_agent(request, status, attempt_ids)
     # The timings ride along (an extra to PROTOCOL.md) so an agent that re-used its identity after a restart
     # learns them without registering again.
     return JsonResponse({"commands": commands, **_timings()})
