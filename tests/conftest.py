@@ -230,6 +230,29 @@ def artifacts_dir():
     return ARTIFACTS
 
 
+@pytest.fixture
+def viewer(django_user_model):
+    """A logged-in dashboard client who may watch."""
+    from django.test import Client
+
+    client = Client()
+    client.force_login(django_user_model.objects.create_user("vera", password="pw-vera-12345"))
+    return client
+
+
+@pytest.fixture
+def operator_client(django_user_model):
+    """A logged-in dashboard client with the operator permission, CSRF checks on as in a browser."""
+    from django.contrib.auth.models import Permission
+    from django.test import Client
+
+    user = django_user_model.objects.create_user("otto", password="pw-otto-12345")
+    user.user_permissions.add(Permission.objects.get(codename="operate_run"))
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    return client
+
+
 @pytest.fixture(autouse=True)
 def fresh_auth_failure_counts():
     """In-process API calls count failed authentications per address (127.0.0.1 for all): from zero each test."""

@@ -9,7 +9,6 @@ from datetime import timedelta
 
 import pytest
 from cryptography.fernet import Fernet
-from django.contrib.auth.models import Permission
 from django.core.management import CommandError, call_command
 from django.test import Client
 from django.utils import timezone
@@ -38,22 +37,6 @@ def host(keys):
         name="mugen", address="mugen.example.net", user="cp", key_path=str(keys["user_path"]),
         host_key=keys["host_pub"], agent_count=3, agent_labels=["cg"],
     )  # fmt: skip
-
-
-@pytest.fixture
-def viewer(django_user_model):
-    client = Client()
-    client.force_login(django_user_model.objects.create_user("vera", password="pw-vera-12345"))
-    return client
-
-
-@pytest.fixture
-def operator_client(django_user_model):
-    user = django_user_model.objects.create_user("otto", password="pw-otto-12345")
-    user.user_permissions.add(Permission.objects.get(codename="operate_run"))
-    client = Client(enforce_csrf_checks=True)
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture

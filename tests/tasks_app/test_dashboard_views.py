@@ -2,8 +2,6 @@
 and query counts that do not grow with the size of a run."""
 
 import pytest
-from django.contrib.auth.models import Permission
-from django.test import Client
 
 from tasks_app import actions
 from tasks_app.models import Event, Task
@@ -11,23 +9,6 @@ from tests.conftest import doc
 
 pytestmark = pytest.mark.django_db
 XSS = "<script>alert(1)</script>"
-
-
-@pytest.fixture
-def viewer(django_user_model):
-    user = django_user_model.objects.create_user("vera", password="pw-vera-12345")
-    client = Client()
-    client.force_login(user)
-    return client
-
-
-@pytest.fixture
-def operator_client(django_user_model):
-    user = django_user_model.objects.create_user("otto", password="pw-otto-12345")
-    user.user_permissions.add(Permission.objects.get(codename="operate_run"))
-    client = Client(enforce_csrf_checks=True)
-    client.force_login(user)
-    return client
 
 
 def csrf_post(client, url):
