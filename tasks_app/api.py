@@ -9,9 +9,10 @@ from django.http import HttpResponse, JsonResponse
 from agents_app import registry, tokens
 from control_plane.http_api import ApiError, api_view, db_call, json_body, require_method
 
-from . import actions, reports
+from . import actions, panels, reports
 from .dag import parse_document
 from .models import Artifact
+from .states import RunState
 
 DOCUMENT_LIMIT = 16 * 1024 * 1024
 
@@ -41,6 +42,8 @@ async def health(request):
 
 @api_view
 async def runs(request):
+    if request.method == "GET":
+        return await _list_runs(request)
     require_method(request, "POST")
     document = json_body(request, DOCUMENT_LIMIT)
 
@@ -51,6 +54,35 @@ async def runs(request):
         return {"run_id": str(run.id), "tasks": len(dag.tasks)}
 
     return JsonResponse(await db_call(submit)(), status=201)
+
+
+async def _list_runs(request):
+    """An addition to PROTOCOL.md (README, "API"): the newest runs, `?state=` and `?limit=` (1-500, 50)."""
+    state = request.GET.get("state") or None
+    if state is not None and state not in RunState.ALL:
+        raise ApiError(400, "bad_request", f"'state' must be one of {', '.join(RunState.ALL)}")
+    limit = request.GET.get("limit", "50")
+    if not limit.isdigit() or not 1 <= int(limit) <= 500:
+        raise ApiError(400, "bad_request", "'limit' must be from 1 to 500")
+
+    def load():
+        _user(request, "tasks_app.view_run")
+        return [
+            {
+                "run_id": str(r["id"]),
+                "name": r["name"],
+                "state": r["state"],
+                "tasks": r["total"],
+                "counts": r["counts"],
+                "progress": round(r["fraction"], 4),
+                "created_at": r["created_at"].isoformat(),
+                "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
+                "eta": r["eta"].isoformat() if r["eta"] else None,
+            }  # fmt: skip
+            for r in panels.run_summaries(limit=int(limit), state=state)
+        ]
+
+    return JsonResponse({"runs": await db_call(load)()})
 
 
 @api_view

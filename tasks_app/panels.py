@@ -30,11 +30,13 @@ def _fraction(counts: dict, progress_sum: float) -> float:
     return min(1.0, (done + progress_sum) / total)
 
 
-def run_summaries(run_ids=None, limit: int = 50) -> list[dict]:
+def run_summaries(run_ids=None, limit: int = 50, state: str | None = None) -> list[dict]:
     """Runs (newest first) with counts by state, progress, start, end and ETA: two queries in all."""
     runs = Run.objects.order_by("-created_at")
     if run_ids is not None:
         runs = runs.filter(pk__in=run_ids)
+    if state is not None:
+        runs = runs.filter(state=state)
     runs = list(runs[:limit])
     figures = _run_figures([r.id for r in runs])
     out = []

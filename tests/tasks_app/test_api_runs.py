@@ -237,6 +237,21 @@ def test_get_run_answers_its_tasks_and_counts(api, agent):
     assert nonzero == {"succeeded": 1, "running": 1, "blocked": 1}
 
 
+def test_runs_are_listed_newest_first_with_their_counts(api, plain_user):
+    first = api.submit(doc({"key": "a"}, {"key": "b", "deps": ["a"]}, name="first"))
+    second = api.submit(doc({"key": "x"}, name="second"))
+    ok(api.post(f"/api/v1/runs/{first}/cancel"))
+    listed = ok(api.get("/api/v1/runs"))["runs"]
+    assert [r["run_id"] for r in listed[:2]] == [second, first]
+    newest = listed[0]
+    assert (newest["name"], newest["state"], newest["tasks"], newest["counts"]["ready"]) == ("second", "running", 1, 1)
+    assert [r["run_id"] for r in ok(api.get("/api/v1/runs?state=canceled"))["runs"]] == [first]
+    assert len(ok(api.get("/api/v1/runs?limit=1"))["runs"]) == 1
+    for bad in ("state=lost", "limit=0", "limit=501", "limit=x"):
+        assert_error(api.get(f"/api/v1/runs?{bad}"), 400, "bad_request", bad)
+    assert_error(plain_user.get("/api/v1/runs"), 403)
+
+
 def test_an_unknown_run_is_404(api):
     for run_id in (str(uuid.uuid4()), "not-a-uuid"):
         assert_error(api.get(f"/api/v1/runs/{run_id}"), 404, "not_found", run_id)
@@ -247,7 +262,7 @@ def test_an_unknown_run_is_404(api):
 
 def test_run_endpoints_refuse_other_methods_with_405(api):
     run_id = api.submit(doc({"key": "a"}))
-    assert_error(api.get("/api/v1/runs"), 405, "method_not_allowed")
+    assert_error(http("PUT", f"{api.url}/api/v1/runs", {}, token=api.token), 405, "method_not_allowed")
     assert_error(api.post(f"/api/v1/runs/{run_id}"), 405, "method_not_allowed")
     for action in ("cancel", "pause", "resume"):
         assert_error(api.get(f"/api/v1/runs/{run_id}/{action}"), 405, "method_not_allowed", action)
