@@ -78,11 +78,7 @@ def api_view(view):
             return response
         try:
             return await view(request, *args, **kwargs)
-        except ApiError as exc:
-            if exc.status == 401:
-                AUTH_FAILURES.failed(address)
-            return error_response(exc.status, exc.code, exc.detail)
-        except ActionError as exc:
+        except (ApiError, ActionError) as exc:
             if exc.status == 401:
                 AUTH_FAILURES.failed(address)
             return error_response(exc.status, exc.code, exc.detail)
