@@ -19,7 +19,8 @@ from tasks_app.notify import Changes
 
 from .models import Agent
 
-EXECUTOR_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# Checked with fullmatch: `$` would also match before a final newline ("shell\n").
+EXECUTOR_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_EXECUTORS = 16
 DETAIL_MAX_CHARS = 500
 VERSION_MAX_CHARS = 64
@@ -34,7 +35,7 @@ def parse_report(value) -> dict:
         raise ApiError(400, "bad_request", f"'preflight' may hold at most {MAX_EXECUTORS} executors")
     report = {}
     for name, check in value.items():
-        if not EXECUTOR_RE.match(name):
+        if not EXECUTOR_RE.fullmatch(name):
             raise ApiError(400, "bad_request", f"'preflight' names an invalid executor: {name!r}")
         if not isinstance(check, dict) or not isinstance(check.get("usable"), bool):
             raise ApiError(400, "bad_request", f"'preflight.{name}' must be an object with a boolean 'usable'")

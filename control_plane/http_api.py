@@ -194,7 +194,7 @@ class Fields:
         if len(value) > max_items:
             raise ApiError(400, "bad_request", f"'{name}' may hold at most {max_items} items")
         for item in value:
-            if not isinstance(item, str) or (pattern is not None and not pattern.match(item)):
+            if not isinstance(item, str) or (pattern is not None and not pattern.fullmatch(item)):
                 raise ApiError(400, "bad_request", f"'{name}' holds an invalid entry: {item!r}")
         return value
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Keys, labels and agent names; checked with fullmatch: `$` would also match before a final newline ("k\n").
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 EXECUTORS = ("shell", "claude", "codex", "simulated")
 DEFAULTS = {"max_attempts": 3, "timeout_s": 1800, "retry_delay_s": 10}
 TASK_FIELDS = {
@@ -70,7 +71,7 @@ def _names(value, what: str, key: str, limit: int = 32) -> list[str]:
     if not isinstance(value, list) or len(value) > limit:
         raise DagError(f"task {key!r}: {what} must be a list of at most {limit} names", [key], what)
     for item in value:
-        if not isinstance(item, str) or not NAME_RE.match(item):
+        if not isinstance(item, str) or not NAME_RE.fullmatch(item):
             raise DagError(f"task {key!r}: {what} entry {item!r} is not a valid name", [key], what)
     return list(value)
 
@@ -133,7 +134,7 @@ def _parse_task(raw, defaults: dict) -> TaskSpec:
     if not isinstance(raw, dict):
         raise DagError("each task must be an object")
     key = raw.get("key")
-    if not isinstance(key, str) or not NAME_RE.match(key):
+    if not isinstance(key, str) or not NAME_RE.fullmatch(key):
         raise DagError(f"task key {key!r} must be 1-64 of [A-Za-z0-9._-]", [str(key)], "key")
     unknown = set(raw) - TASK_FIELDS
     if unknown:

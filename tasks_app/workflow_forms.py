@@ -126,7 +126,7 @@ class WorkflowTaskForm(forms.ModelForm):
 
     def clean_deps_keys(self):
         keys = [k for k in DEPS_SPLIT.split(self.cleaned_data.get("deps_keys") or "") if k]
-        bad = [k for k in keys if not NAME_RE.match(k)]
+        bad = [k for k in keys if not NAME_RE.fullmatch(k)]
         if bad:
             raise ValidationError(f"not a task key: {', '.join(bad)}")
         return keys

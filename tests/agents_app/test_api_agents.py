@@ -210,6 +210,10 @@ INVALID_REGISTRATIONS = [
     {"executors": "shell"},
     {"executors": ["Shell!"]},
     {"hostname": 7},
+    # `$` in a pattern matches before a final newline: names, labels and executors are matched whole.
+    {"name": "k\n"},
+    {"labels": ["gpu\n"]},
+    {"executors": ["shell\n"]},
 ]
 
 
