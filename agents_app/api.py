@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import time
 import uuid
 
@@ -15,13 +14,13 @@ from django.http import JsonResponse
 
 from control_plane.http_api import ApiError, Fields, api_view, db_call, json_body, require_method
 from tasks_app import actions
+from tasks_app.dag import NAME_RE
 from tasks_app.hub import EventHub
 from tasks_app.models import Artifact
 
 from . import preflight, registry, tokens
+from .preflight import EXECUTOR_RE
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-EXECUTOR_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 JSON_LIMIT = 64 * 1024  # agent calls other than complete/progress carry small bodies
 
 
@@ -87,7 +86,7 @@ async def register(request):
         "preflight": preflight.parse_report(f.obj("preflight", default={})),
         "replaces_token": f.str("replaces_token", 128),
     }
-    if not NAME_RE.match(info["name"]):
+    if not NAME_RE.fullmatch(info["name"]):
         raise ApiError(400, "bad_request", "'name' must be 1-64 of [A-Za-z0-9._-]")
     token = tokens.bearer(request.headers.get("Authorization"))
     agent, agent_token = await db_call(registry.register_agent)(token, info)
@@ -121,7 +120,8 @@ async def claim(request):
     claim_tasks = db_call(actions.claim_ready_tasks)
     woken = False
     while True:
-        waiter = hub.register(agent["labels"], agent["executors"])
+        # A draining agent still parks (PROTOCOL.md: the call holds), but must not spend tasks' wake-ups.
+        waiter = hub.register(agent["labels"], agent["executors"], active=actions.may_claim(agent))
         try:
             if woken:
                 # Meanwhile the agent may have been revoked, disabled, or have reported a failed pre-flight:

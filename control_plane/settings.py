@@ -185,6 +185,9 @@ CP_LEASE_S = env_int("CP_LEASE_S", 60)
 CP_MAX_WAIT_S = env_int("CP_MAX_WAIT_S", 30)
 # An agent silent for this long is offline and its live attempts are lost.
 CP_OFFLINE_AFTER_S = env_int("CP_OFFLINE_AFTER_S", 3 * CP_HEARTBEAT_INTERVAL_S)
+# A live attempt its agent's heartbeat does not list is lost at once, unless it was assigned less than this
+# long ago (the claim's answer may still be on its way to the agent).
+CP_UNLISTED_GRACE_S = env_float("CP_UNLISTED_GRACE_S", 5.0)
 # How often each server process sweeps for expired leases and silent agents.
 CP_SWEEP_INTERVAL_S = env_float("CP_SWEEP_INTERVAL_S", 2.0)
 # Live attempts across all runs; 0 means no global limit.

@@ -166,10 +166,16 @@ def submit_run(
 # --- Claiming -----------------------------------------------------------------------------------------
 
 
+def may_claim(agent: dict) -> bool:
+    """Whether the agent is offered work at all (a draining or stopping agent is not)."""
+    return bool(agent["enabled"] and not agent["draining"] and not agent["shutdown_requested"])
+
+
 def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
     """Assign up to `capacity` ready tasks the agent can run, within every limit. Never waits on a lock
-    another claimer holds for a task (SKIP LOCKED), so concurrent claims never hand out one task twice."""
-    if not agent["enabled"] or agent["draining"] or agent["shutdown_requested"]:
+    another claimer holds for a task (SKIP LOCKED), so concurrent claims never hand out one task twice, and
+    never locks more ready tasks than it has free slots (see queries.CANDIDATES)."""
+    if not may_claim(agent):
         return []
     global_limit = settings.CP_GLOBAL_MAX_LIVE
     with transaction.atomic(), connection.cursor() as cur:
@@ -190,10 +196,11 @@ def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
                     "labels": list(agent["labels"]),
                     "executors": list(agent["executors"]),
                     "full_runs": full_runs,
-                    "limit": (free - len(chosen)) * 2,
+                    "chosen": chosen,
+                    "limit": free - len(chosen),
                 },
             )
-            rows = [r for r in cur.fetchall() if r[0] not in chosen]
+            rows = cur.fetchall()
             if not rows:
                 break
             limited = sorted({r[1] for r in rows if r[2] is not None and r[1] not in run_slots})
@@ -375,7 +382,9 @@ def _end_attempt(
     else:
         target = task_after_failed_attempt(att["attempts_used"] - att["attempt_base"], att["max_attempts"])
     check_transition("task", task_from, target)
-    delay = att["retry_delay_s"] if target == TaskState.READY else 0
+    # A lost attempt is its agent's failure, not the task's: offered again at once, without the retry delay
+    # that paces a task that failed on its own (the agent's silence already cost the offline threshold).
+    delay = att["retry_delay_s"] if target == TaskState.READY and attempt_state != AttemptState.LOST else 0
     cur.execute(
         f"""
         WITH ended AS (UPDATE tasks_app_attempt SET {attempt_set} WHERE id = %(attempt_id)s)
@@ -444,18 +453,19 @@ def settle_run(run_id, actor: str = "system:scheduler") -> str | None:
 
 
 def heartbeat(agent: dict, status: str, attempt_ids: list[str]) -> list[dict]:
-    """Extend the leases of the listed attempts still this agent's; answer with commands for it."""
+    """Extend the leases of the listed attempts still this agent's; answer with commands for it. Live
+    attempts of this agent that it no longer lists (it restarted, or dropped them) are lost at once rather
+    than held until their lease runs out (see queries.HEARTBEAT_LEASES for the grace of a fresh one)."""
     with transaction.atomic(), connection.cursor() as cur:
-        cur.execute("UPDATE agents_app_agent SET reported_status = %s WHERE id = %s", [status, agent["id"]])
         cur.execute(
-            """
-            UPDATE tasks_app_attempt SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
-             WHERE id = ANY(%(ids)s::uuid[]) AND agent_id = %(agent_id)s AND state IN ('assigned', 'running')
-            RETURNING id
-            """,
-            {"lease_s": settings.CP_LEASE_S, "ids": attempt_ids, "agent_id": agent["id"]},
-        )
-        live = {str(r[0]) for r in cur.fetchall()}
+            q.HEARTBEAT_LEASES,
+            {"status": status, "lease_s": settings.CP_LEASE_S, "ids": attempt_ids, "agent_id": agent["id"],
+             "grace_s": settings.CP_UNLISTED_GRACE_S},
+        )  # fmt: skip
+        extended, forgotten = cur.fetchone()
+        live = {str(a) for a in extended or ()}
+    if forgotten:
+        lose_attempts(forgotten, "the agent no longer runs it", f"agent:{agent['name']}")
     commands = [{"type": "cancel", "attempt_id": a} for a in attempt_ids if a not in live]
     if agent["shutdown_requested"]:
         commands.append({"type": "shutdown"})

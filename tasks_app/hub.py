@@ -23,12 +23,17 @@ log = logging.getLogger(__name__)
 
 
 class Waiter:
-    __slots__ = ("labels", "executors", "event")
+    """One parked long poll. An inactive waiter (its agent takes no work now: draining) is woken only by
+    wake_all, never by a task's wake_one: it would spend the task's one wake-up and take nothing."""
 
-    def __init__(self, labels, executors):
+    __slots__ = ("labels", "executors", "event", "active", "parked_at")
+
+    def __init__(self, labels, executors, active: bool = True):
         self.labels = frozenset(labels)
         self.executors = frozenset(executors)
         self.event = asyncio.Event()
+        self.active = active
+        self.parked_at = time.monotonic()
 
     def matches(self, executor: str, requires) -> bool:
         return executor in self.executors and self.labels.issuperset(requires)
@@ -44,6 +49,7 @@ class EventHub:
         self.listening = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.notifications = 0
+        self.missed_wakeups = 0  # parked agents woken by wake_missed: each one a wake-up that went astray
 
     @classmethod
     def current(cls) -> EventHub:
@@ -57,8 +63,8 @@ class EventHub:
 
     # --- waiters ---
 
-    def register(self, labels, executors) -> Waiter:
-        waiter = Waiter(labels, executors)
+    def register(self, labels, executors, active: bool = True) -> Waiter:
+        waiter = Waiter(labels, executors, active)
         self.waiters.append(waiter)
         return waiter
 
@@ -74,9 +80,34 @@ class EventHub:
 
     def wake_one(self, executor: str, requires) -> None:
         for waiter in self.waiters:  # oldest first
-            if not waiter.event.is_set() and waiter.matches(executor, requires):
+            if waiter.active and not waiter.event.is_set() and waiter.matches(executor, requires):
                 waiter.event.set()
                 return
+
+    async def wake_missed(self, min_age_s: float = 1.0) -> int:
+        """The check behind every wake-up: wake a parked agent for each kind of ready task that has been
+        offerable, within every limit, for `min_age_s` while that agent waited as long. Every wake-up takes
+        milliseconds, so such a pair means one went astray; each is counted and logged. Costs nothing while
+        no agent is parked (the busy fleet's case), one query otherwise."""
+        now = time.monotonic()
+        parked = [w for w in self.waiters if w.active and not w.event.is_set() and now - w.parked_at >= min_age_s]
+        if not parked:
+            return 0
+        from control_plane.http_api import db_call
+
+        from . import waiting
+
+        woken = 0
+        for executor, requires in await db_call(waiting.offerable_kinds)(min_age_s):
+            for waiter in parked:
+                if not waiter.event.is_set() and waiter.matches(executor, requires):
+                    waiter.event.set()
+                    woken += 1
+                    break
+        if woken:
+            self.missed_wakeups += woken
+            log.warning("woke %d parked agent(s) for ready tasks nobody announced to them", woken)
+        return woken
 
     def dispatch(self, data: dict) -> None:
         self.notifications += 1
@@ -131,6 +162,7 @@ class EventHub:
                 await tick(starting=starting)
                 starting = False
                 await sweep()
+                await self.wake_missed()
             except asyncio.CancelledError:
                 raise
             except Exception:

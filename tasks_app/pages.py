@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from django.template.loader import render_to_string
 
-from . import panels
+from . import panels, waiting
 from .actions import NotFound
 from .dagsvg import picture_size, render_svg, state_map
 from .gantt import render_gantt_svg
@@ -155,6 +155,7 @@ def _task_context(task_id: str) -> dict:
     latest = attempts[0] if attempts else None
     return {
         "task": task,
+        "waiting": waiting.reasons_of([task]).get(task.id),
         "attempts": attempts,
         "latest": latest,
         "deps": list(Task.objects.filter(downstream_links__task=task).values("id", "key", "state")),

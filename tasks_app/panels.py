@@ -14,6 +14,7 @@ from django.utils import timezone
 from agents_app import preflight
 from agents_app.models import Agent, AgentStatus
 
+from . import waiting
 from .models import Attempt, Run, Task, TaskDependency
 from .states import AttemptState, RunState, TaskState
 
@@ -146,16 +147,21 @@ def recently_completed(run_id=None, limit: int = 10) -> list[dict]:
 
 
 def queue(run_id=None, limit: int = 20) -> list[dict]:
-    """Ready tasks in the order the scheduler will hand them out (paused runs' tasks are left out)."""
+    """Ready tasks in the order the scheduler will hand them out (paused runs' tasks are left out), each
+    with why it is not assigned yet (`waiting`: tasks_app.waiting)."""
     qs = Task.objects.filter(state=TaskState.READY, run__state=RunState.RUNNING)
     if run_id is not None:
         qs = qs.filter(run_id=run_id)
-    return list(
+    rows = list(
         qs.order_by(*QUEUE_ORDER).values(
-            "id", "key", "title", "priority", "critical_path_s", "requires", "executor", "ready_at", "run_id",
-            "run__name", "attempts_used",
+            "id", "key", "title", "state", "priority", "critical_path_s", "requires", "executor", "ready_at",
+            "run_id", "run__name", "attempts_used",
         )[:limit]
     )  # fmt: skip
+    why = waiting.reasons(rows)
+    for row in rows:
+        row["waiting"] = why.get(row["id"])
+    return rows
 
 
 def agents_table() -> list[dict]:

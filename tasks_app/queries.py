@@ -32,16 +32,22 @@ SELECT a.capacity, set_config('enable_sort', 'off', true),
 """
 
 # Claim, step 2: ready tasks this agent may run, in the scheduler's order. SKIP LOCKED makes concurrent
-# claimers pass over rows another claimer holds instead of waiting for (and then double-taking) them.
+# claimers pass over rows another claimer holds instead of waiting for (and then double-taking) them. So a
+# claim must lock no more rows than it can take (`limit` is its free slots, never more): a row it locked and
+# left would be invisible to a concurrent claimer, who then parks with nothing left to wake it (the task's
+# notification already spent on waking it) - a ready task beside an idle agent until its long poll ends.
+# `ready_at` is compared with the statement's clock, not the transaction's: a task released after this
+# transaction began (ready_at = its releaser's now()) is offerable to this statement.
 CANDIDATES = """
 SELECT t.id, t.run_id, r.max_parallel
   FROM tasks_app_task t JOIN tasks_app_run r ON r.id = t.run_id
  WHERE t.state = 'ready'
-   AND (t.ready_at IS NULL OR t.ready_at <= now())
+   AND (t.ready_at IS NULL OR t.ready_at <= statement_timestamp())
    AND r.state = 'running'
    AND t.requires <@ %(labels)s::varchar[]
    AND t.executor = ANY(%(executors)s::varchar[])
    AND NOT (t.run_id = ANY(%(full_runs)s::uuid[]))
+   AND NOT (t.id = ANY(%(chosen)s::uuid[]))
  ORDER BY t.priority DESC, t.critical_path_s DESC, t.ready_at ASC NULLS FIRST, t.created_at, t.id
  LIMIT %(limit)s
    FOR UPDATE OF t SKIP LOCKED
@@ -88,6 +94,26 @@ WITH upd AS (
 SELECT ins.id, ins.lease_expires_at, upd.id, upd.run_id, upd.key, upd.title, upd.executor, upd.command,
        upd.prompt, upd.params, upd.timeout_s, upd.attempts_used
   FROM upd JOIN ins ON ins.task_id = upd.id, (SELECT pg_notify(%(channel)s, %(payload)s)) AS announce
+"""
+
+# A heartbeat, in one statement: the agent's reported status, the leases of the attempts it lists extended,
+# and its live attempts it does not list - which it no longer runs (a daemon that restarted with its saved
+# identity lists none), so they are lost at once instead of held for a whole lease. An attempt assigned less
+# than `grace_s` ago is spared: its claim answer may still be on its way to the agent, and this heartbeat's
+# list was taken before it arrived.
+HEARTBEAT_LEASES = """
+WITH status AS (
+    UPDATE agents_app_agent SET reported_status = %(status)s WHERE id = %(agent_id)s
+), extended AS (
+    UPDATE tasks_app_attempt SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
+     WHERE id = ANY(%(ids)s::uuid[]) AND agent_id = %(agent_id)s AND state IN ('assigned', 'running')
+    RETURNING id
+)
+SELECT (SELECT array_agg(id) FROM extended),
+       (SELECT array_agg(id ORDER BY id) FROM tasks_app_attempt
+         WHERE agent_id = %(agent_id)s AND state IN ('assigned', 'running')
+           AND NOT (id = ANY(%(ids)s::uuid[]))
+           AND assigned_at < now() - make_interval(secs => %(grace_s)s))
 """
 
 # An agent's call about one attempt: lock the attempt, then its task (the global lock order).
@@ -231,4 +257,40 @@ SELECT COALESCE((SELECT expiry_not_before <= now()
 DELAYED_READY = """
 SELECT executor, requires, EXTRACT(EPOCH FROM (ready_at - now())) FROM tasks_app_task
  WHERE state = 'ready' AND ready_at > now()
+"""
+
+# --- Reading the limits back (tasks_app.waiting): why a ready task waits, and what nothing holds back. ---
+# None of these lock: they describe, the claim decides.
+RUN_LIMITS = """
+SELECT r.id, r.state, r.max_parallel,
+       (SELECT count(*) FROM tasks_app_attempt x WHERE x.run_id = r.id AND x.state IN ('assigned', 'running'))
+  FROM tasks_app_run r WHERE r.id = ANY(%(run_ids)s::uuid[])
+"""
+GLOBAL_LIVE = "SELECT count(*) FROM tasks_app_attempt WHERE state IN ('assigned', 'running')"
+# Current agents with what they may take: online (status) and taking work (enabled, not draining/stopping).
+CURRENT_AGENTS_LOAD = """
+SELECT a.labels, a.executors, a.capacity, a.status = 'online' AND a.enabled,
+       a.enabled AND NOT a.draining AND NOT a.shutdown_requested,
+       (SELECT count(*) FROM tasks_app_attempt x WHERE x.agent_id = a.id AND x.state IN ('assigned', 'running'))
+  FROM agents_app_agent a WHERE a.retired_at IS NULL
+"""
+# Kinds of ready tasks offerable for at least `min_age_s` within their run's max_parallel and the global
+# limit. A parked agent matching one of them missed its wake-up (EventHub.wake_missed): each wake-up takes
+# milliseconds, so anything older was not announced to it. Runs first, so the live count is taken per run,
+# not per task.
+OFFERABLE_READY_KINDS = """
+WITH open_runs AS (
+    SELECT r.id FROM tasks_app_run r
+     WHERE r.state = 'running'
+       AND (r.max_parallel IS NULL
+            OR r.max_parallel > (SELECT count(*) FROM tasks_app_attempt x
+                                  WHERE x.run_id = r.id AND x.state IN ('assigned', 'running')))
+)
+SELECT DISTINCT t.executor, t.requires
+  FROM tasks_app_task t JOIN open_runs ON open_runs.id = t.run_id
+ WHERE t.state = 'ready'
+   AND COALESCE(t.ready_at, t.created_at) <= clock_timestamp() - make_interval(secs => %(min_age_s)s)
+   AND (%(global_limit)s = 0
+        OR %(global_limit)s > (SELECT count(*) FROM tasks_app_attempt WHERE state IN ('assigned', 'running')))
+ LIMIT 50
 """

@@ -7,6 +7,7 @@ from collections import Counter
 from django.db.models import Max, Min, Sum
 from django.db.models.functions import Coalesce, Now
 
+from . import waiting
 from .actions import NotFound
 from .models import Attempt, Run, Task
 from .states import AttemptState, TaskState
@@ -31,6 +32,7 @@ def run_status(run_id) -> dict:
         .values_list("task_id", "agent__name")
     )
     counts = Counter(t.state for t in tasks)
+    why = waiting.reasons_of(tasks)
     return {
         "run_id": str(run.id),
         "name": run.name,
@@ -47,6 +49,8 @@ def run_status(run_id) -> dict:
                 "agent": latest_agent.get(t.id),
                 "started_at": t.started_at.isoformat() if t.started_at else None,
                 "finished_at": t.finished_at.isoformat() if t.finished_at else None,
+                # An addition to PROTOCOL.md (README, "API"): why a ready task is not assigned yet, else null.
+                "waiting": why.get(t.id),
             }
             for t in tasks
         ],

@@ -11,7 +11,8 @@ from django.utils import timezone
 
 from tests.conftest import assert_error, doc, http, ok
 
-TASK_FIELDS = {"id", "key", "state", "attempt", "progress", "agent", "started_at", "finished_at"}
+# PROTOCOL.md's fields, and `waiting` (an addition: why a ready task is not assigned yet).
+TASK_FIELDS = {"id", "key", "state", "attempt", "progress", "agent", "started_at", "finished_at", "waiting"}
 TASK_STATES = {"blocked", "ready", "assigned", "running", "succeeded", "failed", "canceled", "skipped"}
 
 
@@ -134,6 +135,8 @@ def test_submit_with_a_bad_field_is_422_naming_the_task(api):
         (doc({"key": "no-cmd", "executor": "shell"}), "no-cmd"),
         (doc({"key": "no-prompt", "executor": "codex"}), "no-prompt"),
         (doc({"key": "bad key!"}), "bad key!"),
+        (doc({"key": "k\n"}), "k\\n"),  # `$` would match before the newline; keys are matched whole
+        (doc({"key": "x", "requires": ["gpu\n"]}), "gpu"),
         (doc({"key": "x", "max_attempts": 0}), "max_attempts"),
         (doc({"key": "x", "colour": "red"}), "colour"),
         (doc({"key": "x", "params": [1]}), "params"),

@@ -80,7 +80,9 @@ def test_run_page_and_its_live_pushes_read_as_many_queries_at_1000_tasks_as_at_1
 ):
     from tasks_app.pages import render_panels
 
-    small, large = big_run(submit, 10), big_run(submit, 1000)
+    # The large run first: the claims below take its roots (the older run's go first), so both runs keep
+    # ready tasks in their queues.
+    large, small = big_run(submit, 1000), big_run(submit, 10)
     for i in range(6):  # live and finished attempts, so every panel has rows to show
         agent = make_agent(f"a{i}", labels=[])
         got = actions.claim_ready_tasks(agent, 1)[0]

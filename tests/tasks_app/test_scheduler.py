@@ -363,3 +363,80 @@ def test_the_sweeper_ends_a_run_whose_completion_stopped_before_settling(make_ag
     run.refresh_from_db()
     assert run.state == RunState.SUCCEEDED
     assert Event.objects.get(run=run, kind="run", to_state="succeeded").actor == "system:sweeper"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_locks_no_more_ready_tasks_than_it_can_take(make_agent, submit, monkeypatch):
+    """The missed wake-up: a claim that locked (SKIP LOCKED) a ready task it would not take hid it from a
+    concurrent claimer, who found nothing and parked with nothing left to wake it. Here one claim is held in
+    its transaction, rows locked, while another claims: the other must get the task the first cannot take."""
+    root_of_three = doc({"key": "a"}, {"key": "b"}, {"key": "c"})
+    submit(root_of_three)
+    ada = make_agent("ada", labels=[], capacity=2)
+    bob = make_agent("bob", labels=[], capacity=2)
+    # Hold the claim's transaction open after its candidates are locked: its ASSIGN sleeps before returning.
+    held = actions.q.ASSIGN.replace("AS announce", "AS announce, (SELECT pg_sleep(1.5)) AS held")
+    monkeypatch.setattr(actions.q, "ASSIGN", held)
+    got: dict = {}
+
+    def ada_claims():
+        try:
+            got["ada"] = claim(ada, 2)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=ada_claims)
+    thread.start()
+    with connections["default"].cursor() as cur:
+        for _ in range(100):  # until ada's claim sleeps inside its transaction, its rows locked
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%pg_sleep(1.5)%%AS held%%'")
+            if cur.fetchone()[0] > 1:  # ada's statement (and this one, which names it)
+                break
+            threading.Event().wait(0.02)
+    monkeypatch.setattr(actions.q, "ASSIGN", held.replace("pg_sleep(1.5)", "pg_sleep(0)"))
+    got["bob"] = claim(bob, 2)
+    thread.join(10)
+    assert len(got["ada"]) == 2
+    assert len(got["bob"]) == 1, "a task ada could not take was locked away from bob"
+    assert keys(got["ada"] + got["bob"]) == ["a", "b", "c"]
+
+
+def test_a_lost_attempt_is_offered_again_at_once_without_the_retry_delay(make_agent, submit):
+    gone = make_agent("gone", labels=[])
+    spare = make_agent("spare", labels=[])
+    run = submit(doc({"key": "a", "retry_delay_s": 600}))
+    first = claim(gone)[0]
+    actions.lose_attempts([first["attempt_id"]], "agent went silent", "system:sweeper")
+    again = claim(spare)
+    assert keys(again) == ["a"] and again[0]["task"]["attempt"] == 2
+    # A failure of the task itself still waits its retry delay.
+    finish(spare, again[0], "failed", error="boom", exit_code=1)
+    assert claim(gone) == []
+    assert Task.objects.get(run=run).ready_at > timezone.now() + timedelta(seconds=590)
+
+
+def test_a_heartbeat_that_no_longer_lists_an_attempt_loses_it_at_once(make_agent, submit):
+    phoenix = make_agent("phoenix", labels=[], capacity=2)
+    spare = make_agent("spare", labels=[])
+    run = submit(doc({"key": "old", "retry_delay_s": 600}, {"key": "new", "retry_delay_s": 600}))
+    old = next(a for a in claim(phoenix, 2) if a["task"]["key"] == "old")
+    # "old" was assigned well before this heartbeat; "new" a moment ago (its answer may still be in flight).
+    Attempt.objects.filter(pk=old["attempt_id"]).update(assigned_at=timezone.now() - timedelta(seconds=30))
+    commands = actions.heartbeat(phoenix, "idle", [])  # a daemon restarted with its saved identity lists none
+    assert commands == []
+    assert Attempt.objects.get(pk=old["attempt_id"]).state == AttemptState.LOST
+    assert state_of(run, "old") == TaskState.READY
+    assert state_of(run, "new") == TaskState.ASSIGNED
+    assert keys(claim(spare)) == ["old"]
+    lost = Event.objects.get(attempt_id=old["attempt_id"], kind="attempt", to_state=AttemptState.LOST)
+    assert lost.detail["reason"] == "the agent no longer runs it"
+
+
+def test_a_heartbeat_extends_the_leases_it_lists_and_cancels_what_is_no_longer_the_agents(make_agent, submit):
+    agent = make_agent("solo", labels=[])
+    submit(doc({"key": "a"}))
+    got = claim(agent)[0]
+    Attempt.objects.filter(pk=got["attempt_id"]).update(lease_expires_at=timezone.now() + timedelta(seconds=1))
+    foreign = "00000000-0000-0000-0000-000000000001"
+    assert actions.heartbeat(agent, "busy", [got["attempt_id"], foreign]) == [{"type": "cancel", "attempt_id": foreign}]
+    assert Attempt.objects.get(pk=got["attempt_id"]).lease_expires_at > timezone.now() + timedelta(seconds=30)

@@ -59,6 +59,8 @@ class Command(BaseCommand):
         for t in status["tasks"]:
             agent = t["agent"] or "-"
             line = f"  {t['key']:<24} {t['state']:<10} {t['progress']:6.0%}  attempt {t['attempt']}  {agent}"
+            if t.get("waiting"):
+                line += f"  ({t['waiting']})"
             self.stdout.write(line)
         if status["state"] not in (RunState.RUNNING, RunState.PAUSED):
             for line in summary_lines(run_id):

@@ -1,0 +1,114 @@
+"""Why a ready task is not assigned yet, in words, and which ready tasks nothing is holding back.
+
+The scheduler itself never asks this: a claim takes what it may (tasks_app.actions.claim_ready_tasks). These
+are the same limits read back for people (the run and task pages, `status`, the run API) and for the hub's
+missed-wake-up check, in a fixed handful of queries however many tasks are asked about.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from . import queries as q
+from .states import RunState, TaskState
+
+# The reasons, most binding first: a task held by its run's pause is not "waiting for a gpu agent" as well.
+PAUSED = "run is paused"
+CLAIMABLE = "waiting for a matching agent to claim it"
+
+
+def reasons(tasks: list[dict]) -> dict:
+    """{task id: reason} for the ready ones of `tasks` (dicts with id, state, run_id, executor, requires and
+    ready_at): two queries whatever their number (three with a global limit)."""
+    ready = [t for t in tasks if t["state"] == TaskState.READY]
+    # The queries run even when nothing is ready, so a page reads as many queries whatever its runs hold.
+    runs = _run_limits({t["run_id"] for t in ready})
+    agents = _agents()
+    global_live = _global_live()
+    now = timezone.now()
+    out = {}
+    for t in ready:
+        out[t["id"]] = _reason(t, runs.get(t["run_id"]), agents, global_live, now)
+    return out
+
+
+def reasons_of(tasks) -> dict:
+    """reasons() for Task model instances."""
+    fields = ("id", "state", "run_id", "executor", "requires", "ready_at")
+    return reasons([{f: getattr(t, f) for f in fields} for t in tasks])
+
+
+def _reason(task: dict, run: dict | None, agents: list[dict], global_live: int, now) -> str:
+    if run is not None and run["state"] == RunState.PAUSED:
+        return PAUSED
+    ready_at = task.get("ready_at")
+    if ready_at is not None and ready_at > now:
+        return f"retry delay: offered in {max(1, round((ready_at - now).total_seconds()))} s"
+    if run is not None and run["max_parallel"] is not None and run["live"] >= run["max_parallel"]:
+        return f"run at max_parallel {run['max_parallel']}"
+    limit = settings.CP_GLOBAL_MAX_LIVE
+    if limit and global_live >= limit:
+        return f"at the global limit of {limit} live attempts (CP_GLOBAL_MAX_LIVE)"
+    requires = set(task["requires"] or ())
+    executor = task["executor"]
+    online = [a for a in agents if a["online"]]
+    labelled = [a for a in online if requires <= a["labels"]]
+    if not labelled:
+        missing = sorted(requires - set().union(*(a["labels"] for a in online))) if online else []
+        if not online:
+            return "no agent is online"
+        if missing:
+            return f"no online agent has label{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+        return f"no online agent has every label of {', '.join(sorted(requires))}"
+    matching = [a for a in labelled if executor in a["executors"]]
+    if not matching:
+        which = f" with label{'s' if len(requires) > 1 else ''} {', '.join(sorted(requires))}" if requires else ""
+        return f"no online agent{which} runs executor {executor}"
+    free = sum(max(0, a["capacity"] - a["live"]) for a in matching if a["takes_work"])
+    if not any(a["takes_work"] for a in matching):
+        return "every matching agent is draining"
+    if free <= 0:
+        slots = sum(a["capacity"] for a in matching if a["takes_work"])
+        n = sum(1 for a in matching if a["takes_work"])
+        return f"every matching agent is full ({n} agent{'s' if n > 1 else ''}, {slots} of {slots} slots in use)"
+    return CLAIMABLE
+
+
+def _run_limits(run_ids) -> dict:
+    with connection.cursor() as cur:
+        cur.execute(q.RUN_LIMITS, {"run_ids": list(run_ids)})
+        return {rid: {"state": st, "max_parallel": mp, "live": live} for rid, st, mp, live in cur.fetchall()}
+
+
+def _agents() -> list[dict]:
+    with connection.cursor() as cur:
+        cur.execute(q.CURRENT_AGENTS_LOAD)
+        return [
+            {
+                "labels": set(labels or ()),
+                "executors": set(executors or ()),
+                "capacity": capacity,
+                "online": online,
+                "takes_work": takes_work,
+                "live": live,
+            }
+            for labels, executors, capacity, online, takes_work, live in cur.fetchall()
+        ]
+
+
+def _global_live() -> int:
+    if not settings.CP_GLOBAL_MAX_LIVE:
+        return 0
+    with connection.cursor() as cur:
+        cur.execute(q.GLOBAL_LIVE)
+        return cur.fetchone()[0]
+
+
+def offerable_kinds(min_age_s: float) -> list[tuple[str, list]]:
+    """(executor, requires) of ready tasks that have been offerable for `min_age_s` within their run's and
+    the global limit: what a parked matching agent should have been woken for (EventHub's check)."""
+    with connection.cursor() as cur:
+        cur.execute(q.OFFERABLE_READY_KINDS, {"min_age_s": min_age_s, "global_limit": settings.CP_GLOBAL_MAX_LIVE})
+        return [(executor, list(requires or ())) for executor, requires in cur.fetchall()]
