@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 import uuid
 
@@ -194,8 +195,44 @@ async def complete(request, attempt_id: str):
         raise ApiError(413, "too_large", f"'result' may be at most {settings.CP_RESULT_MAX_BYTES} bytes")
     error = f.str("error", 100_000, default="")
     exit_code = f.int("exit_code", -(2**31), 2**31 - 1)
-    task_state = await complete_as_agent(request, _attempt_id(attempt_id), outcome, result, error or "", exit_code)
+    commit = _commit_report(f.obj("commit"))
+    task_state = await complete_as_agent(
+        request, _attempt_id(attempt_id), outcome, result, error or "", exit_code, commit
+    )
     return JsonResponse({"task_state": task_state})
+
+
+SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def _commit_report(value: dict | None) -> dict | None:
+    """PROTOCOL.md v1.1 complete's `commit`: {sha (null when the task changed nothing), branch, files_changed,
+    insertions, deletions}, and as an addition `files`: [{path, insertions, deletions}] (README, "API")."""
+    if value is None:
+        return None
+    c = Fields(value)
+    sha = c.str("sha", 64)
+    if sha is not None and not SHA_RE.fullmatch(sha):
+        raise ApiError(400, "bad_request", "'commit.sha' must be a full commit sha or null")
+    report = {
+        "sha": sha,
+        "branch": c.str("branch", 400, default=""),
+        "files_changed": c.int("files_changed", 0, 10**9, default=0),
+        "insertions": c.int("insertions", 0, 10**12, default=0),
+        "deletions": c.int("deletions", 0, 10**12, default=0),
+    }
+    files = value.get("files")
+    if files is not None:
+        if not isinstance(files, list) or len(files) > 10_000:
+            raise ApiError(400, "bad_request", "'commit.files' must be a list of at most 10000 files")
+        report["files"] = []
+        for entry in files:
+            e = Fields(entry if isinstance(entry, dict) else {"path": None})
+            report["files"].append(
+                {"path": e.str("path", 4096, required=True), "insertions": e.int("insertions", 0, 10**12, default=0),
+                 "deletions": e.int("deletions", 0, 10**12, default=0)}
+            )  # fmt: skip
+    return report
 
 
 def _json_size(value) -> int:

@@ -134,6 +134,9 @@ _db["OPTIONS"]["pool"] = {
     "min_size": env_int("CP_DB_POOL_MIN", 2),
     "max_size": env_int("CP_DB_POOL_MAX", 20),
     "timeout": env_int("CP_DB_POOL_TIMEOUT", 10),
+    # psycopg_pool's own defaults (10 minutes, an hour), settable so that a test crosses them in seconds.
+    "max_idle": env_float("CP_DB_POOL_MAX_IDLE_S", 600.0),
+    "max_lifetime": env_float("CP_DB_POOL_MAX_LIFETIME_S", 3600.0),
 }
 _db["CONN_MAX_AGE"] = 0
 _db["TEST"] = {"NAME": env_str("CP_TEST_DB_NAME", "") or None}
@@ -188,6 +191,8 @@ CP_OFFLINE_AFTER_S = env_int("CP_OFFLINE_AFTER_S", 3 * CP_HEARTBEAT_INTERVAL_S)
 # A live attempt its agent's heartbeat does not list is lost at once, unless it was assigned less than this
 # long ago (the claim's answer may still be on its way to the agent).
 CP_UNLISTED_GRACE_S = env_float("CP_UNLISTED_GRACE_S", 5.0)
+# `git ls-remote` of a workspace's repository at submit (resolving its base) gives up after this long.
+CP_GIT_TIMEOUT_S = env_float("CP_GIT_TIMEOUT_S", 15.0)
 # How often each server process sweeps for expired leases and silent agents.
 CP_SWEEP_INTERVAL_S = env_float("CP_SWEEP_INTERVAL_S", 2.0)
 # Live attempts across all runs; 0 means no global limit.

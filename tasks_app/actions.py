@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import connection, transaction
 
+from . import assignments, workspaces
 from . import queries as q
 from .dag import Dag
 from .models import Run, Task, TaskDependency
@@ -114,8 +115,13 @@ def submit_run(
     priority: int | None = None,
     max_parallel: int | None = None,
 ) -> Run:
-    """Create a run from a validated DAG: tasks without dependencies start ready, the rest blocked."""
+    """Create a run from a validated DAG: tasks without dependencies start ready, the rest blocked. A
+    workspace's base is resolved to a commit first (`git ls-remote`, DagError when it cannot be), and the
+    run gains its result task (tasks_app.workspaces)."""
     run_priority = dag.priority if priority is None else priority
+    ws = dag.workspace
+    base_commit = workspaces.resolve_base(ws) if ws else ""
+    specs = list(dag.tasks) + ([workspaces.result_task(dag)] if ws else [])
     with transaction.atomic():
         run = Run.objects.create(
             name=dag.name,
@@ -124,6 +130,11 @@ def submit_run(
             priority=run_priority,
             max_parallel=dag.max_parallel if max_parallel is None else max_parallel,
             created_by=user,
+            repo=ws.repo if ws else "",
+            base_ref=(ws.base or "HEAD") if ws else "",
+            base_commit=base_commit,
+            branch_prefix=ws.branch_prefix if ws else "",
+            params=dag.params,
         )
         tasks = [
             Task(
@@ -144,12 +155,12 @@ def submit_run(
                 timeout_s=s.timeout_s,
                 retry_delay_s=s.retry_delay_s,
             )
-            for s in dag.tasks
+            for s in specs
         ]
         Task.objects.bulk_create(tasks, batch_size=1000)
         ids = {t.key: t.id for t in tasks}
         TaskDependency.objects.bulk_create(
-            [TaskDependency(task_id=ids[s.key], depends_on_id=ids[d]) for s in dag.tasks for d in s.deps],
+            [TaskDependency(task_id=ids[s.key], depends_on_id=ids[d]) for s in specs for d in s.deps],
             batch_size=2000,
         )
         changes = Changes(runs={run.id})
@@ -197,6 +208,7 @@ def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
                     "executors": list(agent["executors"]),
                     "full_runs": full_runs,
                     "chosen": chosen,
+                    "has_git": workspaces.RESULT_EXECUTOR in agent["executors"],
                     "limit": free - len(chosen),
                 },
             )
@@ -239,26 +251,7 @@ def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
                 "payload": Changes(runs=chosen_runs).payload(),
             },
         )
-        rows = cur.fetchall()
-    return [
-        {
-            "attempt_id": str(attempt_id),
-            "lease_expires_at": lease.isoformat(),
-            "task": {
-                "id": str(task_id),
-                "run_id": str(run_id),
-                "key": key,
-                "title": title,
-                "executor": executor,
-                "command": command,
-                "prompt": prompt,
-                "params": params if isinstance(params, dict) else json.loads(params or "{}"),
-                "timeout_s": timeout_s,
-                "attempt": number,
-            },
-        }
-        for attempt_id, lease, task_id, run_id, key, title, executor, command, prompt, params, timeout_s, number in rows
-    ]
+        return assignments.build(cur, cur.fetchall())
 
 
 # --- Agent reports on an attempt ----------------------------------------------------------------------
@@ -272,9 +265,12 @@ def _lock_attempt(cur, attempt_id) -> dict:
     keys = (
         "id", "state", "agent_id", "task_id", "run_id", "number", "result", "error", "exit_code", "task_state",
         "max_attempts", "attempts_used", "attempt_base", "retry_delay_s", "timeout_s", "elapsed_s",
-        "has_dependents", "run_state", "max_parallel",
+        "has_dependents", "run_state", "max_parallel", "executor", "workspace",
     )  # fmt: skip
-    return dict(zip(keys, row, strict=True))
+    att = dict(zip(keys, row, strict=True))
+    if isinstance(att["workspace"], str):  # jsonb comes back as text on a raw cursor
+        att["workspace"] = json.loads(att["workspace"])
+    return att
 
 
 def _require_live(att: dict, agent_id) -> None:
@@ -328,9 +324,12 @@ def record_progress(agent: dict, attempt_id, progress: float | None, message: st
     return {"lease_expires_at": lease.isoformat(), "cancel": att["elapsed_s"] > att["timeout_s"] + grace}
 
 
-def complete_attempt(agent: dict, attempt_id, outcome: str, result, error: str, exit_code) -> str:
+def complete_attempt(
+    agent: dict, attempt_id, outcome: str, result, error: str, exit_code, commit: dict | None = None
+) -> str:
     """The agent's final word on an attempt. The same completion again is accepted and changes nothing;
-    any other completion of a finished or foreign attempt is stale."""
+    any other completion of a finished or foreign attempt is stale. A success hands its output and commit
+    down the DAG (tasks_app.workspaces); the result task's commit becomes the run's result."""
     actor = f"agent:{agent['name']}"
     with transaction.atomic(), connection.cursor() as cur:
         att = _lock_attempt(cur, attempt_id)
@@ -344,11 +343,30 @@ def complete_attempt(agent: dict, attempt_id, outcome: str, result, error: str, 
             _require_live(att, agent["id"])
             events, changes = EventLog(actor), Changes(runs={att["run_id"]})
             ending = {"state": outcome, "result": json.dumps(result) if result is not None else None,
-                      "error": error or "", "exit_code": exit_code}  # fmt: skip
-            task_state = _end_attempt(cur, att, outcome, events, changes, q.ATTEMPT_COMPLETED, ending, agent["id"])
+                      "error": error or "", "exit_code": exit_code,
+                      "commit": json.dumps(commit) if commit is not None else None}  # fmt: skip
+            handed_down = _handed_down(att, result, commit) if outcome == AttemptState.SUCCEEDED else None
+            task_state = _end_attempt(
+                cur, att, outcome, events, changes, q.ATTEMPT_COMPLETED, ending, agent["id"], handed_down=handed_down
+            )
+            if handed_down and att["executor"] == workspaces.RESULT_EXECUTOR and att["workspace"]:
+                heads = handed_down["heads"]
+                sha = (commit or {}).get("sha") or (heads[0] if len(heads) == 1 else "")
+                cur.execute(q.SET_RUN_RESULT, {"run_id": att["run_id"], "branch": att["workspace"].get("branch", ""),
+                                               "sha": sha or att["workspace"].get("base_commit", "")})  # fmt: skip
             _commit(cur, events, changes)
     settle_run(att["run_id"], actor)
     return task_state
+
+
+def _handed_down(att: dict, result, commit: dict | None) -> dict:
+    """What a succeeded attempt leaves its task for the dependents: output, commit, head commits."""
+    merged = (att["workspace"] or {}).get("merge") or []
+    return {
+        "output": workspaces.output_of(result),
+        "commit": json.dumps(commit) if commit is not None else None,
+        "heads": workspaces.head_commits_after(commit, merged) if att["workspace"] else [],
+    }
 
 
 def _same_completion(att: dict, result, error, exit_code) -> bool:
@@ -368,6 +386,7 @@ def _end_attempt(
     ending: dict,
     agent_id=None,
     detail=None,
+    handed_down: dict | None = None,
 ) -> str:
     """End the attempt (`attempt_set`, one of the queries' ATTEMPT_* SET lists, with `ending` as its
     parameters) and apply that to its task, its dependents and its run. Returns the task's new state."""
@@ -380,7 +399,9 @@ def _end_attempt(
     elif attempt_state == AttemptState.CANCELED:
         target = TaskState.CANCELED
     else:
-        target = task_after_failed_attempt(att["attempts_used"] - att["attempt_base"], att["max_attempts"])
+        target = task_after_failed_attempt(
+            att["attempts_used"] - att["attempt_base"], att["max_attempts"], ending.get("error") or ""
+        )
     check_transition("task", task_from, target)
     # A lost attempt is its agent's failure, not the task's: offered again at once, without the retry delay
     # that paces a task that failed on its own (the agent's silence already cost the offline threshold).
@@ -392,12 +413,16 @@ def _end_attempt(
            SET state = %(state)s,
                progress = CASE WHEN %(state)s = 'succeeded' THEN 1 WHEN %(state)s = 'ready' THEN 0 ELSE progress END,
                ready_at = CASE WHEN %(state)s = 'ready' THEN now() + make_interval(secs => %(delay)s) ELSE ready_at END,
-               finished_at = CASE WHEN %(state)s = 'ready' THEN NULL ELSE now() END
+               finished_at = CASE WHEN %(state)s = 'ready' THEN NULL ELSE now() END,
+               output = CASE WHEN %(handed)s THEN %(output)s ELSE output END,
+               commit = CASE WHEN %(handed)s THEN %(commit)s::jsonb ELSE commit END,
+               head_commits = CASE WHEN %(handed)s THEN %(heads)s::varchar[] ELSE head_commits END
          WHERE id = %(task_id)s
         RETURNING executor, requires
         """,
         {**{f"a_{k}": v for k, v in ending.items()}, "attempt_id": att["id"], "state": target, "delay": delay,
-         "task_id": att["task_id"]},
+         "task_id": att["task_id"], "handed": handed_down is not None, "output": (handed_down or {}).get("output"),
+         "commit": (handed_down or {}).get("commit"), "heads": (handed_down or {}).get("heads") or []},
     )  # fmt: skip
     executor, requires = cur.fetchone()
     events.add("task", task_from, target, **ids, detail={"attempt": att["number"]})

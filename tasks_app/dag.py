@@ -8,6 +8,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .templating import TemplateError
+from .templating import check as check_template
+
 # Keys, labels and agent names; checked with fullmatch: `$` would also match before a final newline ("k\n").
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 EXECUTORS = ("shell", "claude", "codex", "simulated")
@@ -16,7 +19,13 @@ TASK_FIELDS = {
     "key", "title", "deps", "requires", "executor", "command", "prompt", "params", "estimate_s", "priority",
     "max_attempts", "timeout_s", "retry_delay_s",
 }  # fmt: skip
-DOC_FIELDS = {"name", "max_parallel", "defaults", "tasks", "priority", "description"}
+DOC_FIELDS = {"name", "max_parallel", "defaults", "tasks", "priority", "description", "workspace", "params"}
+WORKSPACE_FIELDS = {"repo", "base", "branch_prefix"}
+DEFAULT_BRANCH_PREFIX = "cp/"
+PARAM_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+# Git refs and URLs reach git's argv: no whitespace or control characters, never a leading "-" (an option).
+REF_RE = re.compile(r"(?!-)[^\s\x00-\x1f\x7f~^:?*\[\\]{1,255}")
+BRANCH_PREFIX_RE = re.compile(r"(?![-/])(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{0,64}")
 
 
 class DagError(Exception):
@@ -47,12 +56,23 @@ class TaskSpec:
 
 
 @dataclass
+class Workspace:
+    """The repository a run works on (PROTOCOL.md v1.1); `base` None means the repository's HEAD."""
+
+    repo: str
+    base: str | None
+    branch_prefix: str
+
+
+@dataclass
 class Dag:
     name: str
     max_parallel: int | None
     priority: int
     defaults: dict
     tasks: list[TaskSpec] = field(default_factory=list)  # in topological order
+    workspace: Workspace | None = None
+    params: dict = field(default_factory=dict)
 
     def by_key(self) -> dict[str, TaskSpec]:
         return {t.key: t for t in self.tasks}
@@ -124,10 +144,64 @@ def parse_document(doc) -> Dag:
             raise DagError(f"task {spec.key!r} lists a dependency twice", [spec.key], "deps")
 
     order = topological_order({k: s.deps for k, s in specs.items()})
-    dag = Dag(name=name, max_parallel=max_parallel, priority=priority, defaults=defaults)
+    params = parse_params(doc.get("params"))
+    for spec in specs.values():
+        for what in ("prompt", "command"):
+            try:
+                check_template(getattr(spec, what), spec.deps, params)
+            except TemplateError as exc:
+                raise DagError(f"task {spec.key!r}: {what}: {exc}", [spec.key], what) from None
+    dag = Dag(name=name, max_parallel=max_parallel, priority=priority, defaults=defaults, params=params)
+    dag.workspace = parse_workspace(doc.get("workspace"))
     dag.tasks = [specs[k] for k in order]
     _annotate(dag)
     return dag
+
+
+def parse_workspace(raw) -> Workspace | None:
+    """`workspace: {repo, base, branch_prefix}`, checked (the repository itself is reached at submit)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - WORKSPACE_FIELDS:
+        raise DagError(f"workspace must be an object of {', '.join(sorted(WORKSPACE_FIELDS))}", field="workspace")
+    repo = raw.get("repo")
+    if (
+        not isinstance(repo, str)
+        or not 1 <= len(repo) <= 2000
+        or repo.startswith("-")
+        or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in repo)
+    ):
+        raise DagError(
+            "workspace.repo must be a git URL of at most 2000 characters, without spaces, not starting with '-'",
+            field="workspace",
+        )
+    base = raw.get("base")
+    if base is not None and (not isinstance(base, str) or not REF_RE.fullmatch(base)):
+        raise DagError("workspace.base must be a branch, tag or commit", field="workspace")
+    prefix = raw.get("branch_prefix", DEFAULT_BRANCH_PREFIX)
+    if not isinstance(prefix, str) or not BRANCH_PREFIX_RE.fullmatch(prefix):
+        raise DagError(
+            "workspace.branch_prefix must be up to 64 of [A-Za-z0-9._/-], without '..', '//' or a leading '-'/'/'",
+            field="workspace",
+        )
+    return Workspace(repo=repo, base=base, branch_prefix=prefix)
+
+
+def parse_params(raw) -> dict:
+    """Run parameters: names to strings, numbers, booleans or null."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or len(raw) > 100:
+        raise DagError("params must be an object of at most 100 parameters", field="params")
+    for name, value in raw.items():
+        if not PARAM_NAME_RE.fullmatch(name):
+            raise DagError(f"parameter name {name!r} must be 1-64 of [A-Za-z0-9_.-], not starting with one of .-",
+                           field="params")  # fmt: skip
+        if not (value is None or isinstance(value, str | int | float | bool)):
+            raise DagError(f"parameter {name!r} must be a string, number, boolean or null", field="params")
+        if isinstance(value, str) and len(value) > 65536:
+            raise DagError(f"parameter {name!r} is longer than 65536 characters", field="params")
+    return dict(raw)
 
 
 def _parse_task(raw, defaults: dict) -> TaskSpec:

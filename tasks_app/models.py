@@ -19,6 +19,8 @@ def _choices(values):
 
 
 EXECUTORS = ("shell", "claude", "codex", "simulated")
+# Executors of tasks the server adds itself: `git` merges a workspace run's sinks into its result branch.
+SYSTEM_EXECUTORS = ("git",)
 
 
 class Workflow(models.Model):
@@ -77,6 +79,16 @@ class Run(models.Model):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(db_default=Now())
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The workspace (PROTOCOL.md v1.1), empty without one: the repository, the base as given and the commit it
+    # resolved to at submit (pinned for the whole run), the prefix of its branches, and its result.
+    repo = models.TextField(blank=True, default="")
+    base_ref = models.CharField(max_length=255, blank=True, default="")
+    base_commit = models.CharField(max_length=64, blank=True, default="")
+    branch_prefix = models.CharField(max_length=64, blank=True, default="")
+    result_branch = models.CharField(max_length=400, blank=True, default="")
+    result_commit = models.CharField(max_length=64, blank=True, default="")
+    # Run parameters, for `${params.NAME}` in prompts and commands.
+    params = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -97,7 +109,7 @@ class Task(models.Model):
     state = models.CharField(max_length=16, choices=_choices(TaskState.ALL), default=TaskState.BLOCKED)
     priority = models.IntegerField(default=0)
     requires = ArrayField(models.CharField(max_length=64), default=list, blank=True)
-    executor = models.CharField(max_length=16, choices=_choices(EXECUTORS))
+    executor = models.CharField(max_length=16, choices=_choices(EXECUTORS + SYSTEM_EXECUTORS))
     command = models.TextField(null=True, blank=True)
     prompt = models.TextField(null=True, blank=True)
     params = models.JSONField(default=dict, blank=True)
@@ -119,6 +131,12 @@ class Task(models.Model):
     created_at = models.DateTimeField(db_default=Now())
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # What its succeeded attempt handed down the DAG: its final text output (`${deps.KEY.output}`), its
+    # commit (null when it changed nothing) with the diffstat, and the commits its dependents merge for it:
+    # its own, or when it changed nothing, those it was given (empty: the base).
+    output = models.TextField(blank=True, default="")
+    commit = models.JSONField(null=True, blank=True)
+    head_commits = ArrayField(models.CharField(max_length=64), default=list, blank=True)
 
     class Meta:
         ordering = ["run", "depth", "key"]
@@ -180,6 +198,9 @@ class Attempt(models.Model):
     assigned_at = models.DateTimeField(db_default=Now())
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The assignment's workspace (repo, base_commit, merge, branch) and what the agent reported committing.
+    workspace = models.JSONField(null=True, blank=True)
+    commit = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["task", "number"]

@@ -37,7 +37,8 @@ SELECT a.capacity, set_config('enable_sort', 'off', true),
 # left would be invisible to a concurrent claimer, who then parks with nothing left to wake it (the task's
 # notification already spent on waking it) - a ready task beside an idle agent until its long poll ends.
 # `ready_at` is compared with the statement's clock, not the transaction's: a task released after this
-# transaction began (ready_at = its releaser's now()) is offerable to this statement.
+# transaction began (ready_at = its releaser's now()) is offerable to this statement. A workspace run's tasks
+# go only to agents with git (it is in their executors when their pre-flight found it).
 CANDIDATES = """
 SELECT t.id, t.run_id, r.max_parallel
   FROM tasks_app_task t JOIN tasks_app_run r ON r.id = t.run_id
@@ -48,6 +49,7 @@ SELECT t.id, t.run_id, r.max_parallel
    AND t.executor = ANY(%(executors)s::varchar[])
    AND NOT (t.run_id = ANY(%(full_runs)s::uuid[]))
    AND NOT (t.id = ANY(%(chosen)s::uuid[]))
+   AND (r.repo = '' OR %(has_git)s)
  ORDER BY t.priority DESC, t.critical_path_s DESC, t.ready_at ASC NULLS FIRST, t.created_at, t.id
  LIMIT %(limit)s
    FOR UPDATE OF t SKIP LOCKED
@@ -92,8 +94,28 @@ WITH upd AS (
       FROM upd JOIN ins ON ins.task_id = upd.id
 )
 SELECT ins.id, ins.lease_expires_at, upd.id, upd.run_id, upd.key, upd.title, upd.executor, upd.command,
-       upd.prompt, upd.params, upd.timeout_s, upd.attempts_used
-  FROM upd JOIN ins ON ins.task_id = upd.id, (SELECT pg_notify(%(channel)s, %(payload)s)) AS announce
+       upd.prompt, upd.params, upd.timeout_s, upd.attempts_used,
+       EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.task_id = upd.id), r.repo, r.base_commit,
+       r.branch_prefix, r.params
+  FROM upd JOIN ins ON ins.task_id = upd.id JOIN tasks_app_run r ON r.id = upd.run_id,
+       (SELECT pg_notify(%(channel)s, %(payload)s)) AS announce
+"""
+
+# What an assignment's dependencies hand down (PROTOCOL.md v1.1 `inputs` and `workspace.merge`): each one's
+# output, commit, head commits and succeeded attempt's result. Only for assigned tasks that have deps.
+INPUTS_OF = """
+SELECT d.task_id, u.key, u.depth, u.output, u.commit, u.head_commits, a.result
+  FROM tasks_app_taskdependency d
+  JOIN tasks_app_task u ON u.id = d.depends_on_id
+  LEFT JOIN tasks_app_attempt a ON a.task_id = u.id AND a.state = 'succeeded'
+ WHERE d.task_id = ANY(%(task_ids)s::uuid[])
+"""
+# The workspace each assignment was given, kept with its attempt (what a completion hands down without a
+# commit of its own).
+SET_ATTEMPT_WORKSPACES = """
+UPDATE tasks_app_attempt a SET workspace = w.workspace
+  FROM (SELECT unnest(%(ids)s::uuid[]) AS id, unnest(%(workspaces)s::jsonb[]) AS workspace) w
+ WHERE a.id = w.id
 """
 
 # A heartbeat, in one statement: the agent's reported status, the leases of the attempts it lists extended,
@@ -122,7 +144,7 @@ SELECT a.id, a.state, a.agent_id, a.task_id, a.run_id, a.number, a.result, a.err
        t.state, t.max_attempts, t.attempts_used, t.attempt_base, t.retry_delay_s, t.timeout_s,
        EXTRACT(EPOCH FROM (now() - COALESCE(a.started_at, a.assigned_at))),
        EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.depends_on_id = t.id),
-       r.state, r.max_parallel
+       r.state, r.max_parallel, t.executor, a.workspace
   FROM tasks_app_attempt a JOIN tasks_app_task t ON t.id = a.task_id JOIN tasks_app_run r ON r.id = a.run_id
  WHERE a.id = %(attempt_id)s
    FOR UPDATE OF a, t
@@ -132,11 +154,17 @@ SELECT a.id, a.state, a.agent_id, a.task_id, a.run_id, a.number, a.result, a.err
 # (actions._end_attempt), with parameters prefixed a_. The agent's completion...
 ATTEMPT_COMPLETED = """
 state = %(a_state)s, result = %(a_result)s::jsonb, error = %(a_error)s, exit_code = %(a_exit_code)s,
+commit = %(a_commit)s::jsonb,
 finished_at = now(), started_at = COALESCE(started_at, now()),
 progress = CASE WHEN %(a_state)s = 'succeeded' THEN 1 ELSE progress END
 """
 # ... and the server's (lost, canceled).
 ATTEMPT_ENDED = "state = %(a_state)s, error = %(a_error)s, finished_at = now()"
+
+# A workspace run's result task succeeded: its commit is the run's result (the merge of the DAG's sinks).
+SET_RUN_RESULT = """
+UPDATE tasks_app_run SET result_branch = %(branch)s, result_commit = %(sha)s WHERE id = %(run_id)s
+"""
 
 # Dependents of a task, locked in id order: two upstream tasks finishing at once then take turns, and the
 # second sees the first's success (READ COMMITTED re-reads after the wait), so no dependent stays blocked.

@@ -51,10 +51,27 @@ def run_status(run_id) -> dict:
                 "finished_at": t.finished_at.isoformat() if t.finished_at else None,
                 # An addition to PROTOCOL.md (README, "API"): why a ready task is not assigned yet, else null.
                 "waiting": why.get(t.id),
+                "commit": (t.commit or {}).get("sha"),
             }
             for t in tasks
         ],
         "counts": {state: counts.get(state, 0) for state in TaskState.ALL},
+        "params": run.params,
+        "workspace": workspace_of(run),
+    }
+
+
+def workspace_of(run) -> dict | None:
+    """PROTOCOL.md v1.1's run `workspace`, with the base as given (`base`, an addition); None without one."""
+    if not run.repo:
+        return None
+    return {
+        "repo": run.repo,
+        "base": run.base_ref,
+        "base_commit": run.base_commit,
+        "branch_prefix": run.branch_prefix,
+        "result_branch": run.result_branch or None,
+        "result_commit": run.result_commit or None,
     }
 
 

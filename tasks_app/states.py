@@ -115,8 +115,16 @@ def check_transition(kind: str, current: str, target: str) -> None:
         raise InvalidTransition(kind, current, target)
 
 
-def task_after_failed_attempt(attempts_used: int, max_attempts: int) -> str:
-    """A failed or lost attempt sends its task back to ready while attempts remain, else to failed."""
+# Failures another attempt cannot mend: the task fails at once, whatever attempts remain (an operator's retry
+# after fixing the cause still works). A merge conflict between dependencies stays a conflict on a retry.
+FINAL_ERRORS = ("merge_conflict",)
+
+
+def task_after_failed_attempt(attempts_used: int, max_attempts: int, error: str = "") -> str:
+    """A failed or lost attempt sends its task back to ready while attempts remain, else to failed; so does
+    an error no retry can mend (FINAL_ERRORS), at once."""
+    if error.split(":", 1)[0].strip() in FINAL_ERRORS:
+        return T.FAILED
     return T.READY if attempts_used < max_attempts else T.FAILED
 
 

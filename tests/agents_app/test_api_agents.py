@@ -286,7 +286,8 @@ def test_claim_answers_at_once_with_an_assignment_for_a_ready_task(server, enrol
     assert datetime.fromisoformat(a["lease_expires_at"]) > timezone.now()
     task = a["task"]
     assert set(task) == {"id", "run_id", "key", "title", "executor", "command", "prompt", "params", "timeout_s",
-                         "attempt"}  # fmt: skip
+                         "attempt", "inputs"}  # fmt: skip
+    assert task["inputs"] == {} and "workspace" not in task  # v1.1: no dependencies, no workspace
     assert task["run_id"] == str(run.id)
     assert (task["key"], task["title"], task["executor"], task["command"], task["prompt"]) == (
         "build", "Build it", "shell", "make", None,

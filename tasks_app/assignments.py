@@ -1,0 +1,71 @@
+"""An assignment as PROTOCOL.md's claim answer shows it: the task, its `workspace` (repository, pinned base,
+the commits to merge, its branch) and its `inputs` (what each dependency handed down), with `prompt` and
+`command` rendered (tasks_app.templating).
+
+Called by the claim inside its transaction, with its cursor, after ASSIGN: tasks without dependencies,
+workspace or templates (the common case of a busy fleet) cost no query here.
+"""
+
+from __future__ import annotations
+
+import json
+
+from . import queries as q
+from . import templating, workspaces
+
+
+def _json(value):
+    return value if isinstance(value, dict | list) or value is None else json.loads(value)
+
+
+def build(cur, rows) -> list[dict]:
+    """The assignments for ASSIGN's rows."""
+    with_deps = [r[2] for r in rows if r[12]]
+    inputs_of: dict = {}
+    if with_deps:
+        cur.execute(q.INPUTS_OF, {"task_ids": with_deps})
+        for task_id, key, depth, output, commit, head_commits, result in cur.fetchall():
+            inputs_of.setdefault(task_id, []).append(
+                {"key": key, "depth": depth, "output": output, "commit": _json(commit),
+                 "head_commits": head_commits, "result": _json(result)}
+            )  # fmt: skip
+    out, given = [], []
+    for row in rows:
+        (attempt_id, lease, task_id, run_id, key, title, executor, command, prompt, params, timeout_s, number,
+         _has_deps, repo, base_commit, branch_prefix, run_params) = row  # fmt: skip
+        deps = inputs_of.get(task_id, [])
+        inputs = {
+            d["key"]: {"output": d["output"], "commit": (d["commit"] or {}).get("sha"), "result": d["result"]}
+            for d in deps
+        }
+        run_params = _json(run_params) or {}
+        task = {
+            "id": str(task_id),
+            "run_id": str(run_id),
+            "key": key,
+            "title": title,
+            "executor": executor,
+            "command": templating.render(command, params=run_params, inputs=inputs, run_id=str(run_id)),
+            "prompt": templating.render(prompt, params=run_params, inputs=inputs, run_id=str(run_id)),
+            "params": _json(params) or {},
+            "timeout_s": timeout_s,
+            "attempt": number,
+        }
+        task["inputs"] = inputs
+        if repo:
+            branch = (
+                workspaces.result_branch(branch_prefix, run_id)
+                if executor == workspaces.RESULT_EXECUTOR
+                else workspaces.branch_of(branch_prefix, run_id, key)
+            )
+            task["workspace"] = {
+                "repo": repo,
+                "base_commit": base_commit,
+                "merge": workspaces.merge_list(deps),
+                "branch": branch,
+            }
+            given.append((str(attempt_id), json.dumps(task["workspace"])))
+        out.append({"attempt_id": str(attempt_id), "lease_expires_at": lease.isoformat(), "task": task})
+    if given:
+        cur.execute(q.SET_ATTEMPT_WORKSPACES, {"ids": [g[0] for g in given], "workspaces": [g[1] for g in given]})
+    return out
