@@ -207,7 +207,8 @@ SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 def _commit_report(value: dict | None) -> dict | None:
     """PROTOCOL.md v1.1 complete's `commit`: {sha (null when the task changed nothing), branch, files_changed,
-    insertions, deletions}, and as an addition `files`: [{path, insertions, deletions}] (README, "API")."""
+    insertions, deletions}, and as additions `files`: [{path, insertions, deletions}] and `diff_artifact`
+    (README, "API")."""
     if value is None:
         return None
     c = Fields(value)
@@ -221,6 +222,13 @@ def _commit_report(value: dict | None) -> dict | None:
         "insertions": c.int("insertions", 0, 10**12, default=0),
         "deletions": c.int("deletions", 0, 10**12, default=0),
     }
+    # An addition (README, "API"): the artifact this attempt uploaded holding the whole patch.
+    diff_artifact = c.str("diff_artifact", 64)
+    if diff_artifact is not None:
+        try:
+            report["diff_artifact"] = str(uuid.UUID(diff_artifact))
+        except ValueError:
+            raise ApiError(400, "bad_request", "'commit.diff_artifact' must be an artifact id") from None
     files = value.get("files")
     if files is not None:
         if not isinstance(files, list) or len(files) > 10_000:

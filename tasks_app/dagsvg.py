@@ -226,6 +226,13 @@ def _node(n: dict, x: int, y: int, s: Style, compact: bool) -> str:
     out.append(f"{_esc(_trunc(key, s.key_chars))}</text>")
     if not compact:
         out.append(f'<text class="st" x="{x + pad}" y="{y + 32}" font-size="10">{st}</text>')
+        commit = n.get("commit") or {}
+        if commit.get("sha"):  # what the task changed in a workspace run
+            plus, minus = int(commit.get("insertions") or 0), int(commit.get("deletions") or 0)
+            out.append(
+                f'<text class="diffstat" x="{x + s.node_w - pad}" y="{y + 32}" font-size="10" text-anchor="end">'
+                f'<tspan class="add">+{plus}</tspan> <tspan class="del">−{minus}</tspan></text>'
+            )
     out.append("</g>")
     return "".join(out)
 

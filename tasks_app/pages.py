@@ -44,10 +44,12 @@ PAGES: dict[str, list[Panel]] = {
         Panel("panel-active", "dashboard/panels/active.html", needs=("active",)),
         Panel("panel-recent", "dashboard/panels/recent.html", needs=("recent",)),
         Panel("panel-queue", "dashboard/panels/queue.html", needs=("queue",)),
+        Panel("panel-code", "dashboard/panels/code.html", needs=("code",)),
         Panel("panel-gantt", "dashboard/panels/gantt.html", needs=("gantt_svg",), min_interval_s=2.0),
     ],
     "task": [
         Panel("panel-task-head", "dashboard/panels/task_head.html"),
+        Panel("panel-commit", "dashboard/panels/commit.html"),
         Panel("panel-attempts", "dashboard/panels/attempts.html"),
         Panel("panel-log", "dashboard/panels/log.html"),
         Panel("panel-artifacts", "dashboard/panels/artifacts.html"),
@@ -116,6 +118,8 @@ def _run_context(run_id: str, full: bool, wanted: set[str] | None = None) -> dic
         context["recent"] = panels.recently_completed(run_id, limit=10)
     if want("queue"):
         context["queue"] = panels.queue(run_id, limit=15)
+    if want("code"):
+        context["code"] = panels.run_code(run_id)
     if want("gantt_svg"):
         context["gantt_svg"] = render_gantt_svg(panels.timeline(run_id))
     if want("metrics"):
@@ -155,6 +159,7 @@ def _task_context(task_id: str) -> dict:
     latest = attempts[0] if attempts else None
     return {
         "task": task,
+        "change": panels.task_commit(task, attempts),
         "waiting": waiting.reasons_of([task]).get(task.id),
         "attempts": attempts,
         "latest": latest,

@@ -207,7 +207,7 @@ def run_graph(run_id) -> tuple[list[dict], list[tuple]]:
     tasks = list(
         Task.objects.filter(run_id=run_id)
         .order_by("depth", "key")
-        .values("id", "key", "title", "state", "depth", "progress", "estimate_s", "critical_path_s")
+        .values("id", "key", "title", "state", "depth", "progress", "estimate_s", "critical_path_s", "commit")
     )
     edges = list(TaskDependency.objects.filter(task__run_id=run_id).values_list("depends_on_id", "task_id"))
     return tasks, edges
@@ -221,3 +221,79 @@ def task_states(run_id) -> list[dict]:
 def timeline(run_id) -> list[dict]:
     """Every attempt of the run with its agent, times and the task's estimate (the Gantt chart)."""
     return _attempt_rows(Attempt.objects.filter(run_id=run_id).order_by("agent__name", "assigned_at"))
+
+
+# --- The code a workspace run wrote (issue 9) -------------------------------------------------------------
+
+
+def run_code(run_id) -> dict | None:
+    """A workspace run's repository, base, result and parameters, each task's commit with its diffstat, and
+    the overlaps: files changed by tasks that ran in parallel (neither upstream of the other), which git may
+    have merged cleanly or not at all. None for a run without a workspace. Three queries."""
+    run = Run.objects.filter(pk=run_id).values("repo", "base_ref", "base_commit", "result_branch",
+                                               "result_commit", "params").first()  # fmt: skip
+    if run is None or not run["repo"]:
+        return None
+    tasks = list(
+        Task.objects.filter(run_id=run_id, commit__isnull=False).order_by("depth", "key").values("id", "key", "commit")
+    )
+    changed: dict = defaultdict(list)
+    for t in tasks:
+        for f in t["commit"].get("files") or ():
+            changed[f.get("path")].append(t)
+    shared = {path: ts for path, ts in changed.items() if len(ts) > 1}
+    overlaps = []
+    if shared:
+        upstream: dict = defaultdict(set)
+        for up, down in TaskDependency.objects.filter(task__run_id=run_id).values_list("depends_on_id", "task_id"):
+            upstream[down].add(up)
+        ancestors = _ancestors(upstream)
+        for path in sorted(shared):
+            ts = shared[path]
+            parallel = sorted(
+                {a["key"] for a in ts for b in ts if a is not b and a["id"] not in ancestors(b["id"])
+                 and b["id"] not in ancestors(a["id"])}
+            )  # fmt: skip
+            if parallel:
+                overlaps.append({"path": path, "tasks": parallel})
+    return {**run, "tasks": tasks, "overlaps": overlaps}
+
+
+def _ancestors(upstream: dict):
+    memo: dict = {}
+
+    def of(task_id) -> set:
+        if task_id not in memo:
+            found: set = set()
+            stack = list(upstream.get(task_id, ()))
+            while stack:
+                node = stack.pop()
+                if node not in found:
+                    found.add(node)
+                    stack.extend(upstream.get(node, ()))
+            memo[task_id] = found
+        return memo[task_id]
+
+    return of
+
+
+def task_commit(task, attempts) -> dict | None:
+    """The commit of a task (its succeeded attempt's, else its latest attempt's) with the diff parsed from the
+    patch the agent uploaded: {commit, branch, files, cut, patch_id}. None when no attempt reported one."""
+    from . import diffs
+    from .models import Artifact
+
+    attempt = next((a for a in attempts if a.state == AttemptState.SUCCEEDED), None) or next(
+        (a for a in attempts if a.commit), None
+    )
+    if attempt is None or not attempt.commit:
+        return None
+    commit = attempt.commit
+    files, cut, patch_id = [], False, None
+    artifact_id = commit.get("diff_artifact")
+    if artifact_id:
+        patch = Artifact.objects.filter(pk=artifact_id, attempt=attempt).values("id", "content").first()
+        if patch is not None:
+            patch_id = patch["id"]
+            files, cut = diffs.parse(bytes(patch["content"][: 2 * 1024 * 1024]).decode("utf-8", "replace"))
+    return {"commit": commit, "files": files, "cut": cut, "patch_id": patch_id, "attempt": attempt}
