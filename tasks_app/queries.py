@@ -290,7 +290,7 @@ SELECT executor, requires, EXTRACT(EPOCH FROM (ready_at - now())) FROM tasks_app
 # --- Reading the limits back (tasks_app.waiting): why a ready task waits, and what nothing holds back. ---
 # None of these lock: they describe, the claim decides.
 RUN_LIMITS = """
-SELECT r.id, r.state, r.max_parallel,
+SELECT r.id, r.state, r.max_parallel, r.repo <> '',
        (SELECT count(*) FROM tasks_app_attempt x WHERE x.run_id = r.id AND x.state IN ('assigned', 'running'))
   FROM tasks_app_run r WHERE r.id = ANY(%(run_ids)s::uuid[])
 """

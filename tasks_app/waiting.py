@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from . import queries as q
 from .states import RunState, TaskState
+from .workspaces import RESULT_EXECUTOR as GIT  # in an agent's executors when its pre-flight found git
 
 # The reasons, most binding first: a task held by its run's pause is not "waiting for a gpu agent" as well.
 PAUSED = "run is paused"
@@ -63,9 +64,13 @@ def _reason(task: dict, run: dict | None, agents: list[dict], global_live: int, 
             return f"no online agent has label{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
         return f"no online agent has every label of {', '.join(sorted(requires))}"
     matching = [a for a in labelled if executor in a["executors"]]
+    which = f" with label{'s' if len(requires) > 1 else ''} {', '.join(sorted(requires))}" if requires else ""
     if not matching:
-        which = f" with label{'s' if len(requires) > 1 else ''} {', '.join(sorted(requires))}" if requires else ""
         return f"no online agent{which} runs executor {executor}"
+    if run is not None and run["workspace"]:
+        matching = [a for a in matching if GIT in a["executors"]]
+        if not matching:
+            return f"no online agent{which} running {executor} has git (a workspace run's tasks need it)"
     free = sum(max(0, a["capacity"] - a["live"]) for a in matching if a["takes_work"])
     if not any(a["takes_work"] for a in matching):
         return "every matching agent is draining"
@@ -79,7 +84,10 @@ def _reason(task: dict, run: dict | None, agents: list[dict], global_live: int, 
 def _run_limits(run_ids) -> dict:
     with connection.cursor() as cur:
         cur.execute(q.RUN_LIMITS, {"run_ids": list(run_ids)})
-        return {rid: {"state": st, "max_parallel": mp, "live": live} for rid, st, mp, live in cur.fetchall()}
+        return {
+            rid: {"state": st, "max_parallel": mp, "workspace": ws, "live": live}
+            for rid, st, mp, ws, live in cur.fetchall()
+        }
 
 
 def _agents() -> list[dict]:

@@ -105,3 +105,9 @@ def test_the_run_api_the_status_command_and_the_pages_say_why(submit, make_agent
     assert "(no online agent has label gpu)" in capsys.readouterr().out
     for url in (f"/runs/{run.id}/", f"/tasks/{task.id}/", "/"):
         assert "no online agent has label gpu" in viewer.get(url).content.decode(), url
+
+
+def test_a_workspace_task_needs_an_agent_with_git(submit, make_agent):
+    make_agent("plain", labels=[], executors=["simulated"])
+    run = submit(doc({"key": "a"}, workspace={"repo": "file:///r.git", "base": "c" * 40}))
+    assert why(run, "a") == "no online agent running simulated has git (a workspace run's tasks need it)"
