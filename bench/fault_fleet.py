@@ -312,7 +312,20 @@ class Scenario:
             if value:
                 return value
             time.sleep(interval)
-        raise TimeoutError(f"{self.name}: timed out after {timeout:g} s waiting for {what}")
+        raise TimeoutError(f"{self.name}: timed out after {timeout:g} s waiting for {what}; {self.situation()}")
+
+    def situation(self) -> str:
+        """Where the run stands, for a timeout's message."""
+        try:
+            tasks = self.reader.rows(
+                "SELECT state, count(*) FROM tasks_app_task WHERE run_id = %s GROUP BY 1", [self.run_id or None]
+            )
+            agents = self.reader.rows(
+                "SELECT status, count(*) FROM agents_app_agent WHERE retired_at IS NULL GROUP BY 1"
+            )
+        except Exception as exc:  # the database may be what is wrong
+            return f"the database does not answer: {exc}"
+        return f"tasks {dict(tasks)}, agents {dict(agents)}, agent processes alive {sum(a.alive for a in self.agents)}"
 
     def succeeded(self) -> int:
         return self.reader.one(

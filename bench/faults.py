@@ -92,8 +92,8 @@ def short_mode() -> Mode:
     from tests.conftest import FAST_TIMINGS  # the tests' clocks: heartbeat 1 s, offline after 3 s, sweep 0.5 s
 
     return Mode(
-        name="short", timings=dict(FAST_TIMINGS), tasks=80, agents=5, kills=4, prompt_restart_s=0.5,
-        late_restart_s=5.0, other_tasks=60, other_agents=4, durations=(0.2, 0.8), fault_points=(0.4,),
+        name="short", timings=dict(FAST_TIMINGS), tasks=120, agents=5, kills=4, prompt_restart_s=0.5,
+        late_restart_s=5.0, other_tasks=60, other_agents=4, durations=(0.3, 1.0), fault_points=(0.4,),
         server_down_s=1.0, pg_down_s=1.0, timeout_s=90.0,
     )  # fmt: skip
 
@@ -154,12 +154,17 @@ class Suite:
 # --------------------------------------------------------------------------------------------- scenarios
 
 
-def _pick_victim(sc: Scenario, rng: random.Random, timeout: float = 20.0):
-    """An agent process alive and busy, every live attempt of it assigned in its current life, its shell
-    started at least 0.1 s ago and 0.3 s from its end: a kill mid-task, not one racing its completion (an
-    execution that ended before its daemon could report it is run again by any design)."""
+def _pick_victim(sc: Scenario, rng: random.Random, hit: set[str], timeout: float = 20.0):
+    """An agent process alive and busy, every live attempt of it assigned in its current life, of a task no
+    earlier kill hit, its shell started at least 0.1 s ago and 0.3 s from its end: a kill mid-task, not one
+    racing its completion (an execution that ended before its daemon could report it is run again by any
+    design). A task is hit once at most: a lost attempt counts as one of its 3, and a re-offered task
+    often goes to the victim just restarted, so random kills would otherwise fail tasks for good now and
+    then, which is not what this scenario is about."""
 
     def candidates():
+        if sc.run_state() != "running":
+            return ["the run ended"]
         now, live, runs = time.time(), sc.live_attempts(), read_marks(sc.marks)
         out = []
         for agent in sc.agents:
@@ -169,28 +174,31 @@ def _pick_victim(sc: Scenario, rng: random.Random, timeout: float = 20.0):
             ok = True
             for attempt_id, key, _state, _assigned in held:
                 e = runs.get(attempt_id)
+                ok = ok and key not in hit
                 if not e or e.ended or now - e.started < 0.1 or e.started + sc.durations[key] - now < 0.3:
                     ok = False
             if ok:
                 out.append((agent, held))
         return out
 
-    return rng.choice(sc.wait(candidates, timeout, "a busy agent to kill", interval=0.05))
+    found = sc.wait(candidates, timeout, "a busy agent to kill", interval=0.05)
+    return (None, []) if found == ["the run ended"] else rng.choice(found)
 
 
 def agents_killed(suite: Suite) -> dict:
     """Scenario 1: agents SIGKILLed at random through the run, restarted with their saved identity."""
     mode = suite.mode
     sc = suite.start("agents-killed", mode.tasks, mode.agents)
-    rng = random.Random(suite.seed)
+    rng, hit = random.Random(suite.seed), set()
     deadline = time.monotonic() + mode.timeout_s
     try:
         for i in range(mode.kills):
-            sc.wait_progress(int(mode.tasks * (0.05 + 0.8 * i / max(1, mode.kills - 1))), deadline - time.monotonic())
-            if sc.run_state() != "running":
+            sc.wait_progress(int(mode.tasks * (0.05 + 0.7 * i / max(1, mode.kills - 1))), deadline - time.monotonic())
+            victim, held = _pick_victim(sc, rng, hit) if sc.run_state() == "running" else (None, [])
+            if victim is None:
                 sc.notes.append(f"the run ended before kill {i + 1}")
                 break
-            victim, held = _pick_victim(sc, rng)
+            hit.update(key for _, key, *_ in held)
             path = "offline" if i % 2 else "restarted"
             delay = mode.late_restart_s if path == "offline" else mode.prompt_restart_s
             killed_at = sc.pg_now()
@@ -423,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"fault suite, {mode.name} mode; load average {started['load_average']} on {started['cpus']} cores")
     suite = Suite(mode)
     say(f"  files under {suite.folder}; daemon takes several servers: {suite.several_servers}")
-    results, failed = [], []
+    results, failed, finished = [], [], False
     try:
         for name in args.only or list(SCENARIOS):
             began = time.monotonic()
@@ -433,8 +441,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(fig)
             print_figures(fig)
             failed += [f"{name}: {m}" for m in misses(fig, mode)]
+        finished = True
     finally:
-        if args.keep or failed:
+        if args.keep or failed or not finished:
             say(f"  scenario files kept in {suite.folder}, the stopped cluster in {suite.pg.root}")
             suite.pg.stop()
         else:
