@@ -2,6 +2,7 @@
 
 import os
 import secrets
+import sys
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -129,15 +130,24 @@ else:
 
 # Connections come from psycopg's pool and go back after every unit of work: async API views run their
 # database work on arbitrary executor threads and must not pin a connection while a long poll waits.
+# Not in the django-q2 cluster, whose processes fork from one another: a pool cannot cross a fork (its
+# sockets would be shared, its threads gone; control_plane/q_workers.py). There each process has plain
+# connections of its own, and CONN_MAX_AGE 0 makes each job, poll, result save and scheduler pass start on
+# a new one, so none outlives a PostgreSQL restart.
+RUNS_Q_CLUSTER = sys.argv[1:2] == ["qcluster"]
+# psycopg_pool's own defaults (10 minutes, an hour), settable so that a test crosses them in seconds. The
+# lifetime also bounds the q cluster's pusher's one connection.
+CP_DB_POOL_MAX_IDLE_S = env_float("CP_DB_POOL_MAX_IDLE_S", 600.0)
+CP_DB_POOL_MAX_LIFETIME_S = env_float("CP_DB_POOL_MAX_LIFETIME_S", 3600.0)
 _db.setdefault("OPTIONS", {})
-_db["OPTIONS"]["pool"] = {
-    "min_size": env_int("CP_DB_POOL_MIN", 2),
-    "max_size": env_int("CP_DB_POOL_MAX", 20),
-    "timeout": env_int("CP_DB_POOL_TIMEOUT", 10),
-    # psycopg_pool's own defaults (10 minutes, an hour), settable so that a test crosses them in seconds.
-    "max_idle": env_float("CP_DB_POOL_MAX_IDLE_S", 600.0),
-    "max_lifetime": env_float("CP_DB_POOL_MAX_LIFETIME_S", 3600.0),
-}
+if not RUNS_Q_CLUSTER:
+    _db["OPTIONS"]["pool"] = {
+        "min_size": env_int("CP_DB_POOL_MIN", 2),
+        "max_size": env_int("CP_DB_POOL_MAX", 20),
+        "timeout": env_int("CP_DB_POOL_TIMEOUT", 10),
+        "max_idle": CP_DB_POOL_MAX_IDLE_S,
+        "max_lifetime": CP_DB_POOL_MAX_LIFETIME_S,
+    }
 _db["CONN_MAX_AGE"] = 0
 _db["TEST"] = {"NAME": env_str("CP_TEST_DB_NAME", "") or None}
 DATABASES = {"default": _db}
@@ -174,6 +184,8 @@ CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}
 Q_CLUSTER = {
     "name": "control_plane",
     "orm": "default",
+    # The ORM broker, polling on through a database outage (control_plane/q_workers.py).
+    "broker_class": "control_plane.q_workers.OutageTolerantBroker",
     "workers": env_int("CP_Q_WORKERS", 2),
     "timeout": 300,
     "retry": 360,
