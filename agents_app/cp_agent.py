@@ -12,9 +12,15 @@ dependencies are not installed, so the daemon must work as one file copied anywh
 ``python3``, without pip or a virtualenv. tests/agents_app/test_cp_agent_unit.py asserts this.
 
     python3 cp_agent.py --server https://cp.example.com --name cg-1 --labels linux,cg   # CP_ENROLLMENT_TOKEN set
-    python3 cp_agent.py --check --server https://cp.example.com
+    python3 cp_agent.py --check --server https://cp-1.example.com,https://cp-2.example.com
 
-Over https it verifies the server's certificate against the system's CAs or --ca-file; plain http is
+--server (or CP_SERVER) takes one URL or several, comma-separated: server processes behind one database,
+which know the same agents and tokens. The daemon uses one until it is unreachable (connection refused or
+reset, a timeout, HTTP 502/503/504), then moves to the next with the same jittered backoff, cutting short a
+long poll parked on the failed one, and stays on one that works. Its identity in the state file serves any
+list that shares a URL with the one it was saved with.
+
+Over https it verifies each server's certificate against the system's CAs or --ca-file; plain http is
 refused to any host but loopback unless --insecure, because every call carries a bearer token. At start
 and when the server asks, it checks its executors (the pre-flight) and is offered tasks only for those that
 passed. A revoked or replaced identity stops it; --re-enroll registers again and rotates its token.
@@ -51,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-VERSION = "1.1.0"
+VERSION = "1.2.0"
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 KNOWN_EXECUTORS = ("shell", "simulated", "claude", "codex")
 DEFAULT_TIMINGS = {"heartbeat_interval_s": 10.0, "lease_s": 60.0, "max_wait_s": 30.0}
@@ -88,6 +94,15 @@ class FatalError(Exception):
 
 class TransientError(Exception):
     """A failure worth retrying: network trouble, a timeout, HTTP 5xx or 429."""
+
+
+class ServerUnreachable(TransientError):
+    """The server at `index` of the list did not answer (refused, reset, timed out) or cannot serve (502, 503,
+    504): the next server of the list may."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
 
 
 class ApiError(Exception):
@@ -140,6 +155,13 @@ def validate_server_url(url: str, insecure: bool) -> str:
     return url.rstrip("/")
 
 
+def parse_server_list(text: str, insecure: bool) -> list[str]:
+    """The comma-separated server URLs of --server / CP_SERVER, each checked by validate_server_url, in order
+    and without repeats."""
+    urls = [validate_server_url(url.strip(), insecure) for url in text.split(",") if url.strip()]
+    return list(dict.fromkeys(urls))
+
+
 def default_agent_name() -> str:
     host = safe_name(socket.gethostname().split(".")[0]) or "agent"
     suffix = f"-{os.getpid()}"
@@ -151,7 +173,7 @@ def default_agent_name() -> str:
 
 @dataclass
 class Config:
-    server: str
+    servers: list[str]  # server processes behind one database, tried in this order
     enrollment_token: str
     name: str
     labels: list[str]
@@ -190,10 +212,9 @@ class Config:
             raise ConfigError("--capacity must be 1-64")
         if args.time_scale < 0 or (args.wait_s is not None and args.wait_s < 0):
             raise ConfigError("--time-scale and --wait-s must not be negative")
-        server = args.server
-        if server:
-            server = validate_server_url(server, args.insecure)
-        elif not args.check:
+        values = vars(args)
+        servers = parse_server_list(values.pop("server"), args.insecure)
+        if not servers and not args.check:
             raise ConfigError("--server (or CP_SERVER) is required")
         if args.ca_file:
             tls_context(args.ca_file)  # an unreadable or malformed bundle is a bad option, said now
@@ -201,8 +222,8 @@ class Config:
         state_file = Path(args.state_file) if args.state_file else work_dir / f"{name}.state.json"
         return cls(
             **{
-                **vars(args),
-                "server": server,
+                **values,
+                "servers": servers,
                 "name": name,
                 "labels": labels,
                 "executors": executors,
@@ -216,7 +237,12 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cp_agent.py", description="Agent daemon of the control plane (stdlib-only Python 3.10+)."
     )
-    p.add_argument("--server", default=environ.get("CP_SERVER", ""), help="control plane URL [CP_SERVER]")
+    p.add_argument(
+        "--server",
+        default=environ.get("CP_SERVER", ""),
+        help="control plane URL, or several comma-separated (server processes behind one database, used in "
+        "turn when one is unreachable) [CP_SERVER]",
+    )
     p.add_argument(
         "--enrollment-token",
         default=environ.get("CP_ENROLLMENT_TOKEN", ""),
@@ -287,19 +313,33 @@ def _json_object(raw: bytes) -> dict:
 
 class ApiClient:
     """The agent's HTTP: JSON over one connection per request (a long poll holds its connection anyway),
-    retries with backoff, and a way to cut a held long poll short."""
+    retries with backoff, and a way to cut a held long poll short.
 
-    def __init__(self, server: str, ca_file: str | None = None):
-        parts = urllib.parse.urlsplit(server)
-        self.server = server
-        self._https = parts.scheme == "https"
-        self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path.rstrip("/")
-        self._ssl = tls_context(ca_file) if self._https else None
-        self._abortable: set[http.client.HTTPConnection] = set()
-        self._abort_lock = threading.Lock()
+    It knows a list of server processes behind one database (same agents, same tokens) and uses one at a
+    time: when it is unreachable (connection refused or reset, a timeout, 502/503/504 from a proxy in front
+    of it) the client moves to the next of the list, for every thread at once, and stays there while it
+    works."""
+
+    def __init__(self, servers: str | list[str], ca_file: str | None = None):
+        self.servers = [servers] if isinstance(servers, str) else list(servers)
+        self._ends = []  # (https, host, port, path prefix) of each server
+        for url in self.servers:
+            parts = urllib.parse.urlsplit(url)
+            self._ends.append((parts.scheme == "https", parts.hostname, parts.port, parts.path.rstrip("/")))
+        self._ssl = tls_context(ca_file) if any(end[0] for end in self._ends) else None
+        self._current = 0  # index of the server in use
+        self._abortable: dict[http.client.HTTPConnection, int] = {}  # held long polls -> their server's index
+        self._aborted: set[http.client.HTTPConnection] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def server(self) -> str:
+        """The URL in use."""
+        return self.servers[self._current]
 
     def _exchange(
         self,
+        index: int,
         method: str,
         path: str,
         body: bytes | None,
@@ -307,52 +347,77 @@ class ApiClient:
         timeout: float,
         abort_on: threading.Event | None = None,
     ) -> tuple[int, bytes]:
-        if self._https:
+        """One request to server `index`; ServerUnreachable when it does not answer."""
+        https, host, port, prefix = self._ends[index]
+        server = self.servers[index]
+        if https:
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self._host, self._port, timeout=timeout, context=self._ssl
+                host, port, timeout=timeout, context=self._ssl
             )
         else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
         try:
             conn.connect()
             if abort_on is not None:
-                with self._abort_lock:
-                    self._abortable.add(conn)
+                with self._lock:
+                    self._abortable[conn] = index
                 # Checked after registering: either abort_pending() sees this socket or we see the flag.
                 if abort_on.is_set():
                     raise TransientError(f"{method} {path}: aborted")
-            conn.request(method, self._prefix + path, body=body, headers=headers)
+            conn.request(method, prefix + path, body=body, headers=headers)
             response = conn.getresponse()
             return response.status, response.read()
         except ssl.SSLCertVerificationError as exc:
             raise FatalError(
-                f"TLS verification of {self.server} failed: {exc.verify_message or exc}; the agent trusts the "
+                f"TLS verification of {server} failed: {exc.verify_message or exc}; the agent trusts the "
                 "system's CAs, or only those of --ca-file"
             ) from exc
         except ssl.SSLError as exc:
             if exc.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
                 # Retrying cannot help: the port does not speak TLS (a plain-HTTP server behind https://).
-                raise FatalError(f"{self.server} does not speak TLS ({exc.reason}); is it an http:// server?") from exc
-            raise TransientError(f"{method} {path}: TLS error {exc}") from exc
+                raise FatalError(f"{server} does not speak TLS ({exc.reason}); is it an http:// server?") from exc
+            raise self._failure(conn, index, f"{method} {path}: TLS error {exc}") from exc
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise TransientError(f"{method} {path}: {exc or type(exc).__name__}") from exc
+            raise self._failure(conn, index, f"{method} {path}: {exc or type(exc).__name__}") from exc
         finally:
-            with self._abort_lock:
-                self._abortable.discard(conn)
+            with self._lock:
+                self._abortable.pop(conn, None)
+                self._aborted.discard(conn)
             conn.close()
 
-    def abort_pending(self) -> None:
-        """Cut held long polls short: shutting the socket down makes the blocked read return now instead of
-        after up to max_wait_s. An assignment the server sent in that instant is lost until its lease
-        expires; that rare retry is the price of stopping promptly."""
-        with self._abort_lock:
-            for conn in list(self._abortable):
-                if conn.sock is not None:
+    def _failure(self, conn: http.client.HTTPConnection, index: int, message: str) -> TransientError:
+        with self._lock:
+            if conn in self._aborted:  # we cut it short ourselves: says nothing about the server
+                return TransientError(f"{message} (aborted)")
+        return ServerUnreachable(f"{self.servers[index]}: {message}", index)
+
+    def abort_pending(self, index: int | None = None) -> None:
+        """Cut held long polls short (only those on server `index` if given): shutting the socket down makes
+        the blocked read return now instead of after up to max_wait_s. An assignment the server sent in
+        that instant is lost until its lease expires; that rare retry is the price of stopping promptly."""
+        with self._lock:
+            for conn, on in list(self._abortable.items()):
+                if conn.sock is not None and index in (None, on):
+                    self._aborted.add(conn)
                     with contextlib.suppress(OSError):
                         socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)  # below TLS, on the raw fd
 
-    def health(self, timeout: float = 10.0) -> tuple[int, dict]:
-        status, raw = self._exchange("GET", "/api/v1/health", None, {"Accept": "application/json"}, timeout)
+    def _fail_over(self, index: int, why: Exception) -> None:
+        """Move on from server `index` to the next of the list, unless another thread did already. A long
+        poll parked on the failed server is cut short, to be retried on the next one now rather than when
+        its own socket gives up."""
+        if len(self.servers) == 1:
+            return
+        with self._lock:
+            if self._current != index:
+                return
+            self._current = (index + 1) % len(self.servers)
+            log.warning("%s; switching to %s", why, self.servers[self._current])
+        self.abort_pending(index)
+
+    def health(self, index: int = 0, timeout: float = 10.0) -> tuple[int, dict]:
+        """GET /api/v1/health of server `index` (no failover: --check reports each server)."""
+        status, raw = self._exchange(index, "GET", "/api/v1/health", None, {"Accept": "application/json"}, timeout)
         return status, _json_object(raw)
 
     def request(
@@ -366,7 +431,8 @@ class ApiClient:
         timeout: float = REQUEST_TIMEOUT_S,
         abort_on: threading.Event | None = None,
     ) -> dict:
-        """POST /api/v1<path> once and return the JSON answer; raises TransientError or ApiError."""
+        """POST /api/v1<path> once to the server in use and return the JSON answer; raises TransientError
+        (ServerUnreachable, after moving to the next server) or ApiError."""
         if body is None:
             body = json.dumps({} if payload is None else payload).encode()
         headers = {
@@ -375,8 +441,15 @@ class ApiClient:
             "Accept": "application/json",
             "User-Agent": f"cp-agent/{VERSION}",
         }
-        status, raw = self._exchange("POST", "/api/v1" + path, body, headers, timeout, abort_on)
-        data = _json_object(raw)
+        index = self._current
+        try:
+            status, raw = self._exchange(index, "POST", "/api/v1" + path, body, headers, timeout, abort_on)
+            data = _json_object(raw)
+            if status in (502, 503, 504):  # a proxy whose upstream is down, or a server that cannot serve now
+                raise ServerUnreachable(f"{self.servers[index]}: POST {path}: HTTP {status}", index)
+        except ServerUnreachable as exc:
+            self._fail_over(index, exc)
+            raise
         if status == 429 or status >= 500:
             raise TransientError(f"POST {path}: HTTP {status} {data.get('error', '')}".rstrip())
         if status >= 400:
@@ -395,7 +468,8 @@ class ApiClient:
         **kwargs: Any,
     ) -> dict:
         """request(), retrying TransientError with backoff until `patience` seconds have passed (None:
-        forever) or `stop` is set; then the last TransientError is raised."""
+        forever) or `stop` is set; then the last TransientError is raised. A retry after a server proved
+        unreachable goes to the next one."""
         deadline = None if patience is None else time.monotonic() + patience
         backoff = Backoff()
         while True:
@@ -424,13 +498,16 @@ def encode_artifact(name: str, data: bytes) -> tuple[bytes, str]:
 
 
 class StateFile:
-    """The agent's identity on disk: {agent_id, token, name, server} plus the server's timings. Only its
+    """The agent's identity on disk: {agent_id, token, name, servers} plus the server's timings. Only its
     owner may read it, because the token is a credential."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def load(self, server: str, name: str) -> dict | None:
+    def load(self, servers: list[str], name: str) -> dict | None:
+        """The identity saved for agent `name` of the server processes `servers`: every process behind one
+        database knows the same identities, so a saved identity belongs to any list sharing a URL with
+        the one it was saved with (an old file names its one "server")."""
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -438,9 +515,11 @@ class StateFile:
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable state file %s: %s", self.path, exc)
             return None
-        if not isinstance(data, dict) or not isinstance(data.get("token"), str):
+        if not isinstance(data, dict) or not isinstance(data.get("token"), str) or data.get("name") != name:
             return None
-        return data if (data.get("server"), data.get("name")) == (server, name) else None
+        saved = data.get("servers")
+        saved = saved if isinstance(saved, list) else [data.get("server")]
+        return data if set(saved) & set(servers) else None
 
     def save(self, data: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -1034,7 +1113,7 @@ class Agent:
         self.executors = executors  # every configured one; tasks run only on those in self.usable
         self.usable: list[str] = []
         self._preflight_lock = threading.Lock()
-        self.api = api or ApiClient(config.server, config.ca_file)
+        self.api = api or ApiClient(config.servers, config.ca_file)
         self.state = StateFile(config.state_file)
         self.token = self.agent_id = ""
         self.timings = dict(DEFAULT_TIMINGS)
@@ -1143,10 +1222,12 @@ class Agent:
 
     def _load_or_register(self, report: dict) -> bool:
         """Take the saved identity (True) or register (False)."""
-        saved = self.state.load(self.config.server, self.config.name)
+        saved = self.state.load(self.config.servers, self.config.name)
         if saved and not self.config.re_enroll:
             self.token, self.agent_id = saved["token"], str(saved.get("agent_id") or "")
             self._apply_timings(saved)
+            if saved.get("servers") != self.config.servers:  # the identity follows the list it is used with
+                self.state.save({**saved, "server": self.config.servers[0], "servers": self.config.servers})
             log.info("reusing the identity saved in %s", self.state.path)
             return True
         if not self.config.enrollment_token:
@@ -1237,7 +1318,8 @@ class Agent:
                 "agent_id": self.agent_id,
                 "token": token,
                 "name": self.config.name,
-                "server": self.config.server,
+                "server": self.config.servers[0],  # what a daemon before 1.2 reads
+                "servers": self.config.servers,
                 **self.timings,
             }
         )
@@ -1403,24 +1485,26 @@ class Agent:
 
 
 def run_check(config: Config) -> int:
-    """The pre-flight: which executors work on this host, and whether the server answers."""
+    """The pre-flight: which executors work on this host, and whether the servers answer (one line each;
+    it passes when an executor is usable and a server answers)."""
     checks = check_executors(build_executors(KNOWN_EXECUTORS))
     for name, check in checks.items():
         print(f"executor {name}: {'ok' if check.usable else 'unusable'} ({check.detail})")
-    server_ok = False
-    if not config.server:
-        text = "not configured (--server or CP_SERVER)"
-    else:
+    if not config.servers:
+        print("server: not configured (--server or CP_SERVER)")
+    api, answering = ApiClient(config.servers, config.ca_file), 0
+    for index, url in enumerate(config.servers):
         try:
-            status, doc = ApiClient(config.server, config.ca_file).health()
+            status, doc = api.health(index)
         except (TransientError, FatalError) as exc:
-            text = f"unreachable ({config.server}: {exc})"
+            text = f"unreachable ({url}: {exc})"
         else:
             server_ok = status == 200 and bool(doc)
+            answering += server_ok
             answer = json.dumps(doc) if server_ok else "not the expected 200 JSON"
-            text = f"{'ok' if server_ok else 'error'} ({config.server} answered HTTP {status}, {answer})"
-    print(f"server: {text}")
-    return 0 if server_ok and any(check.usable for check in checks.values()) else 1
+            text = f"{'ok' if server_ok else 'error'} ({url} answered HTTP {status}, {answer})"
+        print(f"server: {text}")
+    return 0 if answering and any(check.usable for check in checks.values()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

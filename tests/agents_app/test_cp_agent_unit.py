@@ -6,10 +6,12 @@ Run: .venv/bin/python -m pytest tests/agents_app/test_cp_agent_unit.py -q -p no:
 from __future__ import annotations
 
 import ast
+import contextlib
 import email.parser
 import email.policy
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -343,17 +345,31 @@ def test_check_passes_when_the_server_answers(fake_server):
     assert "server: ok" in proc.stdout
 
 
+def test_check_reports_each_server_and_passes_when_one_answers(fake_server):
+    dead = f"http://127.0.0.1:{closed_port()}"
+    proc = subprocess.run(
+        [sys.executable, str(AGENT_PY), "--check", "--server", f"{dead},{fake_server.url}"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    servers = [line for line in proc.stdout.splitlines() if line.startswith("server: ")]
+    assert servers[0].startswith(f"server: unreachable ({dead}: ")
+    assert servers[1].startswith(f"server: ok ({fake_server.url} answered HTTP 200")
+
+
 # ------------------------------------------------------------------------------------------- configuration
 
 
 def test_plain_http_to_a_remote_host_is_refused_without_insecure(tmp_path):
     with pytest.raises(ConfigError, match="refusing plain http"):
         Config.from_argv(["--server", "http://cp.example.com"], environ={})
-    assert Config.from_argv(["--server", "http://cp.example.com/", "--insecure"], environ={}).server == (
+    assert Config.from_argv(["--server", "http://cp.example.com/", "--insecure"], environ={}).servers == [
         "http://cp.example.com"
-    )
+    ]
     for url in ("http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000", "https://cp.example.com"):
-        assert Config.from_argv(["--server", url], environ={}).server == url
+        assert Config.from_argv(["--server", url], environ={}).servers == [url]
 
 
 def test_plain_http_refusal_exits_with_status_2(tmp_path):
@@ -370,8 +386,8 @@ def test_plain_http_refusal_exits_with_status_2(tmp_path):
 def test_options_come_from_the_environment_and_are_validated(tmp_path):
     env = {"CP_SERVER": "https://cp.example.com", "CP_ENROLLMENT_TOKEN": "enroll", "PATH": "/nonexistent"}
     config = Config.from_argv(["--work-dir", str(tmp_path), "--name", "cg-1", "--labels", "codex, linux"], env)
-    assert (config.server, config.enrollment_token, config.labels) == (
-        "https://cp.example.com",
+    assert (config.servers, config.enrollment_token, config.labels) == (
+        ["https://cp.example.com"],
         "enroll",
         ["codex", "linux"],
     )
@@ -383,6 +399,28 @@ def test_options_come_from_the_environment_and_are_validated(tmp_path):
     assert cp_agent.NAME_RE.fullmatch(Config.from_argv([], env).name)
 
 
+def test_server_takes_a_comma_separated_list_each_url_checked():
+    config = Config.from_argv(["--server", "https://a.example.com/, https://b.example.com,https://a.example.com"], {})
+    assert config.servers == ["https://a.example.com", "https://b.example.com"]
+    env = {"CP_SERVER": "http://127.0.0.1:8001,http://localhost:8002"}
+    assert Config.from_argv([], env).servers == ["http://127.0.0.1:8001", "http://localhost:8002"]
+    with pytest.raises(ConfigError, match="refusing plain http:// to cp.example.com"):
+        Config.from_argv(["--server", "https://a.example.com,http://cp.example.com"], environ={})
+    with pytest.raises(ConfigError, match="must be an http"):
+        Config.from_argv(["--server", "https://a.example.com,ftp://b.example.com"], environ={})
+
+
+def test_a_saved_identity_belongs_to_any_list_of_servers_sharing_a_url(tmp_path):
+    path = tmp_path / "cg-1.state.json"
+    path.write_text(json.dumps({"agent_id": "a", "token": "t1", "name": "cg-1", "server": "https://a"}))  # v1.1
+    assert StateFile(path).load(["https://b", "https://a"], "cg-1")["token"] == "t1"
+    assert StateFile(path).load(["https://b"], "cg-1") is None
+    StateFile(path).save({"agent_id": "a", "token": "t2", "name": "cg-1", "servers": ["https://a", "https://b"]})
+    assert StateFile(path).load(["https://b", "https://c"], "cg-1")["token"] == "t2"
+    assert StateFile(path).load(["https://c"], "cg-1") is None
+    assert StateFile(path).load(["https://a"], "cg-2") is None
+
+
 def test_state_file_is_created_private(tmp_path):
     path = tmp_path / "state" / "cg-1.state.json"
     (tmp_path / "state").mkdir()
@@ -390,9 +428,9 @@ def test_state_file_is_created_private(tmp_path):
     os.chmod(tmp_path / "state" / "cg-1.state.json.tmp", 0o644)
     StateFile(path).save({"agent_id": "a", "token": "secret", "name": "cg-1", "server": "https://s"})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert StateFile(path).load("https://s", "cg-1")["token"] == "secret"
-    assert StateFile(path).load("https://other", "cg-1") is None
-    assert StateFile(path).load("https://s", "cg-2") is None
+    assert StateFile(path).load(["https://s"], "cg-1")["token"] == "secret"
+    assert StateFile(path).load(["https://other"], "cg-1") is None
+    assert StateFile(path).load(["https://s"], "cg-2") is None
 
 
 # ------------------------------------------------------------------------------------------- wire format
@@ -443,22 +481,40 @@ def test_backoff_is_jittered_and_capped():
 
 
 class FakeServer:
-    """The server's side of the agent endpoints, enough to watch one agent: records every call."""
+    """The server's side of the agent endpoints, enough to watch one agent: records every call. Like several
+    server processes behind one database it may listen on more ports (listen()); one can be made to answer
+    503 (`failing`), or be killed."""
 
     def __init__(self):
         self.calls: list[tuple[str, dict]] = []
+        self.via: list[tuple[str, str]] = []  # (the listener's URL, path) of every call
         self.assignments: list[dict] = []
         self.tokens = {"enroll"}
         self.stale: set[str] = set()
         self.timed_out: set[str] = set()
         self.outages: dict[str, int] = {}  # path -> how many more calls answer 503
+        self.failing: set[str] = set()  # listeners' URLs answering 503 to every call
         self.commands: list[dict] = []
         self.artifacts: list[tuple[str, str, bytes]] = []
+        self.timings = {"heartbeat_interval_s": 0.2, "lease_s": 60, "max_wait_s": 2}  # what register answers
         self.changed = threading.Condition()
         self.registrations = 0
-        server = self
+        self._listeners: dict[str, tuple[ThreadingHTTPServer, set[socket.socket]]] = {}
+        self.url = self.listen()
+
+    def listen(self) -> str:
+        """Another port serving the same agents; returns its URL."""
+        server, connections = self, set()
 
         class Handler(BaseHTTPRequestHandler):
+            def setup(self):
+                super().setup()
+                connections.add(self.connection)
+
+            def finish(self):
+                connections.discard(self.connection)
+                super().finish()
+
             def log_message(self, *args):
                 pass
 
@@ -469,14 +525,22 @@ class FakeServer:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
                 path = self.path.removeprefix("/api/v1")
+                with server.changed:
+                    server.via.append((url, path))
+                if url in server.failing:
+                    return self.answer(503, {"error": "unavailable", "detail": "this process is going away"})
                 if token not in server.tokens:
                     return self.answer(401, {"error": "unauthorized", "detail": "unknown token"})
                 if self.headers.get("Content-Type", "").startswith("multipart/"):
                     body = server.record_artifact(path, self.headers["Content-Type"], raw)
                 else:
                     body = json.loads(raw)
-                status, answer = server.route(path, body)
+                status, answer = server.route(path, body, gone=self.client_gone)
                 self.answer(status, answer)
+
+            def client_gone(self) -> bool:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
 
             def answer(self, status, doc):
                 data = json.dumps(doc).encode()
@@ -486,11 +550,30 @@ class FakeServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.handle_error = lambda request, address: None  # agents cut held long polls short on purpose
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd.daemon_threads = True
+        httpd.handle_error = lambda request, address: None  # agents cut held long polls short on purpose
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        self._listeners[url] = (httpd, connections)
+        threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+        return url
+
+    def stop_listening(self, url: str) -> None:
+        """The port refuses new connections; requests under way (a parked long poll) carry on."""
+        httpd, _ = self._listeners[url]
+        httpd.shutdown()
+        httpd.server_close()
+
+    def kill(self, url: str) -> None:
+        """As a SIGKILLed server process: the port refuses connections and those open are cut."""
+        self.stop_listening(url)
+        for conn in list(self._listeners.pop(url)[1]):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        for url in list(self._listeners):
+            self.kill(url)
 
     def record_artifact(self, path, content_type, raw):
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
@@ -500,7 +583,7 @@ class FakeServer:
         self.artifacts.append((name.get_content().strip(), file.get_filename(), file.get_payload(decode=True)))
         return {}
 
-    def route(self, path, body):
+    def route(self, path, body, gone=lambda: False):
         with self.changed:
             self.calls.append((path, body))
             self.changed.notify_all()
@@ -514,16 +597,14 @@ class FakeServer:
             self.registrations += 1
             token = f"agent-token-{self.registrations}"
             self.tokens.add(token)
-            return 201, {
-                "agent_id": f"agent-{self.registrations}",
-                "token": token,
-                "heartbeat_interval_s": 0.2,
-                "lease_s": 60,
-                "max_wait_s": 2,
-            }
+            return 201, {"agent_id": f"agent-{self.registrations}", "token": token, **self.timings}
         if path == "/agents/claim":
+            deadline = time.monotonic() + body["wait_s"]
             with self.changed:
-                self.changed.wait_for(lambda: self.assignments, timeout=body["wait_s"])
+                while not self.assignments and time.monotonic() < deadline:
+                    self.changed.wait(0.05)
+                    if gone():  # as the real server: a long poll whose agent hung up claims nothing
+                        return 200, {"assignments": []}
                 taken, self.assignments = self.assignments[: body["capacity"]], self.assignments[body["capacity"] :]
             return 200, {"assignments": taken}
         if path == "/agents/heartbeat":
@@ -576,15 +657,17 @@ class FakeServer:
 def fake_server():
     server = FakeServer()
     yield server
-    server.httpd.shutdown()
+    server.close()
 
 
-def start_agent(server: FakeServer, tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def start_agent(
+    server: FakeServer, tmp_path: Path, *extra: str, env: dict | None = None, servers: str | None = None
+) -> subprocess.Popen:
     argv = [
         sys.executable,
         str(AGENT_PY),
         "--server",
-        server.url,
+        servers or server.url,
         "--name",
         "unit-1",
         "--work-dir",
@@ -787,3 +870,49 @@ def test_re_enroll_registers_again_proving_the_old_identity(fake_server, tmp_pat
     assert "replaces_token" not in registrations[0]
     assert registrations[1]["replaces_token"] == "agent-token-1"
     assert json.loads((tmp_path / "work" / "unit-1.state.json").read_text())["token"] == "agent-token-2"
+
+
+# ------------------------------------------------------------------------------------------- several servers
+
+
+def test_an_agent_moves_to_the_next_server_when_one_cannot_serve_and_stays_there(fake_server, tmp_path):
+    second = fake_server.listen()
+    fake_server.failing.add(fake_server.url)  # answers 503, as a server process going away or a proxy before it
+    fake_server.assign("0000000e", executor="shell", command="true")
+    code, err = finish(start_agent(fake_server, tmp_path, "--once", servers=f"{fake_server.url},{second}"))
+    assert code == 0, err
+    assert fake_server.body("/attempts/0000000e/complete")["outcome"] == "succeeded"
+    assert [path for url, path in fake_server.via if url == fake_server.url] == ["/agents/register"]
+    assert f"HTTP 503; switching to {second}" in err
+
+
+@pytest.mark.parametrize("goes_away", ["stop_listening", "kill"])
+def test_a_claim_parked_on_a_server_that_goes_away_moves_to_the_next_at_once(fake_server, tmp_path, goes_away):
+    """Stopping (the port refuses; the parked claim is still held) or killed (its connections cut): either
+    way the next claim goes to the second server long before the first's 30 s wait would have run out."""
+    fake_server.timings["max_wait_s"] = 30
+    second = fake_server.listen()
+    proc = start_agent(fake_server, tmp_path, servers=f"{fake_server.url},{second}")
+    fake_server.wait_for(lambda s: (s.url, "/agents/claim") in s.via)
+    time.sleep(0.2)  # the claim is now held by the server
+    getattr(fake_server, goes_away)(fake_server.url)
+    gone_at = time.monotonic()
+    fake_server.wait_for(lambda s: (second, "/agents/claim") in s.via, timeout=5)
+    assert time.monotonic() - gone_at < 2
+    fake_server.assign("0000000f", executor="shell", command="echo moved on")
+    fake_server.wait_for(lambda s: "/attempts/0000000f/complete" in s.paths())
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc)
+    assert code == 0, err
+    assert fake_server.body("/attempts/0000000f/complete")["result"]["stdout_tail"] == "moved on\n"
+
+
+def test_a_restarted_agent_finds_its_identity_with_a_list_of_servers(fake_server, tmp_path):
+    fake_server.assign("00000010", executor="shell", command="true")
+    assert finish(start_agent(fake_server, tmp_path, "--once"))[0] == 0  # saved with one server
+    second = fake_server.listen()
+    fake_server.assign("00000011", executor="shell", command="true")
+    assert finish(start_agent(fake_server, tmp_path, "--once", servers=f"{second},{fake_server.url}"))[0] == 0
+    assert fake_server.registrations == 1
+    saved = json.loads((tmp_path / "work" / "unit-1.state.json").read_text())
+    assert (saved["server"], saved["servers"]) == (second, [second, fake_server.url])
