@@ -916,3 +916,19 @@ def test_a_restarted_agent_finds_its_identity_with_a_list_of_servers(fake_server
     assert fake_server.registrations == 1
     saved = json.loads((tmp_path / "work" / "unit-1.state.json").read_text())
     assert (saved["server"], saved["servers"]) == (second, [second, fake_server.url])
+
+
+def test_a_restarted_agent_heartbeats_at_once_listing_no_attempts(fake_server, tmp_path):
+    """So the server can let go of the attempts of its previous life now, not when their leases run out."""
+    fake_server.timings.update(heartbeat_interval_s=60, lease_s=600)
+    fake_server.assign("00000012", executor="shell", command="true")
+    assert finish(start_agent(fake_server, tmp_path, "--once"))[0] == 0
+    first_life = len(fake_server.calls)
+    proc = start_agent(fake_server, tmp_path)
+    fake_server.wait_for(lambda s: "/agents/claim" in s.paths()[first_life:])
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc)[0] == 0
+    second_life = fake_server.calls[first_life:]
+    paths = [path for path, _ in second_life]
+    assert "/agents/heartbeat" in paths and paths.index("/agents/heartbeat") < paths.index("/agents/claim")
+    assert second_life[paths.index("/agents/heartbeat")][1] == {"status": "idle", "attempts": []}
