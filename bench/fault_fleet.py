@@ -53,20 +53,16 @@ def cp_agent_supports_several_servers() -> bool:
 
 
 class Databases:
-    """A throwaway cluster with a migrated template database (the bench's user, API and enrollment tokens
-    in it); `fresh(name)` clones it into a new database and returns its URL. `pg` restarts the cluster."""
+    """Databases on a throwaway cluster (tests/pg_instance.py): a template cloned from the cluster's migrated
+    one with the bench's user, API and enrollment tokens added; `fresh(name)` clones it into a new database
+    and returns its URL."""
 
     def __init__(self, pg):
-        import psycopg
-
         self.pg = pg
-        with psycopg.connect(pg.url("postgres"), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        pg.fresh_database(TEMPLATE_DB)
         env = {**os.environ, "DATABASE_URL": pg.url(TEMPLATE_DB), "LOG_LEVEL": "WARNING"}
-        manage = [sys.executable, "manage.py"]
-        subprocess.run([*manage, "migrate", "--noinput", "-v0"], cwd=ROOT, env=env, check=True, timeout=300)
         out = subprocess.run(
-            [*manage, "shell", "-c", benchdb.SETUP_CODE],
+            [sys.executable, "manage.py", "shell", "-c", benchdb.SETUP_CODE],
             cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=120,
         ).stdout  # fmt: skip
         line = next(x for x in out.splitlines() if x.startswith("BENCH-TOKENS "))
@@ -74,12 +70,8 @@ class Databases:
         self.api_token, self.enrollment_token = tokens["api"], tokens["enrollment"]
 
     def fresh(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(self.pg.url("postgres"), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
-        return self.pg.url(name)
+        self.pg.drop_database(name)
+        return self.pg.create_database(name, template=TEMPLATE_DB)
 
 
 class Reader:

@@ -3,7 +3,7 @@
 
 Real processes only: uvicorn server processes (control_plane.launch), agent daemons (agents_app/cp_agent.py)
 running shell tasks that record each execution (bench/fault_fleet.py), and a throwaway PostgreSQL cluster of
-the suite's own, with a fresh database per scenario, since one scenario restarts it.
+the suite's own (tests/pg_instance.py), with a fresh database per scenario, since one scenario restarts it.
 
   agents-killed     a DAG of 1,000 shell tasks on 10 agents while agents are SIGKILLed at random (16 kills):
                     every other victim is restarted at once with its saved identity, the others only after
@@ -99,11 +99,10 @@ def short_mode() -> Mode:
 
 
 def throwaway_postgres():
-    """A started throwaway cluster: tests/pg_instance.py when it is there (the project's fixture), else
-    bench/fault_pg.py."""
-    from fault_pg import ThrowawayPostgres
+    """A started throwaway cluster of the suite's own (tests/pg_instance.py)."""
+    from tests.pg_instance import PgInstance
 
-    pg = ThrowawayPostgres()
+    pg = PgInstance()
     pg.start()
     return pg
 
@@ -384,7 +383,7 @@ def machine() -> dict:
     }
 
 
-SUITE_FILES = ("bench/faults.py", "bench/fault_fleet.py", "bench/fault_pg.py")
+SUITE_FILES = ("bench/faults.py", "bench/fault_fleet.py")
 
 
 def run_on_revision(rev: str, argv: list[str], out_path: Path | None) -> int:
