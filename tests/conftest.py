@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 import urllib.error
@@ -222,6 +223,29 @@ def doc(*tasks, name="t", max_parallel=None, **extra) -> dict:
     if max_parallel is not None:
         out["max_parallel"] = max_parallel
     return out
+
+
+def git(*args, cwd=None) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def origin(tmp_path):
+    """A bare repository with `main` (two commits), a lightweight tag and an annotated one: (file:// url, shas
+    by commit message)."""
+    bare, work = tmp_path / "origin.git", tmp_path / "seed"
+    git("init", "-q", "--bare", "-b", "main", str(bare))
+    git("init", "-q", "-b", "main", str(work))
+    shas = {}
+    for name in ("first", "second"):
+        (work / f"{name}.txt").write_text(name)
+        git("add", ".", cwd=work)
+        git("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", name, cwd=work)
+        shas[name] = git("rev-parse", "HEAD", cwd=work)
+    git("tag", "light", shas["first"], cwd=work)
+    git("-c", "user.name=t", "-c", "user.email=t@e", "tag", "-a", "-m", "v", "v1", shas["first"], cwd=work)
+    git("push", "-q", str(bare), "main", "light", "v1", cwd=work)
+    return f"file://{bare}", shas
 
 
 @pytest.fixture(scope="session")

@@ -2,38 +2,14 @@
 each assignment's branch and merge list, inputs and rendered templates handed down the DAG, the result task,
 merge conflicts that no retry can mend. The agents' git work is tested with the daemon."""
 
-import subprocess
-
 import pytest
 
 from tasks_app import actions, workspaces
 from tasks_app.dag import DagError, parse_document
 from tasks_app.models import Run, Task
-from tests.conftest import doc
+from tests.conftest import doc  # the `origin` repository is a fixture of tests/conftest.py
 
 pytestmark = pytest.mark.django_db
-
-
-def git(*args, cwd=None) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
-
-
-@pytest.fixture
-def origin(tmp_path):
-    """A bare repository with `main` (two commits), a lightweight tag and an annotated one: (url, shas)."""
-    bare, work = tmp_path / "origin.git", tmp_path / "seed"
-    git("init", "-q", "--bare", "-b", "main", str(bare))
-    git("init", "-q", "-b", "main", str(work))
-    shas = {}
-    for name in ("first", "second"):
-        (work / f"{name}.txt").write_text(name)
-        git("add", ".", cwd=work)
-        git("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", name, cwd=work)
-        shas[name] = git("rev-parse", "HEAD", cwd=work)
-    git("tag", "light", shas["first"], cwd=work)
-    git("-c", "user.name=t", "-c", "user.email=t@e", "tag", "-a", "-m", "v", "v1", shas["first"], cwd=work)
-    git("push", "-q", str(bare), "main", "light", "v1", cwd=work)
-    return f"file://{bare}", shas
 
 
 def ws_doc(repo, *tasks, base=None, **extra):
