@@ -204,6 +204,59 @@ def parse_params(raw) -> dict:
     return dict(raw)
 
 
+def with_overrides(document, *, repo: str | None = None, base: str | None = None, params: dict | None = None):
+    """The document with a start's overrides applied, before validation (the CLI's `submit --repo --base
+    --param`, the admin's *Start a run…*, `workflows.start_run`): `repo`/`base` set or replace the workspace's
+    (the rest of it kept), `params` override or add run parameters. None overrides nothing; the document
+    itself is not changed. DagError when a base is given for a document without a workspace and no repo."""
+    if not isinstance(document, dict) or (repo is None and base is None and not params):
+        return document
+    out = dict(document)
+    if repo is not None or base is not None:
+        workspace = document.get("workspace")
+        if workspace is not None and not isinstance(workspace, dict):
+            raise DagError(f"workspace must be an object of {', '.join(sorted(WORKSPACE_FIELDS))}", field="workspace")
+        if workspace is None and repo is None:
+            raise DagError(
+                "a base was given, but the document has no workspace and no repository was given", field="workspace"
+            )
+        workspace = dict(workspace or {})
+        if repo is not None:
+            workspace["repo"] = repo
+        if base is not None:
+            workspace["base"] = base
+        out["workspace"] = workspace
+    if params:
+        current = document.get("params")
+        if current is not None and not isinstance(current, dict):
+            raise DagError("params must be an object of at most 100 parameters", field="params")
+        out["params"] = {**(current or {}), **params}
+    return out
+
+
+def params_from_pairs(pairs) -> dict:
+    """Run parameters from `NAME=VALUE` strings (`submit --param`, the *Start a run…* form's lines). A value
+    is always a string, kept as typed: templates render text, and reading `1.10`, `no` or `0755` as YAML
+    would change them. DagError on an entry without `=`, a bad name or a name given twice."""
+    params: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise DagError(f"a parameter is NAME=VALUE, not {pair!r}", field="params")
+        if name in params:
+            raise DagError(f"parameter {name!r} is given twice", field="params")
+        params[name] = value
+    parse_params(params)
+    return params
+
+
+def parse_task(raw, defaults: dict | None = None) -> TaskSpec:
+    """One task's own fields, checked as `parse_document` checks them; not its deps or its templates, which
+    only the whole document can check (the editor's rows are checked alone first, then together)."""
+    return _parse_task(raw, {**DEFAULTS, **(defaults or {})})
+
+
 def _parse_task(raw, defaults: dict) -> TaskSpec:
     if not isinstance(raw, dict):
         raise DagError("each task must be an object")

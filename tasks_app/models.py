@@ -32,6 +32,9 @@ class Workflow(models.Model):
     # The document's top-level priority: its runs' priority unless the start overrides it.
     priority = models.IntegerField(default=0)
     defaults = models.JSONField(default=dict, blank=True)
+    # The document's `workspace` ({repo, base, branch_prefix} as it gave them; null: none) and `params`.
+    workspace = models.JSONField(null=True, blank=True, default=None)
+    params = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -14,7 +14,7 @@ import yaml
 from django.db import transaction
 
 from . import actions
-from .dag import Dag, DagError, parse_document
+from .dag import DagError, parse_document, with_overrides
 from .models import Event, Run, Workflow, WorkflowTask
 
 DepLink = WorkflowTask.deps.through
@@ -66,6 +66,10 @@ def workflow_to_document(workflow: Workflow) -> dict:
         document["priority"] = workflow.priority
     if workflow.defaults:
         document["defaults"] = dict(workflow.defaults)
+    if workflow.workspace is not None:
+        document["workspace"] = dict(workflow.workspace)
+    if workflow.params:
+        document["params"] = dict(workflow.params)
     document["tasks"] = tasks
     return document
 
@@ -93,13 +97,6 @@ def _task_entry(task: WorkflowTask, deps: list[str]) -> dict:
         if getattr(task, name) is not None:
             entry[name] = getattr(task, name)
     return entry
-
-
-def document_of_workflow(workflow: Workflow) -> tuple[dict, Dag]:
-    """The document a run of this workflow starts from, and its validated DAG (DagError when the workflow is
-    not a valid DAG, e.g. it has no tasks yet)."""
-    document = workflow_to_document(workflow)
-    return document, parse_document(document)
 
 
 class _Dumper(_BaseDumper):
@@ -184,6 +181,8 @@ def _write(document: dict, workflow: Workflow | None) -> Workflow:
         "max_parallel": document.get("max_parallel"),
         "priority": document.get("priority", 0),
         "defaults": dict(document.get("defaults") or {}),
+        "workspace": document.get("workspace"),
+        "params": dict(document.get("params") or {}),
     }
     if workflow is None:
         workflow = Workflow.objects.create(name=document["name"], **fields)
@@ -226,14 +225,27 @@ def _write(document: dict, workflow: Workflow | None) -> Workflow:
 
 
 def start_run(
-    workflow: Workflow, *, actor: str, user=None, priority: int | None = None, max_parallel: int | None = None
+    workflow: Workflow,
+    *,
+    actor: str,
+    user=None,
+    priority: int | None = None,
+    max_parallel: int | None = None,
+    repo: str | None = None,
+    base: str | None = None,
+    params: dict | None = None,
 ) -> Run:
-    """Start a run of the workflow. The run keeps its own copy of the document and its own tasks, so later
-    edits of the workflow never reach it. DagError when the workflow is not a valid DAG."""
+    """Start a run of the workflow, with the start's overrides (`dag.with_overrides`: repository, base, run
+    parameters) applied to its document. The run keeps its own copy of that document and its own tasks, so
+    later edits of the workflow never reach it. DagError when the document is not a valid DAG, or its
+    repository cannot be reached or has no such base (nothing is started then)."""
+    overrides = {k: v for k, v in {"repo": repo, "base": base, "params": params}.items() if v not in (None, {})}
     with transaction.atomic():
-        document, dag = document_of_workflow(workflow)
+        document = with_overrides(workflow_to_document(workflow), repo=repo, base=base, params=params)
+        dag = parse_document(document)
         run = actions.submit_run(
             dag, document, actor=actor, user=user, workflow=workflow, priority=priority, max_parallel=max_parallel
         )
-        record_workflow_change(workflow.name, "run started", actor, run=str(run.id))
+        detail = {"run": str(run.id), **({"overrides": overrides} if overrides else {})}
+        record_workflow_change(workflow.name, "run started", actor, **detail)
     return run

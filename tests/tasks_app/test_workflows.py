@@ -5,6 +5,7 @@ change is audited, and the management commands speak the same documents."""
 from __future__ import annotations
 
 import json
+import re
 import string
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tasks_app import workflows
-from tasks_app.dag import DagError
+from tasks_app.dag import BRANCH_PREFIX_RE, PARAM_NAME_RE, REF_RE, DagError, params_from_pairs, with_overrides
 from tasks_app.models import Event, Run, Workflow, WorkflowTask
 from tests.conftest import doc
 
@@ -41,6 +42,8 @@ def snapshot(workflow: Workflow) -> dict:
         "max_parallel": workflow.max_parallel,
         "priority": workflow.priority,
         "defaults": workflow.defaults,
+        "workspace": workflow.workspace,
+        "params": workflow.params,
         "tasks": [
             {"key": t.key, "deps": deps.get(t.id, []), **{f: getattr(t, f) for f in TASK_FIELDS}}
             for t in WorkflowTask.objects.filter(workflow=workflow).order_by("position", "id")
@@ -81,6 +84,21 @@ JSON_SCALARS = st.one_of(
     TEXT,
 )
 PARAMS = st.dictionaries(TEXT, st.one_of(JSON_SCALARS, st.lists(JSON_SCALARS, max_size=3)), max_size=3)
+# A workspace as a document may give it: any git URL without spaces (not an option), any ref, a prefix.
+URL_CHARS = st.characters(exclude_categories=("Cs", "Cc", "Zs", "Zl", "Zp"))
+URL_TEXT = st.text(URL_CHARS, min_size=1, max_size=60).filter(
+    lambda url: not url.startswith("-") and not any(c.isspace() for c in url)
+)
+WORKSPACES = st.fixed_dictionaries(
+    {"repo": st.one_of(URL_TEXT, st.sampled_from(["ssh://git@host/team/app.git", "file:///srv/git/app.git"]))},
+    optional={
+        "base": st.one_of(st.text(URL_CHARS, min_size=1, max_size=40).filter(REF_RE.fullmatch), st.just("a" * 40)),
+        "branch_prefix": st.text(alphabet=string.ascii_letters + "._/-", max_size=12).filter(
+            BRANCH_PREFIX_RE.fullmatch
+        ),
+    },
+)
+RUN_PARAMS = st.dictionaries(st.from_regex(PARAM_NAME_RE, fullmatch=True), JSON_SCALARS, max_size=4)
 
 
 def maybe(strategy):
@@ -126,9 +144,16 @@ def dags(draw):
                 "retry_delay_s": st.integers(0, 99),
             },
         ),
+        "workspace": WORKSPACES,
+        "params": RUN_PARAMS,
     }.items():
         if draw(st.booleans()):
             document[name] = draw(strategy)
+    if document.get("params") and draw(st.booleans()):
+        # A template naming one of the run's parameters: it travels with the document, validated each way.
+        name = draw(st.sampled_from(sorted(document["params"])))
+        task = draw(st.sampled_from(tasks))
+        task["prompt"] = (task.get("prompt") or "") + f"${{params.{name}}}"
     return document
 
 
@@ -139,6 +164,8 @@ def expected_snapshot(document: dict) -> dict:
         "max_parallel": document.get("max_parallel"),
         "priority": document.get("priority", 0),
         "defaults": document.get("defaults", {}),
+        "workspace": document.get("workspace"),
+        "params": document.get("params", {}),
         "tasks": [
             {
                 "key": t["key"],
@@ -288,6 +315,107 @@ def test_a_workflow_without_tasks_cannot_start():
     assert not Run.objects.exists()
 
 
+# --- Starting with overrides: another repository, base or parameters -----------------------------------------
+
+
+def test_overrides_replace_the_workspace_and_add_to_the_params_of_a_copy():
+    document = doc({"key": "a"}, workspace={"repo": "file:///a.git", "branch_prefix": "x/"}, params={"n": 1})
+    before = json.loads(json.dumps(document))
+    assert with_overrides(document) is document
+    changed = with_overrides(document, repo="file:///b.git", base="v1", params={"n": "2", "new": ""})
+    assert changed["workspace"] == {"repo": "file:///b.git", "branch_prefix": "x/", "base": "v1"}
+    assert changed["params"] == {"n": "2", "new": ""}
+    assert document == before  # pure: the document given is left as it was
+    assert with_overrides(doc({"key": "a"}), repo="file:///c.git")["workspace"] == {"repo": "file:///c.git"}
+    assert with_overrides(doc({"key": "a"}), params={"p": "v"})["params"] == {"p": "v"}
+    with pytest.raises(DagError, match="a base was given, but the document has no workspace"):
+        with_overrides(doc({"key": "a"}), base="main")
+    with pytest.raises(DagError, match="params must be an object"):
+        with_overrides(doc({"key": "a"}, params=[1]), params={"p": "v"})
+
+
+def test_name_value_pairs_are_parameters_whose_values_are_kept_as_typed():
+    pairs = ["n=3", "version=1.10", "flag=no", "mode=0755", "eq=a=b", "empty=", " spaced =x"]
+    assert params_from_pairs(pairs) == {
+        "n": "3", "version": "1.10", "flag": "no", "mode": "0755", "eq": "a=b", "empty": "", "spaced": "x",
+    }  # fmt: skip
+    for pairs, says in (
+        (["novalue"], "a parameter is NAME=VALUE, not 'novalue'"),
+        (["=x"], "a parameter is NAME=VALUE"),
+        (["a b=1"], "parameter name 'a b'"),
+        (["n=1", "n=2"], "parameter 'n' is given twice"),
+    ):
+        with pytest.raises(DagError, match=re.escape(says)):
+            params_from_pairs(pairs)
+
+
+def feature_workflow(url: str, **workspace) -> Workflow:
+    return workflows.import_document(
+        doc(
+            {"key": "plan", "prompt": "Plan ${params.feature} (${params.n})"},
+            {"key": "build", "deps": ["plan"], "command": "echo ${deps.plan.output}"},
+            name="feature",
+            workspace={"repo": url, **workspace},
+            params={"feature": "login", "n": 3},
+        )
+    )
+
+
+def test_a_start_overrides_the_workflows_base_and_params_for_that_run_only(origin):
+    url, shas = origin
+    workflow = feature_workflow(url, base="light")
+    stored = workflows.workflow_to_document(workflow)
+    run = workflows.start_run(workflow, actor="user:olivia")
+    assert (run.repo, run.base_ref, run.base_commit, run.params) == (url, "light", shas["first"], stored["params"])
+
+    run = workflows.start_run(workflow, actor="user:olivia", base="main", params={"feature": "signup", "extra": "x"})
+    assert (run.repo, run.base_ref, run.base_commit) == (url, "main", shas["second"])
+    assert run.params == {"feature": "signup", "n": 3, "extra": "x"}
+    assert run.document["workspace"] == {"repo": url, "base": "main"}
+    assert run.document["params"] == run.params
+    assert workflows.workflow_to_document(workflow) == stored  # the workflow keeps its own
+    assert workflow_events("run started")[-1].detail["overrides"] == {
+        "base": "main",
+        "params": {"feature": "signup", "extra": "x"},
+    }
+    assert "overrides" not in workflow_events("run started")[0].detail
+
+
+def test_a_start_gives_a_workflow_without_a_workspace_a_repository(origin):
+    url, shas = origin
+    workflow = workflows.import_document(doc({"key": "a"}, name="plain"))
+    run = workflows.start_run(workflow, actor="test", repo=url, base="v1")
+    assert (run.repo, run.base_ref, run.base_commit, run.branch_prefix) == (url, "v1", shas["first"], "cp/")
+    assert workflows.workflow_to_document(workflow) == doc({"key": "a"}, name="plain")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"base": "nope"}, "has no branch or tag 'nope'"),
+        ({"repo": "file:///nowhere/missing.git"}, "cannot be reached"),
+        ({"repo": "-oProxyCommand=x"}, "workspace.repo must be a git URL"),
+        ({"params": {"bad name": "x"}}, "parameter name 'bad name'"),
+    ],
+)
+def test_a_start_that_cannot_reach_its_base_starts_nothing(origin, overrides, says):
+    workflow = feature_workflow(origin[0])
+    with pytest.raises(DagError, match=says):
+        workflows.start_run(workflow, actor="test", **overrides)
+    assert not Run.objects.exists() and not workflow_events("run started")
+
+
+def test_a_start_needs_every_parameter_its_templates_name():
+    workflow = workflows.import_document(doc({"key": "a", "prompt": "x"}, name="w"))
+    workflow.tasks.update(prompt="Do ${params.ghost}")  # as an older version of the workflow might hold it
+    with pytest.raises(DagError, match=re.escape("task 'a': prompt: ${params.ghost} names no parameter of the run")):
+        workflows.start_run(workflow, actor="test")
+    assert workflows.start_run(workflow, actor="test", params={"ghost": "boo"}).params == {"ghost": "boo"}
+    with pytest.raises(DagError, match="a base was given, but the document has no workspace"):
+        workflows.start_run(workflow, actor="test", base="main")
+    assert Run.objects.count() == 1
+
+
 # --- Management commands ----------------------------------------------------------------------------------
 
 
@@ -378,5 +506,5 @@ def test_submit_by_name_applies_overrides_and_refuses_an_invalid_workflow():
     run = Run.objects.get(pk=run_command("submit", "nightly", "--max-parallel", "9", "--priority", "-1").strip())
     assert (run.max_parallel, run.priority) == (9, -1)
     Workflow.objects.create(name="draft")
-    with pytest.raises(CommandError, match="workflow 'draft' is not a valid DAG: tasks must be a non-empty list"):
+    with pytest.raises(CommandError, match="workflow 'draft' not started: tasks must be a non-empty list"):
         run_command("submit", "draft")
