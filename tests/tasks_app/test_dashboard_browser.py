@@ -200,6 +200,40 @@ def test_a_task_titled_with_a_script_renders_as_text(browser, live_server_proc, 
     assert page.dialogs == []
 
 
+def test_a_hostile_diff_renders_as_text(browser, live_server_proc, people, make_agent, artifacts_dir):
+    """An agent writes the diff: a patch adding script and event-handler markup shows as text, runs nothing."""
+    import hashlib
+
+    from tasks_app import actions
+
+    hostile = '<img src=x onerror="alert(2)"><script>alert(3)</script>'
+    agent = make_agent("gitty", labels=["diffs"], executors=["simulated", "git"])
+    run = submit_run(doc({"key": "evil", "requires": ["diffs"]}, workspace={"repo": "file:///r.git", "base": "c" * 40}))
+    [got] = actions.claim_ready_tasks(agent, 1)
+    patch = f"diff --git a/{XSS}.py b/{XSS}.py\n--- a/x\n+++ b/x\n@@ -0,0 +1 @@\n+{hostile}\n".encode()
+    artifact = actions.add_artifact(agent, got["attempt_id"], name="commit.diff", content=patch,
+                                    sha256=hashlib.sha256(patch).hexdigest(), content_type="text/x-diff")  # fmt: skip
+    commit = {
+        "sha": "d" * 40,
+        "branch": "cp/x/evil",
+        "files_changed": 1,
+        "insertions": 1,
+        "deletions": 0,
+        "files": [{"path": f"{XSS}.py", "insertions": 1, "deletions": 0}],
+        "diff_artifact": str(artifact.id),
+    }
+    actions.complete_attempt(agent, got["attempt_id"], "succeeded", {}, "", 0, commit)
+    page = login(browser, live_server_proc, people["viewer"])
+    for url in (f"/runs/{run.id}/", f"/tasks/{Task.objects.get(run=run, key='evil').id}/"):
+        page.goto(f"{live_server_proc.url}{url}")
+        expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+    expect(page.locator("pre.diff .d-add")).to_have_text("+" + hostile)
+    expect(page.locator(".diff-file summary code")).to_have_text(f"{XSS}.py")
+    assert page.locator("pre.diff img, pre.diff script").count() == 0
+    shoot(page, artifacts_dir, "task-hostile-diff")
+    assert page.dialogs == []
+
+
 def _session_cookie(username, password) -> str:
     client = Client()
     assert client.login(username=username, password=password)
