@@ -75,6 +75,19 @@ class WorkflowAdmin(admin.ModelAdmin):
     actions = ["start_run", "duplicate", "export_yaml", "export_json"]
     change_list_template = "admin/tasks_app/workflow/change_list.html"
     change_form_template = "admin/tasks_app/workflow/change_form.html"
+    fieldsets = [
+        (None, {"fields": ["name", "description", "max_parallel", "priority", "defaults", "opened_version"]}),
+        (
+            "Workspace and parameters",
+            {
+                "fields": ["workspace_repo", "workspace_base", "workspace_branch_prefix", "params"],
+                "description": "Each task of a run works in a git worktree of this repository, with its"
+                " dependencies' commits merged in, and pushes its own branch; a run that succeeds leaves every"
+                " task's work on PREFIX + run id + /result. A start may give another repository, base or"
+                " parameters.",
+            },
+        ),
+    ]
 
     class Media:
         # The dashboard's DAG styles and pan & zoom, and the editor's key suggestions and live preview.
@@ -123,6 +136,25 @@ class WorkflowAdmin(admin.ModelAdmin):
         if obj.pk not in cache:
             cache[obj.pk] = obj.tasks.count()
         return cache[obj.pk]
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        # Without the task rows on the page, nothing else checks the parameters against the tasks' templates.
+        form.check_stored_tasks = obj is not None and self._task_count(request, obj) > INLINE_MAX_TASKS
+        return form
+
+    # The workspace's fields as a read-only page shows them (a viewer's).
+    @admin.display(description="repository")
+    def workspace_repo(self, obj):
+        return (obj.workspace or {}).get("repo", "")
+
+    @admin.display(description="base")
+    def workspace_base(self, obj):
+        return (obj.workspace or {}).get("base", "")
+
+    @admin.display(description="branch prefix")
+    def workspace_branch_prefix(self, obj):
+        return (obj.workspace or {}).get("branch_prefix", "")
 
     def get_inline_instances(self, request, obj=None):
         if obj is not None and self._task_count(request, obj) > INLINE_MAX_TASKS:

@@ -12,13 +12,14 @@ from django import forms
 from django.contrib import messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
 from django.http import Http404, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
 
 from . import workflow_preview, workflows
-from .dag import DagError
+from .dag import DagError, params_from_pairs
 from .models import Workflow
 
 IMPORT_MAX_BYTES = 16 * 1024 * 1024
@@ -147,35 +148,86 @@ class StartRunForm(forms.Form):
         max_value=1_000_000,
         help_text="added to every task's; empty: the workflow's own",
     )
+    repo = forms.CharField(
+        label="Repository",
+        required=False,
+        max_length=2000,
+        widget=forms.TextInput(attrs={"size": 80, "spellcheck": "false"}),
+        help_text="the git repository the run works on; empty: the workflow's own",
+    )
+    base = forms.CharField(
+        label="Base",
+        required=False,
+        max_length=255,
+        widget=forms.TextInput(attrs={"size": 40, "spellcheck": "false"}),
+        help_text="branch, tag or full commit sha to start from; empty: the workflow's own (or the repository's HEAD)",
+    )
+    params = forms.CharField(
+        label="Parameters",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 4, "cols": 80, "spellcheck": "false", "placeholder": "feature=signup"}),
+        help_text="one NAME=VALUE a line, overriding or adding to the workflow's parameters (a value is text);"
+        " empty: the workflow's own",
+    )
+
+    def clean_repo(self):
+        return self.cleaned_data.get("repo") or None
+
+    def clean_base(self):
+        return self.cleaned_data.get("base") or None
+
+    def clean_params(self):
+        lines = [line for line in (self.cleaned_data.get("params") or "").splitlines() if line.strip()]
+        try:
+            return params_from_pairs(lines)
+        except DagError as exc:
+            raise ValidationError(exc.detail) from None
+
+    def add_refusal(self, workflow: Workflow, exc: DagError) -> None:
+        """A start refused, on the field that can mend it (a repository that cannot be reached, a base it
+        does not have, a parameter the templates need), else on the form."""
+        field = None
+        if exc.field == "params" or "names no parameter" in exc.detail:
+            field = "params"
+        elif exc.field == "workspace":
+            about_base = exc.detail.startswith("workspace.base") or "has no branch or tag" in exc.detail
+            field = "base" if about_base or "a base was given" in exc.detail else "repo"
+        self.add_error(field, f"{workflow.name}: {exc.detail}")
 
 
 def start_runs(model_admin, request, queryset):
-    """The "start a run" action: ask for overrides, then start one run of each selected workflow."""
+    """The "start a run" action: ask for overrides, then start one run of each selected workflow. All or
+    nothing: when one cannot start (not a valid DAG, its repository unreachable, no such base, a bad
+    parameter), none is, and the form says why."""
     form = StartRunForm(request.POST if "apply" in request.POST else None)
+    chosen = list(queryset)
     if "apply" in request.POST and form.is_valid():
-        for workflow in queryset:
-            try:
-                run = workflows.start_run(
-                    workflow,
-                    actor=actor_of(request),
-                    user=request.user,
-                    priority=form.cleaned_data["priority"],
-                    max_parallel=form.cleaned_data["max_parallel"],
+        overrides = {name: form.cleaned_data[name] for name in ("priority", "max_parallel", "repo", "base", "params")}
+        started = []
+        with transaction.atomic():
+            for workflow in chosen:
+                try:
+                    with transaction.atomic():
+                        started.append(
+                            workflows.start_run(workflow, actor=actor_of(request), user=request.user, **overrides)
+                        )
+                except DagError as exc:
+                    form.add_refusal(workflow, exc)
+            if form.errors:
+                transaction.set_rollback(True)
+        if not form.errors:
+            for workflow, run in zip(chosen, started, strict=True):
+                url = reverse("run", args=[run.pk])
+                message = format_html(
+                    'Started <a href="{}">a run of {}</a> ({} tasks).', url, workflow.name, run.tasks.count()
                 )
-            except DagError as exc:
-                messages.error(request, f"{workflow.name}: not started: {exc.detail}")
-                continue
-            url = reverse("run", args=[run.pk])
-            messages.success(
-                request,
-                format_html('Started <a href="{}">a run of {}</a> ({} tasks).', url, workflow.name, run.tasks.count()),
-            )
-        return None
+                messages.success(request, message)
+            return None
     context = _context(
         model_admin,
         request,
         form=form,
-        workflows=list(queryset),
+        workflows=chosen,
         title="Start a run",
         action_checkbox_name=helpers.ACTION_CHECKBOX_NAME,
     )

@@ -15,7 +15,7 @@ from django.db.models import CharField, Value
 from django.db.models.functions import Cast, Concat
 
 from . import workflows
-from .dag import NAME_RE, DagError, parse_document, topological_order
+from .dag import NAME_RE, DagError, parse_document, parse_task, topological_order
 from .models import Workflow, WorkflowTask
 
 DEPS_SPLIT = re.compile(r"[\s,]+")
@@ -29,25 +29,89 @@ def _error_field(form: forms.Form, field: str | None) -> str | None:
     return field if field in form.fields else None
 
 
+# The document's workspace fields and the editor's fields for them.
+WORKSPACE_FORM_FIELDS = {"repo": "workspace_repo", "base": "workspace_base", "branch_prefix": "workspace_branch_prefix"}
+
+
+def workspace_field_of(detail: str) -> str:
+    """The editor's field a workspace refusal is about (`workspace.base must be ...` is about the base)."""
+    for part, field in WORKSPACE_FORM_FIELDS.items():
+        if detail.startswith(f"workspace.{part} "):
+            return field
+    return "workspace_repo"
+
+
 class WorkflowForm(forms.ModelForm):
     """The workflow's own fields. `opened_version` is the workflow's `updated_at` when the page was opened: a
     save over someone else's newer save is refused rather than silently undoing it (every path that changes a
-    workflow saves its row, so `updated_at` moves with each change)."""
+    workflow saves its row, so `updated_at` moves with each change).
+
+    The document's `workspace` is edited as three fields (an empty repository: no workspace) and stored as the
+    document would give it, empty fields left out. `check_stored_tasks` (set by the admin when the page does
+    not edit the tasks in place) checks the parameters against the saved tasks' templates; otherwise the task
+    rows' formset checks them against the parameters as posted."""
 
     opened_version = forms.CharField(required=False, widget=forms.HiddenInput)
+    workspace_repo = forms.CharField(
+        label="Repository",
+        required=False,
+        max_length=2000,
+        widget=forms.TextInput(attrs={"size": 80, "spellcheck": "false", "placeholder": "ssh://git@host/team/app.git"}),
+        help_text="the git repository runs work on, as the agents' own git fetches it and pushes to it;"
+        " empty: tasks run in an empty directory",
+    )
+    workspace_base = forms.CharField(
+        label="Base",
+        required=False,
+        max_length=255,
+        widget=forms.TextInput(attrs={"size": 40, "spellcheck": "false", "placeholder": "HEAD"}),
+        help_text="branch, tag or full commit sha, resolved to a commit when a run starts;"
+        " empty: the repository's HEAD",
+    )
+    workspace_branch_prefix = forms.CharField(
+        label="Branch prefix",
+        required=False,
+        max_length=64,
+        widget=forms.TextInput(attrs={"size": 20, "spellcheck": "false", "placeholder": "cp/"}),
+        help_text="task branches are PREFIX + the run id's first 8 hex + / + the task key; empty: cp/",
+    )
+    check_stored_tasks = False
 
     class Meta:
         model = Workflow
-        fields = ["name", "description", "max_parallel", "priority", "defaults"]
-        widgets = {"description": forms.Textarea(attrs={"rows": 3, "cols": 80})}
+        fields = ["name", "description", "max_parallel", "priority", "defaults", *WORKSPACE_FORM_FIELDS.values(),
+                  "params"]  # fmt: skip
+        widgets = {
+            "description": forms.Textarea(attrs={"rows": 3, "cols": 80}),
+            "params": forms.Textarea(attrs={"rows": 3, "cols": 80, "spellcheck": "false"}),
+        }
+        labels = {"params": "Parameters"}
+        help_texts = {
+            "params": 'run parameters, a JSON object such as {"feature": "login"}: ${params.feature} in a prompt or'
+            " command; a start may override them",
+        }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.instance.pk:
             self.initial["opened_version"] = self.instance.updated_at.isoformat()
+        for part, field in WORKSPACE_FORM_FIELDS.items():
+            self.initial.setdefault(field, (self.instance.workspace or {}).get(part, ""))
 
     def clean_defaults(self):
         return self.cleaned_data.get("defaults") or {}
+
+    def clean_params(self):
+        return self.cleaned_data.get("params") or {}
+
+    def workspace_of(self, data) -> dict | None:
+        """The workspace as a document gives it: the fields filled in, or None without a repository."""
+        parts = {part: data.get(field) for part, field in WORKSPACE_FORM_FIELDS.items() if data.get(field)}
+        if not parts:
+            return None
+        if "repo" not in parts:
+            self.add_error("workspace_repo", "a base or a branch prefix needs a repository")
+        return parts
 
     def clean_opened_version(self):
         """Lock the workflow's row (the admin saves in one transaction, so two saves of one workflow take
@@ -70,18 +134,33 @@ class WorkflowForm(forms.ModelForm):
         data = super().clean()
         if self.errors:
             return data
+        workspace = self.workspace_of(data)
+        if self.errors:
+            return data
         probe = {
             "name": data.get("name") or "x",
             "defaults": data.get("defaults"),
+            "params": data.get("params"),
             "tasks": [{"key": "probe", "executor": "simulated"}],
         }
         for name in ("max_parallel", "priority"):
             if data.get(name) is not None:
                 probe[name] = data[name]
+        if workspace is not None:
+            probe["workspace"] = workspace
         try:
             parse_document(probe)
         except DagError as exc:
-            self.add_error(_error_field(self, exc.field), exc.detail)
+            field = workspace_field_of(exc.detail) if exc.field == "workspace" else _error_field(self, exc.field)
+            self.add_error(field, exc.detail)
+            return data
+        if self.check_stored_tasks and self.instance.pk:
+            stored = workflows.workflow_to_document(self.instance)
+            try:  # the saved tasks' templates, with the parameters as posted
+                parse_document({**stored, "params": probe["params"]})
+            except DagError as exc:
+                self.add_error("params" if exc.keys else None, exc.detail)
+        self.instance.workspace = workspace
         return data
 
 
@@ -140,8 +219,8 @@ class WorkflowTaskForm(forms.ModelForm):
             if data.get(name) == "":
                 data[name] = None
         if data.get("key") is not None:
-            try:  # the task's own fields, through THE validator; its deps are the formset's business
-                parse_document({"name": "task", "tasks": [self.task_entry(with_deps=False)]})
+            try:  # the task's own fields, through THE validator; its deps and templates are the formset's business
+                parse_task(self.task_entry(with_deps=False))
             except DagError as exc:
                 self.add_error(_error_field(self, exc.field), exc.detail)
         return data
@@ -248,9 +327,11 @@ class WorkflowTaskFormSet(forms.BaseInlineFormSet):
                 for key in dict.fromkeys(exc.keys):
                     by_key[key].add_error("deps_keys", f"{key} is on the {exc.detail}")
         if rows and not problems and not any(form.errors for form in rows):
-            # The catch-all: whatever else THE validator refuses, it refuses here too.
+            # The catch-all: whatever else THE validator refuses, it refuses here too, templates included
+            # (against the parameters as the workflow's form posted them: it is cleaned first).
             try:
-                parse_document({"name": "workflow", "tasks": [form.task_entry() for form in rows]})
+                tasks = [form.task_entry() for form in rows]
+                parse_document({"name": "workflow", "params": self.instance.params or {}, "tasks": tasks})
             except DagError as exc:
                 form = by_key.get(exc.keys[0]) if exc.keys else None
                 if form is not None and _error_field(form, exc.field):

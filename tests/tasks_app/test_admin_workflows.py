@@ -113,6 +113,18 @@ def audit(change: str | None = None) -> list[Event]:
     return [e for e in events if change is None or e.detail["change"] == change]
 
 
+def feature_workflow(url: str, **workspace) -> Workflow:
+    return workflows.import_document(
+        doc(
+            {"key": "plan", "prompt": "Plan ${params.feature}"},
+            {"key": "build", "deps": ["plan"], "command": "echo ${deps.plan.output}", "executor": "shell"},
+            name="feature",
+            workspace={"repo": url, **workspace},
+            params={"feature": "login"},
+        )
+    )
+
+
 def nightly() -> Workflow:
     return workflows.import_document(
         doc(
@@ -233,6 +245,141 @@ def test_the_workflows_own_fields_are_validated(client, ada):
     response = client.post(reverse("admin:tasks_app_workflow_add"), new_workflow_data("nightly", {"key": "a"}))
     assert "already exists" in str(response.context["adminform"].form.errors["name"])
     assert Workflow.objects.count() == 1
+
+
+def test_the_change_page_edits_the_workspace_and_the_params(client, ada):
+    workflow = nightly()
+    data = form_data(client.get(change_url(workflow)))
+    assert (data["workspace_repo"], data["workspace_base"], data["params"]) == ("", "", "{}")
+    data.update(workspace_repo="ssh://git@host/team/app.git", workspace_base="main", params='{"feature": "login"}')
+    data[f"tasks-{row_index(data, 'build')}-prompt"] = "Build ${params.feature} on ${deps.plan.output}"
+    response = client.post(change_url(workflow), data)
+    assert response.status_code == 302, response.context and (
+        response.context["adminform"].form.errors,
+        row_errors(response),
+    )
+    workflow.refresh_from_db()
+    assert (workflow.workspace, workflow.params) == (
+        {"repo": "ssh://git@host/team/app.git", "base": "main"},
+        {"feature": "login"},
+    )
+    document = workflows.workflow_to_document(workflow)
+    assert (document["workspace"], document["params"]) == (workflow.workspace, workflow.params)
+    assert "workspace_repo" in audit("changed")[0].detail["fields"]
+
+    # Saved again unchanged, it stays as it was; the prefix set, it is kept; the repository emptied, no workspace.
+    data = form_data(client.get(change_url(workflow)))
+    assert (data["workspace_repo"], data["workspace_base"], data["workspace_branch_prefix"]) == (
+        "ssh://git@host/team/app.git", "main", ""
+    )  # fmt: skip
+    assert client.post(change_url(workflow), data).status_code == 302
+    workflow.refresh_from_db()
+    assert workflow.workspace == {"repo": "ssh://git@host/team/app.git", "base": "main"}
+    data = form_data(client.get(change_url(workflow)))
+    data.update(workspace_branch_prefix="team/")
+    assert client.post(change_url(workflow), data).status_code == 302
+    workflow.refresh_from_db()
+    assert workflow.workspace["branch_prefix"] == "team/"
+    data = form_data(client.get(change_url(workflow)))
+    data.update(workspace_repo="", workspace_base="", workspace_branch_prefix="")
+    assert client.post(change_url(workflow), data).status_code == 302
+    workflow.refresh_from_db()
+    assert workflow.workspace is None and "workspace" not in workflows.workflow_to_document(workflow)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"workspace_repo": "-uhttp://evil"}, "workspace_repo", "workspace.repo must be a git URL"),
+        ({"workspace_repo": "a b"}, "workspace_repo", "without spaces"),
+        ({"workspace_base": "main"}, "workspace_repo", "a base or a branch prefix needs a repository"),
+        ({"workspace_repo": "file:///r.git", "workspace_base": "-x"}, "workspace_base", "workspace.base must be"),
+        ({"workspace_repo": "file:///r.git", "workspace_base": "a b"}, "workspace_base", "workspace.base must be"),
+        ({"workspace_repo": "file:///r.git", "workspace_branch_prefix": "../x"}, "workspace_branch_prefix",
+         "workspace.branch_prefix must be"),
+        ({"params": "[1, 2]"}, "params", "params must be an object"),
+        ({"params": '{"bad name": 1}'}, "params", "parameter name 'bad name'"),
+        ({"params": '{"deep": {"x": 1}}'}, "params", "parameter 'deep' must be a string, number, boolean or null"),
+        ({"params": "{nope"}, "params", "Enter a valid JSON"),
+    ],
+)  # fmt: skip
+def test_a_bad_workspace_or_params_is_refused_on_its_field(client, ada, fields, field, message):
+    workflow = nightly()
+    data = {**form_data(client.get(change_url(workflow))), **fields}
+    response = client.post(change_url(workflow), data)
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert field in errors and message in " ".join(errors[field]), errors
+    workflow.refresh_from_db()
+    assert (workflow.workspace, workflow.params) == (None, {})
+
+
+def test_a_template_is_checked_against_the_params_and_deps_as_posted(client, ada):
+    workflow = nightly()
+    data = form_data(client.get(change_url(workflow)))
+    build = row_index(data, "build")
+    data[f"tasks-{build}-prompt"] = "Build ${params.feature}"
+    response = client.post(change_url(workflow), data)
+    assert response.status_code == 200
+    assert row_errors(response)[build]["prompt"] == [
+        "task 'build': prompt: ${params.feature} names no parameter of the run"
+    ]
+    data[f"tasks-{build}-prompt"] = "Build ${deps.test.output}"
+    assert row_errors(client.post(change_url(workflow), data))[build]["prompt"] == [
+        "task 'build': prompt: ${deps.test.output} names 'test', which is not one of this task's deps"
+    ]
+    # The param and the template in one save; then the param removed while a row still names it.
+    data[f"tasks-{build}-prompt"] = "Build ${params.feature} after ${deps.plan.output}"
+    data["params"] = '{"feature": "login"}'
+    assert client.post(change_url(workflow), data).status_code == 302
+    data = form_data(client.get(change_url(workflow)))
+    data["params"] = "{}"
+    response = client.post(change_url(workflow), data)
+    assert "${params.feature} names no parameter" in " ".join(row_errors(response)[build]["prompt"])
+    workflow.refresh_from_db()
+    assert workflow.params == {"feature": "login"}
+
+
+def test_a_big_workflows_params_are_checked_against_its_saved_tasks(client, ada, monkeypatch):
+    monkeypatch.setattr("tasks_app.admin.INLINE_MAX_TASKS", 2)
+    workflow = workflows.import_document(
+        doc(
+            {"key": "a", "prompt": "${params.feature}"}, {"key": "b"}, {"key": "c"}, name="big", params={"feature": "x"}
+        )
+    )
+    data = form_data(client.get(change_url(workflow)))
+    assert "tasks-TOTAL_FORMS" not in data
+    data["params"] = '{"other": "y"}'
+    response = client.post(change_url(workflow), data)
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors["params"] == [
+        "task 'a': prompt: ${params.feature} names no parameter of the run"
+    ]
+    data["params"] = '{"feature": "z", "other": "y"}'
+    assert client.post(change_url(workflow), data).status_code == 302
+    workflow.refresh_from_db()
+    assert workflow.params == {"feature": "z", "other": "y"}
+
+    # Its tasks, one at a time, are checked against the workflow's params.
+    task = form_data(client.get(reverse("admin:tasks_app_workflowtask_change", args=[workflow.tasks.get(key="b").pk])))
+    task["prompt"] = "${params.ghost}"
+    response = client.post(reverse("admin:tasks_app_workflowtask_change", args=[workflow.tasks.get(key="b").pk]), task)
+    assert response.context["adminform"].form.errors["prompt"] == [
+        "task 'b': prompt: ${params.ghost} names no parameter of the run"
+    ]
+    task["prompt"] = "${params.other}"
+    assert client.post(task_url(workflow, "b"), task).status_code == 302
+
+
+def test_a_viewer_sees_the_workspace_read_only(client, django_user_model):
+    workflow = workflows.import_document(
+        doc({"key": "a"}, name="w", workspace={"repo": "file:///srv/app.git", "base": "v2"}, params={"p": 1})
+    )
+    client.force_login(staff(django_user_model, "vera", "view_workflow"))
+    page = client.get(change_url(workflow)).content.decode()
+    assert 'name="workspace_repo"' not in page
+    assert '<div class="readonly">file:///srv/app.git</div>' in page and '<div class="readonly">v2</div>' in page
+    assert "Workspace and parameters" in page
 
 
 def test_garbage_in_the_formset_answers_a_form_error_not_a_500(client, ada):
@@ -373,10 +520,73 @@ def test_a_run_is_started_from_the_change_page_too(client, ada, django_user_mode
 def test_a_workflow_without_tasks_is_not_started_and_says_why(client, ada):
     empty = Workflow.objects.create(name="empty")
     response = act(client, "start_run", [empty], apply="1", max_parallel="", priority="")
-    assert response.status_code == 302
-    messages = [str(m) for m in client.get(reverse(CHANGELIST)).context["messages"]]
-    assert messages == ["empty: not started: tasks must be a non-empty list"]
+    assert response.status_code == 200
+    assert response.context["form"].non_field_errors() == ["empty: tasks must be a non-empty list"]
+    assert "Nothing was started." in response.content.decode()
     assert not Run.objects.exists()
+
+
+def start_data(**fields) -> dict:
+    return {"apply": "1", "max_parallel": "", "priority": "", "repo": "", "base": "", "params": "", **fields}
+
+
+def test_start_a_run_overrides_the_repository_base_and_params(client, ada, origin):
+    url, shas = origin
+    workflow = feature_workflow(url, base="light")
+    page = act(client, "start_run", [workflow]).content.decode()
+    assert f"on <code>{url}</code> at <code>light</code>" in page and "<code>feature=login</code>" in page
+    for name in ("repo", "base", "params"):
+        assert f'name="{name}"' in page
+    response = act(client, "start_run", [workflow], **start_data(base="main", params="feature=signup\r\n\r\nn=3"))
+    assert response.status_code == 302
+    run = Run.objects.get()
+    assert (run.repo, run.base_commit, run.params) == (url, shas["second"], {"feature": "signup", "n": "3"})
+    assert audit("run started")[0].detail["overrides"] == {"base": "main", "params": {"feature": "signup", "n": "3"}}
+    start = reverse("admin:tasks_app_workflow_start", args=[workflow.pk])
+    plain = workflows.import_document(doc({"key": "a"}, name="plain"))
+    response = client.post(reverse("admin:tasks_app_workflow_start", args=[plain.pk]), start_data(repo=url, base="v1"))
+    assert response.status_code == 302
+    assert Run.objects.get(workflow=plain).base_commit == shas["first"]
+    assert client.post(start, start_data()).status_code == 302
+    assert Run.objects.filter(workflow=workflow).latest("created_at").base_commit == shas["first"]  # its own
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "says"),
+    [
+        ({"base": "nope"}, "base", "has no branch or tag 'nope'"),
+        ({"base": "abc1234"}, "base", "give a full commit sha"),
+        ({"base": "-x"}, "base", "workspace.base must be a branch, tag or commit"),
+        ({"repo": "file:///nowhere/missing.git"}, "repo", "cannot be reached"),
+        ({"repo": "a b"}, "repo", "workspace.repo must be a git URL"),
+        ({"params": "feature"}, "params", "a parameter is NAME=VALUE, not 'feature'"),
+        ({"params": "bad name=1"}, "params", "parameter name 'bad name'"),
+    ],
+)
+def test_a_start_that_cannot_be_made_is_shown_on_the_form_and_nothing_starts(client, ada, origin, fields, field, says):
+    workflow = feature_workflow(origin[0])
+    for response in (
+        act(client, "start_run", [workflow], **start_data(**fields)),
+        client.post(reverse("admin:tasks_app_workflow_start", args=[workflow.pk]), start_data(**fields)),
+    ):
+        assert response.status_code == 200
+        errors = response.context["form"].errors
+        assert list(errors) == [field] and says in " ".join(errors[field]), errors
+        assert "Nothing was started." in response.content.decode()
+    assert not Run.objects.exists() and not audit("run started")
+
+
+def test_starting_several_workflows_is_all_or_nothing(client, ada, origin):
+    url, _ = origin
+    on_repo, plain = feature_workflow(url), workflows.import_document(doc({"key": "a"}, name="plain"))
+    response = act(client, "start_run", [on_repo, plain], **start_data(base="main"))
+    assert response.status_code == 200
+    assert response.context["form"].errors == {
+        "base": ["plain: a base was given, but the document has no workspace and no repository was given"]
+    }
+    assert not Run.objects.exists() and not audit("run started")
+    assert act(client, "start_run", [on_repo, plain], **start_data(repo=url, base="main")).status_code == 302
+    assert sorted(Run.objects.values_list("name", "repo")) == [("feature", url), ("plain", url)]
 
 
 def test_duplicate_copies_the_workflow_under_a_free_name(client, ada):
@@ -737,7 +947,13 @@ def test_the_task_pages_of_a_2000_task_workflow_take_bounded_queries(client, ada
 def test_names_keys_and_titles_are_escaped_on_every_page(client, ada):
     evil = "<script>alert(1)</script>"
     workflow = workflows.import_document(
-        doc({"key": "a", "title": evil, "prompt": evil, "params": {"x": evil}}, name=evil, description=evil)
+        doc(
+            {"key": "a", "title": evil, "prompt": evil, "params": {"x": evil}},
+            name=evil,
+            description=evil,
+            workspace={"repo": evil, "base": evil},  # no spaces: a valid URL and ref, as far as the document goes
+            params={"p": evil},
+        )
     )
     pages = [
         client.get(reverse(CHANGELIST)),
