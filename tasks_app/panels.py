@@ -229,11 +229,14 @@ def timeline(run_id) -> list[dict]:
 def run_code(run_id) -> dict | None:
     """A workspace run's repository, base, result and parameters, each task's commit with its diffstat, and
     the overlaps: files changed by tasks that ran in parallel (neither upstream of the other), which git may
-    have merged cleanly or not at all. None for a run without a workspace. Three queries."""
+    have merged cleanly or not at all. Only the parameters for a run with no workspace; None for a run with
+    neither. Three queries at most."""
     run = Run.objects.filter(pk=run_id).values("repo", "base_ref", "base_commit", "result_branch",
                                                "result_commit", "params").first()  # fmt: skip
-    if run is None or not run["repo"]:
+    if run is None or not (run["repo"] or run["params"]):
         return None
+    if not run["repo"]:  # parameters only: nothing else to show
+        return {**run, "tasks": [], "overlaps": []}
     tasks = list(
         Task.objects.filter(run_id=run_id, commit__isnull=False).order_by("depth", "key").values("id", "key", "commit")
     )

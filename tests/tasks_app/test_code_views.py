@@ -91,3 +91,9 @@ def test_renames_additions_and_binaries_are_named():
     files, _ = diffs.parse(text)
     assert [(f.path, f.status) for f in files] == [("new.py", "renamed"), ("n.txt", "added"), ("img.png", "binary")]
     assert files[0].old_path == "old.py" and files[1].added == 1
+
+
+def test_a_run_without_a_workspace_shows_its_parameters(submit, viewer):
+    run = submit(doc({"key": "a", "executor": "shell", "command": "echo ${params.who}"}, params={"who": "<ada>"}))
+    page = viewer.get(f"/runs/{run.id}/").content.decode()
+    assert "<h2>Parameters</h2>" in page and "who=&lt;ada&gt;" in page and "Repository" not in page
