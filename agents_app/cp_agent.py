@@ -25,6 +25,14 @@ refused to any host but loopback unless --insecure, because every call carries a
 and when the server asks, it checks its executors (the pre-flight) and is offered tasks only for those that
 passed. A revoked or replaced identity stops it; --re-enroll registers again and rotates its token.
 
+A task's processes do not outlive the daemon. The task runs under a supervisor, this same file started as
+``cp_agent.py --supervise FD -- ARGV``, which leads the task's session and process group and holds one end of
+a socket pair whose other end only the daemon holds: when the daemon dies, by SIGKILL too, the socket reaches
+EOF and the supervisor kills the group (SIGTERM, then SIGKILL after ORPHAN_GRACE_S). Each running group is
+also recorded in NAME.state.tasks/ beside the state file, and a daemon starting again stops what its previous
+life left there (when the supervisor was killed too), once /proc shows the group is still that task's and not
+a recycled pid's.
+
 Started again with its saved identity, it heartbeats at once, listing no attempts, so the server can let go
 of the attempts of its previous life at once rather than when their leases run out.
 
@@ -37,6 +45,7 @@ import abc
 import argparse
 import codecs
 import contextlib
+import fcntl
 import http.client
 import ipaddress
 import json
@@ -72,6 +81,10 @@ ARTIFACT_MAX_BYTES = 100 * 1024 * 1024  # read into memory to upload; bigger fil
 MESSAGE_MAX_CHARS = 1000
 PROGRESS_MIN_GAP_S = 0.5  # at most two progress calls a second per task
 KILL_GRACE_S = 10.0  # between SIGTERM and SIGKILL of a task's process group
+ORPHAN_GRACE_S = 2.0  # the same, when a supervisor stops a task whose daemon died (or a daemon its leftovers)
+SUPERVISOR_START_S = 30.0  # how long the daemon waits for a task's supervisor to say it started the task
+SUPERVISE_FLAG = "--supervise"  # argv[1] of a task's supervisor: this file, run by the daemon
+AGENT_FILE = os.path.abspath(__file__)
 REQUEST_TIMEOUT_S = 30.0
 CLAIM_TIMEOUT_MARGIN_S = 15.0  # the claim's HTTP timeout is wait_s plus this
 TASK_CALL_PATIENCE_S = 120.0  # progress/artifacts/complete retry this long, then give up
@@ -567,6 +580,7 @@ class TaskContext:
     agent_name: str = "cp-agent"
     time_scale: float = 1.0
     canceled: threading.Event = field(default_factory=threading.Event)
+    records: LiveTasks | None = None  # where the task's process group is recorded while it runs
 
     @property
     def out_dir(self) -> Path:
@@ -680,57 +694,315 @@ def _pump_output(stream: Any, ctx: TaskContext, keep: bytearray | None = None) -
     ctx.log(decoder.decode(b"", final=True))
 
 
-def stop_process_group(proc: subprocess.Popen, readers: list[threading.Thread], grace: float) -> None:
-    """SIGTERM the process group led by `proc`, then SIGKILL it once the leader has exited and its pipes
-    are closed, or after `grace` seconds. Also run after a normal exit, so background children a task
-    left behind do not outlive it."""
-    _signal_group(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        # EOF on the pipes rather than a pid check: members that died may linger as zombies of init.
-        if proc.poll() is not None and not any(reader.is_alive() for reader in readers):
-            break
-        time.sleep(0.05)
-    _signal_group(proc.pid, signal.SIGKILL)
+# ---- the supervisor: a task's group dies with its daemon
+
+
+def supervisor_command(lifeline_fd: int, argv: list[str]) -> list[str]:
+    # -I -S: the standard library is all it needs, and PYTHON* variables are meant for the task, not for it.
+    return [sys.executable or "python3", "-I", "-S", AGENT_FILE, SUPERVISE_FLAG, str(lifeline_fd), "--", *argv]
+
+
+def supervise(lifeline_fd: int, argv: list[str]) -> int:
+    """`cp_agent.py --supervise FD -- ARGV`: the supervisor of one task, started by the daemon as the leader
+    of a new session and process group, holding on FD one end of a socket pair whose other end only the
+    daemon holds. It runs ARGV as its child in that group, with the supervisor's working directory,
+    environment, stdin, stdout and stderr (the daemon reads the task's output directly), and tells the
+    daemon `started PID`, then `exit RETURNCODE` (`error TEXT` if ARGV cannot be started).
+
+    When the daemon dies, by SIGKILL too, the kernel closes its end and FD reaches EOF: the supervisor then
+    stops the group, SIGTERM, then SIGKILL once the task's leader is gone or after ORPHAN_GRACE_S, which
+    ends the supervisor too. Otherwise it outlives the leader and dies by the daemon's own SIGKILL of the
+    group, so a background child the task left is never without one. It ignores SIGTERM (the daemon's
+    cancel goes to the whole group) with a handler rather than SIG_IGN, which the task would inherit."""
+    if os.getpgrp() != os.getpid():
+        os.setsid()  # the daemon starts it so; never signal a group that is not the task's own
+    lifeline = socket.socket(fileno=lifeline_fd)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda _signum, _frame: None)
+    leader_gone = threading.Event()
+    watcher = threading.Thread(target=_stop_group_when_daemon_dies, args=(lifeline, leader_gone), daemon=True)
+    watcher.start()
     try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        log.error("process %d survived SIGKILL", proc.pid)
-    for reader in readers:
-        reader.join(timeout=1)  # a process that left our group with setsid may still hold a pipe
+        leader = subprocess.Popen(argv)
+    except OSError as exc:
+        _tell(lifeline, f"error {exc}")
+        return 127
+    # Our copies of the task's stdout and stderr would hold the daemon's pipes open after the task is done.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    _tell(lifeline, f"started {leader.pid}")
+    returncode = leader.wait()
+    leader_gone.set()
+    _tell(lifeline, f"exit {returncode}")
+    watcher.join()
+    return 0
+
+
+def _tell(lifeline: socket.socket, line: str) -> None:
+    with contextlib.suppress(OSError):  # the daemon is gone: the watcher acts on that
+        lifeline.sendall(line.replace("\n", " ").encode() + b"\n")
+
+
+def _stop_group_when_daemon_dies(lifeline: socket.socket, leader_gone: threading.Event) -> None:
+    with contextlib.suppress(OSError):
+        while lifeline.recv(4096):  # the daemon sends nothing: this returns b"" when it is gone
+            pass
+    group = os.getpgrp()
+    _signal_group(group, signal.SIGTERM)
+    leader_gone.wait(ORPHAN_GRACE_S)
+    _signal_group(group, signal.SIGKILL)  # ourselves included
+
+
+class TaskGroup:
+    """The daemon's side of a running task: its supervisor (our child, and the leader of the task's session
+    and process group, so its pid is the group's id) and the socket pair between them. See supervise()."""
+
+    def __init__(self, argv: list[str], ctx: TaskContext):
+        ours, theirs = socket.socketpair()  # both ends close-on-exec: no other child inherits ours
+        try:
+            self.proc = subprocess.Popen(
+                supervisor_command(theirs.fileno(), argv),
+                cwd=ctx.work_dir,
+                env=ctx.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                pass_fds=(theirs.fileno(),),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.pgid = self.proc.pid
+        self.records, self.attempt_id = ctx.records, ctx.attempt_id
+        if self.records is not None:
+            self.records.add(ctx.attempt_id, ctx.key, self.pgid)
+        self.returncode: int | None = None  # the task leader's, once the supervisor tells it
+        self.exited = threading.Event()  # the leader has exited, or the supervisor has died
+        self._lifeline = ours
+        self._messages = ours.makefile("r", encoding="utf-8", errors="replace")
+        ours.settimeout(SUPERVISOR_START_S)
+        try:
+            first = self._messages.readline()
+        except OSError:  # a timeout
+            first = ""
+        kind, _, detail = first.strip().partition(" ")
+        if kind != "started":
+            raise OSError(self._abandon(detail if kind == "error" else ""))
+        ours.settimeout(None)
+        threading.Thread(target=self._follow, daemon=True, name=f"supervisor-{self.pgid}").start()
+
+    def _follow(self) -> None:
+        """Wait for the supervisor's word of the leader's end; EOF means the supervisor died, and then its
+        own exit status stands for the task's."""
+        with contextlib.suppress(OSError, ValueError):
+            for line in self._messages:
+                kind, _, detail = line.strip().partition(" ")
+                if kind == "exit":
+                    self.returncode = int(detail)
+                    break
+        self.exited.set()
+
+    def _abandon(self, error: str) -> str:
+        """Stop a supervisor that did not start the task; the reason, for `cannot start ...`."""
+        _signal_group(self.pgid, signal.SIGKILL)
+        self.proc.wait()
+        said = ""
+        if self.proc.stderr:  # what it said before dying, without waiting on a pipe something else may hold
+            os.set_blocking(self.proc.stderr.fileno(), False)
+            said = (self.proc.stderr.read() or b"").decode("utf-8", "replace").strip()
+        self._close()
+        if error:
+            return error
+        return f"its supervisor ({sys.executable}) exited with {self.proc.returncode}: {said[-500:] or 'no output'}"
+
+    def stop(self, readers: list[threading.Thread], grace: float) -> int:
+        """SIGTERM the process group, then SIGKILL it (the supervisor with it) once the task's leader has
+        exited and its pipes are closed, or after `grace` seconds. Also run after a normal exit, so
+        background children a task left behind do not outlive it. Returns the leader's return code."""
+        _signal_group(self.pgid, signal.SIGTERM)  # the supervisor, alive till the SIGKILL, pins the group's id
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            # EOF on the pipes rather than a pid check: members that died may linger as zombies of init.
+            if self.exited.is_set() and not any(reader.is_alive() for reader in readers):
+                break
+            time.sleep(0.05)
+        _signal_group(self.pgid, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.error("process %d survived SIGKILL", self.proc.pid)
+        for reader in readers:
+            reader.join(timeout=1)  # a process that left our group with setsid may still hold a pipe
+        self.exited.wait(1)  # the reader of the socket has seen the supervisor's end
+        self._close()
+        return self.returncode if self.returncode is not None else self.proc.returncode
+
+    def _close(self) -> None:
+        self._messages.close()
+        self._lifeline.close()
+        if self.records is not None:
+            self.records.remove(self.attempt_id)
 
 
 def run_in_process_group(argv: list[str], ctx: TaskContext, timeout_s: float | None) -> ProcessOutcome:
-    """Run `argv` in the work dir as the leader of a new process group, streaming its output into the log,
-    until it exits, times out or is canceled; the whole group is stopped in every case."""
-    proc = subprocess.Popen(
-        argv,
-        cwd=ctx.work_dir,
-        env=ctx.env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    """Run `argv` in the work dir in a new session and process group under a supervisor (TaskGroup),
+    streaming its output into the log, until it exits, times out or is canceled; the whole group is stopped
+    in every case, and by its supervisor if this daemon dies first."""
+    group = TaskGroup(argv, ctx)
     kept = bytearray()
     readers = [
-        threading.Thread(target=_pump_output, args=(proc.stdout, ctx, kept), daemon=True),
-        threading.Thread(target=_pump_output, args=(proc.stderr, ctx), daemon=True),
+        threading.Thread(target=_pump_output, args=(group.proc.stdout, ctx, kept), daemon=True),
+        threading.Thread(target=_pump_output, args=(group.proc.stderr, ctx), daemon=True),
     ]
     for reader in readers:
         reader.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     timed_out = canceled = False
-    while proc.poll() is None:
+    while not group.exited.is_set():
         if ctx.canceled.wait(0.1):
             canceled = True
             break
         if deadline is not None and time.monotonic() >= deadline:
             timed_out = True
             break
-    stop_process_group(proc, readers, KILL_GRACE_S)
+    returncode = group.stop(readers, KILL_GRACE_S)
     stdout = bytes(kept[-OUTPUT_KEEP_BYTES:]).decode("utf-8", "replace")
-    return ProcessOutcome(proc.returncode, stdout, timed_out, canceled)
+    return ProcessOutcome(returncode, stdout, timed_out, canceled)
+
+
+# ---- what a daemon's previous life left running
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    state: str
+    pgrp: int
+    start_time: int  # clock ticks after boot: with the pid, it names one process for good
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """Fields of /proc/PID/stat; None when the process is gone, or there is no /proc (not Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces and parentheses
+    return ProcStat(fields[0], int(fields[2]), int(fields[19]))
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes (zombies excluded) of process group `pgid`, from /proc."""
+    members = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                st = proc_stat(int(entry.name))
+                if st is not None and st.pgrp == pgid and st.state not in ("Z", "X"):
+                    members.append(int(entry.name))
+    return members
+
+
+def _environ_has(pid: int, entry: str) -> bool:
+    try:
+        return entry.encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+class LiveTasks:
+    """The process groups of the tasks this agent runs, one JSON file each in a directory beside the state
+    file ({"attempt_id", "key", "pgid", "start_time"}), written when a task's supervisor starts and removed
+    once its group is stopped. A supervisor kills its group when the daemon dies; these records let the next
+    daemon of the same state kill what is left when the supervisor died too (all SIGKILLed at once, the
+    OOM killer). A record is acted on only as far as /proc confirms it (is_ours), since pids are recycled."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._lock_fd: int | None = None
+
+    def take_lock(self) -> bool:
+        """Hold the directory's lock for the life of this process; False when another live daemon holds it
+        (two daemons sharing one state file must not kill each other's tasks)."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd  # closed by the kernel when we exit, which frees the lock
+        return True
+
+    def _path(self, attempt_id: str) -> Path:
+        return self.directory / f"{safe_name(attempt_id)}.json"
+
+    def add(self, attempt_id: str, key: str, pgid: int) -> None:
+        """Record the group of a task whose supervisor has just started (a failure to write is only logged:
+        the supervisor is running the task by now, and it still covers its daemon's death)."""
+        st = proc_stat(pgid)  # our unreaped child: the pid cannot have been recycled yet
+        record = {"attempt_id": attempt_id, "key": key, "pgid": pgid, "start_time": st.start_time if st else None}
+        tmp = self._path(attempt_id).with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self._path(attempt_id))
+        except OSError as exc:
+            log.warning("cannot record the process group of %s in %s: %s", key, self.directory, exc)
+
+    def remove(self, attempt_id: str) -> None:
+        with contextlib.suppress(OSError):
+            self._path(attempt_id).unlink(missing_ok=True)
+
+    @staticmethod
+    def is_ours(record: dict) -> bool:
+        """Whether process group record["pgid"] is still the recorded task's. A group's id is not handed out
+        again while any process of the group lives, so one member that is certainly the task's vouches for
+        the whole group: the supervisor (whose pid is the group's id) with the recorded start time, or,
+        the supervisor gone, a member started after it that carries the attempt's CP_ATTEMPT_ID."""
+        pgid, started, attempt_id = record.get("pgid"), record.get("start_time"), record.get("attempt_id")
+        if not (isinstance(pgid, int) and isinstance(started, int) and isinstance(attempt_id, str)):
+            return False
+        if pgid <= 1 or pgid == os.getpgrp():
+            return False
+        leader = proc_stat(pgid)
+        if leader is not None:  # the supervisor, or a stranger given its recycled pid
+            return leader.start_time == started and leader.pgrp == pgid
+        marker = f"CP_ATTEMPT_ID={attempt_id}"
+        for pid in group_members(pgid):
+            st = proc_stat(pid)
+            if st is not None and st.start_time >= started and _environ_has(pid, marker):
+                return True
+        return False
+
+    def kill_leftovers(self, grace: float = ORPHAN_GRACE_S) -> list[str]:
+        """Stop the groups of recorded tasks that still run (SIGTERM, SIGKILL after `grace`) and forget every
+        record; returns the keys of the tasks stopped."""
+        records, ours = list(self.directory.glob("*.json")), []
+        for path in records:
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(record, dict):
+                continue
+            if self.is_ours(record):
+                ours.append(record)
+                _signal_group(record["pgid"], signal.SIGTERM)
+            elif record.get("start_time") is None and isinstance(record.get("pgid"), int):
+                log.warning("cannot tell whether process group %s is still task %s here: not killing it",
+                            record["pgid"], record.get("key"))  # fmt: skip
+        deadline = time.monotonic() + grace
+        while any(group_members(r["pgid"]) for r in ours) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for record in ours:
+            if group_members(record["pgid"]) and self.is_ours(record):
+                _signal_group(record["pgid"], signal.SIGKILL)
+        for path in [*records, *self.directory.glob("*.tmp")]:
+            path.unlink(missing_ok=True)
+        return [str(record.get("key")) for record in ours]
 
 
 def _timeout_of(task: dict) -> float | None:
@@ -1064,6 +1336,7 @@ class TaskRun:
         config = self.agent.config
         ctx = TaskContext(self.task, self.attempt_id, self.work_dir, self.stream.report, self.stream.log)
         ctx.agent_name, ctx.time_scale, ctx.canceled = config.name, config.time_scale, self.canceled
+        ctx.records = self.agent.live_tasks
         try:
             return executor.run(ctx)
         except Exception as exc:
@@ -1118,6 +1391,7 @@ class Agent:
         self._preflight_lock = threading.Lock()
         self.api = api or ApiClient(config.servers, config.ca_file)
         self.state = StateFile(config.state_file)
+        self.live_tasks: LiveTasks | None = None  # set by run() once it holds the directory's lock
         self.token = self.agent_id = ""
         self.timings = dict(DEFAULT_TIMINGS)
         self.heartbeat_interval_s = self.wait_s = 0.0
@@ -1135,6 +1409,7 @@ class Agent:
     def run(self) -> int:
         """Serve until drained, shut down or unable to go on; returns the exit status."""
         self._install_signal_handlers()
+        self._stop_leftovers()
         report = self.preflight()
         if not self.usable:
             log.error("stopped: no executor passed its pre-flight")
@@ -1168,6 +1443,23 @@ class Agent:
             return 1
         log.info("stopped")
         return 0
+
+    def _stop_leftovers(self) -> None:
+        """Kill what a previous life of this agent left running (before the server hears from us, so no task
+        runs twice), then record our own tasks in the same place."""
+        live = LiveTasks(self.config.state_file.with_suffix(".tasks"))
+        try:
+            locked = live.take_lock()
+        except OSError as exc:
+            log.warning("cannot use %s, so tasks of this agent's next life may outlive it: %s", live.directory, exc)
+            return
+        if not locked:
+            log.warning("another daemon holds %s: its tasks are not this one's to stop", live.directory)
+            return
+        stopped = live.kill_leftovers()
+        if stopped:
+            log.warning("stopped tasks the previous run of this agent left running: %s", ", ".join(stopped))
+        self.live_tasks = live
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -1520,6 +1812,12 @@ def run_check(config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [SUPERVISE_FLAG]:  # started by the daemon for a task: --supervise FD -- ARGV
+        if len(argv) < 4 or argv[2] != "--" or not argv[1].isdigit():
+            print(f"cp_agent: usage: {SUPERVISE_FLAG} FD -- ARGV", file=sys.stderr)
+            return 2
+        return supervise(int(argv[1]), argv[3:])
     try:
         config = Config.from_argv(argv)
     except ConfigError as exc:

@@ -30,6 +30,7 @@ from agents_app.cp_agent import (
     CodexExecutor,
     Config,
     ConfigError,
+    LiveTasks,
     ProgressStream,
     ShellExecutor,
     SimulatedExecutor,
@@ -238,6 +239,183 @@ def test_output_streams_before_the_process_ends(tmp_path):
         time.sleep(0.02)
     assert "partial line without newline" in rec.text
     worker.join()
+
+
+# ------------------------------------------------------------------------------------------- the supervisor
+
+
+def stat_of(pid: int) -> list[str]:
+    """/proc/PID/stat's fields from the state on: [0] state, [1] ppid, [2] pgrp, [3] session."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def live_members(pgid: int) -> list[int]:
+    """The processes of group `pgid` that are not zombies."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = stat_of(int(entry.name))
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
+def eventually(predicate, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def pid_in(path: Path) -> int:
+    """The pid a task wrote to `path`, once it is all there."""
+    return int(eventually(lambda: path.exists() and path.read_text().endswith("\n") and path.read_text(), 10, path))
+
+
+def test_a_task_runs_under_a_supervisor_that_leads_its_session_and_is_recorded_until_the_group_is_gone(tmp_path):
+    records = LiveTasks(tmp_path / "unit-1.state.tasks")
+    assert records.take_lock()
+    ctx = make_context(tmp_path, Recorder(), command="echo $$ > sh.pid; sleep 100")
+    ctx.records = records
+    outcomes: list = []
+    worker = threading.Thread(target=lambda: outcomes.append(ShellExecutor().run(ctx)))
+    worker.start()
+    task = pid_in(ctx.work_dir / "sh.pid")
+    supervisor = int(stat_of(task)[1])
+    argv = Path(f"/proc/{supervisor}/cmdline").read_bytes().decode().split("\0")[:-1]
+    assert argv[3:5] == [str(AGENT_PY), "--supervise"]  # after python -I -S
+    assert argv[6:] == ["--", "/bin/sh", "-c", ctx.task["command"]]
+    assert (int(stat_of(task)[2]), int(stat_of(task)[3])) == (supervisor, supervisor)  # its group and session
+    record = json.loads((records.directory / "attempt-uuid-1234.json").read_text())
+    assert record == {
+        "attempt_id": "attempt-uuid-1234",
+        "key": "core-1",
+        "pgid": supervisor,
+        "start_time": int(stat_of(supervisor)[19]),
+    }
+    ctx.canceled.set()
+    worker.join(5)
+    assert (outcomes[0].error, outcomes[0].exit_code) == ("canceled", -signal.SIGTERM)
+    assert process_gone(task) and process_gone(supervisor)
+    assert not list(records.directory.glob("*.json"))
+
+
+def test_a_supervisor_whose_daemon_is_gone_stops_the_task_group(tmp_path):
+    """The daemon's end of the socket closing, as when the kernel closes a SIGKILLed daemon's files, is the
+    signal: SIGTERM to the group, SIGKILL after the grace (here the leader survives SIGTERM), the supervisor
+    itself included."""
+    ours, theirs = socket.socketpair()
+    command = "trap 'touch got-term' TERM; echo $$ > sh.pid; while :; do sleep 0.1; done"
+    supervisor = subprocess.Popen(
+        cp_agent.supervisor_command(theirs.fileno(), ["/bin/sh", "-c", command]),
+        cwd=tmp_path,
+        start_new_session=True,
+        pass_fds=(theirs.fileno(),),
+    )
+    theirs.close()
+    assert ours.makefile().readline().startswith("started ")
+    task = pid_in(tmp_path / "sh.pid")
+    assert supervisor.pid in live_members(supervisor.pid) and task in live_members(supervisor.pid)
+    ours.close()
+    gone_at = time.monotonic()
+    assert supervisor.wait(cp_agent.ORPHAN_GRACE_S + 5) == -signal.SIGKILL
+    eventually(lambda: not live_members(supervisor.pid), 2, "the whole group to be gone")
+    took = time.monotonic() - gone_at
+    assert (tmp_path / "got-term").exists()  # SIGTERM first
+    assert cp_agent.ORPHAN_GRACE_S - 0.1 < took < cp_agent.ORPHAN_GRACE_S + 2, took
+
+
+def test_a_timed_out_task_that_ignores_sigterm_is_killed_after_the_grace(tmp_path, monkeypatch):
+    monkeypatch.setattr(cp_agent, "KILL_GRACE_S", 0.5)
+    ctx = make_context(tmp_path, Recorder(), timeout_s=0.3, command="trap '' TERM; echo $$ > sh.pid; sleep 100")
+    started = time.monotonic()
+    outcome = ShellExecutor().run(ctx)
+    assert 0.8 <= time.monotonic() - started < 3
+    assert (outcome.error, outcome.exit_code) == ("timeout after 0.3 s", -signal.SIGKILL)
+    assert process_gone(int((ctx.work_dir / "sh.pid").read_text()))
+
+
+def test_a_program_that_cannot_be_started_fails_the_task_saying_why(tmp_path):
+    codex = tmp_path / "codex"
+    codex.write_text("#!/nonexistent/interpreter\n")
+    codex.chmod(0o755)
+    outcome = CodexExecutor({"PATH": str(tmp_path)}).run(make_context(tmp_path, Recorder(), prompt="x"))
+    assert outcome.error.startswith(f"cannot start {codex}: [Errno 2] No such file or directory"), outcome.error
+    assert outcome.exit_code is None
+
+
+def test_a_supervisor_that_dies_before_starting_the_task_fails_it_with_what_it_said(tmp_path, monkeypatch):
+    broken = [sys.executable, "-c", "import sys; print('no python for you', file=sys.stderr); sys.exit(3)"]
+    monkeypatch.setattr(cp_agent, "supervisor_command", lambda fd, argv: broken)
+    outcome = ShellExecutor().run(make_context(tmp_path, Recorder(), command="touch ran"))
+    assert outcome.error.startswith("cannot start /bin/sh: its supervisor (") and outcome.exit_code is None
+    assert outcome.error.endswith(") exited with 3: no python for you"), outcome.error
+    assert not (tmp_path / "work" / "ran").exists()
+
+
+# ------------------------------------------------------------------------------------------- leftovers
+
+
+def start_group(command: str, attempt_id: str, stdin=None) -> subprocess.Popen:
+    """A process group of its own, as a task's, its processes carrying CP_ATTEMPT_ID=`attempt_id`."""
+    env = {**os.environ, "CP_ATTEMPT_ID": attempt_id}
+    return subprocess.Popen(["/bin/sh", "-c", command], env=env, start_new_session=True, stdin=stdin)
+
+
+def plant(records: LiveTasks, attempt_id: str, pgid: int, start_time: int) -> None:
+    record = {"attempt_id": attempt_id, "key": f"task-{attempt_id}", "pgid": pgid, "start_time": start_time}
+    (records.directory / f"{attempt_id}.json").write_text(json.dumps(record))
+
+
+def leaderless_group(tmp_path: Path, attempt_id: str) -> tuple[int, int, int]:
+    """A group whose leader (the supervisor, say) has died while a member runs on: (pgid, leader's start
+    time, the member's pid)."""
+    member_file = tmp_path / f"{attempt_id}.pid"
+    leader = start_group(f"sleep 60 & echo $! > {member_file}; read _", attempt_id, stdin=subprocess.PIPE)
+    started = int(stat_of(leader.pid)[19])
+    member = pid_in(member_file)
+    leader.stdin.close()  # the leader exits; the member stays in its group
+    leader.wait(5)
+    return leader.pid, started, member
+
+
+def test_leftovers_of_a_previous_life_are_stopped_but_never_a_recycled_pid(tmp_path):
+    records = LiveTasks(tmp_path / "unit-1.state.tasks")
+    assert records.take_lock()
+    # Still ours: a supervisor alive with the recorded start time; a group whose supervisor died, a member
+    # carrying the attempt's id.
+    alive = start_group("sleep 60", "attempt-alive")
+    plant(records, "attempt-alive", alive.pid, int(stat_of(alive.pid)[19]))
+    pgid, started, orphan = leaderless_group(tmp_path, "attempt-orphaned")
+    plant(records, "attempt-orphaned", pgid, started)
+    # Not ours: the recorded pid now belongs to another process (another start time); a leaderless group
+    # whose members carry another attempt's id.
+    stranger = start_group("sleep 60", "attempt-new")
+    plant(records, "attempt-old", stranger.pid, int(stat_of(stranger.pid)[19]) - 100)
+    other_pgid, other_started, other_member = leaderless_group(tmp_path, "attempt-other")
+    plant(records, "attempt-unrelated", other_pgid, other_started)
+    try:
+        stopped = records.kill_leftovers(grace=1.0)
+        assert sorted(stopped) == ["task-attempt-alive", "task-attempt-orphaned"]
+        assert alive.wait(2) == -signal.SIGTERM
+        eventually(lambda: process_gone(orphan), 2, "the orphaned member to be killed")
+        assert not process_gone(stranger.pid) and not process_gone(other_member)
+        assert not list(records.directory.glob("*.json"))  # every record is forgotten
+    finally:
+        os.killpg(stranger.pid, signal.SIGKILL)
+        os.killpg(other_pgid, signal.SIGKILL)
+        stranger.wait()
+
+
+def test_two_daemons_sharing_one_state_do_not_take_each_others_tasks_directory(tmp_path):
+    first, second = LiveTasks(tmp_path / "d"), LiveTasks(tmp_path / "d")
+    assert first.take_lock()
+    assert not second.take_lock()
 
 
 # ------------------------------------------------------------------------------------------- simulated
