@@ -1,5 +1,6 @@
 """What every JSON endpoint shares: PROTOCOL.md's error shape, body parsing, and database calls from
-async views that borrow a pooled connection only for the duration of one unit of work."""
+async views that borrow a pooled connection only for the duration of one unit of work (and are refused at
+once, 503, while the database is unreachable: control_plane/db_outage.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.db import connections
 from django.http import JsonResponse
 
+from control_plane.db_outage import DATABASE, DatabaseUnavailable, is_unavailable, unavailable_response
 from control_plane.rate_limit import FailureLimiter
 from tasks_app.actions import ActionError
 from tasks_app.dag import DagError
@@ -48,7 +50,10 @@ def db_call(fn):
 
     A plain run_in_executor rather than asgiref's sync_to_async: that one builds a wrapper, copies the
     context and checks the function on every call, which showed up in the hot path's profile. Django's
-    connections are thread-local, so the executor thread's own connection is used and released here."""
+    connections are thread-local, so the executor thread's own connection is used and released here.
+
+    Raises DatabaseUnavailable at once while the database is known unreachable, and in place of the error
+    of a call that finds it so (which opens the breaker for every other call of this process)."""
 
     def run(args, kwargs):
         try:
@@ -57,14 +62,24 @@ def db_call(fn):
             connections.close_all()
 
     async def call(*args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(DB_EXECUTOR, run, args, kwargs)
+        generation = DATABASE.check()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(DB_EXECUTOR, run, args, kwargs)
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            DATABASE.failed(exc, generation)
+            raise DatabaseUnavailable("the database is unreachable") from exc
 
     return call
 
 
 def api_view(view):
-    """Turn every refusal into PROTOCOL.md's error shape; an unexpected failure is logged and becomes a
-    JSON 500 (never an HTML page on /api/)."""
+    """Turn every refusal into PROTOCOL.md's error shape; an unreachable database is a 503 with Retry-After
+    (logged once per outage, by the breaker); an unexpected failure is logged and becomes a JSON 500 (never
+    an HTML page on /api/)."""
 
     @functools.wraps(view)
     async def wrapper(request, *args, **kwargs):
@@ -88,7 +103,12 @@ def api_view(view):
             return error_response(409, "invalid_state", str(exc))
         except RequestDataTooBig:
             return error_response(413, "too_large", "the request body is larger than this endpoint accepts")
-        except Exception:
+        except DatabaseUnavailable:
+            return unavailable_response(request.path)
+        except Exception as exc:
+            if is_unavailable(exc):  # database work outside db_call
+                DATABASE.failed(exc)
+                return unavailable_response(request.path)
             log.exception("unhandled error in %s", view.__name__)
             return error_response(500, "internal", "the server failed to handle this request")
 

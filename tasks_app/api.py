@@ -7,6 +7,7 @@ import uuid
 from django.http import HttpResponse, JsonResponse
 
 from agents_app import registry, tokens
+from control_plane.db_outage import check_database
 from control_plane.http_api import ApiError, api_view, db_call, json_body, require_method
 
 from . import actions, panels, reports
@@ -37,6 +38,8 @@ def _actor(user) -> str:
 
 @api_view
 async def health(request):
+    """200 while this process can reach the database (one round trip), 503 while it cannot."""
+    await db_call(check_database)()
     return JsonResponse({"status": "ok"})
 
 

@@ -16,6 +16,8 @@ import psycopg
 from django.conf import settings
 from django.db import connection
 
+from control_plane.db_outage import DATABASE, DatabaseUnavailable, describe, is_unavailable
+
 from . import actions
 from .notify import CHANNEL, parse
 
@@ -133,12 +135,16 @@ class EventHub:
         params = connection.get_connection_params()
         params.pop("cursor_factory", None)
         params.pop("context", None)
+        lost = False  # logged once per loss, not at every attempt to reconnect
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(**params, autocommit=True)
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()
+                    if lost:
+                        log.info("LISTEN connection restored")
+                        lost = False
                     # Anything that happened while we were not listening went unheard: everyone looks again.
                     self.wake_all()
                     async for note in conn.notifies():
@@ -147,7 +153,11 @@ class EventHub:
                 raise
             except Exception as exc:
                 self.listening.clear()
-                log.warning("LISTEN connection lost (%s); reconnecting", exc)
+                if is_unavailable(exc):
+                    DATABASE.failed(exc)  # the first to know: API calls are refused at once from now on
+                if not lost:
+                    log.warning("LISTEN connection lost (%s); reconnecting", describe(exc))
+                lost = True
                 await asyncio.sleep(1.0)
 
     async def _sweep_forever(self) -> None:
@@ -165,6 +175,8 @@ class EventHub:
                 await self.wake_missed()
             except asyncio.CancelledError:
                 raise
+            except DatabaseUnavailable:
+                pass  # logged once per outage, by control_plane.db_outage
             except Exception:
                 log.exception("sweep failed")
             await asyncio.sleep(max(0.1, settings.CP_SWEEP_INTERVAL_S - (time.monotonic() - started)))
