@@ -519,8 +519,13 @@ def lose_attempts(attempt_ids, reason: str, actor: str) -> int:
 
 
 def _server_gap_s() -> float:
-    """A silence of every server process longer than this counts as our downtime, not the agents'."""
-    return max(3 * settings.CP_SWEEP_INTERVAL_S, 10)
+    """A silence of every server process longer than this counts as our downtime, not the agents'.
+
+    An agent heartbeating every H seconds looks silent after a server silence of O - H (O: the offline
+    threshold), so the gap must be shorter than that: half of it, at most 10 s; but at least three sweep
+    intervals, so that a slow sweep is not taken for a downtime (which would only delay expiry by a lease)."""
+    margin = (settings.CP_OFFLINE_AFTER_S - settings.CP_HEARTBEAT_INTERVAL_S) / 2
+    return max(3 * settings.CP_SWEEP_INTERVAL_S, min(10.0, margin))
 
 
 def sweep(force: bool = False) -> dict:

@@ -248,6 +248,39 @@ def test_nothing_expires_for_one_lease_after_a_server_restart(make_agent, submit
     assert actions.sweep()["expired"] == 1
 
 
+@pytest.mark.parametrize(
+    "heartbeat_s, offline_s, sweep_s", [(10, 30, 2), (1, 3, 0.5), (5, 12, 1)], ids=["production", "fast", "mid"]
+)
+def test_a_server_silence_too_short_to_make_agents_look_silent_is_not_a_downtime_but_a_longer_one_is(
+    make_agent, submit, settings, heartbeat_s, offline_s, sweep_s
+):
+    settings.CP_HEARTBEAT_INTERVAL_S, settings.CP_OFFLINE_AFTER_S = heartbeat_s, offline_s
+    settings.CP_SWEEP_INTERVAL_S = sweep_s
+    from tasks_app.models import SweepClock
+
+    # Every server down for just long enough that an agent's heartbeat, due just after it went down, leaves
+    # its last one past the offline threshold.
+    silence = timedelta(seconds=offline_s - heartbeat_s + 0.1)
+    agent = make_agent("solo", labels=[])
+    submit(doc({"key": "a"}))
+    claim(agent)
+    from agents_app.models import Agent
+
+    Agent.objects.filter(pk=agent["id"]).update(last_seen_at=timezone.now() - timedelta(seconds=offline_s + 1))
+    SweepClock.objects.update_or_create(
+        id=1, defaults={"server_alive_at": timezone.now() - silence, "expiry_not_before": timezone.now() - silence}
+    )
+    actions.tick_sweep_clock(starting=True)
+    assert actions.sweep()["offline"] == 0, "the agent was blamed for our downtime"
+    # A silence shorter than three sweeps is not a downtime: the clock allows expiry again. (The test runs in
+    # one transaction, whose now() is its start: the times set here are in its past.)
+    SweepClock.objects.update(
+        server_alive_at=timezone.now() - timedelta(seconds=2 * sweep_s), expiry_not_before=timezone.now() - silence
+    )
+    actions.tick_sweep_clock()
+    assert actions.sweep()["offline"] == 1
+
+
 def test_database_refuses_a_second_success_or_a_second_live_attempt(make_agent, submit):
     agent = make_agent("solo", labels=[])
     run = submit(doc({"key": "a"}))
