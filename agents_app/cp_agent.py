@@ -46,6 +46,7 @@ import argparse
 import codecs
 import contextlib
 import fcntl
+import hashlib
 import http.client
 import ipaddress
 import json
@@ -71,7 +72,7 @@ from typing import Any
 
 VERSION = "1.2.0"
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-KNOWN_EXECUTORS = ("shell", "simulated", "claude", "codex")
+KNOWN_EXECUTORS = ("shell", "simulated", "claude", "codex", "git")
 DEFAULT_TIMINGS = {"heartbeat_interval_s": 10.0, "lease_s": 60.0, "max_wait_s": 30.0}
 LOG_CHUNK_BYTES = 64 * 1024  # the server's limit for the "log" of one progress call
 STDOUT_TAIL_BYTES = 4 * 1024
@@ -81,6 +82,10 @@ ARTIFACT_MAX_BYTES = 100 * 1024 * 1024  # read into memory to upload; bigger fil
 MESSAGE_MAX_CHARS = 1000
 PROGRESS_MIN_GAP_S = 0.5  # at most two progress calls a second per task
 KILL_GRACE_S = 10.0  # between SIGTERM and SIGKILL of a task's process group
+GIT_NETWORK_TIMEOUT_S = 300.0  # one fetch or push; a repository that answers slower fails the attempt
+GIT_LOCAL_TIMEOUT_S = 120.0  # worktree, merge, commit: local work, bounded all the same
+DIFF_MAX_BYTES = 10 * 1024 * 1024  # of a task's patch, uploaded for the dashboard
+KEEP_FAILED_HOURS = 24.0
 ORPHAN_GRACE_S = 2.0  # the same, when a supervisor stops a task whose daemon died (or a daemon its leftovers)
 SUPERVISOR_START_S = 30.0  # how long the daemon waits for a task's supervisor to say it started the task
 SUPERVISE_FLAG = "--supervise"  # argv[1] of a task's supervisor: this file, run by the daemon
@@ -205,6 +210,7 @@ class Config:
     check: bool = False
     once: bool = False
     log_level: str = "INFO"
+    keep_failed_hours: float = KEEP_FAILED_HOURS
 
     @classmethod
     def from_argv(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
@@ -224,6 +230,9 @@ class Config:
                 raise ConfigError(f"--executors takes some of {', '.join(KNOWN_EXECUTORS)}; unknown: {unknown}")
         else:
             executors = default_executor_names(environ)
+        if "git" not in executors:
+            # Not a choice but a capability: a workspace task needs git, and pre-flight says whether it is here.
+            executors.append("git")
         if not 1 <= args.capacity <= 64:
             raise ConfigError("--capacity must be 1-64")
         if args.time_scale < 0 or (args.wait_s is not None and args.wait_s < 0):
@@ -288,6 +297,10 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
         action="store_true",
         help="register again with the enrollment token even when an identity is saved (rotates the agent token)",
     )
+    p.add_argument(
+        "--keep-failed", type=float, default=KEEP_FAILED_HOURS, dest="keep_failed_hours", metavar="HOURS",
+        help="keep a failed attempt's git worktree this long (0: remove at once)",
+    )  # fmt: skip
     p.add_argument("--check", action="store_true", help="pre-flight: report executors and server, then exit")
     p.add_argument("--once", action="store_true", help="exit after the first task finishes")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -581,6 +594,15 @@ class TaskContext:
     time_scale: float = 1.0
     canceled: threading.Event = field(default_factory=threading.Event)
     records: LiveTasks | None = None  # where the task's process group is recorded while it runs
+    worktree: Path | None = None  # a workspace task's git worktree: its processes run there
+
+    @property
+    def cwd(self) -> Path:
+        return self.worktree or self.work_dir
+
+    @property
+    def inputs_dir(self) -> Path:
+        return self.work_dir / "inputs"
 
     @property
     def out_dir(self) -> Path:
@@ -603,6 +625,8 @@ class TaskContext:
             CP_RUN_ID=str(self.task.get("run_id") or ""),
             CP_ATTEMPT_ID=self.attempt_id,
             CP_OUT_DIR=str(self.out_dir),
+            CP_INPUTS_DIR=str(self.inputs_dir),
+            CP_WORK_DIR=str(self.cwd),
         )
         return env
 
@@ -763,7 +787,7 @@ class TaskGroup:
         try:
             self.proc = subprocess.Popen(
                 supervisor_command(theirs.fileno(), argv),
-                cwd=ctx.work_dir,
+                cwd=ctx.cwd,
                 env=ctx.env(),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -1146,11 +1170,283 @@ class CodexExecutor(CliExecutor):
         return ["exec", "--skip-git-repo-check", prompt]  # the fresh work dir is not a git repository
 
 
+# --------------------------------------------------------------------------------------------- git workspaces
+
+
+class GitError(Exception):
+    """A git step failed; `code` is the error's first word for the server (merge_conflict, git_failed)."""
+
+    def __init__(self, message: str, code: str = "git_failed"):
+        super().__init__(message)
+        self.code = code
+
+
+def git_environ(base: dict[str, str] | None = None) -> dict[str, str]:
+    """git that never waits for a person: no terminal prompt, ssh in batch mode. The host's own credentials
+    (ssh keys, credential helpers, ~/.gitconfig) are used; the control plane sends none."""
+    env = dict(os.environ if base is None else base)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes -o ConnectTimeout=30")
+    env["LC_ALL"] = "C"
+    return env
+
+
+def run_git(
+    args: list[str],
+    cwd: Path | None = None,
+    timeout: float = GIT_LOCAL_TIMEOUT_S,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """One git command, bounded in time; GitError naming it and git's last line when it fails."""
+    try:
+        proc = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, errors="replace", timeout=timeout,
+            env=env or git_environ(), stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise GitError(f"git {args[0]} gave no answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise GitError(f"cannot run git: {exc}") from None
+    if check and proc.returncode != 0:
+        why = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), f"exit {proc.returncode}")
+        raise GitError(f"git {args[0]} failed: {why.strip()}")
+    return proc
+
+
+def check_git() -> ExecutorCheck:
+    """The `git` executor's pre-flight: the binary answers and supports worktrees (git 2.17 and later)."""
+    try:
+        proc = run_git(["--version"], timeout=10)
+    except GitError as exc:
+        return ExecutorCheck(False, str(exc))
+    number = re.search(r"(\d+)\.(\d+)(?:\.\d+)?", proc.stdout)
+    if not number:
+        return ExecutorCheck(False, f"unrecognised git version: {proc.stdout.strip()}")
+    if (int(number.group(1)), int(number.group(2))) < (2, 17):
+        return ExecutorCheck(False, f"git {number.group(0)} is too old: worktrees need 2.17 or later")
+    return ExecutorCheck(True, proc.stdout.strip(), number.group(0))
+
+
+class RepoCache:
+    """One bare clone per repository under the agent's work dir, shared by its tasks. Fetches and worktree
+    changes hold the cache's lock (flock: released by the kernel if the daemon dies, so a SIGKILLed agent
+    leaves a usable cache); tasks then work in their own worktrees without it."""
+
+    def __init__(self, root: Path, repo: str):
+        self.repo = repo
+        digest = hashlib.sha256(repo.encode()).hexdigest()[:16]
+        self.path = root / f"{safe_name(repo.rsplit('/', 1)[-1].removesuffix('.git'))[:40]}-{digest}.git"
+        self._lock_path = root / f"{self.path.name}.lock"
+
+    @contextlib.contextmanager
+    def locked(self):
+        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                self._clear_stale_locks()  # we hold the lock: any git lock file left is a dead process's
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _clear_stale_locks(self) -> None:
+        for name in ("index.lock", "shallow.lock", "packed-refs.lock", "config.lock"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / name).unlink()
+        refs = self.path / "refs"
+        if refs.is_dir():
+            for lock in refs.rglob("*.lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+
+    def ensure(self, commits: list[str]) -> None:
+        """The cache exists and holds every commit of `commits` (fetching what it lacks). Call locked."""
+        if not (self.path / "HEAD").exists():
+            if self.path.exists():
+                shutil.rmtree(self.path)  # a clone that died half-way
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            run_git(["clone", "--bare", "--quiet", "--", self.repo, str(tmp)], timeout=GIT_NETWORK_TIMEOUT_S)
+            # Several tasks work in this repository at once: no automatic gc under their feet.
+            run_git(["config", "gc.auto", "0"], cwd=tmp)
+            tmp.rename(self.path)
+        missing = [c for c in commits if not self.has(c)]
+        if missing:
+            # Every branch, as it is now: task branches are force-pushed by retries.
+            run_git(["fetch", "--quiet", "--prune", "--force", "origin", "+refs/heads/*:refs/heads/*",
+                     "+refs/tags/*:refs/tags/*"], cwd=self.path, timeout=GIT_NETWORK_TIMEOUT_S)  # fmt: skip
+        for commit in missing:
+            if not self.has(commit):
+                # A commit no branch holds any more (a retry replaced it) may still be fetched by its sha.
+                got = run_git(["fetch", "--quiet", "origin", commit], cwd=self.path,
+                              timeout=GIT_NETWORK_TIMEOUT_S, check=False)  # fmt: skip
+                if got.returncode != 0 or not self.has(commit):
+                    raise GitError(f"commit {commit} is not in {self.repo}")
+
+    def take_slot(self) -> tuple[Path, Any]:
+        """A free worktree slot of this cache, locked for the caller: (its path, the open lock file)."""
+        slots = self.path.with_name(self.path.name.removesuffix(".git") + ".slots")
+        slots.mkdir(parents=True, exist_ok=True)
+        for n in range(256):
+            handle = open(slots / f"{n}.lock", "a+")  # noqa: SIM115 - held for the task's whole life
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            return slots / str(n), handle
+        raise GitError("every worktree slot of this repository is in use")
+
+    def has(self, commit: str) -> bool:
+        return run_git(["cat-file", "-e", f"{commit}^{{commit}}"], cwd=self.path, check=False).returncode == 0
+
+    def prune(self) -> None:
+        if (self.path / "HEAD").exists():
+            run_git(["worktree", "prune"], cwd=self.path, check=False)
+
+
+@dataclass
+class Worktree:
+    """A task's checkout: at the base commit with its dependencies' commits merged in, in DAG order.
+
+    Worktrees are slots of their cache, used again from task to task: a task takes a free slot (its own lock,
+    released by the kernel if the daemon dies), and moving it to the task's base rewrites only the files
+    that differ, instead of writing out the whole tree (a 100 MB repository took seconds a task). Before
+    use a slot is forced to the base and cleaned of everything untracked or ignored, so nothing of an
+    earlier task is left in it."""
+
+    cache: RepoCache
+    path: Path | None = None
+    merged_head: str = ""  # HEAD after the merges, before the executor: what the task's diff is against
+    _slot: Any = None
+
+    def create(self, base: str, merges: list[str], names: dict[str, str], identity: tuple[str, str]) -> None:
+        """Check out `base` and merge `merges` (names: sha -> dependency keys, for a conflict's message).
+        GitError `merge_conflict` naming the files and the dependencies when a merge conflicts."""
+        self.path, self._slot = self.cache.take_slot()
+        with self.cache.locked():
+            self.cache.prune()
+            self.cache.ensure([base, *merges])
+            usable = (self.path / ".git").exists() and run_git(
+                ["rev-parse", "--git-dir"], cwd=self.path, check=False
+            ).returncode == 0
+            if not usable:
+                if self.path.exists():
+                    shutil.rmtree(self.path)
+                run_git(["worktree", "add", "--detach", "--force", str(self.path), base], cwd=self.cache.path)
+        if usable:
+            run_git(["merge", "--abort"], cwd=self.path, check=False)  # a killed task's half merge, if any
+            run_git(["checkout", "--quiet", "--force", "--detach", base], cwd=self.path)
+            run_git(["clean", "-ffdxq"], cwd=self.path)
+        user, email = identity
+        merged = []
+        for sha in merges:
+            got = run_git(["-c", f"user.name={user}", "-c", f"user.email={email}", "merge", "--no-edit",
+                           "-m", f"Merge {names.get(sha, sha[:12])}", sha], cwd=self.path, check=False)  # fmt: skip
+            if got.returncode != 0:
+                files = run_git(["diff", "--name-only", "--diff-filter=U"], cwd=self.path, check=False).stdout.split()
+                if not files:
+                    raise GitError(f"merging {names.get(sha, sha)} failed: {got.stdout.strip() or got.stderr.strip()}")
+                run_git(["merge", "--abort"], cwd=self.path, check=False)
+                upstream = ", ".join([names.get(s, s[:12]) for s in merged] + [names.get(sha, sha[:12])])
+                raise GitError(f"merge_conflict: {', '.join(files[:50])} (merging {upstream})", "merge_conflict")
+            merged.append(sha)
+        self.merged_head = self.head()
+
+    def head(self) -> str:
+        return run_git(["rev-parse", "HEAD"], cwd=self.path).stdout.strip()
+
+    def commit_all(self, message: str, identity: tuple[str, str]) -> str | None:
+        """Commit every change the executor made (new files too); None when it changed nothing."""
+        run_git(["add", "-A"], cwd=self.path)
+        if run_git(["diff", "--cached", "--quiet"], cwd=self.path, check=False).returncode == 0:
+            return None
+        user, email = identity
+        run_git(["-c", f"user.name={user}", "-c", f"user.email={email}", "commit", "--quiet", "--no-verify",
+                 "-m", message], cwd=self.path)  # fmt: skip
+        return self.head()
+
+    def push(self, branch: str) -> None:
+        """HEAD to `branch`, replacing what a previous attempt pushed there."""
+        run_git(["push", "--quiet", "--force", "origin", f"HEAD:refs/heads/{branch}"], cwd=self.path,
+                timeout=GIT_NETWORK_TIMEOUT_S)  # fmt: skip
+
+    def diffstat(self, since: str) -> dict:
+        """{files_changed, insertions, deletions, files: [{path, insertions, deletions}]} from `since` to HEAD."""
+        out = run_git(["diff", "--numstat", "-z", "--no-renames", since, "HEAD"], cwd=self.path).stdout
+        files, ins, dels = [], 0, 0
+        for entry in out.split("\0"):
+            parts = entry.split("\t", 2)
+            if len(parts) != 3:
+                continue
+            added, removed, path = parts
+            a = int(added) if added.isdigit() else 0  # "-" for a binary file
+            r = int(removed) if removed.isdigit() else 0
+            files.append({"path": path, "insertions": a, "deletions": r})
+            ins, dels = ins + a, dels + r
+        return {"files_changed": len(files), "insertions": ins, "deletions": dels, "files": files[:10_000]}
+
+    def patch(self, since: str) -> bytes:
+        proc = subprocess.run(
+            ["git", "diff", "--no-color", "--binary", since, "HEAD"], cwd=self.path, capture_output=True,
+            timeout=GIT_LOCAL_TIMEOUT_S, env=git_environ(), stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+        return proc.stdout[:DIFF_MAX_BYTES]
+
+    def release(self, keep_at: Path | None = None) -> None:
+        """Give the slot back for the next task; or, with `keep_at`, move this worktree there for a person
+        to look at (a failed attempt's) and leave the slot to be made afresh."""
+        if self.path is None:
+            return
+        try:
+            if keep_at is not None:
+                with self.cache.locked():
+                    run_git(["worktree", "move", str(self.path), str(keep_at)], cwd=self.cache.path, check=False)
+        finally:
+            if self._slot is not None:
+                self._slot.close()  # the flock goes with the file
+                self._slot = None
+
+
+def prune_kept_worktrees(work_dir: Path, keep_hours: float) -> int:
+    """At start: remove failed attempts' worktrees kept longer than `keep_hours`, and forget worktrees that
+    are gone (a SIGKILLed daemon's), in every cache. Returns how many were removed."""
+    removed = 0
+    cutoff = time.time() - keep_hours * 3600
+    for attempt_dir in work_dir.glob("*/repo"):
+        try:
+            if attempt_dir.is_dir() and attempt_dir.stat().st_mtime < cutoff:
+                shutil.rmtree(attempt_dir.parent, ignore_errors=True)
+                removed += 1
+        except OSError:
+            continue
+    for cache in (work_dir / "git").glob("*.git"):
+        run_git(["worktree", "prune"], cwd=cache, check=False)
+    return removed
+
+
+class GitExecutor(Executor):
+    """`git`: what workspace tasks need of an agent (the server offers them only to agents whose pre-flight
+    passed it), and the executor of a run's result task, whose whole work is the merge of its dependencies:
+    done, as for every workspace task, before the executor runs (TaskRun._prepare_workspace)."""
+
+    name = "git"
+
+    def check(self) -> ExecutorCheck:
+        return check_git()
+
+    def run(self, ctx: TaskContext) -> ExecResult:
+        return ExecResult({"output": ""}, 0, "")
+
+
 EXECUTOR_CLASSES: dict[str, type[Executor]] = {
     "shell": ShellExecutor,
     "simulated": SimulatedExecutor,
     "claude": ClaudeExecutor,
     "codex": CodexExecutor,
+    "git": GitExecutor,
 }
 
 
@@ -1160,7 +1456,7 @@ def build_executors(names: list[str] | tuple[str, ...], environ: dict[str, str] 
 
 def default_executor_names(environ: dict[str, str] | None = None) -> list[str]:
     found = [e.name for e in (ClaudeExecutor(environ), CodexExecutor(environ)) if e.binary]
-    return ["shell", "simulated", *found]
+    return ["shell", "simulated", *found, "git"]
 
 
 def check_executors(executors: dict[str, Executor]) -> dict[str, ExecutorCheck]:
@@ -1310,22 +1606,107 @@ class TaskRun:
         if self.work_dir.exists():
             shutil.rmtree(self.work_dir)
         (self.work_dir / "out").mkdir(parents=True)
+        self._write_inputs()
         self.stream.report(0.0, "started")
         self.stream.flush()  # before the executor starts: an attempt that is stale already never runs
         if self.stale:
             return
         self.stream.start()
-        outcome = self._execute(executor_name)
-        self.stream.close()
-        if self.stale:
-            return
-        if self.cancel_reason:
-            outcome.error = self.cancel_reason
-        self._upload_artifacts()
-        if not self.stale:
-            self._complete(outcome)
+        workspace = self.task.get("workspace")
+        worktree, commit = None, None
+        outcome = ExecResult({}, None, "not run")
+        try:
+            if isinstance(workspace, dict):
+                try:
+                    worktree = self._prepare_workspace(workspace)
+                except GitError as exc:
+                    outcome = ExecResult({}, None, str(exc))
+            if worktree is not None or not isinstance(workspace, dict):
+                outcome = self._execute(executor_name, worktree)
+            if self.cancel_reason:
+                outcome.error = self.cancel_reason
+            if worktree is not None and not outcome.error and not self.stale:
+                try:
+                    commit = self._commit_workspace(worktree, workspace, executor_name)
+                except GitError as exc:
+                    outcome.error = str(exc)
+            self.stream.close()
+            if self.stale:
+                return
+            self._upload_artifacts()
+            if not self.stale:
+                self._complete(outcome, commit)
+        finally:
+            self.stream.close()
+            if worktree is not None:
+                self._leave_worktree(worktree, failed=bool(self.stale or outcome.error))
 
-    def _execute(self, executor_name: str) -> ExecResult:
+    def _write_inputs(self) -> None:
+        """Each dependency's inputs as $CP_INPUTS_DIR/<key>.json, outside the worktree (PROTOCOL.md v1.1)."""
+        inputs = self.task.get("inputs")
+        folder = self.work_dir / "inputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        if isinstance(inputs, dict):
+            for key, value in inputs.items():
+                (folder / f"{safe_name(str(key))}.json").write_text(json.dumps(value, indent=1))
+
+    def _identity(self) -> tuple[str, str]:
+        name = self.agent.config.name
+        return name, f"{name}@cp-agent.invalid"
+
+    def _prepare_workspace(self, workspace: dict) -> Worktree:
+        """A worktree at the base commit with the dependencies' commits merged in (GitError, e.g.
+        merge_conflict, when it cannot be made)."""
+        repo, base = workspace.get("repo"), workspace.get("base_commit")
+        merges = [m for m in workspace.get("merge") or () if isinstance(m, str)]
+        if not isinstance(repo, str) or not isinstance(base, str) or not workspace.get("branch"):
+            raise GitError("the assignment's workspace lacks repo, base_commit or branch")
+        names: dict[str, str] = {}
+        for key, given in (self.task.get("inputs") or {}).items():
+            if isinstance(given, dict) and isinstance(given.get("commit"), str):
+                names.setdefault(given["commit"], str(key))
+        self.stream.report(None, "preparing the worktree")
+        worktree = Worktree(RepoCache(self.agent.config.work_dir / "git", repo))
+        try:
+            worktree.create(base, merges, names, self._identity())
+        except BaseException:
+            worktree.release()
+            raise
+        return worktree
+
+    def _commit_workspace(self, worktree: Worktree, workspace: dict, executor_name: str) -> dict:
+        """Commit what the executor changed, push the task's branch, upload the patch: complete's `commit`."""
+        run_id, number = self.task.get("run_id"), self.task.get("attempt")
+        title = str(self.task.get("title") or self.key)
+        by = self.agent.config.name
+        message = f"{self.key}: {title}\n\nrun {run_id}, attempt {number} ({self.attempt_id}) by {by}"
+        sha = worktree.commit_all(message, self._identity())
+        if executor_name == GitExecutor.name:
+            sha = worktree.head()  # the result task's work is the merge itself
+        branch = str(workspace["branch"])
+        self.stream.report(None, f"pushing {branch}")
+        worktree.push(branch)
+        since = worktree.merged_head if executor_name != GitExecutor.name else str(workspace["base_commit"])
+        commit: dict[str, Any] = {"sha": sha, "branch": branch, **worktree.diffstat(since)}
+        patch = worktree.patch(since) if sha else b""
+        if patch:
+            body, content_type = encode_artifact("commit.diff", patch)
+            answer = self._call("artifacts", body=body, content_type=content_type)
+            if answer and isinstance(answer.get("artifact_id"), str):
+                commit["diff_artifact"] = answer["artifact_id"]
+        return commit
+
+    def _leave_worktree(self, worktree: Worktree, failed: bool) -> None:
+        """Give the worktree back; a failed attempt's stays for --keep-failed hours, for a person to look at."""
+        keep_at = self.work_dir / "repo" if failed and self.agent.config.keep_failed_hours > 0 else None
+        try:
+            worktree.release(keep_at)
+        except (GitError, OSError) as exc:
+            log.warning("could not give back the worktree %s: %s", worktree.path, exc)
+        if keep_at is not None:
+            log.info("keeping the failed worktree of %s at %s", self.key, keep_at)
+
+    def _execute(self, executor_name: str, worktree: Worktree | None = None) -> ExecResult:
         executor = self.agent.executors.get(executor_name)
         if executor is None:
             return ExecResult({}, None, f"executor {executor_name!r} is not enabled on {self.agent.config.name}")
@@ -1337,6 +1718,7 @@ class TaskRun:
         ctx = TaskContext(self.task, self.attempt_id, self.work_dir, self.stream.report, self.stream.log)
         ctx.agent_name, ctx.time_scale, ctx.canceled = config.name, config.time_scale, self.canceled
         ctx.records = self.agent.live_tasks
+        ctx.worktree = worktree.path if worktree is not None else None
         try:
             return executor.run(ctx)
         except Exception as exc:
@@ -1361,7 +1743,7 @@ class TaskRun:
                 if self.stale:
                     return
 
-    def _complete(self, outcome: ExecResult) -> None:
+    def _complete(self, outcome: ExecResult, commit: dict | None = None) -> None:
         result = outcome.result
         if len(json.dumps(result)) > RESULT_MAX_BYTES:
             result = {"exit_code": outcome.exit_code, "dropped": "the result was larger than 1 MiB"}
@@ -1372,6 +1754,8 @@ class TaskRun:
         }
         if outcome.exit_code is not None:
             payload["exit_code"] = outcome.exit_code
+        if commit is not None:
+            payload["commit"] = commit
         if self._call("complete", payload) is not None:
             log.info("%s %s%s", self.key, payload["outcome"], f": {outcome.error}" if outcome.error else "")
 
@@ -1410,8 +1794,10 @@ class Agent:
         """Serve until drained, shut down or unable to go on; returns the exit status."""
         self._install_signal_handlers()
         self._stop_leftovers()
+        with contextlib.suppress(GitError, OSError):
+            prune_kept_worktrees(self.config.work_dir, self.config.keep_failed_hours)
         report = self.preflight()
-        if not self.usable:
+        if not [name for name in self.usable if name != GitExecutor.name]:
             log.error("stopped: no executor passed its pre-flight")
             return 1
         try:

@@ -569,7 +569,8 @@ def test_options_come_from_the_environment_and_are_validated(tmp_path):
         "enroll",
         ["codex", "linux"],
     )
-    assert config.executors == ["shell", "simulated"]  # no claude/codex on that PATH
+    # No claude/codex on that PATH; git is always checked (workspace tasks need it).
+    assert config.executors == ["shell", "simulated", "git"]
     assert config.state_file == tmp_path / "cg-1.state.json"
     for bad in (["--name", "bad name"], ["--labels", "a/b"], ["--capacity", "0"], ["--executors", "perl"]):
         with pytest.raises(ConfigError):
@@ -875,7 +876,7 @@ def test_agent_registers_runs_a_task_uploads_its_output_and_completes(fake_serve
     code, err = finish(start_agent(fake_server, tmp_path, "--once"))
     assert code == 0, err
     register = fake_server.body("/agents/register")
-    assert register["name"] == "unit-1" and register["executors"] == ["shell", "simulated"]
+    assert register["name"] == "unit-1" and register["executors"] == ["shell", "simulated", "git"]
     assert register["capacity"] == 1 and register["version"] == cp_agent.VERSION
     claim = fake_server.body("/agents/claim")
     assert claim == {"capacity": 1, "wait_s": 2.0}
@@ -1018,7 +1019,7 @@ def test_an_executor_failing_its_preflight_is_reported_but_not_offered(fake_serv
     code, err = finish(proc)
     assert code == 0, err  # it serves with what works
     register = fake_server.body("/agents/register")
-    assert register["executors"] == ["shell"]
+    assert register["executors"] == ["shell", "git"]
     assert register["preflight"]["codex"] == {
         "usable": False,
         "detail": f"{broken} --version exited with 1: not logged in",
@@ -1036,7 +1037,7 @@ def test_a_preflight_command_makes_the_agent_check_again_and_report(fake_server,
     proc.send_signal(signal.SIGTERM)
     assert finish(proc)[0] == 0
     report = fake_server.body("/agents/preflight")["preflight"]
-    assert set(report) == {"shell", "simulated"} and all(check["usable"] for check in report.values())
+    assert set(report) == {"shell", "simulated", "git"} and all(check["usable"] for check in report.values())
 
 
 def test_re_enroll_registers_again_proving_the_old_identity(fake_server, tmp_path):

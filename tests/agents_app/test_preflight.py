@@ -47,8 +47,8 @@ def test_a_failed_executor_is_never_offered_a_task_until_an_operator_rechecks_it
     agent = wait_for(lambda: Agent.objects.filter(name="ai-1", preflight__has_key="codex").first(), 30)
 
     # At enrollment: offered only what passed; the whole report kept.
-    assert agent.executors == ["shell", "claude"]
-    assert agent.executor_versions == {"claude": "2.0.14"}
+    assert agent.executors == ["shell", "claude", "git"]  # git: a capability every agent checks (workspaces)
+    assert agent.executor_versions == {"claude": "2.0.14", "git": agent.executor_versions["git"]}
     assert agent.preflight["claude"]["usable"] and agent.preflight["claude"]["version"] == "2.0.14"
     assert agent.preflight["codex"]["usable"] is False
     assert "exited with 1: Error: not logged in" in agent.preflight["codex"]["detail"]
@@ -78,7 +78,7 @@ def test_a_failed_executor_is_never_offered_a_task_until_an_operator_rechecks_it
     assert answer.status_code == 200 and "pre-flight requested" in answer.content.decode()
     wait_for(lambda: state_of("implement", run) == "succeeded", 30, what="the codex task after the re-check")
     agent.refresh_from_db()
-    assert agent.executors == ["shell", "claude", "codex"]
+    assert agent.executors == ["shell", "claude", "codex", "git"]
     assert agent.preflight["codex"] == {
         "usable": True,
         "version": "0.46.0",
@@ -99,7 +99,7 @@ def test_a_restarted_agent_reports_a_new_preflight_with_its_saved_identity(fleet
 
     write_script(codex, BROKEN_CODEX)  # broke while the agent was down
     fleet("ai-2", ["ai"], executors=["claude", "codex"], env=env)
-    wait_for(lambda: Agent.objects.get(pk=agent.pk).executors == ["claude"], 30, what="the new pre-flight")
+    wait_for(lambda: Agent.objects.get(pk=agent.pk).executors == ["claude", "git"], 30, what="the new pre-flight")
     assert Agent.objects.filter(name="ai-2").count() == 1  # the same identity, not a new registration
     assert Agent.objects.get(pk=agent.pk).preflight["codex"]["usable"] is False
 
