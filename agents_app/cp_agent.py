@@ -33,6 +33,12 @@ also recorded in NAME.state.tasks/ beside the state file, and a daemon starting 
 life left there (when the supervisor was killed too), once /proc shows the group is still that task's and not
 a recycled pid's.
 
+A task of a run with a workspace (PROTOCOL.md v1.1) runs in a git worktree: one bare cache clone per
+repository under WORK_DIR/git, worktree slots of it used again from task to task, at the run's base commit
+with the dependencies' commits merged in; afterwards every change is committed as the agent and pushed to
+the task's branch. git uses the host's own credentials and never prompts. `git` is offered as an executor
+whenever pre-flight finds it: the server gives workspace tasks only to agents with it.
+
 Started again with its saved identity, it heartbeats at once, listing no attempts, so the server can let go
 of the attempts of its previous life at once rather than when their leases run out.
 
@@ -283,7 +289,8 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
         "--executors",
         default="",
         help="comma-separated subset of shell,simulated,claude,codex "
-        "(default: shell,simulated plus claude/codex when found on PATH)",
+        "(default: shell,simulated plus claude/codex when found on PATH; git is always added, for "
+        "workspace tasks, when pre-flight finds it)",
     )
     p.add_argument("--capacity", type=int, default=1, help="tasks run at once (1-64)")
     p.add_argument("--work-dir", default="./cp-agent-work", help="where task directories and state live")
