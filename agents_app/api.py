@@ -57,8 +57,8 @@ def _claim_now(agent: dict, capacity: int) -> tuple[dict, list]:
     return agent, actions.claim_ready_tasks(agent, capacity)
 
 
-def _heartbeat_now(agent: dict, status: str, attempt_ids: list[str]) -> list[dict]:
-    commands = actions.heartbeat(agent, status, attempt_ids)
+def _heartbeat_now(agent: dict, status: str, attempt_ids: list[str], first: bool) -> list[dict]:
+    commands = actions.heartbeat(agent, status, attempt_ids, first=first)
     if preflight.take_request(agent["id"]):
         commands.append({"type": "preflight"})  # an extra command (README, "API"): check executors again
     return commands
@@ -152,7 +152,9 @@ async def heartbeat(request):
         attempt_ids = [str(uuid.UUID(a)) for a in attempt_ids]
     except ValueError:
         raise ApiError(400, "bad_request", "'attempts' must list attempt ids") from None
-    commands = await heartbeat_as_agent(request, status, attempt_ids)
+    # An extra (README, "API"): `first`, the first heartbeat of a daemon's life, sent before its first claim.
+    first = f.bool("first")
+    commands = await heartbeat_as_agent(request, status, attempt_ids, first)
     # The timings ride along (an extra to PROTOCOL.md) so an agent that re-used its identity after a restart
     # learns them without registering again.
     return JsonResponse({"commands": commands, **_timings()})

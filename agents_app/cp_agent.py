@@ -1812,7 +1812,7 @@ class Agent:
                 self._report_preflight(report)  # the saved identity's executors may have changed since
                 # Before the first claim: the server learns at once that attempts of our previous life (it
                 # lists none of them) are gone, instead of when their leases run out.
-                self._heartbeat(stop=self._draining)
+                self._heartbeat(stop=self._draining, first=True)
         except FatalError as exc:
             log.error("stopped: %s", exc)
             return 1
@@ -2130,14 +2130,18 @@ class Agent:
         while not self._exited.wait(self.heartbeat_interval_s) and self._heartbeat(stop=self._exited):
             pass
 
-    def _heartbeat(self, stop: threading.Event) -> bool:
+    def _heartbeat(self, stop: threading.Event, first: bool = False) -> bool:
         """One heartbeat listing the attempts this agent runs, then the commands of the answer obeyed; False
-        when the agent must stop."""
+        when the agent must stop. The `first` of this life, before any claim, tells the server that every
+        attempt of ours it knows is our previous life's (an extra to PROTOCOL.md, README "API")."""
         with self._runs_lock:
             attempts = [run.attempt_id for run in self._runs.values() if not run.stale]
         status = "draining" if self._draining.is_set() else "busy" if attempts else "idle"
+        body: dict[str, Any] = {"status": status, "attempts": attempts}
+        if first:
+            body["first"] = True
         try:
-            answer = self._call("/agents/heartbeat", {"status": status, "attempts": attempts}, stop=stop)
+            answer = self._call("/agents/heartbeat", body, stop=stop)
         except TransientError:
             return True
         except ApiError as exc:

@@ -102,7 +102,7 @@ def throwaway_postgres():
     """A started throwaway cluster of the suite's own (tests/pg_instance.py)."""
     from tests.pg_instance import PgInstance
 
-    pg = PgInstance()
+    pg = PgInstance(durable=True)  # PostgreSQL is crashed on purpose: what it acknowledged must survive
     pg.start()
     return pg
 

@@ -201,6 +201,9 @@ class Fields:
             raise ApiError(400, "bad_request", f"'{name}' must be from {lo} to {hi}")
         return value
 
+    def bool(self, name, default=False) -> bool:
+        return self._get(name, (bool,), False, default, "true or false")
+
     def str(self, name, max_len, default=None, required=False, choices=None) -> str:
         value = self._get(name, (str,), required, default, "a string")
         if value is not None and len(value) > max_len:

@@ -477,15 +477,17 @@ def settle_run(run_id, actor: str = "system:scheduler") -> str | None:
 # --- Heartbeats and sweeps ----------------------------------------------------------------------------
 
 
-def heartbeat(agent: dict, status: str, attempt_ids: list[str]) -> list[dict]:
+def heartbeat(agent: dict, status: str, attempt_ids: list[str], first: bool = False) -> list[dict]:
     """Extend the leases of the listed attempts still this agent's; answer with commands for it. Live
     attempts of this agent that it no longer lists (it restarted, or dropped them) are lost at once rather
-    than held until their lease runs out (see queries.HEARTBEAT_LEASES for the grace of a fresh one)."""
+    than held until their lease runs out (see queries.HEARTBEAT_LEASES for the grace of a fresh one). The
+    `first` heartbeat of a daemon's life comes before its first claim: whatever it does not list is its
+    previous life's, however fresh, so no grace applies."""
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(
             q.HEARTBEAT_LEASES,
             {"status": status, "lease_s": settings.CP_LEASE_S, "ids": attempt_ids, "agent_id": agent["id"],
-             "grace_s": settings.CP_UNLISTED_GRACE_S},
+             "grace_s": 0 if first else settings.CP_UNLISTED_GRACE_S},
         )  # fmt: skip
         extended, forgotten = cur.fetchone()
         live = {str(a) for a in extended or ()}

@@ -135,7 +135,7 @@ SELECT (SELECT array_agg(id) FROM extended),
        (SELECT array_agg(id ORDER BY id) FROM tasks_app_attempt
          WHERE agent_id = %(agent_id)s AND state IN ('assigned', 'running')
            AND NOT (id = ANY(%(ids)s::uuid[]))
-           AND assigned_at < now() - make_interval(secs => %(grace_s)s))
+           AND assigned_at <= now() - make_interval(secs => %(grace_s)s))
 """
 
 # An agent's call about one attempt: lock the attempt, then its task (the global lock order).
@@ -264,9 +264,13 @@ ON CONFLICT (id) DO UPDATE SET
     server_alive_at = now()
 RETURNING expiry_not_before <= now()
 """
+# The first start on a database no server has swept yet (a new one, or one upgraded to the sweep clock) is
+# after a downtime only if agents were online meanwhile: on a new database there are none to blame, and a
+# lease of no expiry would only leave the first agents to die unnoticed for a minute.
 SERVER_START = """
 INSERT INTO tasks_app_sweepclock (id, server_alive_at, expiry_not_before)
-VALUES (1, now(), now() + make_interval(secs => %(lease_s)s))
+VALUES (1, now(), CASE WHEN EXISTS (SELECT 1 FROM agents_app_agent WHERE status = 'online')
+                       THEN now() + make_interval(secs => %(lease_s)s) ELSE now() END)
 ON CONFLICT (id) DO UPDATE SET
     expiry_not_before = CASE
         WHEN tasks_app_sweepclock.server_alive_at IS NULL

@@ -55,7 +55,10 @@ class PgInstance:
 
     TEMPLATE = "cp_migrated_template"
 
-    def __init__(self, parent: Path | None = None, max_connections: int = 200):
+    def __init__(self, parent: Path | None = None, max_connections: int = 200, durable: bool = False):
+        """`durable`: a commit is in the WAL (written, not flushed) before it is acknowledged, so a crash of
+        PostgreSQL (`stop -m immediate`) loses nothing acknowledged, as in production; otherwise commits
+        are asynchronous (a crash may lose the last ones) and faster."""
         # Under /tmp, not pytest's tmp_path: the cluster's user must be able to reach the folder, and pytest's
         # folders are private to root.
         self.root = Path(tempfile.mkdtemp(prefix="cp-test-pg-", dir=parent))
@@ -72,8 +75,9 @@ class PgInstance:
             conf.write(
                 f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.root}'\n"
                 f"max_connections = {max_connections}\n"
-                # A test database: durability buys nothing and costs time on a shared machine.
-                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                # A test database: flushing to disk buys nothing (the machine does not crash under a test)
+                # and costs time on a shared machine.
+                "fsync = off\nfull_page_writes = off\n" + ("" if durable else "synchronous_commit = off\n")
             )
 
     # --- the server ---

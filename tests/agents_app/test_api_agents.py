@@ -491,7 +491,7 @@ def test_disabled_agent_is_403(server, enroll, run_of):
 def test_heartbeat_with_invalid_fields_is_400(server, enroll):
     agent = enroll()
     for body in ({"status": "sleeping"}, {"status": 1}, {"attempts": ["not-a-uuid"]}, {"attempts": "x"},
-                 {"attempts": [1]}):  # fmt: skip
+                 {"attempts": [1]}, {"first": "yes"}, {"first": 1}):  # fmt: skip
         assert_error(agent.post("/api/v1/agents/heartbeat", body), 400, "bad_request", body)
 
 

@@ -1097,7 +1097,7 @@ def test_a_restarted_agent_finds_its_identity_with_a_list_of_servers(fake_server
     assert (saved["server"], saved["servers"]) == (second, [second, fake_server.url])
 
 
-def test_a_restarted_agent_heartbeats_at_once_listing_no_attempts(fake_server, tmp_path):
+def test_a_restarted_agent_heartbeats_at_once_listing_no_attempts_as_its_first(fake_server, tmp_path):
     """So the server can let go of the attempts of its previous life now, not when their leases run out."""
     fake_server.timings.update(heartbeat_interval_s=60, lease_s=600)
     fake_server.assign("00000012", executor="shell", command="true")
@@ -1110,4 +1110,7 @@ def test_a_restarted_agent_heartbeats_at_once_listing_no_attempts(fake_server, t
     second_life = fake_server.calls[first_life:]
     paths = [path for path, _ in second_life]
     assert "/agents/heartbeat" in paths and paths.index("/agents/heartbeat") < paths.index("/agents/claim")
-    assert second_life[paths.index("/agents/heartbeat")][1] == {"status": "idle", "attempts": []}
+    # `first`: whatever the server holds for us is our previous life's, however fresh (no grace).
+    assert second_life[paths.index("/agents/heartbeat")][1] == {"status": "idle", "attempts": [], "first": True}
+    later = [body for path, body in second_life[paths.index("/agents/heartbeat") + 1 :] if path == "/agents/heartbeat"]
+    assert all("first" not in body for body in later)

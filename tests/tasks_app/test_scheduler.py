@@ -465,6 +465,38 @@ def test_a_heartbeat_that_no_longer_lists_an_attempt_loses_it_at_once(make_agent
     assert lost.detail["reason"] == "the agent no longer runs it"
 
 
+def test_the_first_heartbeat_of_a_daemons_life_loses_every_attempt_it_does_not_list_however_fresh(make_agent, submit):
+    phoenix = make_agent("phoenix", labels=[], capacity=2)
+    run = submit(doc({"key": "a"}, {"key": "b"}))
+    claimed = claim(phoenix, 2)  # a moment ago, by the life that was then SIGKILLed
+    held = claimed[0]["attempt_id"]
+    commands = actions.heartbeat(phoenix, "busy", [held], first=True)
+    assert commands == []
+    lost = [a for a in claimed if a["attempt_id"] != held]
+    assert Attempt.objects.get(pk=lost[0]["attempt_id"]).state == AttemptState.LOST
+    assert Attempt.objects.get(pk=held).state == AttemptState.ASSIGNED
+    assert state_of(run, lost[0]["task"]["key"]) == TaskState.READY
+
+
+def test_a_first_server_start_on_a_new_database_lets_leases_expire_but_not_with_agents_online(make_agent, submit):
+    from agents_app.models import Agent
+    from tasks_app.models import SweepClock
+
+    SweepClock.objects.all().delete()
+    actions.tick_sweep_clock(starting=True)
+    assert actions.sweep()["offline"] == 0
+    assert SweepClock.objects.get().expiry_not_before <= timezone.now()  # nothing blocked
+    agent = make_agent("solo", labels=[])
+    submit(doc({"key": "a"}))
+    claim(agent)
+    # An upgrade: agents online from before, no clock row yet: that start is after a downtime.
+    SweepClock.objects.all().delete()
+    Agent.objects.filter(pk=agent["id"]).update(last_seen_at=timezone.now() - timedelta(minutes=5))
+    actions.tick_sweep_clock(starting=True)
+    assert actions.sweep()["offline"] == 0
+    assert Agent.objects.get(pk=agent["id"]).status == "online"
+
+
 def test_a_heartbeat_extends_the_leases_it_lists_and_cancels_what_is_no_longer_the_agents(make_agent, submit):
     agent = make_agent("solo", labels=[])
     submit(doc({"key": "a"}))
