@@ -119,7 +119,7 @@ async def claim(request):
         return JsonResponse({"assignments": assignments})
     hub = EventHub.current()
     claim_tasks = db_call(actions.claim_ready_tasks)
-    woken = False
+    woken, woken_for = False, None
     while True:
         # A draining agent still parks (PROTOCOL.md: the call holds), but must not spend tasks' wake-ups.
         waiter = hub.register(agent["labels"], agent["executors"], active=actions.may_claim(agent))
@@ -138,8 +138,15 @@ async def claim(request):
             except TimeoutError:
                 return JsonResponse({"assignments": []})
             woken = True
+        except asyncio.CancelledError:
+            # The agent hung up (control_plane/agent_asgi.py cancels the view), perhaps woken for a task it
+            # will now never claim: while parked, or claiming after the wake-up of the round before.
+            hub.unregister(waiter)  # first, so that the wake-up goes to another
+            hub.pass_on(waiter.woken_for or woken_for)
+            raise
         finally:
             hub.unregister(waiter)
+        woken_for = waiter.woken_for
 
 
 @api_view

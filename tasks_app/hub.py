@@ -28,7 +28,7 @@ class Waiter:
     """One parked long poll. An inactive waiter (its agent takes no work now: draining) is woken only by
     wake_all, never by a task's wake_one: it would spend the task's one wake-up and take nothing."""
 
-    __slots__ = ("labels", "executors", "event", "active", "parked_at")
+    __slots__ = ("labels", "executors", "event", "active", "parked_at", "woken_for")
 
     def __init__(self, labels, executors, active: bool = True):
         self.labels = frozenset(labels)
@@ -36,6 +36,7 @@ class Waiter:
         self.event = asyncio.Event()
         self.active = active
         self.parked_at = time.monotonic()
+        self.woken_for: tuple | None = None  # the (executor, requires) of the task wake_one woke it for
 
     def matches(self, executor: str, requires) -> bool:
         return executor in self.executors and self.labels.issuperset(requires)
@@ -76,6 +77,12 @@ class EventHub:
         except ValueError:
             pass
 
+    def pass_on(self, woken_for: tuple | None) -> None:
+        """A long poll woken for a task ended before it could claim (its agent hung up): the wake-up goes on
+        to another matching waiter instead of being spent on nobody."""
+        if woken_for is not None:
+            self.wake_one(*woken_for)
+
     def wake_all(self) -> None:
         for waiter in self.waiters:
             waiter.event.set()
@@ -83,6 +90,7 @@ class EventHub:
     def wake_one(self, executor: str, requires) -> None:
         for waiter in self.waiters:  # oldest first
             if waiter.active and not waiter.event.is_set() and waiter.matches(executor, requires):
+                waiter.woken_for = (executor, requires)
                 waiter.event.set()
                 return
 

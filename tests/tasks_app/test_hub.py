@@ -29,6 +29,22 @@ async def test_a_ready_task_wakes_one_matching_waiter_oldest_first():
 
 
 @pytest.mark.asyncio
+async def test_a_wake_up_given_to_a_long_poll_whose_agent_hung_up_goes_on_to_the_next_waiter():
+    h = hub()
+    dead = h.register([], ["shell"])  # a SIGKILLed agent's long poll, not yet cancelled when woken
+    alive = h.register([], ["shell"])
+    h.dispatch({"ready": [["shell", [], 0]]})
+    assert dead.event.is_set() and not alive.event.is_set()
+    h.unregister(dead)
+    h.pass_on(dead.woken_for)
+    assert alive.event.is_set()
+    h.unregister(alive)
+    third = h.register([], ["shell"])
+    h.pass_on(None)  # a poll that was never woken for a task passes nothing on
+    assert not third.event.is_set()
+
+
+@pytest.mark.asyncio
 async def test_a_draining_agents_waiter_does_not_spend_a_tasks_wake_up():
     h = hub()
     draining = h.register([], ["shell"], active=False)
