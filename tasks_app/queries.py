@@ -265,11 +265,13 @@ ON CONFLICT (id) DO UPDATE SET
 RETURNING expiry_not_before <= now()
 """
 # The first start on a database no server has swept yet (a new one, or one upgraded to the sweep clock) is
-# after a downtime only if agents were online meanwhile: on a new database there are none to blame, and a
-# lease of no expiry would only leave the first agents to die unnoticed for a minute.
+# after a downtime only if online agents have gone unheard for a gap: on a new database the agents are
+# those just registering (the hub starts with the first request), and a lease of no expiry would only
+# leave the first agents to die unnoticed for a minute.
 SERVER_START = """
 INSERT INTO tasks_app_sweepclock (id, server_alive_at, expiry_not_before)
-VALUES (1, now(), CASE WHEN EXISTS (SELECT 1 FROM agents_app_agent WHERE status = 'online')
+VALUES (1, now(), CASE WHEN EXISTS (SELECT 1 FROM agents_app_agent WHERE status = 'online'
+                                       AND last_seen_at < now() - make_interval(secs => %(gap_s)s))
                        THEN now() + make_interval(secs => %(lease_s)s) ELSE now() END)
 ON CONFLICT (id) DO UPDATE SET
     expiry_not_before = CASE

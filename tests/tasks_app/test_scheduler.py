@@ -240,9 +240,14 @@ def test_nothing_expires_for_one_lease_after_a_server_restart(make_agent, submit
     submit(doc({"key": "a"}))
     got = claim(agent)[0]
     Attempt.objects.filter(pk=got["attempt_id"]).update(lease_expires_at=timezone.now() - timedelta(hours=1))
+    from tasks_app.models import SweepClock
+
+    an_hour_ago = timezone.now() - timedelta(hours=1)  # when the last server process was alive
+    SweepClock.objects.update_or_create(
+        id=1, defaults={"server_alive_at": an_hour_ago, "expiry_not_before": an_hour_ago}
+    )
     actions.tick_sweep_clock(starting=True)  # first server after a downtime
     assert actions.sweep() == {"expired": 0, "offline": 0, "runs_settled": 0}
-    from tasks_app.models import SweepClock
 
     SweepClock.objects.update(expiry_not_before=timezone.now() - timedelta(hours=1))
     assert actions.sweep()["expired"] == 1
@@ -478,22 +483,23 @@ def test_the_first_heartbeat_of_a_daemons_life_loses_every_attempt_it_does_not_l
     assert state_of(run, lost[0]["task"]["key"]) == TaskState.READY
 
 
-def test_a_first_server_start_on_a_new_database_lets_leases_expire_but_not_with_agents_online(make_agent, submit):
+def test_a_first_server_start_on_a_new_database_lets_leases_expire_but_not_with_agents_unheard(make_agent, submit):
     from agents_app.models import Agent
     from tasks_app.models import SweepClock
 
+    agent = make_agent("solo", labels=[])  # registered by the very request that started the hub
     SweepClock.objects.all().delete()
     actions.tick_sweep_clock(starting=True)
-    assert actions.sweep()["offline"] == 0
-    assert SweepClock.objects.get().expiry_not_before <= timezone.now()  # nothing blocked
-    agent = make_agent("solo", labels=[])
+    assert "agents_offline" in actions.sweep()  # expiry allowed: it looked for silent agents
+    assert SweepClock.objects.get().expiry_not_before <= timezone.now()
     submit(doc({"key": "a"}))
     claim(agent)
-    # An upgrade: agents online from before, no clock row yet: that start is after a downtime.
+    # An upgrade: agents online from before and unheard since, no clock row yet: that start is after a
+    # downtime.
     SweepClock.objects.all().delete()
     Agent.objects.filter(pk=agent["id"]).update(last_seen_at=timezone.now() - timedelta(minutes=5))
     actions.tick_sweep_clock(starting=True)
-    assert actions.sweep()["offline"] == 0
+    assert actions.sweep() == {"expired": 0, "offline": 0, "runs_settled": 0}  # expiry held for a lease
     assert Agent.objects.get(pk=agent["id"]).status == "online"
 
 
