@@ -92,6 +92,15 @@ GIT_NETWORK_TIMEOUT_S = 300.0  # one fetch or push; a repository that answers sl
 GIT_LOCAL_TIMEOUT_S = 120.0  # worktree, merge, commit: local work, bounded all the same
 DIFF_MAX_BYTES = 10 * 1024 * 1024  # of a task's patch, uploaded for the dashboard
 KEEP_FAILED_HOURS = 24.0
+# A task's environment is an allow-list, never the daemon's whole environment (its CP_* variables hold the
+# enrollment token and the server's address). These pass when set; --pass-env adds names.
+TASK_ENV_BASE = ("PATH", "HOME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "USER", "LOGNAME",
+                 "SHELL", "TMPDIR")  # fmt: skip
+TASK_ENV_PROVIDERS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "CLAUDE_CODE_OAUTH_TOKEN",
+                      "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "AWS_REGION",
+                      "AWS_PROFILE", "CLOUD_ML_REGION", "ANTHROPIC_VERTEX_PROJECT_ID", "OPENAI_API_KEY",
+                      "OPENAI_BASE_URL", "OPENAI_ORG_ID", "CODEX_HOME")  # fmt: skip
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 ORPHAN_GRACE_S = 2.0  # the same, when a supervisor stops a task whose daemon died (or a daemon its leftovers)
 SUPERVISOR_START_S = 30.0  # how long the daemon waits for a task's supervisor to say it started the task
 SUPERVISE_FLAG = "--supervise"  # argv[1] of a task's supervisor: this file, run by the daemon
@@ -217,6 +226,7 @@ class Config:
     once: bool = False
     log_level: str = "INFO"
     keep_failed_hours: float = KEEP_FAILED_HOURS
+    pass_env: list[str] = field(default_factory=list)  # more variables a task gets (TASK_ENV_BASE and _PROVIDERS pass)
 
     @classmethod
     def from_argv(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
@@ -244,6 +254,7 @@ class Config:
         if args.time_scale < 0 or (args.wait_s is not None and args.wait_s < 0):
             raise ConfigError("--time-scale and --wait-s must not be negative")
         values = vars(args)
+        values["pass_env"] = parse_pass_env(values.pop("pass_env"))
         servers = parse_server_list(values.pop("server"), args.insecure)
         if not servers and not args.check:
             raise ConfigError("--server (or CP_SERVER) is required")
@@ -262,6 +273,25 @@ class Config:
                 "state_file": state_file,
             }
         )
+
+
+def parse_pass_env(text: str) -> list[str]:
+    """--pass-env's names. The daemon's own CP_* variables are its secrets and its wiring: refused."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if not ENV_NAME_RE.fullmatch(n)]
+    if bad:
+        raise ConfigError(f"--pass-env takes environment variable names; bad: {bad}")
+    ours = [n for n in names if n.upper().startswith("CP_")]
+    if ours:
+        raise ConfigError(f"--pass-env may not pass the daemon's own CP_* variables to tasks: {ours}")
+    return names
+
+
+def task_environ(environ: dict[str, str], extra: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """What of the daemon's environment a task gets: the allow-list (TASK_ENV_BASE, TASK_ENV_PROVIDERS and
+    `extra`), those of them that are set. Nothing else, and no CP_* variable whatever `extra` says."""
+    names = (*TASK_ENV_BASE, *TASK_ENV_PROVIDERS, *extra)
+    return {n: environ[n] for n in names if n in environ and not n.upper().startswith("CP_")}
 
 
 def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
@@ -307,6 +337,11 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--keep-failed", type=float, default=KEEP_FAILED_HOURS, dest="keep_failed_hours", metavar="HOURS",
         help="keep a failed attempt's git worktree this long (0: remove at once)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pass-env", default=environ.get("CP_PASS_ENV", ""), metavar="NAMES",
+        help="comma-separated environment variables tasks get besides PATH, HOME, LANG, TERM and the like and "
+        "the AI providers' key variables; never CP_* [CP_PASS_ENV]",
     )  # fmt: skip
     p.add_argument("--check", action="store_true", help="pre-flight: report executors and server, then exit")
     p.add_argument("--once", action="store_true", help="exit after the first task finishes")
@@ -602,6 +637,7 @@ class TaskContext:
     canceled: threading.Event = field(default_factory=threading.Event)
     records: LiveTasks | None = None  # where the task's process group is recorded while it runs
     worktree: Path | None = None  # a workspace task's git worktree: its processes run there
+    pass_env: list[str] = field(default_factory=list)  # --pass-env: variables the task gets besides the usual
 
     @property
     def cwd(self) -> Path:
@@ -625,7 +661,7 @@ class TaskContext:
         return params if isinstance(params, dict) else {}
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = task_environ(os.environ, self.pass_env)
         env.update(
             CP_TASK_ID=str(self.task.get("id") or ""),
             CP_TASK_KEY=self.key,
@@ -1726,6 +1762,7 @@ class TaskRun:
         ctx.agent_name, ctx.time_scale, ctx.canceled = config.name, config.time_scale, self.canceled
         ctx.records = self.agent.live_tasks
         ctx.worktree = worktree.path if worktree is not None else None
+        ctx.pass_env = config.pass_env
         try:
             return executor.run(ctx)
         except Exception as exc:

@@ -917,6 +917,27 @@ def test_a_revoked_token_makes_the_agent_register_again(fake_server, tmp_path):
     assert json.loads((tmp_path / "work" / "unit-1.state.json").read_text())["token"] == "agent-token-2"
 
 
+def test_a_task_gets_an_allow_listed_environment_never_the_daemons_secrets(fake_server, tmp_path):
+    """Issue 10, item 8: a shell task once printed CP_ENROLLMENT_TOKEN into its log."""
+    fake_server.assign("00000005", executor="shell", command="mkdir -p out && env > out/env.txt")
+    env = {"CP_SERVER": fake_server.url, "AWS_SECRET_ACCESS_KEY": "aws-s3cret", "TEAM_FLAG": "on",
+           "ANTHROPIC_API_KEY": "sk-ant-test", "OTHER": "x"}  # fmt: skip
+    code, err = finish(start_agent(fake_server, tmp_path, "--once", "--pass-env", "TEAM_FLAG", env=env))
+    assert code == 0, err
+    [data] = [a[2] for a in fake_server.artifacts if a[0] == "env.txt"]
+    seen = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+    assert "enroll" not in data.decode() and "CP_ENROLLMENT_TOKEN" not in seen and "CP_SERVER" not in seen
+    assert "AWS_SECRET_ACCESS_KEY" not in seen and "OTHER" not in seen
+    assert seen["TEAM_FLAG"] == "on" and seen["ANTHROPIC_API_KEY"] == "sk-ant-test"  # --pass-env; a provider's
+    assert seen["PATH"] == os.environ["PATH"] and seen["CP_ATTEMPT_ID"] == "00000005"  # the task's own CP_*
+
+
+@pytest.mark.parametrize("names", ["CP_ENROLLMENT_TOKEN", "TEAM,cp_server", "BAD-NAME"])
+def test_pass_env_refuses_the_daemons_own_variables_and_bad_names(names):
+    with pytest.raises(cp_agent.ConfigError, match="--pass-env"):
+        cp_agent.Config.from_argv(["--server", "http://127.0.0.1:1", "--pass-env", names], environ={})
+
+
 def test_a_failing_task_is_completed_as_failed(fake_server, tmp_path):
     fake_server.assign("00000003", executor="shell", command="echo bad; exit 4")
     assert finish(start_agent(fake_server, tmp_path, "--once"))[0] == 0
