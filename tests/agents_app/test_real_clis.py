@@ -99,7 +99,9 @@ def test_claude_in_accept_edits_writes_and_edits_a_file_and_reports_usage_and_co
     [(model, model_usage)] = result["modelUsage"].items()
     assert model_usage["costUSD"] == result["total_cost_usd"] and model_usage["inputTokens"] == 330
 
-    # The stand-in got each tool's result back, and the session id and key on every request.
+    # Nothing asked of the API but the three turns (no token counting, no model list); each tool's result
+    # came back, and the session id and key came with every request.
+    assert [r.path for r in model_api.requests] == ["/v1/messages?beta=true"] * 3
     turns = model_api.turns
     assert len(turns) == 3 and not model_api.unscripted
     assert [r["tool_use_id"] for r in turns[1].tool_results()] == [write["id"]]
@@ -264,6 +266,7 @@ def test_codex_in_workspace_write_runs_a_command_and_applies_a_patch(tmp_path, m
         "reasoning_output_tokens": 10,
     }
 
+    assert [(r.method, r.path) for r in model_api.requests] == [("POST", "/v1/responses")] * 3  # nothing else
     turns = model_api.turns
     assert len(turns) == 3 and not model_api.unscripted
     [command_output] = turns[1].tool_results()
