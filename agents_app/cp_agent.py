@@ -227,6 +227,7 @@ class Config:
     log_level: str = "INFO"
     keep_failed_hours: float = KEEP_FAILED_HOURS
     pass_env: list[str] = field(default_factory=list)  # more variables a task gets (TASK_ENV_BASE and _PROVIDERS pass)
+    sandboxed_host: bool = False
 
     @classmethod
     def from_argv(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
@@ -342,6 +343,11 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
         "--pass-env", default=environ.get("CP_PASS_ENV", ""), metavar="NAMES",
         help="comma-separated environment variables tasks get besides PATH, HOME, LANG, TERM and the like and "
         "the AI providers' key variables; never CP_* [CP_PASS_ENV]",
+    )  # fmt: skip
+    p.add_argument(
+        "--sandboxed-host", action="store_true",
+        help="this host is a throwaway VM or container: claude tasks may use permission_mode bypassPermissions "
+        "even as root (IS_SANDBOX=1 in their environment)",
     )  # fmt: skip
     p.add_argument("--check", action="store_true", help="pre-flight: report executors and server, then exit")
     p.add_argument("--once", action="store_true", help="exit after the first task finishes")
@@ -613,6 +619,8 @@ class ExecResult:
     result: dict
     exit_code: int | None = None
     error: str = ""
+    outcome: str = ""  # "" is succeeded or failed by `error`; "rate_limited" (PROTOCOL.md v1.1)
+    extra: dict = field(default_factory=dict)  # more fields of complete: usage, session_id, resets_at...
 
 
 @dataclass
@@ -638,6 +646,9 @@ class TaskContext:
     records: LiveTasks | None = None  # where the task's process group is recorded while it runs
     worktree: Path | None = None  # a workspace task's git worktree: its processes run there
     pass_env: list[str] = field(default_factory=list)  # --pass-env: variables the task gets besides the usual
+    report_usage: Callable[[dict], None] = lambda _usage: None  # an AI CLI's usage so far, sent with progress
+    sandboxed_host: bool = False  # --sandboxed-host: a throwaway machine, where root may bypass permissions
+    extra_env: dict[str, str] = field(default_factory=dict)  # what the executor adds to the task's environment
 
     @property
     def cwd(self) -> Path:
@@ -671,6 +682,9 @@ class TaskContext:
             CP_INPUTS_DIR=str(self.inputs_dir),
             CP_WORK_DIR=str(self.cwd),
         )
+        if self.sandboxed_host:
+            env["IS_SANDBOX"] = "1"  # Claude Code's word for it: bypassPermissions is then allowed as root
+        env.update(self.extra_env)
         return env
 
 
@@ -732,6 +746,8 @@ class ProcessOutcome:
     stdout: str
     timed_out: bool = False
     canceled: bool = False
+    stderr_tail: str = ""  # the last lines the program wrote to stderr: its own words when it fails
+    stopped: str = ""  # why the daemon stopped it early (a `watch` reason: budget, stall)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -739,26 +755,50 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _pump_output(stream: Any, ctx: TaskContext, keep: bytearray | None = None) -> None:
-    """Copy one pipe of the task into its log until EOF. For stdout (`keep` given) also keep the tail of the
-    raw bytes and act on CP_PROGRESS lines."""
+def progress_lines(ctx: TaskContext) -> Callable[[str], None]:
+    """The default handler of a task's stdout lines: CP_PROGRESS FRACTION [MESSAGE] reports progress."""
+
+    def handle(line: str) -> None:
+        match = PROGRESS_LINE_RE.fullmatch(line)
+        if match:
+            ctx.report(min(1.0, float(match.group(1))), match.group(2).strip() or None)
+
+    return handle
+
+
+def _pump_output(
+    stream: Any,
+    ctx: TaskContext,
+    keep: bytearray | None = None,
+    on_line: Callable[[str], None] | None = None,
+    log_raw: bool = True,
+    line_limit: int = 4096,
+) -> None:
+    """Copy one pipe of the task into its log (unless `log_raw` is off: the handler logs what it makes of
+    the lines) until EOF, keeping the tail of the raw bytes in `keep`, and hand each line to `on_line`.
+    Lines longer than `line_limit` are cut (a CLI's JSON event may be long; a newline-free flood is not
+    hoarded)."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     partial = ""
     while chunk := stream.read1(65536):  # read1: stream what is there, do not wait for a full buffer
         text = decoder.decode(chunk)
-        ctx.log(text)
-        if keep is None:
+        if log_raw:
+            ctx.log(text)
+        if keep is not None:
+            keep += chunk
+            if len(keep) > 2 * OUTPUT_KEEP_BYTES:
+                del keep[:-OUTPUT_KEEP_BYTES]
+        if on_line is None:
             continue
-        keep += chunk
-        if len(keep) > 2 * OUTPUT_KEEP_BYTES:
-            del keep[:-OUTPUT_KEEP_BYTES]
         *lines, partial = (partial + text).split("\n")
-        partial = partial[-4096:]  # a progress line is short; do not hoard a newline-free flood
+        partial = partial[-line_limit:]
         for line in lines:
-            match = PROGRESS_LINE_RE.fullmatch(line.rstrip("\r"))
-            if match:
-                ctx.report(min(1.0, float(match.group(1))), match.group(2).strip() or None)
-    ctx.log(decoder.decode(b"", final=True))
+            on_line(line.rstrip("\r"))
+    rest = decoder.decode(b"", final=True)
+    if log_raw:
+        ctx.log(rest)
+    if on_line is not None and (partial + rest).strip():
+        on_line((partial + rest).rstrip("\r"))
 
 
 # ---- the supervisor: a task's group dies with its daemon
@@ -825,14 +865,15 @@ class TaskGroup:
     """The daemon's side of a running task: its supervisor (our child, and the leader of the task's session
     and process group, so its pid is the group's id) and the socket pair between them. See supervise()."""
 
-    def __init__(self, argv: list[str], ctx: TaskContext):
+    def __init__(self, argv: list[str], ctx: TaskContext, stdin_path: Path | None = None):
         ours, theirs = socket.socketpair()  # both ends close-on-exec: no other child inherits ours
+        stdin = open(stdin_path, "rb") if stdin_path is not None else None  # noqa: SIM115 - closed below
         try:
             self.proc = subprocess.Popen(
                 supervisor_command(theirs.fileno(), argv),
                 cwd=ctx.cwd,
                 env=ctx.env(),
-                stdin=subprocess.DEVNULL,
+                stdin=stdin if stdin is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
@@ -843,6 +884,8 @@ class TaskGroup:
             raise
         finally:
             theirs.close()
+            if stdin is not None:
+                stdin.close()  # the supervisor (and the task, after it) hold their own copies
         self.pgid = self.proc.pid
         self.records, self.attempt_id = ctx.records, ctx.attempt_id
         if self.records is not None:
@@ -915,20 +958,35 @@ class TaskGroup:
             self.records.remove(self.attempt_id)
 
 
-def run_in_process_group(argv: list[str], ctx: TaskContext, timeout_s: float | None) -> ProcessOutcome:
+def run_in_process_group(
+    argv: list[str],
+    ctx: TaskContext,
+    timeout_s: float | None,
+    stdin_path: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
+    log_raw: bool = True,
+    watch: Callable[[], str] | None = None,
+) -> ProcessOutcome:
     """Run `argv` in the work dir in a new session and process group under a supervisor (TaskGroup),
-    streaming its output into the log, until it exits, times out or is canceled; the whole group is stopped
-    in every case, and by its supervisor if this daemon dies first."""
-    group = TaskGroup(argv, ctx)
-    kept = bytearray()
+    streaming its output into the log, until it exits, times out, is canceled or `watch` (asked ten times a
+    second) gives a reason to stop it; the whole group is stopped in every case, and by its supervisor if
+    this daemon dies first. `stdin_path`: a file the program reads as its standard input (a prompt: no argv
+    limit, never taken for an option). `on_line` gets each stdout line (default: CP_PROGRESS lines)."""
+    group = TaskGroup(argv, ctx, stdin_path)
+    kept, err_kept = bytearray(), bytearray()
+    handler = on_line or progress_lines(ctx)
+    limit = 1 << 20 if on_line is not None else 4096
     readers = [
-        threading.Thread(target=_pump_output, args=(group.proc.stdout, ctx, kept), daemon=True),
-        threading.Thread(target=_pump_output, args=(group.proc.stderr, ctx), daemon=True),
+        threading.Thread(
+            target=_pump_output, args=(group.proc.stdout, ctx, kept, handler, log_raw, limit), daemon=True
+        ),
+        threading.Thread(target=_pump_output, args=(group.proc.stderr, ctx, err_kept), daemon=True),
     ]
     for reader in readers:
         reader.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     timed_out = canceled = False
+    stopped = ""
     while not group.exited.is_set():
         if ctx.canceled.wait(0.1):
             canceled = True
@@ -936,9 +994,12 @@ def run_in_process_group(argv: list[str], ctx: TaskContext, timeout_s: float | N
         if deadline is not None and time.monotonic() >= deadline:
             timed_out = True
             break
+        if watch is not None and (stopped := watch()):
+            break
     returncode = group.stop(readers, KILL_GRACE_S)
     stdout = bytes(kept[-OUTPUT_KEEP_BYTES:]).decode("utf-8", "replace")
-    return ProcessOutcome(returncode, stdout, timed_out, canceled)
+    err_lines = [ln for ln in bytes(err_kept[-8192:]).decode("utf-8", "replace").splitlines() if ln.strip()]
+    return ProcessOutcome(returncode, stdout, timed_out, canceled, "\n".join(err_lines[-10:]), stopped)
 
 
 # ---- what a daemon's previous life left running
@@ -1131,12 +1192,316 @@ class ShellExecutor(ProcessExecutor):
         return result, "" if outcome.returncode == 0 else f"exit code {outcome.returncode}"
 
 
+# ---- the AI CLIs: their event streams, usage and prices
+
+# Prices per million tokens (input, output, cache read, cache write), for a CLI that reports tokens but no
+# cost (codex); the longest matching model prefix wins. As published on 2026-11-01; a model not listed is
+# priced as the most expensive of its family, so an estimate errs high, never low.
+PRICES_AS_OF = "2026-11-01"
+DEFAULT_PRICES: dict[str, tuple[float, float, float, float]] = {
+    "claude-opus": (15.0, 75.0, 1.5, 18.75),
+    "claude-opus-4-5": (5.0, 25.0, 0.5, 6.25),
+    "claude-sonnet": (3.0, 15.0, 0.3, 3.75),
+    "claude-haiku": (1.0, 5.0, 0.1, 1.25),
+    "claude": (15.0, 75.0, 1.5, 18.75),
+    "gpt-5-codex": (1.25, 10.0, 0.125, 0.0),
+    "gpt-5-mini": (0.25, 2.0, 0.025, 0.0),
+    "gpt-5": (1.25, 10.0, 0.125, 0.0),
+    "o4-mini": (1.1, 4.4, 0.275, 0.0),
+    "gpt": (15.0, 60.0, 7.5, 0.0),
+    "": (15.0, 75.0, 1.5, 18.75),
+}
+USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
+def price_usd(model: str, usage: dict) -> float:
+    """What `usage` costs by DEFAULT_PRICES (reasoning tokens are billed as output)."""
+    key = max((k for k in DEFAULT_PRICES if model.startswith(k)), key=len)
+    inp, out, cache_read, cache_write = DEFAULT_PRICES[key]
+    billed_out = usage.get("output_tokens", 0) + usage.get("reasoning_tokens", 0)
+    return (
+        usage.get("input_tokens", 0) * inp + billed_out * out + usage.get("cache_read_tokens", 0) * cache_read
+        + usage.get("cache_write_tokens", 0) * cache_write
+    ) / 1e6  # fmt: skip
+
+
+def short_input(tool: str, data: Any) -> str:
+    """A tool call as a progress message: `Edit router.py`, `$ pytest -q`, `Read README.md`."""
+    if not isinstance(data, dict):
+        return tool
+    if tool == "Bash" and isinstance(data.get("command"), str):
+        return "$ " + data["command"].strip().splitlines()[0][:150] if data["command"].strip() else "$"
+    for name in ("file_path", "path", "notebook_path", "pattern", "url", "query", "description"):
+        if isinstance(data.get(name), str):
+            value = data[name]
+            return f"{tool} {os.path.basename(value) if name.endswith('path') else value[:120]}"
+    return tool
+
+
+RESET_IN_TEXT_RE = re.compile(r"(?:resets?|try again) (?:at )?(\d{1,2})(?::(\d{2}))?\s*(am|pm)?", re.I)
+LIMIT_TEXT_RE = re.compile(r"\b429\b|rate.?limit|usage limit|quota|too many requests|overloaded", re.I)
+AUTH_TEXT_RE = re.compile(
+    r"\b401\b|invalid api key|not logged in|please run /login|authentication|unauthori[sz]ed", re.I
+)
+
+
+def reset_from_text(text: str, now: float | None = None) -> str | None:
+    """ "resets at 3pm" / "resets 15:00" (the CLI's local clock) as an ISO-8601 instant, the next one."""
+    match = RESET_IN_TEXT_RE.search(text)
+    if not match:
+        return None
+    hour, minute = int(match.group(1)), int(match.group(2) or 0)
+    if match.group(3):
+        hour = hour % 12 + (12 if match.group(3).lower() == "pm" else 0)
+    if not (0 <= hour < 24 and 0 <= minute < 60):
+        return None
+    now_t = time.localtime(now)
+    target = time.mktime((*now_t[:3], hour, minute, 0, 0, 0, -1))
+    if target <= time.mktime(now_t):
+        target += 86400
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(target))
+
+
+class CliStream:
+    """What an AI CLI's JSON event stream says, line by line, as it arrives: the session, usage so far,
+    a progress message, the text worth logging, and at the end the outcome in the CLI's own words."""
+
+    def __init__(self, ctx: TaskContext, transcript: Path | None = None):
+        self.ctx = ctx
+        self.session_id = ""
+        self.model = ""
+        self.usage: dict[str, int] = dict.fromkeys(USAGE_FIELDS, 0)
+        self.reported_cost: float | None = None  # the CLI's own total, when it gives one
+        self.errors: list[str] = []
+        self.final_text = ""
+        self.turns = 0
+        self.last_event_at = time.monotonic()
+        self.rate_limited = False
+        self.resets_at: str | None = None
+        self.retry_after_s: float | None = None
+        self._transcript = open(transcript, "a", encoding="utf-8") if transcript else None  # noqa: SIM115
+        self._lock = threading.Lock()
+
+    def feed(self, line: str) -> None:
+        if not line.strip():
+            return
+        self.last_event_at = time.monotonic()
+        if self._transcript is not None:
+            self._transcript.write(line + "\n")
+            self._transcript.flush()
+        try:
+            event = json.loads(line)
+        except ValueError:
+            self.ctx.log(line + "\n")  # not an event: a warning the CLI printed on stdout
+            return
+        if isinstance(event, dict):
+            with self._lock:
+                self.on_event(event)
+
+    def close(self) -> None:
+        if self._transcript is not None:
+            self._transcript.close()
+
+    @abc.abstractmethod
+    def on_event(self, event: dict) -> None:
+        """One event of the stream."""
+
+    # -- usage
+
+    @property
+    def cost_usd(self) -> float:
+        return self.reported_cost if self.reported_cost is not None else price_usd(self.model, self.usage)
+
+    def usage_report(self) -> dict:
+        """PROTOCOL.md v1.1's usage object, cumulative for the attempt."""
+        return {"model": self.model, **self.usage, "cost_usd": round(self.cost_usd, 6),
+                "cost_estimated": self.reported_cost is None}  # fmt: skip
+
+    def note_limit(self, text: str, resets_at: str | None = None, retry_after_s: float | None = None) -> None:
+        self.rate_limited = True
+        self.resets_at = resets_at or self.resets_at or reset_from_text(text)
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+
+class ClaudeStream(CliStream):
+    """`claude -p --output-format stream-json --verbose`: system/init, assistant and user messages, system
+    api_retry notices, rate-limit events, and one result at the end."""
+
+    def __init__(self, ctx: TaskContext, transcript: Path | None = None, max_turns: int | None = None):
+        super().__init__(ctx, transcript)
+        self.max_turns = max_turns
+        self.result: dict | None = None
+        self._message_usage: dict[str, dict] = {}  # per message id: a message's usage repeats on each block
+
+    def on_event(self, event: dict) -> None:
+        kind, subtype = event.get("type"), event.get("subtype")
+        if isinstance(event.get("session_id"), str):
+            self.session_id = event["session_id"]
+        if kind == "system" and subtype == "init":
+            self.model = str(event.get("model") or self.model)
+            self.ctx.report(None, f"claude started ({self.model or 'default model'})")
+        elif kind == "system" and subtype == "api_retry":
+            attempt, most = event.get("attempt"), event.get("max_retries")
+            status = event.get("error_status") or event.get("status")
+            what = "rate-limited" if status in (429, "429") else f"API error {status}" if status else "API error"
+            self.ctx.report(None, f"{what}, retry {attempt}/{most}")
+            if status in (429, "429"):
+                self.note_limit(json.dumps(event))
+        elif kind == "rate_limit_event" or (kind == "system" and subtype in ("rate_limit", "rate_limit_event")):
+            info = event.get("rate_limit_info") if isinstance(event.get("rate_limit_info"), dict) else event
+            if str(info.get("status", "")).lower() in ("rejected", "blocked", "exceeded"):
+                reset = info.get("resetsAt") or info.get("resets_at")
+                iso = None
+                if isinstance(reset, (int, float)):
+                    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(reset)))
+                elif isinstance(reset, str):
+                    iso = reset
+                self.note_limit(json.dumps(info), iso)
+        elif kind == "assistant":
+            self._assistant(event.get("message") if isinstance(event.get("message"), dict) else {})
+        elif kind == "result":
+            self.result = event
+            self._final(event)
+
+    def _assistant(self, message: dict) -> None:
+        self.model = str(message.get("model") or self.model)
+        usage = message.get("usage")
+        if isinstance(usage, dict):
+            self._message_usage[str(message.get("id") or len(self._message_usage))] = usage
+            self.usage = self._sum(self._message_usage.values())
+        self.turns += 1
+        for block in message.get("content") or ():
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text" and isinstance(block.get("text"), str):
+                self.ctx.log(block["text"].rstrip() + "\n")
+            elif block.get("type") == "tool_use":
+                said = short_input(str(block.get("name") or "tool"), block.get("input"))
+                self.ctx.log(f"→ {said}\n")
+                fraction = min(0.95, self.turns / self.max_turns) if self.max_turns else None
+                self.ctx.report(fraction, said)
+
+    @staticmethod
+    def _sum(usages) -> dict[str, int]:
+        total = dict.fromkeys(USAGE_FIELDS, 0)
+        for u in usages:
+            total["input_tokens"] += int(u.get("input_tokens") or 0)
+            total["output_tokens"] += int(u.get("output_tokens") or 0)
+            total["cache_read_tokens"] += int(u.get("cache_read_input_tokens") or 0)
+            total["cache_write_tokens"] += int(u.get("cache_creation_input_tokens") or 0)
+        return total
+
+    def _final(self, event: dict) -> None:
+        if isinstance(event.get("usage"), dict):
+            self.usage = self._sum([event["usage"]])
+        if isinstance(event.get("total_cost_usd"), (int, float)):
+            self.reported_cost = float(event["total_cost_usd"])
+        models = event.get("modelUsage")
+        if isinstance(models, dict) and models and not self.model:
+            self.model = next(iter(models))
+        self.turns = int(event.get("num_turns") or self.turns)
+        if isinstance(event.get("result"), str):
+            self.final_text = event["result"]
+        for err in event.get("errors") or ():
+            self.errors.append(str(err))
+        text = " ".join([self.final_text, *self.errors])
+        if event.get("is_error") and LIMIT_TEXT_RE.search(text):
+            self.note_limit(text)
+
+    def failure(self) -> str:
+        """Why the run failed, in the CLI's words; "" when it succeeded."""
+        res = self.result
+        if res is None:
+            return ""
+        denials = res.get("permission_denials") or []
+        subtype = str(res.get("subtype") or "")
+        if res.get("is_error") or (subtype and subtype != "success"):
+            words = "; ".join(self.errors) or (self.final_text if res.get("is_error") else "") or subtype
+            return f"claude: {subtype or 'error'}: {words}"[:2000]
+        if denials:
+            listed = ", ".join(short_input(str(d.get("tool_name") or "tool"), d.get("tool_input")) for d in denials[:10]
+                               if isinstance(d, dict))  # fmt: skip
+            return f"permission_denied: claude was refused {len(denials)} tool call(s): {listed}"[:2000]
+        return ""
+
+
+class CodexStream(CliStream):
+    """`codex exec --json`: thread.started, turn.started/completed/failed, item.started/updated/completed
+    (agent_message, reasoning, command_execution, file_change, mcp_tool_call, web_search, todo_list, error),
+    and error events."""
+
+    def __init__(self, ctx: TaskContext, transcript: Path | None = None, model: str = ""):
+        super().__init__(ctx, transcript)
+        self.model = model
+        self.failed = ""
+
+    def on_event(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "thread.started" and isinstance(event.get("thread_id"), str):
+            self.session_id = event["thread_id"]
+            self.ctx.report(None, "codex started")
+        elif kind == "turn.completed" and isinstance(event.get("usage"), dict):
+            u = event["usage"]
+            self.turns += 1
+            self.usage["input_tokens"] += max(
+                0, int(u.get("input_tokens") or 0) - int(u.get("cached_input_tokens") or 0)
+            )
+            self.usage["cache_read_tokens"] += int(u.get("cached_input_tokens") or 0)
+            self.usage["output_tokens"] += int(u.get("output_tokens") or 0)
+            self.usage["reasoning_tokens"] += int(u.get("reasoning_output_tokens") or 0)
+        elif kind == "turn.failed":
+            error = event.get("error") if isinstance(event.get("error"), dict) else {}
+            self._fail(str(error.get("message") or "turn failed"))
+        elif kind == "error":
+            self._fail(str(event.get("message") or "error"))
+        elif kind in ("item.started", "item.completed") and isinstance(event.get("item"), dict):
+            self._item(kind, event["item"])
+
+    def _fail(self, message: str) -> None:
+        self.failed = message
+        self.errors.append(message)
+        if LIMIT_TEXT_RE.search(message):
+            self.note_limit(message)
+
+    def _item(self, kind: str, item: dict) -> None:
+        itype = item.get("type") or item.get("item_type")
+        done = kind == "item.completed"
+        if itype == "agent_message" and done and isinstance(item.get("text"), str):
+            self.final_text = item["text"]
+            self.ctx.log(item["text"].rstrip() + "\n")
+        elif itype == "command_execution":
+            command = str(item.get("command") or "").strip().splitlines()
+            said = "$ " + (command[0][:150] if command else "")
+            if done:
+                said += f" → exit {item.get('exit_code')}"
+            self.ctx.log(said + "\n")
+            self.ctx.report(None, said)
+        elif itype == "file_change" and done:
+            paths = [str(c.get("path")) for c in item.get("changes") or () if isinstance(c, dict)]
+            said = "Edit " + ", ".join(os.path.basename(p) for p in paths[:5]) if paths else "Edit"
+            self.ctx.log(said + "\n")
+            self.ctx.report(None, said)
+        elif itype in ("mcp_tool_call", "web_search") and not done:
+            self.ctx.report(None, f"{itype.replace('_', ' ')}: {item.get('tool') or item.get('query') or ''}".strip())
+        elif itype == "error" and done:
+            self.errors.append(str(item.get("message") or "error"))
+
+    def failure(self) -> str:
+        return f"codex: {self.failed}"[:2000] if self.failed else ""
+
+
 class CliExecutor(ProcessExecutor):
-    """An AI coding CLI run non-interactively with the task's prompt; the binary is found on PATH unless
-    the override variable names one."""
+    """An AI coding CLI run headless in the task's worktree, the prompt on stdin, its JSON event stream read
+    as it arrives (progress, a readable log, usage, the session), a budget and a stall watched, and an
+    outcome that is honest: failed on a non-zero exit, an error result, or refused tool calls, in the CLI's
+    own words; `rate_limited` when the provider refused for quota or rate. The raw events are kept as the
+    artifact transcript.jsonl. The binary is found on PATH unless the override variable names one."""
 
     program = ""
     binary_env = ""
+    expect_changes_default = False
+    stall_default_s = 300
 
     def __init__(self, environ: dict[str, str] | None = None):
         super().__init__(environ)
@@ -1163,54 +1528,193 @@ class CliExecutor(ProcessExecutor):
         return ExecutorCheck(True, f"{self.binary}, {line}", number.group(0) if number else line or None)
 
     @abc.abstractmethod
-    def arguments(self, ctx: TaskContext, prompt: str) -> list[str]:
-        """The arguments after the binary."""
+    def arguments(self, ctx: TaskContext) -> list[str]:
+        """The arguments after the binary (the prompt goes on stdin)."""
+
+    @abc.abstractmethod
+    def stream(self, ctx: TaskContext) -> CliStream:
+        """A reader of this CLI's events for one attempt."""
 
     def command(self, ctx: TaskContext) -> list[str]:
         if not self.binary:
             raise TaskError(f"{self.program} not found on this agent")
-        prompt = ctx.task.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(ctx.task.get("prompt"), str) or not ctx.task["prompt"].strip():
             raise TaskError(f"{self.name} task has no prompt")
-        return [self.binary, *self.arguments(ctx, prompt)]
+        return [self.binary, *self.arguments(ctx)]
 
-    def parse_output(self, stdout: str) -> tuple[Any, str]:
-        """The task's output from the CLI's stdout, and an error sentence when the CLI reports one."""
-        return stdout.strip(), ""
+    def finish(self, outcome: ProcessOutcome) -> tuple[dict, str]:  # ProcessExecutor's; run() is our own
+        return {"exit_code": outcome.returncode}, ""
 
-    def finish(self, outcome: ProcessOutcome) -> tuple[dict, str]:
-        output, error = self.parse_output(outcome.stdout)
-        if outcome.returncode != 0:
-            error = f"{self.program} exited with code {outcome.returncode}"
-        return {"output": output, "exit_code": outcome.returncode}, error
+    def run(self, ctx: TaskContext) -> ExecResult:
+        try:
+            argv, timeout_s = self.command(ctx), _timeout_of(ctx.task)
+            budget = _positive(ctx.params.get("budget_usd"), "budget_usd")
+            stall_s = _positive(ctx.params.get("stall_s"), "stall_s") or self.stall_default_s
+        except TaskError as exc:
+            return ExecResult({}, None, str(exc))
+        prompt_file = ctx.work_dir / "prompt.txt"  # outside the worktree, so it is never committed
+        prompt_file.write_text(ctx.task["prompt"], encoding="utf-8")
+        events = self.stream(ctx)
+        last_sent = [0.0]
+
+        def watch() -> str:
+            now = time.monotonic()
+            if now - last_sent[0] >= PROGRESS_MIN_GAP_S:
+                ctx.report_usage(events.usage_report())
+                last_sent[0] = now
+            if budget is not None and events.cost_usd >= budget:
+                return f"budget_exceeded: ${events.cost_usd:.4f} spent, budget_usd {budget:g}"
+            if now - events.last_event_at > stall_s:
+                return f"stalled: no event from {self.program} for {stall_s:g} s"
+            return ""
+
+        try:
+            outcome = run_in_process_group(argv, ctx, timeout_s, prompt_file, events.feed, log_raw=False, watch=watch)
+        except OSError as exc:
+            return ExecResult({}, None, f"cannot start {argv[0]}: {exc}")
+        finally:
+            events.close()
+        return self.judge(ctx, outcome, events, timeout_s)
+
+    def judge(
+        self, ctx: TaskContext, outcome: ProcessOutcome, events: CliStream, timeout_s: float | None
+    ) -> ExecResult:
+        extra: dict[str, Any] = {"usage": events.usage_report()}
+        if events.session_id:
+            extra["session_id"] = events.session_id
+        result = {"output": events.final_text, "exit_code": outcome.returncode, "session_id": events.session_id,
+                  "turns": events.turns}  # fmt: skip
+        error = ""
+        if outcome.stopped:
+            error = outcome.stopped
+        elif outcome.timed_out:
+            error = f"timeout after {timeout_s:g} s"
+        elif outcome.canceled:
+            error = "canceled"
+        else:
+            error = events.failure()
+            if not error and outcome.returncode != 0:
+                said = outcome.stderr_tail or "; ".join(events.errors) or "no output on stderr"
+                error = f"{self.program} exited with code {outcome.returncode}: {said}"[:2000]
+            if not error and not events.final_text and not events.session_id:
+                error = f"{self.program} exited without a result: {outcome.stderr_tail or 'no output'}"[:2000]
+        words = " ".join([error, outcome.stderr_tail])
+        if error and not outcome.stopped and (events.rate_limited or LIMIT_TEXT_RE.search(words)):
+            if events.resets_at:
+                extra["resets_at"] = events.resets_at
+            elif events.retry_after_s is not None:
+                extra["retry_after_s"] = events.retry_after_s
+            return ExecResult(result, outcome.returncode, f"rate_limited: {error}", "rate_limited", extra)
+        if error and not outcome.stopped and AUTH_TEXT_RE.search(words):
+            error = f"not_logged_in: {error}"
+        return ExecResult(result, outcome.returncode, error, "", extra)
+
+
+def _positive(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise TaskError(f"params.{name} must be a positive number")
+    return float(value)
+
+
+def _str_list(value: Any, name: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise TaskError(f"params.{name} must be a list of strings")
+    return value
+
+
+CLAUDE_PERMISSION_MODES = ("default", "acceptEdits", "plan", "bypassPermissions", "dontAsk")
+CODEX_SANDBOXES = ("read-only", "workspace-write", "danger-full-access")
 
 
 class ClaudeExecutor(CliExecutor):
     name = program = "claude"
     binary_env = "CP_CLAUDE_BIN"
 
-    def arguments(self, ctx: TaskContext, prompt: str) -> list[str]:
-        args = ["-p", prompt, "--output-format", "json"]
-        if ctx.params.get("skip_permissions") is True:
-            args.append("--dangerously-skip-permissions")
+    def arguments(self, ctx: TaskContext) -> list[str]:
+        params = ctx.params
+        mode = params.get("permission_mode", "acceptEdits")
+        if params.get("skip_permissions") is True:  # the v1 spelling
+            mode = "bypassPermissions"
+        if mode not in CLAUDE_PERMISSION_MODES:
+            raise TaskError(f"params.permission_mode must be one of {', '.join(CLAUDE_PERMISSION_MODES)}")
+        if mode == "bypassPermissions" and os.geteuid() == 0 and not ctx.sandboxed_host:
+            raise TaskError("permission_mode bypassPermissions is refused as root; start the agent with "
+                            "--sandboxed-host on a throwaway VM or container")  # fmt: skip
+        args = ["-p", "--output-format", "stream-json", "--verbose", "--permission-mode", mode]
+        for flag, name in (("--allowedTools", "allowed_tools"), ("--disallowedTools", "disallowed_tools")):
+            tools = _str_list(params.get(name), name)
+            if tools:
+                args += [flag, *tools]
+        if isinstance(params.get("model"), str) and params["model"]:
+            args += ["--model", params["model"]]
+        if params.get("max_turns") is not None:
+            if (
+                isinstance(params["max_turns"], bool)
+                or not isinstance(params["max_turns"], int)
+                or params["max_turns"] < 1
+            ):
+                raise TaskError("params.max_turns must be a positive integer")
+            args += ["--max-turns", str(params["max_turns"])]
+        budget = _positive(params.get("budget_usd"), "budget_usd")
+        if budget is not None:
+            args += ["--max-budget-usd", f"{budget:g}"]
+        if isinstance(params.get("system_prompt"), str) and params["system_prompt"]:
+            args += ["--append-system-prompt", params["system_prompt"]]
+        # A fresh session per attempt, named by us: the attempt id is a UUID.
+        args += ["--session-id", str(uuid.UUID(ctx.attempt_id)) if _is_uuid(ctx.attempt_id) else str(uuid.uuid4())]
         return args
 
-    def parse_output(self, stdout: str) -> tuple[Any, str]:
-        try:
-            doc = json.loads(stdout)
-        except ValueError:
-            return stdout.strip(), ""
-        if not isinstance(doc, dict):
-            return stdout.strip(), ""
-        return doc.get("result", stdout.strip()), "claude reported an error" if doc.get("is_error") else ""
+    def run(self, ctx: TaskContext) -> ExecResult:
+        # Its own retries kept short: on a rate limit the fleet, not one process, decides when to try again.
+        ctx.extra_env.setdefault("CLAUDE_CODE_MAX_RETRIES", os.environ.get("CLAUDE_CODE_MAX_RETRIES", "2"))
+        return super().run(ctx)
+
+    def stream(self, ctx: TaskContext) -> CliStream:
+        max_turns = ctx.params.get("max_turns") if isinstance(ctx.params.get("max_turns"), int) else None
+        return ClaudeStream(ctx, ctx.out_dir / "transcript.jsonl", max_turns)
 
 
 class CodexExecutor(CliExecutor):
     name = program = "codex"
     binary_env = "CP_CODEX_BIN"
+    expect_changes_default = True
 
-    def arguments(self, ctx: TaskContext, prompt: str) -> list[str]:
-        return ["exec", "--skip-git-repo-check", prompt]  # the fresh work dir is not a git repository
+    def arguments(self, ctx: TaskContext) -> list[str]:
+        params = ctx.params
+        sandbox = params.get("sandbox", "workspace-write")
+        if sandbox not in CODEX_SANDBOXES:
+            raise TaskError(f"params.sandbox must be one of {', '.join(CODEX_SANDBOXES)}")
+        args = ["-a", "never", "exec", "--json", "-s", sandbox, "-C", str(ctx.cwd)]
+        if isinstance(params.get("model"), str) and params["model"]:
+            args += ["-m", params["model"]]
+        if params.get("reasoning_effort") in ("minimal", "low", "medium", "high"):
+            args += ["-c", f"model_reasoning_effort={params['reasoning_effort']}"]
+        args += ["-o", str(ctx.work_dir / "last_message.txt")]
+        if ctx.worktree is None:
+            args.append("--skip-git-repo-check")  # an empty work dir is no git repository
+        return [*args, "-"]  # the prompt from stdin
+
+    def stream(self, ctx: TaskContext) -> CliStream:
+        model = ctx.params.get("model") if isinstance(ctx.params.get("model"), str) else ""
+        return CodexStream(ctx, ctx.out_dir / "transcript.jsonl", model or "gpt-5-codex")
+
+    def judge(self, ctx, outcome, events, timeout_s) -> ExecResult:
+        last = ctx.work_dir / "last_message.txt"
+        with contextlib.suppress(OSError):
+            events.final_text = last.read_text(encoding="utf-8", errors="replace").strip() or events.final_text
+        return super().judge(ctx, outcome, events, timeout_s)
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------- git workspaces
@@ -1519,6 +2023,8 @@ class ProgressStream:
         self._lock = threading.Lock()
         self._progress, self._message, self._log, self._log_chars = 0.0, "", [], 0
         self._dirty = False
+        self._usage: dict = {}
+        self._usage_dirty = False
         self._wake, self._closed = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"progress-{name}")
 
@@ -1546,13 +2052,23 @@ class ProgressStream:
             self._dirty = True
         self._wake.set()
 
+    def usage(self, usage: dict) -> None:
+        """An AI CLI's usage so far (cumulative), sent with the next progress when it changed."""
+        with self._lock:
+            if usage != self._usage:
+                self._usage, self._usage_dirty, self._dirty = dict(usage), True, True
+        self._wake.set()
+
     def _take(self) -> dict | None:
         with self._lock:
             if not self._dirty:
                 return None
             text = tail_utf8("".join(self._log), LOG_CHUNK_BYTES)
             self._log, self._log_chars, self._dirty = [], 0, False
-            return {"progress": self._progress, "message": self._message, "log": text}
+            payload = {"progress": self._progress, "message": self._message, "log": text}
+            if self._usage_dirty:
+                payload["usage"], self._usage_dirty = self._usage, False
+            return payload
 
     def _loop(self) -> None:
         last_sent = 0.0
@@ -1630,8 +2146,9 @@ class TaskRun:
     def _send_progress(self, payload: dict) -> None:
         answer = self._call("progress", payload)
         if answer and answer.get("cancel") is True and not self.canceled.is_set():
-            log.info("server canceled %s", self.key)
-            self.cancel("canceled by server (timeout)")
+            why = answer.get("cancel_reason") if isinstance(answer.get("cancel_reason"), str) else "timeout"
+            log.info("server canceled %s (%s)", self.key, why)
+            self.cancel(f"{why}: canceled by server" if why == "budget_exceeded" else f"canceled by server ({why})")
 
     def _run(self) -> None:
         try:
@@ -1673,6 +2190,8 @@ class TaskRun:
                     commit = self._commit_workspace(worktree, workspace, executor_name)
                 except GitError as exc:
                     outcome.error = str(exc)
+                if commit is not None and commit.get("sha") is None and self._expects_changes(executor_name):
+                    outcome.error = "no_changes: the task changed nothing in the repository (params.expect_changes)"
             self.stream.close()
             if self.stale:
                 return
@@ -1683,6 +2202,12 @@ class TaskRun:
             self.stream.close()
             if worktree is not None:
                 self._leave_worktree(worktree, failed=bool(self.stale or outcome.error))
+
+    def _expects_changes(self, executor_name: str) -> bool:
+        params = self.task.get("params") if isinstance(self.task.get("params"), dict) else {}
+        if isinstance(params.get("expect_changes"), bool):
+            return params["expect_changes"]
+        return bool(getattr(EXECUTOR_CLASSES.get(executor_name), "expect_changes_default", False))
 
     def _write_inputs(self) -> None:
         """Each dependency's inputs as $CP_INPUTS_DIR/<key>.json, outside the worktree (PROTOCOL.md v1.1)."""
@@ -1763,6 +2288,7 @@ class TaskRun:
         ctx.records = self.agent.live_tasks
         ctx.worktree = worktree.path if worktree is not None else None
         ctx.pass_env = config.pass_env
+        ctx.report_usage, ctx.sandboxed_host = self.stream.usage, config.sandboxed_host
         try:
             return executor.run(ctx)
         except Exception as exc:
@@ -1792,7 +2318,8 @@ class TaskRun:
         if len(json.dumps(result)) > RESULT_MAX_BYTES:
             result = {"exit_code": outcome.exit_code, "dropped": "the result was larger than 1 MiB"}
         payload: dict[str, Any] = {
-            "outcome": "failed" if outcome.error else "succeeded",
+            **outcome.extra,  # usage, session_id, resets_at / retry_after_s (PROTOCOL.md v1.1)
+            "outcome": outcome.outcome or ("failed" if outcome.error else "succeeded"),
             "result": result,
             "error": outcome.error,
         }

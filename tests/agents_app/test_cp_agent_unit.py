@@ -93,17 +93,30 @@ def write_script(path: Path, body: str) -> Path:
     return path
 
 
+# Small fakes of the CLIs' event streams, for the parsing (the real CLIs: tests/agents_app/test_real_clis.py).
 FAKE_CLAUDE = """\
 if [ "$1" = "--version" ]; then echo "2.0.14 (Claude Code)"; exit 0; fi
 for arg in "$@"; do printf '%s\\n' "$arg"; done > "$CP_OUT_DIR/argv.txt"
-printf '{"type":"result","is_error":false,"result":"claude did: %s","session_id":"s1"}\\n' "$2"
+prompt=$(cat)
+echo '{"type":"system","subtype":"init","session_id":"s1","model":"claude-sonnet-4-5","permissionMode":"acceptEdits"}'
+echo '{"type":"assistant","message":{"id":"m1","model":"claude-sonnet-4-5","content":[{"type":"text","text":"On it."},\
+{"type":"tool_use","id":"t1","name":"Write","input":{"file_path":"/w/notes.md","content":"x"}}],"usage":{"input_tokens":10,"output_tokens":5}}}'
+printf '{"type":"result","subtype":"success","is_error":false,"result":"claude did: %s","session_id":"s1",\
+"total_cost_usd":0.0123,"num_turns":2,"permission_denials":[],\
+"usage":{"input_tokens":100,"output_tokens":50,"cache_read_input_tokens":7,\
+"cache_creation_input_tokens":3}}\\n' "$prompt"
 """
 
 FAKE_CODEX = """\
 if [ "$1" = "--version" ]; then echo "codex-cli 0.46.0"; exit 0; fi
 for arg in "$@"; do printf '%s\\n' "$arg"; done > "$CP_OUT_DIR/argv.txt"
+prompt=$(cat)
 echo "thinking..." >&2
-echo "codex did: $3"
+echo '{"type":"thread.started","thread_id":"th-1"}'
+echo '{"type":"item.completed","item":{"id":"i1","type":"command_execution","command":"ls -la","exit_code":0}}'
+echo '{"type":"item.completed","item":{"id":"i2","type":"file_change","changes":[{"path":"/w/core.py","kind":"add"}]}}'
+printf '{"type":"item.completed","item":{"id":"i3","type":"agent_message","text":"codex did: %s"}}\\n' "$prompt"
+echo '{"type":"turn.completed","usage":{"input_tokens":1000,"cached_input_tokens":200,"output_tokens":300}}'
 """
 
 
@@ -454,46 +467,152 @@ def test_simulated_task_stops_when_canceled(tmp_path):
 # ------------------------------------------------------------------------------------------- AI CLIs
 
 
-def test_claude_gets_the_prompt_and_its_json_result_becomes_the_output(tmp_path, fake_clis):
-    ctx = make_context(tmp_path, Recorder(), executor="claude", prompt="plan the framework")
+def test_claude_reads_the_prompt_on_stdin_and_its_stream_gives_output_usage_cost_session_and_progress(
+    tmp_path, fake_clis
+):
+    rec = Recorder()
+    ctx = make_context(tmp_path, rec, executor="claude", prompt="- plan the framework")  # not taken for an option
+    usage_sent = []
+    ctx.report_usage = usage_sent.append
     outcome = ClaudeExecutor(fake_clis).run(ctx)
-    assert outcome.error == ""
-    assert outcome.result == {"output": "claude did: plan the framework", "exit_code": 0}
+    assert outcome.error == "" and outcome.outcome == ""
+    assert outcome.result["output"] == "claude did: - plan the framework" and outcome.result["session_id"] == "s1"
     argv = (ctx.out_dir / "argv.txt").read_text().splitlines()
-    assert argv == ["-p", "plan the framework", "--output-format", "json"]
+    assert argv[:6] == ["-p", "--output-format", "stream-json", "--verbose", "--permission-mode", "acceptEdits"]
+    assert "- plan the framework" not in argv and argv[-2] == "--session-id"
+    usage = outcome.extra["usage"]
+    assert usage["cost_usd"] == 0.0123 and usage["cost_estimated"] is False  # the CLI's own figure
+    assert (usage["input_tokens"], usage["output_tokens"], usage["cache_read_tokens"], usage["cache_write_tokens"]) == (
+        100, 50, 7, 3,
+    )  # fmt: skip
+    assert outcome.extra["session_id"] == "s1"
+    assert (None, "Write notes.md") in rec.progress
+    assert "On it." in rec.text and '"type"' not in rec.text  # the log is text, not JSON
+    assert len((ctx.out_dir / "transcript.jsonl").read_text().splitlines()) == 3  # the raw events, kept
 
 
-def test_claude_skips_permissions_only_when_asked(tmp_path, fake_clis):
-    ctx = make_context(tmp_path, Recorder(), prompt="go", params={"skip_permissions": True})
+def test_claude_params_become_its_flags(tmp_path, fake_clis):
+    params = {"permission_mode": "plan", "allowed_tools": ["Read", "Bash(git *)"], "disallowed_tools": ["WebFetch"],
+              "model": "claude-opus-4-5", "max_turns": 12, "budget_usd": 2.5, "system_prompt": "Be brief."}  # fmt: skip
+    ctx = make_context(tmp_path, Recorder(), prompt="go", params=params)
     ClaudeExecutor(fake_clis).run(ctx)
-    assert (ctx.out_dir / "argv.txt").read_text().splitlines()[-1] == "--dangerously-skip-permissions"
+    argv = (ctx.out_dir / "argv.txt").read_text().splitlines()
+    joined = " ".join(argv)
+    assert "--permission-mode plan" in joined and "--allowedTools Read Bash(git *)" in joined
+    assert "--disallowedTools WebFetch" in joined and "--model claude-opus-4-5" in joined
+    assert "--max-turns 12" in joined and "--max-budget-usd 2.5" in joined
+    assert "--append-system-prompt Be brief." in joined
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is for root only")
+def test_claude_bypass_permissions_as_root_needs_a_sandboxed_host(tmp_path, fake_clis):
+    ctx = make_context(tmp_path, Recorder(), prompt="go", params={"permission_mode": "bypassPermissions"})
+    outcome = ClaudeExecutor(fake_clis).run(ctx)
+    assert "refused as root" in outcome.error and "--sandboxed-host" in outcome.error
+    ctx.sandboxed_host = True
+    assert ClaudeExecutor(fake_clis).run(ctx).error == ""
+    assert "bypassPermissions" in (ctx.out_dir / "argv.txt").read_text()
+
+
+def claude_result(tmp_path, result: dict, before: str = "", code: int = 0) -> Path:
+    """A fake claude whose stream ends with `result`."""
+    line = json.dumps({"type": "result", "session_id": "s9", **result})
+    return write_script(tmp_path / "claude", f"cat > /dev/null\n{before}\necho '{line}'\nexit {code}\n")
+
+
+def test_claude_refused_tool_calls_fail_the_task_naming_them(tmp_path):
+    denials = [{"tool_name": "Bash", "tool_use_id": "t1", "tool_input": {"command": "rm -rf build"}}]
+    claude_result(tmp_path, {"subtype": "success", "is_error": False, "result": "I could not.",
+                             "permission_denials": denials})  # fmt: skip
+    outcome = ClaudeExecutor({"PATH": str(tmp_path)}).run(make_context(tmp_path, Recorder(), prompt="x"))
+    assert outcome.error.startswith("permission_denied: claude was refused 1 tool call(s): $ rm -rf build")
+
+
+def test_claude_error_results_fail_in_its_own_words(tmp_path):
+    claude_result(
+        tmp_path, {"subtype": "error_max_turns", "is_error": True, "errors": ["Reached max turns (3)"]}, code=1
+    )
+    outcome = ClaudeExecutor({"PATH": str(tmp_path)}).run(make_context(tmp_path, Recorder(), prompt="x"))
+    assert outcome.error == "claude: error_max_turns: Reached max turns (3)"
+
+
+def test_claude_refused_for_rate_is_rate_limited_with_the_reset(tmp_path):
+    limit = {"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": 1893456000}}
+    claude_result(tmp_path, {"subtype": "success", "is_error": True, "result": "API Error: 429 rate_limit_error"},
+                  before=f"echo '{json.dumps(limit)}'", code=1)  # fmt: skip
+    outcome = ClaudeExecutor({"PATH": str(tmp_path)}).run(make_context(tmp_path, Recorder(), prompt="x"))
+    assert outcome.outcome == "rate_limited" and outcome.error.startswith("rate_limited: claude:")
+    assert outcome.extra["resets_at"] == "2030-01-01T00:00:00Z"
+
+
+def test_claude_not_logged_in_says_so(tmp_path):
+    claude_result(tmp_path, {"subtype": "success", "is_error": True, "result": "Invalid API key · Please run /login"},
+                  code=1)  # fmt: skip
+    outcome = ClaudeExecutor({"PATH": str(tmp_path)}).run(make_context(tmp_path, Recorder(), prompt="x"))
+    assert outcome.error.startswith("not_logged_in: claude:") and outcome.outcome == ""
+
+
+def test_a_cli_is_stopped_at_its_budget_from_live_usage(tmp_path):
+    # Opus-priced output tokens: 100,000 of them is $7.50, past a $1 budget, long before the run would end.
+    message = {"type": "assistant", "message": {"id": "m1", "model": "claude-opus-4-1", "content": [],
+                                                 "usage": {"input_tokens": 10, "output_tokens": 100000}}}  # fmt: skip
+    write_script(tmp_path / "claude", f"cat > /dev/null\necho '{json.dumps(message)}'\nexec sleep 30\n")
+    ctx = make_context(tmp_path, Recorder(), prompt="x", params={"budget_usd": 1})
+    started = time.monotonic()
+    outcome = ClaudeExecutor({"PATH": f"{tmp_path}:/usr/bin:/bin"}).run(ctx)
+    assert time.monotonic() - started < 5
+    assert outcome.error.startswith("budget_exceeded: $7.5") and outcome.extra["usage"]["cost_estimated"] is True
+
+
+def test_a_cli_that_goes_silent_is_stopped_as_stalled(tmp_path):
+    write_script(
+        tmp_path / "codex", 'cat > /dev/null\necho \'{"type":"thread.started","thread_id":"t"}\'\nexec sleep 30\n'
+    )
+    ctx = make_context(tmp_path, Recorder(), prompt="x", params={"stall_s": 1})
+    started = time.monotonic()
+    outcome = CodexExecutor({"PATH": f"{tmp_path}:/usr/bin:/bin"}).run(ctx)
+    assert time.monotonic() - started < 5
+    assert outcome.error == "stalled: no event from codex for 1 s"
 
 
 def test_claude_binary_can_be_named_by_cp_claude_bin(tmp_path, fake_clis):
-    other = write_script(tmp_path / "my-claude", 'echo \'{"result": "from override"}\'')
+    other = claude_result(tmp_path, {"subtype": "success", "is_error": False, "result": "from override"})
     executor = ClaudeExecutor({"PATH": "/nonexistent", "CP_CLAUDE_BIN": str(other)})
     assert executor.run(make_context(tmp_path, Recorder(), prompt="x")).result["output"] == "from override"
 
 
-def test_codex_runs_exec_with_the_prompt_and_captures_stdout(tmp_path, fake_clis):
+def test_codex_runs_exec_json_in_its_sandbox_with_the_prompt_on_stdin(tmp_path, fake_clis):
     rec = Recorder()
     ctx = make_context(tmp_path, rec, executor="codex", prompt="implement core module 1")
     outcome = CodexExecutor(fake_clis).run(ctx)
     assert outcome.error == ""
-    assert outcome.result == {"output": "codex did: implement core module 1", "exit_code": 0}
+    assert outcome.result["output"] == "codex did: implement core module 1"
     assert (ctx.out_dir / "argv.txt").read_text().splitlines() == [
-        "exec",
-        "--skip-git-repo-check",
-        "implement core module 1",
-    ]
+        "-a", "never", "exec", "--json", "-s", "workspace-write", "-C", str(ctx.work_dir),
+        "-o", str(ctx.work_dir / "last_message.txt"), "--skip-git-repo-check", "-",
+    ]  # fmt: skip
+    usage = outcome.extra["usage"]
+    assert (usage["input_tokens"], usage["cache_read_tokens"], usage["output_tokens"]) == (800, 200, 300)
+    assert usage["cost_estimated"] is True and usage["cost_usd"] == pytest.approx(
+        (800 * 1.25 + 300 * 10.0 + 200 * 0.125) / 1e6
+    )  # priced by the table: gpt-5-codex, the default model
+    assert outcome.extra["session_id"] == "th-1"
+    assert (None, "$ ls -la → exit 0") in rec.progress and (None, "Edit core.py") in rec.progress
     assert "thinking..." in rec.text
 
 
-def test_failing_cli_fails_the_task(tmp_path):
-    bad = write_script(tmp_path / "codex", "echo broken >&2; exit 2")
+def test_codex_turn_failed_on_quota_is_rate_limited(tmp_path):
+    failed = {"type": "turn.failed", "error": {"message": "You have hit your usage limit. Try again at 3pm."}}
+    write_script(tmp_path / "codex", f"cat > /dev/null\necho '{json.dumps(failed)}'\nexit 1\n")
     outcome = CodexExecutor({"PATH": str(tmp_path)}).run(make_context(tmp_path, Recorder(), prompt="x"))
-    assert outcome.error == "codex exited with code 2" and outcome.exit_code == 2
-    assert bad.exists()
+    assert outcome.outcome == "rate_limited" and "usage limit" in outcome.error
+    assert outcome.extra["resets_at"].split("T")[1].startswith("15:00")
+
+
+def test_failing_cli_fails_the_task_in_its_own_words(tmp_path):
+    write_script(tmp_path / "codex", "cat > /dev/null; echo broken config >&2; exit 2")
+    outcome = CodexExecutor({"PATH": str(tmp_path)}).run(make_context(tmp_path, Recorder(), prompt="x"))
+    assert outcome.error == "codex exited with code 2: broken config" and outcome.exit_code == 2
 
 
 def test_check_reports_the_cli_versions_and_an_unreachable_server(tmp_path, fake_clis):
