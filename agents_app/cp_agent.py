@@ -99,7 +99,10 @@ TASK_ENV_BASE = ("PATH", "HOME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TERM
 TASK_ENV_PROVIDERS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "CLAUDE_CODE_OAUTH_TOKEN",
                       "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "AWS_REGION",
                       "AWS_PROFILE", "CLOUD_ML_REGION", "ANTHROPIC_VERTEX_PROJECT_ID", "OPENAI_API_KEY",
-                      "OPENAI_BASE_URL", "OPENAI_ORG_ID", "CODEX_HOME")  # fmt: skip
+                      "OPENAI_BASE_URL", "OPENAI_ORG_ID", "CODEX_HOME",
+                      # Claude Code's own switches (no auto-update, telemetry, error reports; its retries)
+                      "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "DISABLE_AUTOUPDATER", "DISABLE_TELEMETRY",
+                      "DISABLE_ERROR_REPORTING", "CLAUDE_CODE_MAX_RETRIES")  # fmt: skip
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 ORPHAN_GRACE_S = 2.0  # the same, when a supervisor stops a task whose daemon died (or a daemon its leftovers)
 SUPERVISOR_START_S = 30.0  # how long the daemon waits for a task's supervisor to say it started the task
@@ -1241,7 +1244,9 @@ def short_input(tool: str, data: Any) -> str:
 RESET_IN_TEXT_RE = re.compile(r"(?:resets?|try again) (?:at )?(\d{1,2})(?::(\d{2}))?\s*(am|pm)?", re.I)
 LIMIT_TEXT_RE = re.compile(r"\b429\b|rate.?limit|usage limit|quota|too many requests|overloaded", re.I)
 AUTH_TEXT_RE = re.compile(
-    r"\b401\b|invalid api key|not logged in|please run /login|authentication|unauthori[sz]ed", re.I
+    r"\b401\b|invalid api key|not logged in|please run /login|authentication|unauthori[sz]ed"
+    r"|missing environment variable: `?\w*API_KEY",
+    re.I,
 )
 
 
@@ -1358,6 +1363,10 @@ class ClaudeStream(CliStream):
                 elif isinstance(reset, str):
                     iso = reset
                 self.note_limit(json.dumps(info), iso)
+        elif kind == "system" and subtype == "permission_denied":
+            said = short_input(str(event.get("tool_name") or "tool"), event.get("tool_input"))
+            self.ctx.log(f"refused: {said}\n")
+            self.ctx.report(None, f"refused: {said}")
         elif kind == "assistant":
             self._assistant(event.get("message") if isinstance(event.get("message"), dict) else {})
         elif kind == "result":
@@ -1406,7 +1415,8 @@ class ClaudeStream(CliStream):
         for err in event.get("errors") or ():
             self.errors.append(str(err))
         text = " ".join([self.final_text, *self.errors])
-        if event.get("is_error") and LIMIT_TEXT_RE.search(text):
+        status = event.get("api_error_status")
+        if event.get("is_error") and (status in (429, "429") or LIMIT_TEXT_RE.search(text)):
             self.note_limit(text)
 
     def failure(self) -> str:
@@ -1417,8 +1427,10 @@ class ClaudeStream(CliStream):
         denials = res.get("permission_denials") or []
         subtype = str(res.get("subtype") or "")
         if res.get("is_error") or (subtype and subtype != "success"):
+            # An API error ends with is_error and, oddly, subtype "success": the words are in `result`.
             words = "; ".join(self.errors) or (self.final_text if res.get("is_error") else "") or subtype
-            return f"claude: {subtype or 'error'}: {words}"[:2000]
+            kind = subtype if subtype and subtype != "success" else "error"
+            return f"claude: {kind}: {words}"[:2000]
         if denials:
             listed = ", ".join(short_input(str(d.get("tool_name") or "tool"), d.get("tool_input")) for d in denials[:10]
                                if isinstance(d, dict))  # fmt: skip
@@ -1442,19 +1454,24 @@ class CodexStream(CliStream):
             self.session_id = event["thread_id"]
             self.ctx.report(None, "codex started")
         elif kind == "turn.completed" and isinstance(event.get("usage"), dict):
-            u = event["usage"]
+            # Codex counts cached tokens within input_tokens and reasoning within output_tokens.
+            u = {k: int(v) for k, v in event["usage"].items() if isinstance(v, int) and not isinstance(v, bool)}
+            cached, reasoning = u.get("cached_input_tokens", 0), u.get("reasoning_output_tokens", 0)
             self.turns += 1
-            self.usage["input_tokens"] += max(
-                0, int(u.get("input_tokens") or 0) - int(u.get("cached_input_tokens") or 0)
-            )
-            self.usage["cache_read_tokens"] += int(u.get("cached_input_tokens") or 0)
-            self.usage["output_tokens"] += int(u.get("output_tokens") or 0)
-            self.usage["reasoning_tokens"] += int(u.get("reasoning_output_tokens") or 0)
+            self.usage["input_tokens"] += max(0, u.get("input_tokens", 0) - cached)
+            self.usage["cache_read_tokens"] += cached
+            self.usage["cache_write_tokens"] += u.get("cache_write_input_tokens", 0)
+            self.usage["output_tokens"] += max(0, u.get("output_tokens", 0) - reasoning)
+            self.usage["reasoning_tokens"] += reasoning
         elif kind == "turn.failed":
             error = event.get("error") if isinstance(event.get("error"), dict) else {}
             self._fail(str(error.get("message") or "turn failed"))
         elif kind == "error":
-            self._fail(str(event.get("message") or "error"))
+            # "Reconnecting... 2/5 (...)": codex retrying on its own, not a failure (it may recover); only
+            # turn.failed or a non-zero exit fail the task. The words are kept for the error if it does.
+            message = str(event.get("message") or "error")
+            self.errors.append(message)
+            self.ctx.report(None, message[:200])
         elif kind in ("item.started", "item.completed") and isinstance(event.get("item"), dict):
             self._item(kind, event["item"])
 
@@ -1489,6 +1506,11 @@ class CodexStream(CliStream):
 
     def failure(self) -> str:
         return f"codex: {self.failed}"[:2000] if self.failed else ""
+
+    def limit_in_errors(self) -> None:
+        """At the end: a run that failed on a quota refusal said so in its error events."""
+        if self.failed and any(LIMIT_TEXT_RE.search(e) for e in self.errors):
+            self.note_limit(" ".join(self.errors))
 
 
 class CliExecutor(ProcessExecutor):
@@ -1574,6 +1596,8 @@ class CliExecutor(ProcessExecutor):
             return ExecResult({}, None, f"cannot start {argv[0]}: {exc}")
         finally:
             events.close()
+        if isinstance(events, CodexStream):
+            events.limit_in_errors()
         return self.judge(ctx, outcome, events, timeout_s)
 
     def judge(
