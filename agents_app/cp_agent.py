@@ -1547,7 +1547,24 @@ class CliExecutor(ProcessExecutor):
         if proc.returncode != 0:
             return ExecutorCheck(False, f"{self.binary} --version exited with {proc.returncode}: {line}")
         number = re.search(r"\d+(?:\.\d+)+", line)
-        return ExecutorCheck(True, f"{self.binary}, {line}", number.group(0) if number else line or None)
+        version = number.group(0) if number else line or None
+        logged_in, how = self.login_status()
+        if not logged_in:
+            return ExecutorCheck(False, f"{self.binary}, {line}: not logged in ({how})", version)
+        return ExecutorCheck(True, f"{self.binary}, {line}, logged in ({how})", version)
+
+    def _status(self, *args: str) -> subprocess.CompletedProcess | None:
+        """`BINARY ARGS` as a task would run it (the allow-listed environment), or None if it cannot run."""
+        env = {**task_environ(os.environ), "PATH": self.environ.get("PATH", os.environ.get("PATH", ""))}
+        try:
+            return subprocess.run([self.binary or self.program, *args], check=False, capture_output=True, text=True,
+                                  timeout=15, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    @abc.abstractmethod
+    def login_status(self) -> tuple[bool, str]:
+        """Whether the CLI can reach its model with the credentials a task would have, and how it knows."""
 
     @abc.abstractmethod
     def arguments(self, ctx: TaskContext) -> list[str]:
@@ -1692,6 +1709,18 @@ class ClaudeExecutor(CliExecutor):
         args += ["--session-id", str(uuid.UUID(ctx.attempt_id)) if _is_uuid(ctx.attempt_id) else str(uuid.uuid4())]
         return args
 
+    def login_status(self) -> tuple[bool, str]:
+        proc = self._status("auth", "status")
+        try:
+            said = json.loads(proc.stdout) if proc is not None else None
+        except ValueError:
+            said = None
+        if not isinstance(said, dict) or "loggedIn" not in said:
+            return True, "claude auth status gave no answer: not checked"  # an older CLI; the task will say
+        if said["loggedIn"]:
+            return True, f"claude auth status: {said.get('authMethod') or 'yes'}"
+        return False, "claude auth status: run `claude` and /login, or set ANTHROPIC_API_KEY"
+
     def run(self, ctx: TaskContext) -> ExecResult:
         # Its own retries kept short: on a rate limit the fleet, not one process, decides when to try again.
         ctx.extra_env.setdefault("CLAUDE_CODE_MAX_RETRIES", os.environ.get("CLAUDE_CODE_MAX_RETRIES", "2"))
@@ -1721,6 +1750,17 @@ class CodexExecutor(CliExecutor):
         if ctx.worktree is None:
             args.append("--skip-git-repo-check")  # an empty work dir is no git repository
         return [*args, "-"]  # the prompt from stdin
+
+    def login_status(self) -> tuple[bool, str]:
+        proc = self._status("login", "status")
+        if proc is not None and proc.returncode == 0:
+            return True, "codex login status: " + (proc.stdout + proc.stderr).strip().splitlines()[0][:80]
+        # `codex login status` knows only its auth.json; a key in the environment (a provider's env_key)
+        # is a login too, which it does not see.
+        keys = [name for name in ("OPENAI_API_KEY", "CODEX_API_KEY") if os.environ.get(name)]
+        if keys:
+            return True, f"API key in {keys[0]}"
+        return False, "codex login status: run `codex login`, or set OPENAI_API_KEY"
 
     def stream(self, ctx: TaskContext) -> CliStream:
         model = ctx.params.get("model") if isinstance(ctx.params.get("model"), str) else ""

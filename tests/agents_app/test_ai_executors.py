@@ -161,3 +161,33 @@ def test_codex_not_logged_in_says_so(tmp_path, model_api, worktree, monkeypatch)
     executor = CodexExecutor({"PATH": "/usr/bin:/bin", "CP_CODEX_BIN": cli_binary(CODEX)})
     outcome = executor.run(context(tmp_path, worktree, Recorder(), prompt="Hi."))
     assert outcome.error.startswith("not_logged_in: codex: Missing environment variable"), outcome
+
+
+# -- pre-flight: logged in or not (issue 10, item 7) ---------------------------------------------------------
+
+
+def test_preflight_asks_claude_whether_it_is_logged_in(tmp_path, model_api, monkeypatch):
+    executor = ClaudeExecutor({"PATH": "/usr/bin:/bin", "CP_CLAUDE_BIN": cli_binary(CLAUDE)})
+    for name, value in claude_env(tmp_path, model_api).items():
+        monkeypatch.setenv(name, value)
+    check = executor.check()
+    assert check.usable and "logged in (claude auth status: api_key)" in check.detail, check
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    check = executor.check()
+    assert not check.usable and "not logged in" in check.detail and check.version, check
+
+
+def test_preflight_takes_codex_login_status_or_a_key_in_the_environment(tmp_path, model_api, monkeypatch):
+    executor = CodexExecutor({"PATH": "/usr/bin:/bin", "CP_CODEX_BIN": cli_binary(CODEX)})
+    for name, value in codex_env(tmp_path, model_api).items():
+        monkeypatch.setenv(name, value)
+    check = executor.check()
+    assert check.usable and "API key in OPENAI_API_KEY" in check.detail, check
+    monkeypatch.delenv("OPENAI_API_KEY")
+    check = executor.check()
+    assert not check.usable and "not logged in" in check.detail, check
+    (tmp_path / "logged").mkdir()
+    for name, value in codex_env(tmp_path / "logged", model_api, login=True).items():  # codex login --with-api-key
+        monkeypatch.setenv(name, value)
+    check = executor.check()
+    assert check.usable and "codex login status" in check.detail, check

@@ -96,6 +96,7 @@ def write_script(path: Path, body: str) -> Path:
 # Small fakes of the CLIs' event streams, for the parsing (the real CLIs: tests/agents_app/test_real_clis.py).
 FAKE_CLAUDE = """\
 if [ "$1" = "--version" ]; then echo "2.0.14 (Claude Code)"; exit 0; fi
+if [ "$1" = "auth" ]; then echo '{"loggedIn": true, "authMethod": "api_key"}'; exit 0; fi
 for arg in "$@"; do printf '%s\\n' "$arg"; done > "$CP_OUT_DIR/argv.txt"
 prompt=$(cat)
 echo '{"type":"system","subtype":"init","session_id":"s1","model":"claude-sonnet-4-5","permissionMode":"acceptEdits"}'
@@ -109,6 +110,7 @@ printf '{"type":"result","subtype":"success","is_error":false,"result":"claude d
 
 FAKE_CODEX = """\
 if [ "$1" = "--version" ]; then echo "codex-cli 0.46.0"; exit 0; fi
+if [ "$1" = "login" ]; then echo "Logged in using an API key"; exit 0; fi
 for arg in "$@"; do printf '%s\\n' "$arg"; done > "$CP_OUT_DIR/argv.txt"
 prompt=$(cat)
 echo "thinking..." >&2
