@@ -231,6 +231,8 @@ class Config:
     keep_failed_hours: float = KEEP_FAILED_HOURS
     pass_env: list[str] = field(default_factory=list)  # more variables a task gets (TASK_ENV_BASE and _PROVIDERS pass)
     sandboxed_host: bool = False
+    claude_config_dir: str | None = None  # this agent's own CLAUDE_CONFIG_DIR (several agents on one host)
+    codex_home: str | None = None  # this agent's own CODEX_HOME
 
     @classmethod
     def from_argv(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
@@ -347,6 +349,12 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
         help="comma-separated environment variables tasks get besides PATH, HOME, LANG, TERM and the like and "
         "the AI providers' key variables; never CP_* [CP_PASS_ENV]",
     )  # fmt: skip
+    p.add_argument(
+        "--claude-config-dir", metavar="DIR",
+        help="CLAUDE_CONFIG_DIR for this agent's claude tasks: agents sharing a host each need their own (parallel "
+        "claude processes sharing ~/.claude.json corrupt it)",
+    )  # fmt: skip
+    p.add_argument("--codex-home", metavar="DIR", help="CODEX_HOME for this agent's codex tasks")
     p.add_argument(
         "--sandboxed-host", action="store_true",
         help="this host is a throwaway VM or container: claude tasks may use permission_mode bypassPermissions "
@@ -2851,6 +2859,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr, format=f"%(asctime)s {config.name} %(levelname)s %(message)s"
     )
+    # This agent's own CLI homes, for pre-flight's login checks and its tasks alike (both pass the allow-list).
+    for variable, folder in (("CLAUDE_CONFIG_DIR", config.claude_config_dir), ("CODEX_HOME", config.codex_home)):
+        if folder:
+            path = Path(folder).expanduser().absolute()
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.environ[variable] = str(path)
     if config.check:
         return run_check(config)
     return Agent(config, build_executors(config.executors)).run()

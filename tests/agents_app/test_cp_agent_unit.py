@@ -1053,6 +1053,18 @@ def test_a_task_gets_an_allow_listed_environment_never_the_daemons_secrets(fake_
     assert seen["PATH"] == os.environ["PATH"] and seen["CP_ATTEMPT_ID"] == "00000005"  # the task's own CP_*
 
 
+def test_each_agent_on_a_host_can_have_its_own_claude_config_dir_and_codex_home(fake_server, tmp_path):
+    fake_server.assign(
+        "00000006", executor="shell", command='mkdir -p out && echo "$CLAUDE_CONFIG_DIR $CODEX_HOME" > out/d'
+    )
+    dirs = ["--claude-config-dir", str(tmp_path / "c1"), "--codex-home", str(tmp_path / "x1")]
+    code, err = finish(start_agent(fake_server, tmp_path, "--once", *dirs, env={"CLAUDE_CONFIG_DIR": "/shared"}))
+    assert code == 0, err
+    [data] = [a[2] for a in fake_server.artifacts if a[0] == "d"]
+    assert data.decode().split() == [str(tmp_path / "c1"), str(tmp_path / "x1")]
+    assert (tmp_path / "c1").is_dir()
+
+
 @pytest.mark.parametrize("names", ["CP_ENROLLMENT_TOKEN", "TEAM,cp_server", "BAD-NAME"])
 def test_pass_env_refuses_the_daemons_own_variables_and_bad_names(names):
     with pytest.raises(cp_agent.ConfigError, match="--pass-env"):
