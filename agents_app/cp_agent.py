@@ -2204,6 +2204,10 @@ class TaskRun:
         try:
             return self.agent.call_for_task(f"/attempts/{self.attempt_id}/{path}", payload, **kwargs)
         except ApiError as exc:
+            if exc.status == 400 and isinstance(payload, dict) and payload.get("outcome") == "rate_limited":
+                # A server before PROTOCOL.md v1.1 knows no rate_limited outcome: a plain failure, then.
+                log.info("the server refused outcome rate_limited (%s); completing as failed", exc.detail)
+                return self._call(path, {**payload, "outcome": "failed"}, **kwargs)
             if exc.status in (401, 403, 404, 409):
                 self.abandon(exc)
             else:

@@ -795,6 +795,7 @@ class FakeServer:
         self.outages: dict[str, int] = {}  # path -> how many more calls answer 503
         self.failing: set[str] = set()  # listeners' URLs answering 503 to every call
         self.commands: list[dict] = []
+        self.outcomes = ["succeeded", "failed", "rate_limited"]  # what complete accepts (v1.1; v1 has two)
         self.artifacts: list[tuple[str, str, bytes]] = []
         self.timings = {"heartbeat_interval_s": 0.2, "lease_s": 60, "max_wait_s": 2}  # what register answers
         self.changed = threading.Condition()
@@ -917,6 +918,8 @@ class FakeServer:
         if path.endswith("/artifacts"):
             return 201, {"artifact_id": "x", "name": self.artifacts[-1][0], "size": 1, "sha256": "0"}
         if path.endswith("/complete"):
+            if body["outcome"] not in self.outcomes:
+                return 400, {"error": "bad_request", "detail": f"'outcome' must be one of {', '.join(self.outcomes)}"}
             return 200, {"task_state": body["outcome"]}
         return 404, {"error": "not_found", "detail": path}
 
@@ -1076,6 +1079,20 @@ def test_a_failing_task_is_completed_as_failed(fake_server, tmp_path):
     assert finish(start_agent(fake_server, tmp_path, "--once"))[0] == 0
     complete = fake_server.body("/attempts/00000003/complete")
     assert (complete["outcome"], complete["error"], complete["exit_code"]) == ("failed", "exit code 4", 4)
+
+
+def test_a_rate_limited_attempt_completes_as_failed_on_a_server_that_knows_no_such_outcome(fake_server, tmp_path):
+    limited = '{"type":"turn.failed","error":{"message":"exceeded retry limit, last status: 429 Too Many Requests"}}'
+    codex = write_script(tmp_path / "codex", 'case "$1" in --version) echo "codex-cli 0.171.0"; exit 0;; '
+                         f"login) exit 1;; esac\ncat > /dev/null; echo '{limited}'; exit 1")  # fmt: skip
+    fake_server.outcomes = ["succeeded", "failed"]  # a server before PROTOCOL.md v1.1
+    fake_server.assign("00000008", executor="codex", prompt="hi")
+    env = {"CP_CODEX_BIN": str(codex), "OPENAI_API_KEY": "k"}
+    code, err = finish(start_agent(fake_server, tmp_path, "--once", "--executors", "codex", env=env))
+    assert code == 0, err
+    sent = [body for path, body in fake_server.calls if path == "/attempts/00000008/complete"]
+    assert [b["outcome"] for b in sent] == ["rate_limited", "failed"]
+    assert sent[1]["error"].startswith("rate_limited: codex: exceeded retry limit")
 
 
 def test_a_stale_attempt_is_killed_and_never_completed(fake_server, tmp_path):
