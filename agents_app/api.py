@@ -8,10 +8,12 @@ import json
 import re
 import time
 import uuid
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
+from django.utils import timezone
 
 from control_plane.http_api import ApiError, Fields, api_view, db_call, json_body, require_method
 from tasks_app import actions
@@ -41,14 +43,14 @@ def _as_agent(action):
     """`action(agent, *args)` after authenticating the request's agent token, in one trip to the database
     executor (one thread hop, one pooled connection): the hot path of every task makes two such calls."""
 
-    def run(token, *args):
-        return action(registry.authenticate_agent(token), *args)
+    def run(token, *args, **kwargs):
+        return action(registry.authenticate_agent(token), *args, **kwargs)
 
     call = db_call(run)
 
-    async def act(request, *args):
+    async def act(request, *args, **kwargs):
         EventHub.current()
-        return await call(tokens.bearer(request.headers.get("Authorization")), *args)
+        return await call(tokens.bearer(request.headers.get("Authorization")), *args, **kwargs)
 
     return act
 
@@ -190,7 +192,8 @@ async def progress(request, attempt_id: str):
     log_text = f.str("log", body_limit)
     if log_text is not None and len(log_text.encode("utf-8", "surrogatepass")) > settings.CP_LOG_MAX_BYTES:
         raise ApiError(413, "too_large", f"'log' may be at most {settings.CP_LOG_MAX_BYTES} bytes a call")
-    answer = await progress_as_agent(request, _attempt_id(attempt_id), value, message, log_text)
+    usage = _usage_report(f.obj("usage"))
+    answer = await progress_as_agent(request, _attempt_id(attempt_id), value, message, log_text, usage)
     return JsonResponse(answer)
 
 
@@ -198,17 +201,59 @@ async def progress(request, attempt_id: str):
 async def complete(request, attempt_id: str):
     require_method(request, "POST")
     f = Fields(json_body(request, settings.CP_RESULT_MAX_BYTES + 128 * 1024))
-    outcome = f.str("outcome", 16, required=True, choices=("succeeded", "failed"))
+    outcome = f.str("outcome", 16, required=True, choices=("succeeded", "failed", actions.RATE_LIMITED))
     result = f.obj("result")
     if result is not None and _json_size(result) > settings.CP_RESULT_MAX_BYTES:
         raise ApiError(413, "too_large", f"'result' may be at most {settings.CP_RESULT_MAX_BYTES} bytes")
     error = f.str("error", 100_000, default="")
     exit_code = f.int("exit_code", -(2**31), 2**31 - 1)
     commit = _commit_report(f.obj("commit"))
+    usage = _usage_report(f.obj("usage"))
+    session_id = f.str("session_id", 128)
+    hold_until = _hold_until(f) if outcome == actions.RATE_LIMITED else None
     task_state = await complete_as_agent(
-        request, _attempt_id(attempt_id), outcome, result, error or "", exit_code, commit
-    )
+        request, _attempt_id(attempt_id), outcome, result, error or "", exit_code, commit,
+        usage=usage, session_id=session_id, hold_until=hold_until,
+    )  # fmt: skip
     return JsonResponse({"task_state": task_state})
+
+
+USAGE_TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
+def _usage_report(value: dict | None) -> dict | None:
+    """PROTOCOL.md v1.1's `usage`: {model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+    reasoning_tokens, cost_usd, cost_estimated}, cumulative for the attempt; what is missing counts 0."""
+    if value is None:
+        return None
+    u = Fields(value, "usage.")
+    report = {"model": u.str("model", 200, default="")}
+    for name in USAGE_TOKENS:
+        report[name] = u.int(name, 0, 10**13, default=0)
+    report["cost_usd"] = float(u.number("cost_usd", 0, 10**7, default=0))
+    report["cost_estimated"] = u.bool("cost_estimated")
+    return report
+
+
+# A provider's reset is honoured up to a week ahead: a later one is more likely a misread date than a limit.
+MAX_HOLD_S = 7 * 86400
+
+
+def _hold_until(f: Fields):
+    """Until when outcome rate_limited holds the executor back: `resets_at`, else `retry_after_s` from now,
+    else CP_RATE_LIMIT_HOLD_S; never in the past, at most MAX_HOLD_S ahead."""
+    now = timezone.now()
+    resets_at, after = f.str("resets_at", 64), f.number("retry_after_s", 0, MAX_HOLD_S)
+    if resets_at is not None:
+        try:
+            until = datetime.fromisoformat(resets_at)
+        except ValueError:
+            raise ApiError(400, "bad_request", "'resets_at' must be an ISO-8601 time") from None
+        if until.tzinfo is None:
+            raise ApiError(400, "bad_request", "'resets_at' must name its time zone (an offset or Z)")
+    else:
+        until = now + timedelta(seconds=after if after is not None else settings.CP_RATE_LIMIT_HOLD_S)
+    return min(max(until, now + timedelta(seconds=1)), now + timedelta(seconds=MAX_HOLD_S))
 
 
 SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")

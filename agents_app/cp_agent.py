@@ -1225,15 +1225,32 @@ DEFAULT_PRICES: dict[str, tuple[float, float, float, float]] = {
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
-def price_usd(model: str, usage: dict) -> float:
-    """What `usage` costs by DEFAULT_PRICES (reasoning tokens are billed as output)."""
-    key = max((k for k in DEFAULT_PRICES if model.startswith(k)), key=len)
-    inp, out, cache_read, cache_write = DEFAULT_PRICES[key]
+def price_usd(model: str, usage: dict, prices: dict | None = None) -> float:
+    """What `usage` costs by `prices` (the server's table, which assignments carry) or DEFAULT_PRICES;
+    reasoning tokens are billed as output."""
+    table = _price_table(prices) or DEFAULT_PRICES
+    matching = [k for k in table if model.startswith(k)]
+    if not matching:  # a server table without a catch-all entry
+        table, matching = DEFAULT_PRICES, [k for k in DEFAULT_PRICES if model.startswith(k)]
+    inp, out, cache_read, cache_write = table[max(matching, key=len)]
     billed_out = usage.get("output_tokens", 0) + usage.get("reasoning_tokens", 0)
     return (
         usage.get("input_tokens", 0) * inp + billed_out * out + usage.get("cache_read_tokens", 0) * cache_read
         + usage.get("cache_write_tokens", 0) * cache_write
     ) / 1e6  # fmt: skip
+
+
+def _price_table(prices: Any) -> dict[str, tuple[float, ...]]:
+    """The assignment's `prices` ({prefix: [input, output, cache read, cache write]}), its malformed entries
+    left out."""
+    if not isinstance(prices, dict):
+        return {}
+    return {
+        k: tuple(float(x) for x in v)
+        for k, v in prices.items()
+        if isinstance(k, str) and isinstance(v, list) and len(v) == 4
+        and all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in v)
+    }  # fmt: skip
 
 
 def short_input(tool: str, data: Any) -> str:
@@ -1323,7 +1340,9 @@ class CliStream:
 
     @property
     def cost_usd(self) -> float:
-        return self.reported_cost if self.reported_cost is not None else price_usd(self.model, self.usage)
+        if self.reported_cost is not None:
+            return self.reported_cost
+        return price_usd(self.model, self.usage, self.ctx.task.get("prices"))
 
     def usage_report(self) -> dict:
         """PROTOCOL.md v1.1's usage object, cumulative for the attempt."""

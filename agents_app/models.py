@@ -25,6 +25,9 @@ class Agent(models.Model):
     # {name: {"usable": bool, "detail": str, "version": str | None}}.
     preflight = models.JSONField(default=dict, blank=True)
     preflight_at = models.DateTimeField(null=True, blank=True)
+    # Executors held back on this agent until a time: a provider refused for quota or rate (a usage limit)
+    # and said when it resets. {executor: {"until": ISO-8601, "reason": str}}; the claim skips them until then.
+    executor_holds = models.JSONField(default=dict, blank=True)
     # An operator asked for a new pre-flight; the next heartbeat answer carries the command.
     preflight_requested = models.BooleanField(default=False)
     capacity = models.PositiveSmallIntegerField(default=1)

@@ -176,29 +176,30 @@ def _storable(value, raw: bytes):
 class Fields:
     """Typed access to a JSON object's fields; every mismatch is a 400 naming the field."""
 
-    def __init__(self, data: dict):
-        self.data = data
+    def __init__(self, data: dict, prefix: str = ""):
+        # `prefix` names a nested object in messages: Fields(body["usage"], "usage.") says 'usage.model'.
+        self.data, self.prefix = data, prefix
 
     def _get(self, name, types, required, default, what):
         if name not in self.data or self.data[name] is None:
             if required:
-                raise ApiError(400, "bad_request", f"'{name}' is required")
+                raise ApiError(400, "bad_request", f"'{self.prefix}{name}' is required")
             return default
         value = self.data[name]
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-            raise ApiError(400, "bad_request", f"'{name}' must be {what}")
+            raise ApiError(400, "bad_request", f"'{self.prefix}{name}' must be {what}")
         return value
 
     def int(self, name, lo, hi, default=None, required=False) -> int:
         value = self._get(name, (int,), required, default, "an integer")
         if value is not None and not lo <= value <= hi:
-            raise ApiError(400, "bad_request", f"'{name}' must be from {lo} to {hi}")
+            raise ApiError(400, "bad_request", f"'{self.prefix}{name}' must be from {lo} to {hi}")
         return value
 
     def number(self, name, lo, hi, default=None, required=False) -> float:
         value = self._get(name, (int, float), required, default, "a number")
         if value is not None and not lo <= value <= hi:
-            raise ApiError(400, "bad_request", f"'{name}' must be from {lo} to {hi}")
+            raise ApiError(400, "bad_request", f"'{self.prefix}{name}' must be from {lo} to {hi}")
         return value
 
     def bool(self, name, default=False) -> bool:
@@ -207,9 +208,9 @@ class Fields:
     def str(self, name, max_len, default=None, required=False, choices=None) -> str:
         value = self._get(name, (str,), required, default, "a string")
         if value is not None and len(value) > max_len:
-            raise ApiError(400, "bad_request", f"'{name}' may be at most {max_len} characters")
+            raise ApiError(400, "bad_request", f"'{self.prefix}{name}' may be at most {max_len} characters")
         if value is not None and choices is not None and value not in choices:
-            raise ApiError(400, "bad_request", f"'{name}' must be one of {', '.join(choices)}")
+            raise ApiError(400, "bad_request", f"'{self.prefix}{name}' must be one of {', '.join(choices)}")
         return value
 
     def str_list(self, name, max_items, pattern=None, default=None) -> list:

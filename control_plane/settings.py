@@ -211,6 +211,11 @@ CP_GIT_TIMEOUT_S = env_float("CP_GIT_TIMEOUT_S", 15.0)
 CP_SWEEP_INTERVAL_S = env_float("CP_SWEEP_INTERVAL_S", 2.0)
 # Live attempts across all runs; 0 means no global limit.
 CP_GLOBAL_MAX_LIVE = env_int("CP_GLOBAL_MAX_LIVE", 0)
+# The fleet's daily spend cap in US dollars (0: none): when the cost of every run since midnight UTC reaches
+# it, every running run pauses and its live AI attempts are asked to stop, as a run's own max_cost_usd does.
+CP_DAILY_MAX_COST_USD = env_float("CP_DAILY_MAX_COST_USD", 0.0)
+# How long an executor is held back on an agent after a provider's usage limit that named no reset time.
+CP_RATE_LIMIT_HOLD_S = env_float("CP_RATE_LIMIT_HOLD_S", 60.0)
 CP_RESULT_MAX_BYTES = env_int("CP_RESULT_MAX_BYTES", 1024 * 1024)
 CP_LOG_MAX_BYTES = env_int("CP_LOG_MAX_BYTES", 64 * 1024)
 CP_ARTIFACT_MAX_BYTES = env_int("CP_ARTIFACT_MAX_BYTES", 10 * 1024 * 1024)

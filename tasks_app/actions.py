@@ -265,7 +265,7 @@ def _lock_attempt(cur, attempt_id) -> dict:
     keys = (
         "id", "state", "agent_id", "task_id", "run_id", "number", "result", "error", "exit_code", "task_state",
         "max_attempts", "attempts_used", "attempt_base", "retry_delay_s", "timeout_s", "elapsed_s",
-        "has_dependents", "run_state", "max_parallel", "executor", "workspace",
+        "has_dependents", "run_state", "max_parallel", "executor", "workspace", "cancel_reason", "max_cost_usd",
     )  # fmt: skip
     att = dict(zip(keys, row, strict=True))
     if isinstance(att["workspace"], str):  # jsonb comes back as text on a raw cursor
@@ -280,8 +280,13 @@ def _require_live(att: dict, agent_id) -> None:
         raise StaleAttempt(f"that attempt is {att['state']}, no longer live")
 
 
-def record_progress(agent: dict, attempt_id, progress: float | None, message: str | None, log_text: str | None):
-    """Progress, message and log from the agent; extends the lease. The first report marks the start."""
+def record_progress(
+    agent: dict, attempt_id, progress: float | None, message: str | None, log_text: str | None,
+    usage: dict | None = None,
+):  # fmt: skip
+    """Progress, message, log and usage so far from the agent; extends the lease. The first report marks the
+    start. Usage that brings the run to its budget (or every run to the daily cap) pauses it and asks its live
+    attempts to stop (enforce_budgets); the answer tells this one so at once."""
     with transaction.atomic(), connection.cursor() as cur:
         att = _lock_attempt(cur, attempt_id)
         _require_live(att, agent["id"])
@@ -295,19 +300,20 @@ def record_progress(agent: dict, attempt_id, progress: float | None, message: st
                        attempt=att["id"], agent=agent["id"])  # fmt: skip
         keep = settings.CP_ATTEMPT_LOG_KEEP_BYTES
         cur.execute(
-            """
+            f"""
             UPDATE tasks_app_attempt
                SET state = 'running', started_at = COALESCE(started_at, now()),
                    lease_expires_at = now() + make_interval(secs => %(lease_s)s),
                    progress = COALESCE(%(progress)s, progress),
                    message = COALESCE(%(message)s, message),
                    log = CASE WHEN %(log)s::text IS NULL THEN log
-                              ELSE right(log || %(log)s::text, %(keep)s) END
+                              ELSE right(log || %(log)s::text, %(keep)s) END,
+                   {q.ATTEMPT_USAGE}
              WHERE id = %(id)s
             RETURNING lease_expires_at
             """,
             {"lease_s": settings.CP_LEASE_S, "progress": progress, "message": message, "log": log_text or None,
-             "keep": keep, "id": att["id"]},
+             "keep": keep, "id": att["id"], **_usage_params(usage, None)},
         )  # fmt: skip
         lease = cur.fetchone()[0]
         cur.execute(
@@ -319,36 +325,71 @@ def record_progress(agent: dict, attempt_id, progress: float | None, message: st
             {"progress": progress, "message": message, "task_id": att["task_id"]},
         )
         _commit(cur, events, changes)
+    stop = att["cancel_reason"]
+    if usage is not None and not stop and budgets_apply(att["max_cost_usd"]):
+        stop = enforce_budgets(att["run_id"]).get(att["id"], "")
     # Past its timeout (on our clock) the agent is told to stop; it then reports the attempt failed.
     grace = max(5, settings.CP_HEARTBEAT_INTERVAL_S)
-    return {"lease_expires_at": lease.isoformat(), "cancel": att["elapsed_s"] > att["timeout_s"] + grace}
+    answer = {"lease_expires_at": lease.isoformat(), "cancel": False}
+    if stop:
+        answer.update(cancel=True, cancel_reason=stop.split(":", 1)[0])
+    elif att["elapsed_s"] > att["timeout_s"] + grace:
+        answer.update(cancel=True, cancel_reason="timeout")
+    return answer
+
+
+def _usage_params(usage: dict | None, session_id: str | None) -> dict:
+    """ATTEMPT_USAGE's parameters: None leaves a column as it is."""
+    return {
+        "a_usage": json.dumps(usage) if usage is not None else None,
+        "a_cost_usd": usage.get("cost_usd") if usage is not None else None,
+        "a_session_id": session_id,
+    }
+
+
+# Outcomes an agent may report (PROTOCOL.md, v1.1): `rate_limited` ends the attempt as failed but returns
+# its task (see _ending_of).
+RATE_LIMITED = "rate_limited"
+NOT_LOGGED_IN = "not_logged_in"
 
 
 def complete_attempt(
-    agent: dict, attempt_id, outcome: str, result, error: str, exit_code, commit: dict | None = None
-) -> str:
+    agent: dict, attempt_id, outcome: str, result, error: str, exit_code, commit: dict | None = None, *,
+    usage: dict | None = None, session_id: str | None = None, hold_until=None,
+) -> str:  # fmt: skip
     """The agent's final word on an attempt. The same completion again is accepted and changes nothing;
     any other completion of a finished or foreign attempt is stale. A success hands its output and commit
-    down the DAG (tasks_app.workspaces); the result task's commit becomes the run's result."""
+    down the DAG (tasks_app.workspaces); the result task's commit becomes the run's result.
+
+    An attempt that ended for a reason that is not its task's returns the task to ready without using up an
+    attempt: the provider's usage limit (`rate_limited`: that executor is also held back on this agent until
+    `hold_until`), a lost login (`not_logged_in: …`: the executor is no longer offered to this agent until
+    its next pre-flight passes), or the server's request to stop it (a budget reached)."""
     actor = f"agent:{agent['name']}"
+    if outcome == RATE_LIMITED or _error_code(error) == NOT_LOGGED_IN:
+        _hold_executor(agent, attempt_id, outcome, error, hold_until)  # the agent row first: its own transaction
     with transaction.atomic(), connection.cursor() as cur:
         att = _lock_attempt(cur, attempt_id)
+        attempt_state, stored_error, returned = _ending_of(att, outcome, error or "")
         if (
             att["agent_id"] == agent["id"]
-            and att["state"] == outcome
-            and _same_completion(att, result, error, exit_code)
+            and att["state"] == attempt_state
+            and _same_completion(att, result, stored_error, exit_code)
         ):
             task_state = att["task_state"]  # the same again: nothing changes (the run is settled below)
         else:
             _require_live(att, agent["id"])
             events, changes = EventLog(actor), Changes(runs={att["run_id"]})
-            ending = {"state": outcome, "result": json.dumps(result) if result is not None else None,
-                      "error": error or "", "exit_code": exit_code,
-                      "commit": json.dumps(commit) if commit is not None else None}  # fmt: skip
-            handed_down = _handed_down(att, result, commit) if outcome == AttemptState.SUCCEEDED else None
+            ending = {"state": attempt_state, "result": json.dumps(result) if result is not None else None,
+                      "error": stored_error, "exit_code": exit_code,
+                      "commit": json.dumps(commit) if commit is not None else None,
+                      **{k.removeprefix("a_"): v for k, v in _usage_params(usage, session_id).items()}}  # fmt: skip
+            handed_down = _handed_down(att, result, commit) if attempt_state == AttemptState.SUCCEEDED else None
             task_state = _end_attempt(
-                cur, att, outcome, events, changes, q.ATTEMPT_COMPLETED, ending, agent["id"], handed_down=handed_down
-            )
+                cur, att, attempt_state, events, changes, q.ATTEMPT_COMPLETED, ending, agent["id"],
+                handed_down=handed_down, returned=returned,
+                detail={"returned": _error_code(stored_error)} if returned else None,
+            )  # fmt: skip
             if handed_down and att["executor"] == workspaces.RESULT_EXECUTOR and att["workspace"]:
                 heads = handed_down["heads"]
                 sha = (commit or {}).get("sha") or (heads[0] if len(heads) == 1 else "")
@@ -356,7 +397,109 @@ def complete_attempt(
                                                "sha": sha or att["workspace"].get("base_commit", "")})  # fmt: skip
             _commit(cur, events, changes)
     settle_run(att["run_id"], actor)
+    if usage is not None and budgets_apply(att["max_cost_usd"]):
+        enforce_budgets(att["run_id"])  # the last figures may be the ones that reach a cap
     return task_state
+
+
+def _error_code(error: str) -> str:
+    """The machine-readable word an error starts with (`rate_limited: …` → rate_limited)."""
+    return error.split(":", 1)[0].strip() if ":" in error else ""
+
+
+def _ending_of(att: dict, outcome: str, error: str) -> tuple[str, str, bool]:
+    """(attempt state, stored error, whether the task is returned without using an attempt) for an agent's
+    completion of `att`."""
+    if outcome == RATE_LIMITED:
+        return AttemptState.FAILED, error if _error_code(error) == RATE_LIMITED else f"rate_limited: {error}", True
+    if outcome == AttemptState.FAILED and _error_code(error) == NOT_LOGGED_IN:
+        return AttemptState.FAILED, error, True
+    if att["cancel_reason"] and outcome != AttemptState.SUCCEEDED:
+        # The server asked it to stop (a budget reached): the server's words, the agent's after them.
+        said = f"{att['cancel_reason']} (agent: {error})" if error else att["cancel_reason"]
+        return AttemptState.CANCELED, said, True
+    return outcome, error, False
+
+
+def _hold_executor(agent: dict, attempt_id, outcome: str, error: str, hold_until) -> None:
+    """Hold back the attempt's executor on this agent: until `hold_until` for a usage limit, until the next
+    passing pre-flight for a lost login. Only for the agent's own live attempt (anything else is refused as
+    stale by the completion that follows)."""
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(
+            "SELECT t.executor FROM tasks_app_attempt a JOIN tasks_app_task t ON t.id = a.task_id"
+            " WHERE a.id = %s AND a.agent_id = %s AND a.state IN ('assigned', 'running')",
+            [attempt_id, agent["id"]],
+        )
+        row = cur.fetchone()
+        if row is None:
+            return
+        executor = row[0]
+        events = EventLog(f"agent:{agent['name']}")
+        reason = error[:300]
+        if outcome == RATE_LIMITED:
+            until = hold_until.isoformat()
+            cur.execute(q.HOLD_EXECUTOR, {"agent_id": agent["id"], "executor": executor, "until": until,
+                                          "reason": reason})  # fmt: skip
+            detail = {"executor": executor, "until": until, "reason": reason}
+            events.add("agent", "", "executor_held", agent=agent["id"], detail=detail)
+        else:
+            cur.execute(q.EXECUTOR_LOGGED_OUT, {"agent_id": agent["id"], "executor": executor, "detail": reason})
+            events.add("agent", "", "executor_logged_out", agent=agent["id"],
+                       detail={"executor": executor, "reason": reason})  # fmt: skip
+        _commit(cur, events, Changes(agents=True))
+
+
+# --- Budgets --------------------------------------------------------------------------------------------
+
+
+def budgets_apply(run_max_cost_usd) -> bool:
+    """Whether an attempt's new usage can reach a cap: its run has one, or the daily cap is set."""
+    return run_max_cost_usd is not None or settings.CP_DAILY_MAX_COST_USD > 0
+
+
+def enforce_budgets(run_id) -> dict:
+    """Pause the run when its cost has reached its `max_cost_usd`, or every running run when today's cost has
+    reached CP_DAILY_MAX_COST_USD, and ask their live attempts to stop. Returns {attempt id: reason} of the
+    attempts asked now. Each run is locked alone, then its attempts (the lock order)."""
+    with connection.cursor() as cur:
+        cur.execute(q.RUN_COST, {"run_id": run_id})
+        state, cap, spent = cur.fetchone()
+        daily = settings.CP_DAILY_MAX_COST_USD
+        today = None
+        if daily > 0:
+            cur.execute(q.COST_TODAY)
+            today = cur.fetchone()[0]
+    if today is not None and today >= daily:
+        reason = f"budget_exceeded: ${today:.4f} spent today reached the daily cap ${daily:g} (CP_DAILY_MAX_COST_USD)"
+        with connection.cursor() as cur:
+            cur.execute(q.RUNNING_RUNS)
+            run_ids = [r[0] for r in cur.fetchall()]
+        return {k: v for rid in run_ids for k, v in _pause_for_budget(rid, reason).items()}
+    if cap is not None and spent >= cap and state == RunState.RUNNING:
+        return _pause_for_budget(run_id, f"budget_exceeded: the run's cost ${spent:.4f} reached max_cost_usd ${cap:g}")
+    return {}
+
+
+def _pause_for_budget(run_id, reason: str) -> dict:
+    with transaction.atomic(), connection.cursor() as cur:
+        current = _lock_run(cur, run_id)
+        if current != RunState.RUNNING:
+            return {}
+        check_transition("run", current, RunState.PAUSED)
+        cur.execute(q.PAUSE_RUN_FOR_BUDGET, {"run_id": run_id, "reason": reason})
+        events = EventLog("system:budget")
+        events.add("run", current, RunState.PAUSED, run=run_id, detail={"reason": reason})
+        _commit(cur, events, Changes(runs={run_id}))
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(q.ASK_TO_STOP, {"run_ids": [run_id], "reason": reason})
+        return {r[0]: reason for r in cur.fetchall()}
+
+
+def cost_today() -> float:
+    with connection.cursor() as cur:
+        cur.execute(q.COST_TODAY)
+        return cur.fetchone()[0]
 
 
 def _handed_down(att: dict, result, commit: dict | None) -> dict:
@@ -369,7 +512,7 @@ def _handed_down(att: dict, result, commit: dict | None) -> dict:
     }
 
 
-def _same_completion(att: dict, result, error, exit_code) -> bool:
+def _same_completion(att: dict, result, error: str, exit_code) -> bool:
     stored = att["result"]
     if isinstance(stored, str):
         stored = json.loads(stored)
@@ -387,14 +530,19 @@ def _end_attempt(
     agent_id=None,
     detail=None,
     handed_down: dict | None = None,
+    returned: bool = False,
 ) -> str:
     """End the attempt (`attempt_set`, one of the queries' ATTEMPT_* SET lists, with `ending` as its
-    parameters) and apply that to its task, its dependents and its run. Returns the task's new state."""
+    parameters) and apply that to its task, its dependents and its run. Returns the task's new state.
+    `returned`: the attempt ended for a reason that is not the task's (a provider's usage limit, a lost
+    login, a budget reached): the task goes back to ready at once without using up an attempt."""
     check_transition("attempt", att["state"], attempt_state)
     ids = {"run": att["run_id"], "task": att["task_id"], "attempt": att["id"], "agent": agent_id or att["agent_id"]}
     events.add("attempt", att["state"], attempt_state, **ids, detail=detail)
     task_from = att["task_state"]
-    if attempt_state == AttemptState.SUCCEEDED:
+    if returned:
+        target = TaskState.READY
+    elif attempt_state == AttemptState.SUCCEEDED:
         target = TaskState.SUCCEEDED
     elif attempt_state == AttemptState.CANCELED:
         target = TaskState.CANCELED
@@ -405,12 +553,13 @@ def _end_attempt(
     check_transition("task", task_from, target)
     # A lost attempt is its agent's failure, not the task's: offered again at once, without the retry delay
     # that paces a task that failed on its own (the agent's silence already cost the offline threshold).
-    delay = att["retry_delay_s"] if target == TaskState.READY and attempt_state != AttemptState.LOST else 0
+    lost_or_returned = returned or attempt_state == AttemptState.LOST
+    delay = att["retry_delay_s"] if target == TaskState.READY and not lost_or_returned else 0
     cur.execute(
         f"""
         WITH ended AS (UPDATE tasks_app_attempt SET {attempt_set} WHERE id = %(attempt_id)s)
         UPDATE tasks_app_task
-           SET state = %(state)s,
+           SET state = %(state)s, attempt_base = attempt_base + %(returned)s::int,
                progress = CASE WHEN %(state)s = 'succeeded' THEN 1 WHEN %(state)s = 'ready' THEN 0 ELSE progress END,
                ready_at = CASE WHEN %(state)s = 'ready' THEN now() + make_interval(secs => %(delay)s) ELSE ready_at END,
                finished_at = CASE WHEN %(state)s = 'ready' THEN NULL ELSE now() END,
@@ -421,11 +570,13 @@ def _end_attempt(
         RETURNING executor, requires
         """,
         {**{f"a_{k}": v for k, v in ending.items()}, "attempt_id": att["id"], "state": target, "delay": delay,
+         "returned": returned,
          "task_id": att["task_id"], "handed": handed_down is not None, "output": (handed_down or {}).get("output"),
          "commit": (handed_down or {}).get("commit"), "heads": (handed_down or {}).get("heads") or []},
     )  # fmt: skip
     executor, requires = cur.fetchone()
-    events.add("task", task_from, target, **ids, detail={"attempt": att["number"]})
+    events.add("task", task_from, target, **ids,
+               detail={"attempt": att["number"], **({"attempt_not_counted": True} if returned else {})})  # fmt: skip
     if target == TaskState.READY:
         changes.task_ready(executor, requires, delay)
     elif target == TaskState.SUCCEEDED and att["has_dependents"]:
@@ -489,11 +640,12 @@ def heartbeat(agent: dict, status: str, attempt_ids: list[str], first: bool = Fa
             {"status": status, "lease_s": settings.CP_LEASE_S, "ids": attempt_ids, "agent_id": agent["id"],
              "grace_s": 0 if first else settings.CP_UNLISTED_GRACE_S},
         )  # fmt: skip
-        extended, forgotten = cur.fetchone()
+        extended, forgotten, asked_to_stop = cur.fetchone()
         live = {str(a) for a in extended or ()}
     if forgotten:
         lose_attempts(forgotten, "the agent no longer runs it", f"agent:{agent['name']}")
-    commands = [{"type": "cancel", "attempt_id": a} for a in attempt_ids if a not in live]
+    stop = {str(a) for a in asked_to_stop or ()}
+    commands = [{"type": "cancel", "attempt_id": a} for a in attempt_ids if a not in live or a in stop]
     if agent["shutdown_requested"]:
         commands.append({"type": "shutdown"})
     elif agent["draining"]:
@@ -589,7 +741,7 @@ def _operate_run(run_id, operation: str, actor: str) -> str:
             raise ActionError(f"the run is {current}: it cannot be {operation}d", "invalid_state")
         check_transition("run", current, target)
         cur.execute(
-            "UPDATE tasks_app_run SET state = %s,"
+            "UPDATE tasks_app_run SET state = %s, pause_reason = '',"
             " finished_at = CASE WHEN %s IN ('succeeded', 'failed', 'canceled') THEN now() ELSE NULL END"
             " WHERE id = %s",
             [target, target, run_id],
@@ -606,7 +758,28 @@ def pause_run(run_id, actor: str) -> str:
     return _operate_run(run_id, "pause", actor)
 
 
-def resume_run(run_id, actor: str) -> str:
+def resume_run(run_id, actor: str, max_cost_usd: float | None = None) -> str:
+    """Resume a paused run, first raising its budget to `max_cost_usd` when given. A run whose cost has
+    reached its budget is not resumed (it would pause again at its next report): raise the budget with it."""
+    with transaction.atomic(), connection.cursor() as cur:
+        _lock_run(cur, run_id)
+        if max_cost_usd is not None:
+            cur.execute("UPDATE tasks_app_run SET max_cost_usd = %s WHERE id = %s", [max_cost_usd, run_id])
+            events = EventLog(actor)
+            events.add("run", "", "budget", run=run_id, detail={"max_cost_usd": max_cost_usd})
+            events.write(cur)
+        cur.execute(q.RUN_COST, {"run_id": run_id})
+        _state, cap, spent = cur.fetchone()
+        if cap is not None and spent >= cap:
+            raise ActionError(
+                f"the run has spent ${spent:.4f} of its max_cost_usd ${cap:g}: resume with a higher max_cost_usd",
+                "budget_exceeded",
+            )
+    daily = settings.CP_DAILY_MAX_COST_USD
+    if daily > 0 and cost_today() >= daily:
+        raise ActionError(
+            f"today's cost has reached the daily cap ${daily:g} (CP_DAILY_MAX_COST_USD)", "budget_exceeded"
+        )
     return _operate_run(run_id, "resume", actor)
 
 

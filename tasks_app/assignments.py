@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 
+from . import costs, templating, workspaces
 from . import queries as q
-from . import templating, workspaces
+
+# Executors whose agents price tokens a CLI reports without a cost: their assignments carry the price table.
+PRICED_EXECUTORS = ("claude", "codex")
 
 
 def _json(value):
@@ -52,6 +55,9 @@ def build(cur, rows) -> list[dict]:
             "attempt": number,
         }
         task["inputs"] = inputs
+        if executor in PRICED_EXECUTORS:
+            # An addition to PROTOCOL.md (README, "API"): the server's price table (tasks_app.costs).
+            task["prices"] = costs.price_table()
         if repo:
             branch = (
                 workspaces.result_branch(branch_prefix, run_id)

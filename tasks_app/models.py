@@ -92,6 +92,10 @@ class Run(models.Model):
     result_commit = models.CharField(max_length=64, blank=True, default="")
     # Run parameters, for `${params.NAME}` in prompts and commands.
     params = models.JSONField(default=dict, blank=True)
+    # The run's budget (PROTOCOL.md v1.1 `max_cost_usd`; null: none), and why the server paused it, when it did
+    # (a budget reached): the run page says so, and resuming clears it.
+    max_cost_usd = models.FloatField(null=True, blank=True)
+    pause_reason = models.CharField(max_length=300, blank=True, default="")
 
     class Meta:
         ordering = ["-created_at"]
@@ -204,6 +208,16 @@ class Attempt(models.Model):
     # The assignment's workspace (repo, base_commit, merge, branch) and what the agent reported committing.
     workspace = models.JSONField(null=True, blank=True)
     commit = models.JSONField(null=True, blank=True)
+    # What the AI CLI spent (PROTOCOL.md v1.1 `usage`, cumulative, from progress and completion): tokens by
+    # kind, the model, and its cost (the CLI's own figure, or priced from the price table: cost_estimated).
+    # cost_usd is kept apart from the rest for the sums (per task, run, agent, day).
+    usage = models.JSONField(null=True, blank=True)
+    # Database defaults: the claim's raw INSERT (queries.ASSIGN) names only the columns it sets.
+    cost_usd = models.FloatField(db_default=0)
+    session_id = models.CharField(max_length=128, blank=True, db_default="")
+    # The server asked the agent to stop this attempt (a budget reached): its ending then returns the task to
+    # ready without using up an attempt, whatever the agent reports.
+    cancel_reason = models.CharField(max_length=300, blank=True, db_default="")
 
     class Meta:
         ordering = ["task", "number"]
@@ -223,10 +237,45 @@ class Attempt(models.Model):
             models.Index(
                 fields=["lease_expires_at"], condition=Q(state__in=AttemptState.LIVE), name="attempt_live_lease_idx"
             ),
+            # The daily cost (queries.COST_TODAY): only attempts that cost something are in it, so the no-op
+            # attempts of the scheduler's hot path never touch it.
+            models.Index(fields=["assigned_at"], condition=Q(cost_usd__gt=0), name="attempt_costly_day_idx"),
         ]
 
     def __str__(self):
         return f"{self.task_id}#{self.number}"
+
+
+class ModelPrice(models.Model):
+    """What a model's tokens cost, per million, for CLIs that report tokens but no cost (codex): the agent
+    prices usage by the longest matching `model_prefix` (the assignment carries the table) and marks the cost
+    estimated. Seeded with the daemon's DEFAULT_PRICES; edit it in the admin when providers change prices."""
+
+    model_prefix = models.CharField(
+        max_length=128, unique=True, blank=True, help_text="matches models starting with this ('' matches any)"
+    )
+    input_per_mtok = models.FloatField()
+    output_per_mtok = models.FloatField()
+    cache_read_per_mtok = models.FloatField(default=0)
+    cache_write_per_mtok = models.FloatField(default=0)
+    as_of = models.DateField(help_text="when these prices were published")
+
+    class Meta:
+        ordering = ["model_prefix"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(
+                    input_per_mtok__gte=0,
+                    output_per_mtok__gte=0,
+                    cache_read_per_mtok__gte=0,
+                    cache_write_per_mtok__gte=0,
+                ),
+                name="modelprice_nonnegative",
+            )  # fmt: skip
+        ]
+
+    def __str__(self):
+        return self.model_prefix or "(any model)"
 
 
 class Artifact(models.Model):

@@ -10,8 +10,14 @@ Run-wide operations (cancel) lock the run alone first and touch its tasks in lat
 # Contact is written at most once a second per agent (or at once when it comes back online): a busy agent's
 # calls then cost an index read, not a row version and WAL each, and "last seen" stays far finer than the
 # offline threshold.
+# Its executors are those it may be offered now: an executor held back on it (a provider's usage limit, see
+# HOLD_EXECUTOR) is left out until the hold's time has passed.
 AUTH_AGENT = """
-SELECT id, name, labels, executors, capacity, enabled, draining, shutdown_requested,
+SELECT id, name, labels,
+       CASE WHEN executor_holds = '{}'::jsonb THEN executors
+            ELSE ARRAY(SELECT e FROM unnest(executors) e
+                        WHERE COALESCE((executor_holds -> e ->> 'until')::timestamptz <= now(), true)) END,
+       capacity, enabled, draining, shutdown_requested,
        last_seen_at IS NULL OR last_seen_at < now() - interval '1 second' OR (enabled AND status <> 'online')
   FROM agents_app_agent WHERE token_hash = %(token_hash)s AND retired_at IS NULL
 """
@@ -122,7 +128,8 @@ UPDATE tasks_app_attempt a SET workspace = w.workspace
 # and its live attempts it does not list - which it no longer runs (a daemon that restarted with its saved
 # identity lists none), so they are lost at once instead of held for a whole lease. An attempt assigned less
 # than `grace_s` ago is spared: its claim answer may still be on its way to the agent, and this heartbeat's
-# list was taken before it arrived.
+# list was taken before it arrived. Last, its attempts the server asked to stop (ASK_TO_STOP): an agent whose
+# task sends no progress (a shell task) learns it here.
 HEARTBEAT_LEASES = """
 WITH status AS (
     UPDATE agents_app_agent SET reported_status = %(status)s WHERE id = %(agent_id)s
@@ -135,7 +142,9 @@ SELECT (SELECT array_agg(id) FROM extended),
        (SELECT array_agg(id ORDER BY id) FROM tasks_app_attempt
          WHERE agent_id = %(agent_id)s AND state IN ('assigned', 'running')
            AND NOT (id = ANY(%(ids)s::uuid[]))
-           AND assigned_at <= now() - make_interval(secs => %(grace_s)s))
+           AND assigned_at <= now() - make_interval(secs => %(grace_s)s)),
+       (SELECT array_agg(id) FROM tasks_app_attempt
+         WHERE agent_id = %(agent_id)s AND state IN ('assigned', 'running') AND cancel_reason <> '')
 """
 
 # An agent's call about one attempt: lock the attempt, then its task (the global lock order).
@@ -144,7 +153,7 @@ SELECT a.id, a.state, a.agent_id, a.task_id, a.run_id, a.number, a.result, a.err
        t.state, t.max_attempts, t.attempts_used, t.attempt_base, t.retry_delay_s, t.timeout_s,
        EXTRACT(EPOCH FROM (now() - COALESCE(a.started_at, a.assigned_at))),
        EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.depends_on_id = t.id),
-       r.state, r.max_parallel, t.executor, a.workspace
+       r.state, r.max_parallel, t.executor, a.workspace, a.cancel_reason, r.max_cost_usd
   FROM tasks_app_attempt a JOIN tasks_app_task t ON t.id = a.task_id JOIN tasks_app_run r ON r.id = a.run_id
  WHERE a.id = %(attempt_id)s
    FOR UPDATE OF a, t
@@ -160,6 +169,59 @@ progress = CASE WHEN %(a_state)s = 'succeeded' THEN 1 ELSE progress END
 """
 # ... and the server's (lost, canceled).
 ATTEMPT_ENDED = "state = %(a_state)s, error = %(a_error)s, finished_at = now()"
+# What an AI attempt spent (PROTOCOL.md v1.1 `usage`, cumulative) and its CLI session, with progress and with
+# the completion; a call without them leaves them as they are. Part of ATTEMPT_COMPLETED's SET list and of
+# the progress update's.
+ATTEMPT_USAGE = """
+usage = COALESCE(%(a_usage)s::jsonb, usage), cost_usd = COALESCE(%(a_cost_usd)s, cost_usd),
+session_id = COALESCE(%(a_session_id)s, session_id)
+"""
+ATTEMPT_COMPLETED += "," + ATTEMPT_USAGE
+
+# --- Costs and budgets (PROTOCOL.md v1.1 `max_cost_usd`; tasks_app.budgets). ---
+# What a run has spent, with its cap and state.
+RUN_COST = """
+SELECT r.state, r.max_cost_usd, (SELECT COALESCE(sum(x.cost_usd), 0) FROM tasks_app_attempt x WHERE x.run_id = r.id)
+  FROM tasks_app_run r WHERE r.id = %(run_id)s
+"""
+# What every run has spent since the start of the day (UTC): the global daily cap's measure. Walks
+# attempt_costly_day_idx, which holds only attempts that cost something.
+COST_TODAY = """
+SELECT COALESCE(sum(cost_usd), 0) FROM tasks_app_attempt
+ WHERE cost_usd > 0 AND assigned_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+"""
+# A run paused by the server for its budget (after LOCK_RUN): why goes with it, for the run page.
+PAUSE_RUN_FOR_BUDGET = "UPDATE tasks_app_run SET state = 'paused', pause_reason = %(reason)s WHERE id = %(run_id)s"
+# Running runs the daily cap pauses, locked in id order (each alone, LOCK_RUN's place in the lock order).
+RUNNING_RUNS = "SELECT id FROM tasks_app_run WHERE state = 'running' ORDER BY id"
+# The live attempts of a run the server asks to stop: each is told with its next progress answer (and its
+# next heartbeat), and its ending returns its task to ready without using up an attempt. Locked in id order.
+ASK_TO_STOP = """
+UPDATE tasks_app_attempt SET cancel_reason = %(reason)s
+ WHERE id IN (SELECT id FROM tasks_app_attempt WHERE run_id = ANY(%(run_ids)s::uuid[])
+                 AND state IN ('assigned', 'running') AND cancel_reason = '' ORDER BY id FOR UPDATE)
+RETURNING id
+"""
+# --- Usage limits (PROTOCOL.md v1.1 outcome `rate_limited`) and lost logins, per agent and executor. ---
+# Hold an executor back on an agent until a time (its own transaction, before the completion: the agent row
+# comes first in the lock order). A later hold of the same executor replaces the earlier one.
+HOLD_EXECUTOR = """
+UPDATE agents_app_agent
+   SET executor_holds = executor_holds || jsonb_build_object(%(executor)s::text,
+                                                             jsonb_build_object('until', %(until)s::text,
+                                                                                'reason', %(reason)s::text))
+ WHERE id = %(agent_id)s
+"""
+# An executor found not logged in on an agent: no longer offered there (as a failed pre-flight would have
+# it) until its next pre-flight passes.
+EXECUTOR_LOGGED_OUT = """
+UPDATE agents_app_agent
+   SET executors = array_remove(executors, %(executor)s::varchar),
+       preflight = jsonb_set(preflight, ARRAY[%(executor)s::text],
+                             COALESCE(preflight -> %(executor)s::text, '{}'::jsonb)
+                             || jsonb_build_object('usable', false, 'detail', %(detail)s::text))
+ WHERE id = %(agent_id)s
+"""
 
 # A workspace run's result task succeeded: its commit is the run's result (the merge of the DAG's sinks).
 SET_RUN_RESULT = """
@@ -305,7 +367,8 @@ GLOBAL_LIVE = "SELECT count(*) FROM tasks_app_attempt WHERE state IN ('assigned'
 CURRENT_AGENTS_LOAD = """
 SELECT a.labels, a.executors, a.capacity, a.status = 'online' AND a.enabled,
        a.enabled AND NOT a.draining AND NOT a.shutdown_requested,
-       (SELECT count(*) FROM tasks_app_attempt x WHERE x.agent_id = a.id AND x.state IN ('assigned', 'running'))
+       (SELECT count(*) FROM tasks_app_attempt x WHERE x.agent_id = a.id AND x.state IN ('assigned', 'running')),
+       a.executor_holds
   FROM agents_app_agent a WHERE a.retired_at IS NULL
 """
 # Kinds of ready tasks offerable for at least `min_age_s` within their run's max_parallel and the global
@@ -327,4 +390,39 @@ SELECT DISTINCT t.executor, t.requires
    AND (%(global_limit)s = 0
         OR %(global_limit)s > (SELECT count(*) FROM tasks_app_attempt WHERE state IN ('assigned', 'running')))
  LIMIT 50
+"""
+
+# --- What AI attempts spent, summed for people (tasks_app.costs). None of these lock. ---
+_USAGE_SUMS = """
+sum(x.cost_usd), sum((x.usage ->> 'input_tokens')::bigint), sum((x.usage ->> 'output_tokens')::bigint),
+sum((x.usage ->> 'cache_read_tokens')::bigint), sum((x.usage ->> 'cache_write_tokens')::bigint),
+sum((x.usage ->> 'reasoning_tokens')::bigint), COALESCE(bool_or((x.usage ->> 'cost_estimated')::boolean), false)
+"""
+# Per task of a run: the sums, the latest attempt's model and session.
+USAGE_BY_TASK = f"""
+SELECT x.task_id, {_USAGE_SUMS},
+       (array_agg(x.usage ->> 'model' ORDER BY x.number DESC))[1],
+       COALESCE((array_agg(x.session_id ORDER BY x.number DESC) FILTER (WHERE x.session_id <> ''))[1], '')
+  FROM tasks_app_attempt x WHERE x.run_id = %(run_id)s AND x.usage IS NOT NULL GROUP BY x.task_id
+"""
+# Per run, for lists of runs.
+COST_BY_RUN = """
+SELECT x.run_id, sum(x.cost_usd) FROM tasks_app_attempt x
+ WHERE x.run_id = ANY(%(run_ids)s::uuid[]) AND x.cost_usd > 0 GROUP BY x.run_id
+"""
+# Per agent: today (UTC) and in all.
+COST_BY_AGENT = """
+SELECT x.agent_id, sum(x.cost_usd),
+       sum(x.cost_usd) FILTER (WHERE x.assigned_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+  FROM tasks_app_attempt x WHERE x.cost_usd > 0 AND x.agent_id IS NOT NULL GROUP BY x.agent_id
+"""
+# Per day (UTC) of the last `days`, and per workflow over the same days.
+COST_BY_DAY = """
+SELECT (x.assigned_at AT TIME ZONE 'UTC')::date, sum(x.cost_usd), count(*) FROM tasks_app_attempt x
+ WHERE x.cost_usd > 0 AND x.assigned_at >= now() - make_interval(days => %(days)s) GROUP BY 1 ORDER BY 1
+"""
+COST_BY_WORKFLOW = """
+SELECT COALESCE(w.name, r.name), sum(x.cost_usd) FROM tasks_app_attempt x
+  JOIN tasks_app_run r ON r.id = x.run_id LEFT JOIN tasks_app_workflow w ON w.id = r.workflow_id
+ WHERE x.cost_usd > 0 AND x.assigned_at >= now() - make_interval(days => %(days)s) GROUP BY 1 ORDER BY 2 DESC
 """

@@ -7,7 +7,7 @@ from collections import Counter
 from django.db.models import Max, Min, Sum
 from django.db.models.functions import Coalesce, Now
 
-from . import waiting
+from . import costs, waiting
 from .actions import NotFound
 from .models import Attempt, Run, Task
 from .states import AttemptState, TaskState
@@ -33,6 +33,7 @@ def run_status(run_id) -> dict:
     )
     counts = Counter(t.state for t in tasks)
     why = waiting.reasons_of(tasks)
+    spent = costs.by_task(run.id)
     return {
         "run_id": str(run.id),
         "name": run.name,
@@ -52,12 +53,22 @@ def run_status(run_id) -> dict:
                 # An addition to PROTOCOL.md (README, "API"): why a ready task is not assigned yet, else null.
                 "waiting": why.get(t.id),
                 "commit": (t.commit or {}).get("sha"),
+                # PROTOCOL.md v1.1: what its attempts cost and the latest CLI session (null without AI usage);
+                # `usage`, summed over its attempts, is an addition.
+                "cost_usd": spent[t.id]["usage"]["cost_usd"] if t.id in spent else None,
+                "session_id": spent[t.id]["session_id"] or None if t.id in spent else None,
+                "usage": spent[t.id]["usage"] if t.id in spent else None,
             }
             for t in tasks
         ],
         "counts": {state: counts.get(state, 0) for state in TaskState.ALL},
         "params": run.params,
         "workspace": workspace_of(run),
+        "cost_usd": costs.total(spent)["cost_usd"],
+        "usage": costs.total(spent),
+        "max_cost_usd": run.max_cost_usd,
+        # An addition: why the server paused the run (a budget reached), else "".
+        "pause_reason": run.pause_reason,
     }
 
 

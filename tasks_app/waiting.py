@@ -7,9 +7,12 @@ missed-wake-up check, in a fixed handful of queries however many tasks are asked
 
 from __future__ import annotations
 
+import json
+
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from . import queries as q
 from .states import RunState, TaskState
@@ -67,6 +70,12 @@ def _reason(task: dict, run: dict | None, agents: list[dict], global_live: int, 
     which = f" with label{'s' if len(requires) > 1 else ''} {', '.join(sorted(requires))}" if requires else ""
     if not matching:
         return f"no online agent{which} runs executor {executor}"
+    held = [until for a in matching if (until := held_until(a["holds"], executor, now)) is not None]
+    if len(held) == len(matching):
+        n = len(matching)
+        return (f"{'the' if n == 1 else f'all {n}'} agent{'s' if n > 1 else ''}{which} running {executor}"
+                f" {'is' if n == 1 else 'are'} rate-limited until {clock(min(held), now)}")  # fmt: skip
+    matching = [a for a in matching if held_until(a["holds"], executor, now) is None]
     if run is not None and run["workspace"]:
         matching = [a for a in matching if GIT in a["executors"]]
         if not matching:
@@ -101,9 +110,23 @@ def _agents() -> list[dict]:
                 "online": online,
                 "takes_work": takes_work,
                 "live": live,
+                "holds": (json.loads(holds) if isinstance(holds, str) else holds) or {},  # jsonb: text here
             }
-            for labels, executors, capacity, online, takes_work, live in cur.fetchall()
+            for labels, executors, capacity, online, takes_work, live, holds in cur.fetchall()
         ]
+
+
+def held_until(holds: dict, executor: str, now):
+    """When an agent's hold on `executor` ends (a provider's usage limit), or None when it is not held."""
+    until = parse_datetime(str((holds.get(executor) or {}).get("until") or ""))
+    return until if until is not None and until > now else None
+
+
+def clock(moment, now) -> str:
+    """A moment as people read it on the pages: 15:00 UTC today, else with its date."""
+    moment = moment.astimezone(timezone.get_current_timezone())
+    same_day = moment.date() == now.astimezone(moment.tzinfo).date()
+    return moment.strftime("%H:%M %Z" if same_day else "%Y-%m-%d %H:%M %Z")
 
 
 def _global_live() -> int:
