@@ -1678,6 +1678,24 @@ class CliExecutor(ProcessExecutor):
         return ExecResult(result, outcome.returncode, error, "", extra)
 
 
+SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def resume_session(ctx: TaskContext) -> str:
+    """The CLI session this attempt resumes (the server's `resume_session`, given for a retry on the agent
+    that ran the previous attempt when params.resume_on_retry is true), or "" for a fresh one. Why not,
+    when the server says it cannot be, goes to the task's log."""
+    if ctx.params.get("resume_on_retry") is not True:
+        return ""
+    session = ctx.task.get("resume_session")
+    if isinstance(session, str) and SESSION_RE.fullmatch(session):
+        return session
+    why = ctx.task.get("resume_unavailable")
+    if isinstance(why, str) and why:
+        ctx.log(f"[cp-agent] not resuming the previous session: {why[:200]}; starting a new one\n")
+    return ""
+
+
 def _positive(value: Any, name: str) -> float | None:
     if value is None:
         return None
@@ -1732,8 +1750,13 @@ class ClaudeExecutor(CliExecutor):
             args += ["--max-budget-usd", f"{budget:g}"]
         if isinstance(params.get("system_prompt"), str) and params["system_prompt"]:
             args += ["--append-system-prompt", params["system_prompt"]]
-        # A fresh session per attempt, named by us: the attempt id is a UUID.
-        args += ["--session-id", str(uuid.UUID(ctx.attempt_id)) if _is_uuid(ctx.attempt_id) else str(uuid.uuid4())]
+        resume = resume_session(ctx)
+        if resume:
+            args += ["--resume", resume]  # the previous attempt's conversation goes on (params.resume_on_retry)
+        else:
+            # A fresh session per attempt, named by us: the attempt id is a UUID.
+            attempt = str(uuid.UUID(ctx.attempt_id)) if _is_uuid(ctx.attempt_id) else str(uuid.uuid4())
+            args += ["--session-id", attempt]
         return args
 
     def login_status(self) -> tuple[bool, str]:
@@ -1768,7 +1791,11 @@ class CodexExecutor(CliExecutor):
         sandbox = params.get("sandbox", "workspace-write")
         if sandbox not in CODEX_SANDBOXES:
             raise TaskError(f"params.sandbox must be one of {', '.join(CODEX_SANDBOXES)}")
-        args = ["-a", "never", "exec", "--json", "-s", sandbox, "-C", str(ctx.cwd)]
+        args = ["-a", "never", "exec", "-s", sandbox, "-C", str(ctx.cwd)]
+        resume = resume_session(ctx)
+        if resume:
+            args.append("resume")  # `codex exec resume ID`: exec's own options above, the rest after it
+        args.append("--json")
         if isinstance(params.get("model"), str) and params["model"]:
             args += ["-m", params["model"]]
         if params.get("reasoning_effort") in ("minimal", "low", "medium", "high"):
@@ -1776,6 +1803,8 @@ class CodexExecutor(CliExecutor):
         args += ["-o", str(ctx.work_dir / "last_message.txt")]
         if ctx.worktree is None:
             args.append("--skip-git-repo-check")  # an empty work dir is no git repository
+        if resume:
+            args.append(resume)
         return [*args, "-"]  # the prompt from stdin
 
     def login_status(self) -> tuple[bool, str]:

@@ -122,8 +122,15 @@ def submit_run(
     ws = dag.workspace
     base_commit = workspaces.resolve_base(ws) if ws else ""
     specs = list(dag.tasks) + ([workspaces.result_task(dag)] if ws else [])
+    daily = settings.CP_DAILY_MAX_COST_USD
+    held = f"budget_exceeded: today's cost reached the daily cap ${daily:g} (CP_DAILY_MAX_COST_USD)" if (
+        daily > 0 and cost_today() >= daily
+    ) else ""  # fmt: skip
     with transaction.atomic():
         run = Run.objects.create(
+            state=RunState.PAUSED if held else RunState.RUNNING,
+            pause_reason=held,
+            max_cost_usd=dag.max_cost_usd,
             name=dag.name,
             workflow=workflow,
             document=document,
@@ -168,7 +175,7 @@ def submit_run(
             if t.state == TaskState.READY:
                 changes.task_ready(t.executor, t.requires)
         events = EventLog(actor)
-        events.add("run", "", RunState.RUNNING, run=run.id, detail={"tasks": len(tasks)})
+        events.add("run", "", run.state, run=run.id, detail={"tasks": len(tasks), **({"reason": held} if held else {})})
         with connection.cursor() as cur:
             _commit(cur, events, changes)
     return run
@@ -251,7 +258,7 @@ def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
                 "payload": Changes(runs=chosen_runs).payload(),
             },
         )
-        return assignments.build(cur, cur.fetchall())
+        return assignments.build(cur, cur.fetchall(), agent["id"])
 
 
 # --- Agent reports on an attempt ----------------------------------------------------------------------

@@ -18,8 +18,8 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from . import admin_views, workflows
-from .models import Artifact, Attempt, Event, Run, Task, Workflow, WorkflowTask
+from . import admin_views, costs, workflows
+from .models import Artifact, Attempt, Event, ModelPrice, Run, Task, Workflow, WorkflowTask
 from .workflow_forms import SingleTaskForm, WorkflowForm, WorkflowTaskForm, WorkflowTaskFormSet
 
 # Above this many tasks the change page leaves the tasks out (rendering thousands of rows of inputs is
@@ -385,7 +385,7 @@ class TaskAdmin(ReadOnlyAdmin):
 
 @admin.register(Attempt)
 class AttemptAdmin(ReadOnlyAdmin):
-    list_display = ["short_id", "task_key", "run", "agent", "number", "state", "progress", "exit_code",
+    list_display = ["short_id", "task_key", "run", "agent", "number", "state", "progress", "exit_code", "cost",
                     "assigned_at", "finished_at"]  # fmt: skip
     list_filter = ["state", "assigned_at"]
     search_fields = ["task__key", "agent__name", "run__name", "=id"]
@@ -399,6 +399,25 @@ class AttemptAdmin(ReadOnlyAdmin):
     @admin.display(description="task", ordering="task__key")
     def task_key(self, obj):
         return obj.task.key
+
+    @admin.display(description="cost", ordering="cost_usd")
+    def cost(self, obj):
+        return costs.money(obj.cost_usd) + (" (estimated)" if (obj.usage or {}).get("cost_estimated") else "")
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin):
+    """The price table agents estimate costs by (tasks_app.costs); an edit reaches new assignments within
+    costs.PRICES_TTL_S on every server process."""
+
+    list_display = ["__str__", "input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok",
+                    "as_of"]  # fmt: skip
+    list_editable = ["input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok", "as_of"]
+    search_fields = ["model_prefix"]
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        costs.forget_prices()
 
 
 class EventKindFilter(admin.SimpleListFilter):

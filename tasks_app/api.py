@@ -8,10 +8,10 @@ from django.http import HttpResponse, JsonResponse
 
 from agents_app import registry, tokens
 from control_plane.db_outage import check_database
-from control_plane.http_api import ApiError, api_view, db_call, json_body, require_method
+from control_plane.http_api import ApiError, Fields, api_view, db_call, json_body, require_method
 
 from . import actions, panels, reports
-from .dag import parse_document
+from .dag import MAX_COST_USD, parse_document
 from .models import Artifact
 from .states import RunState
 
@@ -100,15 +100,18 @@ async def run_detail(request, run_id: str):
     return JsonResponse(await db_call(load)())
 
 
-def _run_action(action):
+def _run_action(action, options=None):
+    """A run operation's view; `options(Fields of the body)` gives the action's keyword arguments."""
+
     @api_view
     async def view(request, run_id: str):
         require_method(request, "POST")
         run_id_ = _uuid(run_id, "run")
+        kwargs = options(Fields(json_body(request, 4096))) if options else {}
 
         def act():
             user = _user(request, "tasks_app.change_run")
-            return {"run_id": run_id_, "state": action(run_id_, _actor(user))}
+            return {"run_id": run_id_, "state": action(run_id_, _actor(user), **kwargs)}
 
         return JsonResponse(await db_call(act)())
 
@@ -118,7 +121,8 @@ def _run_action(action):
 
 cancel_run = _run_action(actions.cancel_run)
 pause_run = _run_action(actions.pause_run)
-resume_run = _run_action(actions.resume_run)
+# An addition (README, "API"): resume's body may raise the run's budget, {"max_cost_usd": N}.
+resume_run = _run_action(actions.resume_run, lambda f: {"max_cost_usd": f.number("max_cost_usd", 0, MAX_COST_USD)})
 
 
 @api_view

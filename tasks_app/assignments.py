@@ -21,8 +21,8 @@ def _json(value):
     return value if isinstance(value, dict | list) or value is None else json.loads(value)
 
 
-def build(cur, rows) -> list[dict]:
-    """The assignments for ASSIGN's rows."""
+def build(cur, rows, agent_id=None) -> list[dict]:
+    """The assignments for ASSIGN's rows, claimed by `agent_id`."""
     with_deps = [r[2] for r in rows if r[12]]
     inputs_of: dict = {}
     if with_deps:
@@ -32,6 +32,7 @@ def build(cur, rows) -> list[dict]:
                 {"key": key, "depth": depth, "output": output, "commit": _json(commit),
                  "head_commits": head_commits, "result": _json(result)}
             )  # fmt: skip
+    resumes = _resumes(cur, rows, agent_id)
     out, given = [], []
     for row in rows:
         (attempt_id, lease, task_id, run_id, key, title, executor, command, prompt, params, timeout_s, number,
@@ -55,6 +56,9 @@ def build(cur, rows) -> list[dict]:
             "attempt": number,
         }
         task["inputs"] = inputs
+        if task_id in resumes:
+            # Additions (README, "API"): the previous attempt's CLI session to resume, or why it cannot be.
+            task.update(resumes[task_id])
         if executor in PRICED_EXECUTORS:
             # An addition to PROTOCOL.md (README, "API"): the server's price table (tasks_app.costs).
             task["prices"] = costs.price_table()
@@ -74,4 +78,24 @@ def build(cur, rows) -> list[dict]:
         out.append({"attempt_id": str(attempt_id), "lease_expires_at": lease.isoformat(), "task": task})
     if given:
         cur.execute(q.SET_ATTEMPT_WORKSPACES, {"ids": [g[0] for g in given], "workspaces": [g[1] for g in given]})
+    return out
+
+
+def _resumes(cur, rows, agent_id) -> dict:
+    """{task id: {"resume_session": id} or {"resume_unavailable": why}} for retries of AI tasks whose params
+    say `resume_on_retry`: a session is resumed only on the agent that holds it (its CLI's own store)."""
+    wanted = [
+        r[2] for r in rows if r[11] > 1 and r[6] in PRICED_EXECUTORS and (_json(r[9]) or {}).get("resume_on_retry")
+    ]
+    if not wanted:
+        return {}
+    cur.execute(q.PREVIOUS_SESSIONS, {"task_ids": wanted})
+    out = {}
+    for task_id, previous_agent, session_id, agent_name in cur.fetchall():
+        if not session_id:
+            out[task_id] = {"resume_unavailable": "the previous attempt recorded no session"}
+        elif str(previous_agent) != str(agent_id):
+            out[task_id] = {"resume_unavailable": f"the previous attempt's session is on agent {agent_name or '?'}"}
+        else:
+            out[task_id] = {"resume_session": session_id}
     return out

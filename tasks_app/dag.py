@@ -6,7 +6,9 @@ Pure functions over plain dicts, so the API, the admin, the CLI and the tests sh
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .templating import TemplateError
 from .templating import check as check_template
@@ -19,13 +21,89 @@ TASK_FIELDS = {
     "key", "title", "deps", "requires", "executor", "command", "prompt", "params", "estimate_s", "priority",
     "max_attempts", "timeout_s", "retry_delay_s",
 }  # fmt: skip
-DOC_FIELDS = {"name", "max_parallel", "defaults", "tasks", "priority", "description", "workspace", "params"}
+DOC_FIELDS = {
+    "name", "max_parallel", "defaults", "tasks", "priority", "description", "workspace", "params", "max_cost_usd",
+}  # fmt: skip
+# The largest run budget a document may set (PROTOCOL.md v1.1 `max_cost_usd`), in US dollars.
+MAX_COST_USD = 1_000_000
 WORKSPACE_FIELDS = {"repo", "base", "branch_prefix"}
 DEFAULT_BRANCH_PREFIX = "cp/"
 PARAM_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 # Git refs and URLs reach git's argv: no whitespace or control characters, never a leading "-" (an option).
 REF_RE = re.compile(r"(?!-)[^\s\x00-\x1f\x7f~^:?*\[\\]{1,255}")
 BRANCH_PREFIX_RE = re.compile(r"(?![-/])(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{0,64}")
+
+
+# The params of the AI executors, checked at submit: the agent daemon (agents_app/cp_agent.py: ClaudeExecutor and
+# CodexExecutor `arguments`, CliExecutor.run's budget_usd and stall_s, TaskRun._expects_changes) reads the same
+# names, so a typo or a bad value is a 422 naming the task and the param, not an attempt failing minutes later on
+# an agent. This table is the one owner of those rules: change it with the daemon. A param is a (test, "what is
+# allowed") pair; shell and simulated params stay free-form. `timeout_s` is a task field, not a param.
+@dataclass(frozen=True)
+class ParamRule:
+    test: Callable[[Any], bool]
+    allowed: str
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _tools(value) -> bool:
+    """Tool patterns as `--allowedTools` takes them (`Bash(git *)`, `Edit`): the daemon refuses blank ones."""
+    return (
+        isinstance(value, list)
+        and len(value) <= 100
+        and all(isinstance(t, str) and t.strip() and len(t) <= 500 for t in value)
+    )
+
+
+def _is_text(lo: int, hi: int) -> ParamRule:
+    allowed = f"a string of {lo} to {hi} characters" if lo else f"a string of at most {hi} characters"
+    return ParamRule(lambda v: isinstance(v, str) and lo <= len(v) <= hi, allowed)
+
+
+def _is_one_of(*choices: str) -> ParamRule:
+    return ParamRule(lambda v: isinstance(v, str) and v in choices, f"one of {', '.join(choices)}")
+
+
+def _is_positive(hi: float) -> ParamRule:
+    return ParamRule(lambda v: _number(v) and 0 < v <= hi, f"a number > 0 and <= {hi:g}")  # NaN and inf fail too
+
+
+def _is_int(lo: int, hi: int) -> ParamRule:
+    allowed = f"an integer from {lo} to {hi}"
+    return ParamRule(lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, allowed)
+
+
+IS_BOOL = ParamRule(lambda v: isinstance(v, bool), "true or false")
+IS_TOOL_LIST = ParamRule(
+    _tools,
+    "a list of at most 100 tool patterns, each a non-blank string of at most 500 characters",
+)
+_SHARED_PARAMS = {
+    "model": _is_text(1, 200),
+    "budget_usd": _is_positive(10_000),
+    "expect_changes": IS_BOOL,
+    "stall_s": _is_positive(86_400),
+    "resume_on_retry": IS_BOOL,
+}
+AI_PARAMS: dict[str, dict[str, ParamRule]] = {
+    "claude": {
+        **_SHARED_PARAMS,
+        "permission_mode": _is_one_of("acceptEdits", "default", "plan", "dontAsk", "bypassPermissions"),
+        "skip_permissions": IS_BOOL,  # the v1 spelling of permission_mode bypassPermissions
+        "allowed_tools": IS_TOOL_LIST,
+        "disallowed_tools": IS_TOOL_LIST,
+        "max_turns": _is_int(1, 1000),
+        "system_prompt": _is_text(0, 100_000),
+    },
+    "codex": {
+        **_SHARED_PARAMS,
+        "sandbox": _is_one_of("read-only", "workspace-write", "danger-full-access"),
+        "reasoning_effort": _is_one_of("minimal", "low", "medium", "high"),
+    },
+}
 
 
 class DagError(Exception):
@@ -73,6 +151,7 @@ class Dag:
     tasks: list[TaskSpec] = field(default_factory=list)  # in topological order
     workspace: Workspace | None = None
     params: dict = field(default_factory=dict)
+    max_cost_usd: float | None = None
 
     def by_key(self) -> dict[str, TaskSpec]:
         return {t.key: t for t in self.tasks}
@@ -100,6 +179,28 @@ def _text(value, what: str, key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise DagError(f"task {key!r}: {what} must be a string", [key], what)
     return value
+
+
+def check_task_params(params: dict, executor: str, key: str) -> None:
+    """A claude or codex task's params against AI_PARAMS (DagError naming the task and the param); the params
+    of other executors are theirs to read."""
+    rules = AI_PARAMS.get(executor)
+    if rules is None:
+        return
+    unknown = [name for name in params if name not in rules]
+    if unknown:
+        raise DagError(
+            f"task {key!r}: unknown param(s) {', '.join(repr(n) for n in unknown)} for {executor}; "
+            f"known: {', '.join(sorted(rules))}",
+            [key],
+            "params",
+        )
+    for name, value in params.items():
+        rule = rules[name]
+        if not rule.test(value):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise DagError(f"task {key!r}: params.{name} must be {rule.allowed}, not {shown}", [key], "params")
 
 
 def parse_document(doc) -> Dag:
@@ -151,7 +252,8 @@ def parse_document(doc) -> Dag:
                 check_template(getattr(spec, what), spec.deps, params)
             except TemplateError as exc:
                 raise DagError(f"task {spec.key!r}: {what}: {exc}", [spec.key], what) from None
-    dag = Dag(name=name, max_parallel=max_parallel, priority=priority, defaults=defaults, params=params)
+    dag = Dag(name=name, max_parallel=max_parallel, priority=priority, defaults=defaults, params=params,
+              max_cost_usd=parse_max_cost(doc.get("max_cost_usd")))  # fmt: skip
     dag.workspace = parse_workspace(doc.get("workspace"))
     dag.tasks = [specs[k] for k in order]
     _annotate(dag)
@@ -185,6 +287,15 @@ def parse_workspace(raw) -> Workspace | None:
             field="workspace",
         )
     return Workspace(repo=repo, base=base, branch_prefix=prefix)
+
+
+def parse_max_cost(raw) -> float | None:
+    """The run's budget in US dollars: a number > 0 (null: none)."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw <= MAX_COST_USD:
+        raise DagError(f"max_cost_usd must be a number > 0 and <= {MAX_COST_USD}", field="max_cost_usd")
+    return float(raw)
 
 
 def parse_params(raw) -> dict:
@@ -277,6 +388,7 @@ def _parse_task(raw, defaults: dict) -> TaskSpec:
     params = raw.get("params") or {}
     if not isinstance(params, dict):
         raise DagError(f"task {key!r}: params must be an object", [key], "params")
+    check_task_params(params, executor, key)
     estimate = raw.get("estimate_s")
     if estimate is not None and (isinstance(estimate, bool) or not isinstance(estimate, int | float) or estimate < 0):
         raise DagError(f"task {key!r}: estimate_s must be a number >= 0", [key], "estimate_s")

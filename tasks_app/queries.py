@@ -116,6 +116,14 @@ SELECT d.task_id, u.key, u.depth, u.output, u.commit, u.head_commits, a.result
   LEFT JOIN tasks_app_attempt a ON a.task_id = u.id AND a.state = 'succeeded'
  WHERE d.task_id = ANY(%(task_ids)s::uuid[])
 """
+# The latest finished attempt of each assigned task whose params ask to resume its session on a retry
+# (`resume_on_retry`): who ran it and its CLI session.
+PREVIOUS_SESSIONS = """
+SELECT DISTINCT ON (a.task_id) a.task_id, a.agent_id, a.session_id, g.name
+  FROM tasks_app_attempt a LEFT JOIN agents_app_agent g ON g.id = a.agent_id
+ WHERE a.task_id = ANY(%(task_ids)s::uuid[]) AND a.state NOT IN ('assigned', 'running')
+ ORDER BY a.task_id, a.number DESC
+"""
 # The workspace each assignment was given, kept with its attempt (what a completion hands down without a
 # commit of its own).
 SET_ATTEMPT_WORKSPACES = """

@@ -19,6 +19,8 @@ import pytest
 from agents_app.host_models import Host
 from control_plane import launch
 from tests import conftest as shared
+from tests.agents_app.protocol_agent import Agent
+from tests.conftest import doc, http, ok
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -145,3 +147,33 @@ def qcluster(tmp_path):
     proc = launch.start_qcluster(env=env, log=tmp_path / "qcluster.log")
     yield proc
     launch.stop(proc, timeout=3)  # its jobs are done; a graceful django-q2 shutdown takes ~8 s
+
+
+# --- agents speaking the protocol by hand (tests/agents_app/protocol_agent.py) ---
+
+
+@pytest.fixture
+def server(live_server_proc, transactional_db) -> str:
+    return live_server_proc.url
+
+
+@pytest.fixture
+def enroll(server, enrollment_token):
+    """Register an agent over HTTP: enroll(name, labels=..., executors=..., capacity=...) -> Agent."""
+
+    def make(name="cg-1", labels=(), executors=("shell", "simulated"), capacity=1) -> Agent:
+        body = {"name": name, "labels": list(labels), "executors": list(executors), "capacity": capacity}
+        answer = ok(http("POST", f"{server}/api/v1/agents/register", body, token=enrollment_token), 201)
+        return Agent(server, answer, name)
+
+    return make
+
+
+@pytest.fixture
+def run_of(submit):
+    """Submit a DAG (task dicts, simulated by default) and return the Run."""
+
+    def make(*tasks, **kwargs):
+        return submit(doc(*tasks, **kwargs))
+
+    return make

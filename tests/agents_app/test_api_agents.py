@@ -15,10 +15,9 @@ import time
 import uuid
 from datetime import datetime, timedelta
 
-import pytest
 from django.utils import timezone
 
-from tests.conftest import FAST_TIMINGS, assert_error, doc, http, ok
+from tests.conftest import FAST_TIMINGS, assert_error, http, ok
 
 MAX_WAIT_S = int(FAST_TIMINGS["CP_MAX_WAIT_S"])
 KIB, MIB = 1024, 1024 * 1024
@@ -34,79 +33,6 @@ AGENT_POST_PATHS = (
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-
-def multipart(fields: dict[str, tuple[str, bytes]]) -> tuple[bytes, dict]:
-    """A multipart/form-data body of file fields {field: (filename, content)} and its Content-Type."""
-    boundary = uuid.uuid4().hex
-    out = bytearray()
-    for field, (filename, content) in fields.items():
-        out += (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        out += content + b"\r\n"
-    out += f"--{boundary}--\r\n".encode()
-    return bytes(out), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
-class Agent:
-    """One registered agent and the calls it makes."""
-
-    def __init__(self, url: str, body: dict, name: str):
-        self.url, self.name = url, name
-        self.id, self.token = body["agent_id"], body["token"]
-
-    def post(self, path: str, body=None, **kwargs):
-        return http("POST", self.url + path, body, token=self.token, **kwargs)
-
-    def claim(self, wait_s: float = 0, capacity: int = 1) -> list[dict]:
-        return ok(self.post("/api/v1/agents/claim", {"capacity": capacity, "wait_s": wait_s}))["assignments"]
-
-    def claim_one(self) -> dict:
-        assignments = self.claim()
-        assert len(assignments) == 1, assignments
-        return assignments[0]
-
-    def heartbeat(self, attempts=(), status="busy"):
-        return self.post("/api/v1/agents/heartbeat", {"status": status, "attempts": list(attempts)})
-
-    def progress(self, attempt_id: str, body: dict):
-        return self.post(f"/api/v1/attempts/{attempt_id}/progress", body)
-
-    def complete(self, attempt_id: str, outcome="succeeded", **fields):
-        return self.post(f"/api/v1/attempts/{attempt_id}/complete", {"outcome": outcome, **fields})
-
-    def upload(self, attempt_id: str, fields: dict[str, tuple[str, bytes]]):
-        raw, headers = multipart(fields)
-        return self.post(f"/api/v1/attempts/{attempt_id}/artifacts", raw=raw, headers=headers)
-
-
-@pytest.fixture
-def server(live_server_proc, transactional_db) -> str:
-    return live_server_proc.url
-
-
-@pytest.fixture
-def enroll(server, enrollment_token):
-    """Register an agent over HTTP: enroll(name, labels=..., executors=..., capacity=...) -> Agent."""
-
-    def make(name="cg-1", labels=(), executors=("shell", "simulated"), capacity=1) -> Agent:
-        body = {"name": name, "labels": list(labels), "executors": list(executors), "capacity": capacity}
-        answer = ok(http("POST", f"{server}/api/v1/agents/register", body, token=enrollment_token), 201)
-        return Agent(server, answer, name)
-
-    return make
-
-
-@pytest.fixture
-def run_of(submit):
-    """Submit a DAG (task dicts, simulated by default) and return the Run."""
-
-    def make(*tasks, **kwargs):
-        return submit(doc(*tasks, **kwargs))
-
-    return make
 
 
 def register_call(server: str, token: str | None, **overrides):

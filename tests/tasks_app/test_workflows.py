@@ -84,6 +84,10 @@ JSON_SCALARS = st.one_of(
     TEXT,
 )
 PARAMS = st.dictionaries(TEXT, st.one_of(JSON_SCALARS, st.lists(JSON_SCALARS, max_size=3)), max_size=3)
+# claude and codex params are checked against what the agent daemon reads (dag.AI_PARAMS); these both take.
+AI_TASK_PARAMS = st.fixed_dictionaries(
+    {}, optional={"model": SOME_TEXT, "budget_usd": st.floats(0.01, 100), "expect_changes": st.booleans()}
+)
 # A workspace as a document may give it: any git URL without spaces (not an option), any ref, a prefix.
 URL_CHARS = st.characters(exclude_categories=("Cs", "Cc", "Zs", "Zl", "Zp"))
 URL_TEXT = st.text(URL_CHARS, min_size=1, max_size=60).filter(
@@ -118,7 +122,7 @@ def dags(draw):
             "requires": maybe(st.lists(KEYS, max_size=3)),
             "command": SOME_TEXT if executor == "shell" else maybe(TEXT),
             "prompt": SOME_TEXT if executor in ("claude", "codex") else maybe(TEXT),
-            "params": maybe(PARAMS),
+            "params": maybe(AI_TASK_PARAMS if executor in ("claude", "codex") else PARAMS),
             "estimate_s": maybe(st.one_of(st.integers(0, 10**6), st.floats(0, 1e7, allow_nan=False))),
             "priority": maybe(st.integers(-1_000_000, 1_000_000)),
             "max_attempts": maybe(st.integers(1, 100)),
