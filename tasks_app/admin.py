@@ -76,7 +76,20 @@ class WorkflowAdmin(admin.ModelAdmin):
     change_list_template = "admin/tasks_app/workflow/change_list.html"
     change_form_template = "admin/tasks_app/workflow/change_form.html"
     fieldsets = [
-        (None, {"fields": ["name", "description", "max_parallel", "priority", "defaults", "opened_version"]}),
+        (
+            None,
+            {
+                "fields": [
+                    "name",
+                    "description",
+                    "max_parallel",
+                    "priority",
+                    "max_cost_usd",
+                    "defaults",
+                    "opened_version",
+                ]
+            },
+        ),  # fmt: skip
         (
             "Workspace and parameters",
             {

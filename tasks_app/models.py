@@ -35,6 +35,8 @@ class Workflow(models.Model):
     # The document's `workspace` ({repo, base, branch_prefix} as it gave them; null: none) and `params`.
     workspace = models.JSONField(null=True, blank=True, default=None)
     params = models.JSONField(default=dict, blank=True)
+    # The document's `max_cost_usd`: its runs' budget in US dollars (null: none).
+    max_cost_usd = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

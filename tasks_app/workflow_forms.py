@@ -79,16 +79,18 @@ class WorkflowForm(forms.ModelForm):
 
     class Meta:
         model = Workflow
-        fields = ["name", "description", "max_parallel", "priority", "defaults", *WORKSPACE_FORM_FIELDS.values(),
-                  "params"]  # fmt: skip
+        fields = ["name", "description", "max_parallel", "priority", "max_cost_usd", "defaults",
+                  *WORKSPACE_FORM_FIELDS.values(), "params"]  # fmt: skip
         widgets = {
             "description": forms.Textarea(attrs={"rows": 3, "cols": 80}),
             "params": forms.Textarea(attrs={"rows": 3, "cols": 80, "spellcheck": "false"}),
         }
-        labels = {"params": "Parameters"}
+        labels = {"params": "Parameters", "max_cost_usd": "Budget (USD)"}
         help_texts = {
             "params": 'run parameters, a JSON object such as {"feature": "login"}: ${params.feature} in a prompt or'
             " command; a start may override them",
+            "max_cost_usd": "each run's budget: at this cost the run pauses and its live attempts are stopped;"
+            " empty: none",
         }
 
     def __init__(self, *args, **kwargs):
@@ -143,7 +145,7 @@ class WorkflowForm(forms.ModelForm):
             "params": data.get("params"),
             "tasks": [{"key": "probe", "executor": "simulated"}],
         }
-        for name in ("max_parallel", "priority"):
+        for name in ("max_parallel", "priority", "max_cost_usd"):
             if data.get(name) is not None:
                 probe[name] = data[name]
         if workspace is not None:

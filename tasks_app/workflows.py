@@ -70,6 +70,8 @@ def workflow_to_document(workflow: Workflow) -> dict:
         document["workspace"] = dict(workflow.workspace)
     if workflow.params:
         document["params"] = dict(workflow.params)
+    if workflow.max_cost_usd is not None:
+        document["max_cost_usd"] = workflow.max_cost_usd
     document["tasks"] = tasks
     return document
 
@@ -183,6 +185,7 @@ def _write(document: dict, workflow: Workflow | None) -> Workflow:
         "defaults": dict(document.get("defaults") or {}),
         "workspace": document.get("workspace"),
         "params": dict(document.get("params") or {}),
+        "max_cost_usd": document.get("max_cost_usd"),
     }
     if workflow is None:
         workflow = Workflow.objects.create(name=document["name"], **fields)

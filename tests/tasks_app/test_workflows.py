@@ -312,6 +312,17 @@ def test_a_run_keeps_its_document_when_the_workflow_is_edited_afterwards():
     assert Event.objects.get(run=run, kind="run").actor == "user:olivia"
 
 
+def test_a_workflows_budget_round_trips_and_becomes_its_runs_max_cost_usd():
+    document = doc({"key": "a"}, name="capped", max_cost_usd=12.5)
+    workflow = workflows.import_document(document)
+    assert workflow.max_cost_usd == 12.5
+    assert workflows.workflow_to_document(workflow)["max_cost_usd"] == 12.5
+    run = workflows.start_run(workflow, actor="test")
+    assert run.max_cost_usd == 12.5
+    with pytest.raises(DagError, match="max_cost_usd must be a number > 0"):
+        workflows.import_document(doc({"key": "a"}, name="bad", max_cost_usd=0))
+
+
 def test_a_workflow_without_tasks_cannot_start():
     workflow = Workflow.objects.create(name="empty")
     with pytest.raises(DagError):
