@@ -17,7 +17,7 @@ from tasks_app.states import AttemptState, RunState, TaskState
 from tests.agents_app.test_daemon_workspaces import ended, submit
 from tests.conftest import doc, http, ok, wait_for
 from tests.model_api import Usage, rate_limited, text, tool_call
-from tests.real_clis import CLAUDE, claude_env, cli_binary
+from tests.real_clis import CLAUDE, CODEX, TEST_API_KEY, claude_env, cli_binary, codex_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,10 +26,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def claude_fleet(fleet, model_api, tmp_path):
     """start(name): a daemon running the real claude, each with its own claude config dir."""
 
-    def start(name: str, oauth: bool = False):
+    def start(name: str, oauth: bool = False, api_key: str = TEST_API_KEY):
         home = tmp_path / name
         home.mkdir()
-        env = {**claude_env(home, model_api, oauth=oauth), "CP_CLAUDE_BIN": cli_binary(CLAUDE)}
+        env = {**claude_env(home, model_api, oauth=oauth, api_key=api_key), "CP_CLAUDE_BIN": cli_binary(CLAUDE)}
         return fleet(name, [], executors=("shell", "claude"), env=env)
 
     return start
@@ -132,3 +132,43 @@ def test_a_retry_resumes_the_previous_attempts_claude_session_on_the_same_agent(
     # The retry's requests to the model carried the first attempt's conversation.
     later = [r for r in model_api.turns if r.api == "anthropic" and "Fixed it." not in str(r.json)]
     assert any("I could not do it." in str(r.json.get("messages")) for r in later)
+
+
+def test_a_revoked_key_returns_the_task_and_claude_is_no_longer_offered_to_that_agent(
+    live_server_proc, operator, model_api, claude_fleet
+):
+    _, token = operator
+    # Logged in as far as `claude auth status` can tell (a key is set), but the provider refuses the key.
+    claude_fleet("revoked-1", api_key="sk-ant-revoked")
+    run_id = submit(live_server_proc, token, doc({"key": "write", "executor": "claude", "prompt": "Hi."}))
+
+    def dropped():
+        agent = Agent.objects.filter(name="revoked-1", retired_at=None).first()
+        return agent if agent and "claude" not in agent.executors and agent.preflight.get("claude") else None
+
+    agent = wait_for(dropped, timeout=60, what="claude dropped from revoked-1")
+    assert agent.preflight["claude"]["usable"] is False
+    assert agent.preflight["claude"]["detail"].startswith("not_logged_in: ")
+    task = wait_for(lambda: Task.objects.filter(run_id=run_id, state=TaskState.READY).first(), timeout=10,
+                    what="the task returned to ready")  # fmt: skip
+    assert task.attempts_used - task.attempt_base == 0
+    reason = http("GET", f"{live_server_proc.url}/api/v1/runs/{run_id}", token=token)[1]["tasks"][0]["waiting"]
+    assert reason == "no online agent runs executor claude"
+
+
+def test_codex_on_a_usage_limit_is_held_back_until_the_time_it_names(live_server_proc, operator, model_api, fleet,
+                                                                     tmp_path):  # fmt: skip
+    _, token = operator
+    model_api.script(rate_limited(reset_in_s=5400, usage_limit=True))
+    env = {**codex_env(tmp_path, model_api), "CP_CODEX_BIN": cli_binary(CODEX)}
+    fleet("codex-1", [], executors=("shell", "codex"), env=env)
+    run_id = submit(live_server_proc, token, doc({"key": "impl", "executor": "codex", "prompt": "Implement."}))
+    task = wait_for(lambda: Task.objects.filter(run_id=run_id, state=TaskState.READY, attempts_used=1).first(),
+                    timeout=60, what="the task returned to ready")  # fmt: skip
+    assert task.attempts_used - task.attempt_base == 0
+    hold = Agent.objects.get(name="codex-1", retired_at=None).executor_holds["codex"]
+    until = parse_datetime(hold["until"])
+    assert timezone.now() + timedelta(minutes=80) < until < timezone.now() + timedelta(minutes=100), hold
+    assert "usage limit" in hold["reason"]
+    reason = http("GET", f"{live_server_proc.url}/api/v1/runs/{run_id}", token=token)[1]["tasks"][0]["waiting"]
+    assert reason.startswith("the agent running codex is rate-limited until "), reason
