@@ -670,9 +670,11 @@ def lose_attempts(attempt_ids, reason: str, actor: str) -> int:
                 continue
             events, changes = EventLog(actor), Changes(runs={att["run_id"]})
             ending = {"state": AttemptState.LOST, "error": reason}
+            # One the server had asked to stop (a budget reached) is returned like the rest of its run's.
             _end_attempt(
-                cur, att, AttemptState.LOST, events, changes, q.ATTEMPT_ENDED, ending, detail={"reason": reason}
-            )
+                cur, att, AttemptState.LOST, events, changes, q.ATTEMPT_ENDED, ending, detail={"reason": reason},
+                returned=bool(att["cancel_reason"]),
+            )  # fmt: skip
             _commit(cur, events, changes)
         settle_run(att["run_id"], actor)  # a task that failed for good may have been the run's last
         lost += 1

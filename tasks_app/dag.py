@@ -35,10 +35,10 @@ BRANCH_PREFIX_RE = re.compile(r"(?![-/])(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{0,64}"
 
 
 # The params of the AI executors, checked at submit: the agent daemon (agents_app/cp_agent.py: ClaudeExecutor and
-# CodexExecutor `arguments`, CliExecutor.run's budget_usd and stall_s, TaskRun._expects_changes) reads the same
-# names, so a typo or a bad value is a 422 naming the task and the param, not an attempt failing minutes later on
-# an agent. This table is the one owner of those rules: change it with the daemon. A param is a (test, "what is
-# allowed") pair; shell and simulated params stay free-form. `timeout_s` is a task field, not a param.
+# CodexExecutor `arguments`, CliExecutor.run's budget_usd and stall_s, resume_session, TaskRun._expects_changes)
+# reads the same names, so a typo or a bad value is a 422 naming the task and the param, not an attempt failing
+# minutes later on an agent. This table is the one owner of those rules: change it with the daemon. A param is a
+# (test, "what is allowed") pair; shell and simulated params stay free-form. `timeout_s` is a task field.
 @dataclass(frozen=True)
 class ParamRule:
     test: Callable[[Any], bool]
