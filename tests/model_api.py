@@ -13,6 +13,18 @@ the real npm packages (tests/real_clis.py).
 
 A request that finds the queue empty is answered with the text turn `UNSCRIPTED` and listed in
 `api.unscripted`, so a CLI that asks once more than a test planned ends its run instead of hanging.
+
+Several CLIs asking at once (parallel tasks of a run, on several agents) arrive in no fixed order, so one
+shared queue cannot say which turn is whose. `route(marker, *turns)` gives a conversation its own queue: a
+model-turn request any string of whose JSON body contains `marker` (put a unique one, say "[task:parser]",
+in each task's prompt: both CLIs send the whole conversation, the first prompt included, every time) takes
+the next turn of that marker's queue; routes are tried in the order first made, the first whose marker
+occurs wins. An unrouted request takes from the shared queue as before; a routed one whose queue is empty
+is answered `UNSCRIPTED` (it never falls back to the shared queue). `Received.route` names the marker.
+
+    api.route("[task:plan]", tool_call("Bash", {"command": "echo 1 > PLAN.md"}), text("Planned."))
+    api.route("[task:impl]", tool_call("exec_command", {"cmd": "echo x > impl.py"}), text("Done."))
+    api.routed("[task:plan]")                         # the requests that marker took turns for
 """
 
 from __future__ import annotations
@@ -157,6 +169,7 @@ class Received:
     json: Any
     turn: Turn | None = None  # the scripted turn it was answered with, for model-turn requests
     refused: bool = False  # refused 401 for want of the API key
+    route: str | None = None  # the marker of the route it took its turn from (None: the shared queue)
 
     @property
     def api(self) -> str:
@@ -190,6 +203,7 @@ class ModelAPI:
         # as OAuth tokens and OpenAI keys go) is refused 401 like the real APIs do, and takes no turn.
         self.api_key = api_key
         self._queue: list[Turn] = []
+        self._routes: dict[str, list[Turn]] = {}  # marker -> its own queue, in the order routes were made
         self._lock = threading.Lock()
         self.requests: list[Received] = []
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -231,10 +245,27 @@ class ModelAPI:
         with self._lock:
             self._queue.extend(turns)
 
+    def route(self, marker: str, *turns: Turn) -> None:
+        """Queue turns for the requests whose body contains `marker` (see the module docstring); calling it
+        again with the same marker queues more."""
+        assert marker, "an empty marker would match every request"
+        with self._lock:
+            self._routes.setdefault(marker, []).extend(turns)
+
+    def routed(self, marker: str) -> list[Received]:
+        """The model-turn requests that took their turn from `marker`'s queue, in order."""
+        return [r for r in self.turns if r.route == marker]
+
     @property
     def pending(self) -> list[Turn]:
         with self._lock:
             return list(self._queue)
+
+    @property
+    def pending_routes(self) -> dict[str, list[Turn]]:
+        """The turns each route has left, by marker (routes with none left included)."""
+        with self._lock:
+            return {marker: list(turns) for marker, turns in self._routes.items()}
 
     @property
     def turns(self) -> list[Received]:
@@ -257,9 +288,31 @@ class ModelAPI:
         bearer = received.headers.get("authorization", "").removeprefix("Bearer ")
         return self.api_key in (received.headers.get("x-api-key"), bearer)
 
-    def _next_turn(self) -> Turn:
+    def _next_turn(self, received: Received | None = None) -> Turn:
         with self._lock:
+            if received is not None and self._routes:
+                found = _strings(received.json)
+                for marker, queue in self._routes.items():
+                    if any(marker in s for s in found):
+                        received.route = marker
+                        return queue.pop(0) if queue else text(UNSCRIPTED)
             return self._queue.pop(0) if self._queue else text(UNSCRIPTED)
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string inside a JSON value, keys included."""
+    out: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.extend(k for k in item if isinstance(k, str))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return out
 
 
 def _handler_for(api: ModelAPI) -> type[http.server.BaseHTTPRequestHandler]:
@@ -314,7 +367,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 refusal = http_error(401, "invalid x-api-key" if received.api == "anthropic" else "Incorrect API key")
                 self._send_json(401, refusal.error_bodies[received.api])
                 return
-            turn = self.model_api._next_turn()
+            turn = self.model_api._next_turn(received)
             received.turn = turn
             self.model_api._record(received)
             if turn.delay_s:
