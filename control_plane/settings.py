@@ -214,6 +214,8 @@ CP_GLOBAL_MAX_LIVE = env_int("CP_GLOBAL_MAX_LIVE", 0)
 # The fleet's daily spend cap in US dollars (0: none): when the cost of every run since midnight UTC reaches
 # it, every running run pauses and its live AI attempts are asked to stop, as a run's own max_cost_usd does.
 CP_DAILY_MAX_COST_USD = env_float("CP_DAILY_MAX_COST_USD", 0.0)
+# How long a server process keeps its copy of the price table (tasks_app.costs) before reading it again.
+CP_PRICE_TABLE_TTL_S = env_float("CP_PRICE_TABLE_TTL_S", 30.0)
 # How long an executor is held back on an agent after a provider's usage limit that named no reset time.
 CP_RATE_LIMIT_HOLD_S = env_float("CP_RATE_LIMIT_HOLD_S", 60.0)
 CP_RESULT_MAX_BYTES = env_int("CP_RESULT_MAX_BYTES", 1024 * 1024)

@@ -421,7 +421,7 @@ class AttemptAdmin(ReadOnlyAdmin):
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
     """The price table agents estimate costs by (tasks_app.costs); an edit reaches new assignments within
-    costs.PRICES_TTL_S on every server process."""
+    CP_PRICE_TABLE_TTL_S on every server process."""
 
     list_display = ["__str__", "input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok",
                     "as_of"]  # fmt: skip

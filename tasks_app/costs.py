@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
+from django.conf import settings
 from django.db import connection
 
 from . import queries as q
@@ -89,8 +90,8 @@ def money(value: float | None) -> str:
 
 
 # The price table rides on every AI assignment (`prices`, README "API"), so a claim reads it from this
-# process's copy, refreshed at most every PRICES_TTL_S: an edit in the admin reaches new assignments within it.
-PRICES_TTL_S = 30.0
+# process's copy, refreshed at most every CP_PRICE_TABLE_TTL_S (30): an edit in the admin reaches new
+# assignments within it.
 _prices_lock = threading.Lock()
 _prices: tuple[float, dict] = (0.0, {})
 
@@ -99,7 +100,7 @@ def price_table() -> dict:
     """{model prefix: [input, output, cache read, cache write] dollars per million tokens}."""
     global _prices
     loaded_at, table = _prices
-    if time.monotonic() - loaded_at < PRICES_TTL_S:
+    if time.monotonic() - loaded_at < settings.CP_PRICE_TABLE_TTL_S:
         return table
     rows = ModelPrice.objects.values_list(
         "model_prefix", "input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok"

@@ -30,6 +30,8 @@ FAST_TIMINGS = {
     "CP_MAX_WAIT_S": "5",
     # The error tests send bad tokens on purpose, from one address: the limit has a test of its own.
     "CP_AUTH_FAILURES_PER_MIN": "0",
+    # The tests edit the price table between claims (and transactional tests empty it).
+    "CP_PRICE_TABLE_TTL_S": "0",
 }
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

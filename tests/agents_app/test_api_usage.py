@@ -13,8 +13,9 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from agents_app.cp_agent import DEFAULT_PRICES, PRICES_AS_OF
 from agents_app.models import Agent as AgentRow
-from tasks_app.models import Attempt, Event, Run, Task
+from tasks_app.models import Attempt, Event, ModelPrice, Run, Task
 from tasks_app.states import AttemptState, RunState, TaskState
 from tests.agents_app.protocol_agent import Agent
 from tests.conftest import Server, assert_error, doc, http, ok, wait_for
@@ -105,13 +106,21 @@ def test_malformed_usage_is_a_400_naming_the_field_and_changes_nothing(server, e
     assert (stored.state, stored.usage, stored.cost_usd) == (AttemptState.ASSIGNED, None, 0)
 
 
-def test_ai_assignments_carry_the_price_table_and_other_assignments_do_not(server, enroll, run_of):
-    run_of(claude_task("ai"), shell_task("plain"))
-    agent = enroll(executors=AI, capacity=2)
+def test_ai_assignments_carry_the_price_table_as_edited_and_other_assignments_do_not(server, enroll, run_of):
+    # The migration seeds the table from the daemon's own; transactional tests empty it, so seed it again.
+    for prefix, (inp, out, cache_read, cache_write) in DEFAULT_PRICES.items():
+        ModelPrice.objects.update_or_create(
+            model_prefix=prefix, defaults={"input_per_mtok": inp, "output_per_mtok": out, "as_of": PRICES_AS_OF,
+                                           "cache_read_per_mtok": cache_read, "cache_write_per_mtok": cache_write},
+        )  # fmt: skip
+    run_of(claude_task("ai", priority=10), {**shell_task("plain"), "priority": 5}, claude_task("later"))
+    agent = enroll(executors=AI, capacity=3)
     tasks = {a["task"]["key"]: a["task"] for a in agent.claim(capacity=2)}
     prices = tasks["ai"]["prices"]
-    assert prices["claude-sonnet"] == [3.0, 15.0, 0.3, 3.75] and "" in prices  # seeded from the daemon's table
+    assert prices["claude-sonnet"] == [3.0, 15.0, 0.3, 3.75] and "" in prices
     assert "prices" not in tasks["plain"]
+    ModelPrice.objects.filter(model_prefix="claude-sonnet").update(input_per_mtok=2.5)  # an edit in the admin
+    assert agent.claim_one()["task"]["prices"]["claude-sonnet"] == [2.5, 15.0, 0.3, 3.75]
 
 
 # --- run budgets ---------------------------------------------------------------------------------------

@@ -280,8 +280,8 @@ def test_codex_in_workspace_write_runs_a_command_and_applies_a_patch(tmp_path, m
 
 def test_codex_sandboxes_confine_writes_to_the_workspace(tmp_path, model_api, workdir):
     """Landlock/seccomp work in this container: workspace-write writes in the workspace only, read-only
-    nowhere. A command the sandbox refuses is not codex's failure, and leaves no item in --json at all:
-    only the model is told."""
+    nowhere. A command the sandbox refuses is not codex's failure, and mostly leaves no item in --json (at
+    most a failed one): the model is told."""
     outside = Path("/var/tmp") / f"cp-codex-sandbox-probe-{uuid.uuid4().hex}"
     model_api.script(
         tool_call("exec_command", {"cmd": f"echo in > inside.txt; echo out > {outside}; echo done"}),
@@ -302,11 +302,17 @@ def test_codex_sandboxes_confine_writes_to_the_workspace(tmp_path, model_api, wo
     assert workspace_write.returncode == 0 and read_only.returncode == 0
     assert (workdir / "inside.txt").read_text() == "in\n"
     assert not (workdir / "second.txt").exists()
-    # The command that failed only in part is an item; the two refused outright are not.
-    [item] = [e["item"] for e in workspace_write.of("item.completed") if e["item"]["type"] == "command_execution"]
+    # The command that failed only in part is an item. Those refused outright mostly leave none, but codex
+    # 0.171.0 sometimes reports one as a failed item (exit 1) too: the partial one is the item that exited 0.
+    items = [e["item"] for e in workspace_write.of("item.completed") if e["item"]["type"] == "command_execution"]
+    [item] = [i for i in items if i["exit_code"] == 0]
+    others = [i for i in items if i is not item]
+    assert all(i["exit_code"] != 0 and "Read-only file system" in i["aggregated_output"] for i in others)
     assert f"{outside}: Read-only file system\n" in item["aggregated_output"]  # stderr and stdout, in either order
-    assert "done\n" in item["aggregated_output"] and item["exit_code"] == 0
-    assert [e for e in read_only.events if e["type"].startswith("item.") and e["item"]["type"] != "agent_message"] == []
+    assert "done\n" in item["aggregated_output"]
+    refused_items = [e["item"] for e in read_only.events
+                     if e["type"].startswith("item.") and e["item"]["type"] != "agent_message"]  # fmt: skip
+    assert all(i.get("exit_code") not in (0, None) or i.get("status") == "in_progress" for i in refused_items)
     refused = [model_api.turns[2].tool_results(), model_api.turns[4].tool_results()]
     for [output], path in zip(refused, [str(outside), "second.txt"], strict=True):
         assert "Process exited with code 1" in output["output"]
