@@ -33,6 +33,7 @@ PAGES: dict[str, list[Panel]] = {
     "overview": [
         Panel("panel-runs", "dashboard/panels/runs.html"),
         Panel("panel-fleet", "dashboard/panels/fleet.html"),
+        Panel("panel-spend", "dashboard/panels/spend.html"),
         Panel("panel-active", "dashboard/panels/active.html"),
         Panel("panel-recent", "dashboard/panels/recent.html"),
         Panel("panel-queue", "dashboard/panels/queue.html"),
@@ -40,6 +41,7 @@ PAGES: dict[str, list[Panel]] = {
     "run": [
         Panel("panel-run-head", "dashboard/panels/run_head.html", needs=("metrics",)),
         Panel("panel-run-actions", "dashboard/panels/run_actions.html"),
+        Panel("panel-run-cost", "dashboard/panels/run_cost.html", needs=("spend",)),
         Panel("dag-states", "dashboard/panels/dag_states.html", needs=("states",)),
         Panel("panel-active", "dashboard/panels/active.html", needs=("active",)),
         Panel("panel-recent", "dashboard/panels/recent.html", needs=("recent",)),
@@ -77,15 +79,16 @@ def page_context(page: str, obj_id: str | None = None, *, full: bool = True, wan
     `wanted` limits the run page to those context entries (None: all)."""
     if page == "overview":
         return {
-            "runs": panels.run_summaries(limit=50),
+            "runs": panels.with_costs(panels.run_summaries(limit=50)),
             "fleet": panels.fleet_summary(),
+            "spend": panels.spend_summary(),
             "active": panels.active_attempts(limit=30),
             "recent": panels.recently_completed(limit=10),
             "queue": panels.queue(limit=15),
             "show_run": True,
         }
     if page == "agents":
-        return {"fleet": panels.fleet_summary(), "agents": panels.agents_table()}
+        return {"fleet": panels.fleet_summary(), "agents": panels.with_agent_costs(panels.agents_table())}
     if page == "hosts":
         from agents_app.host_views import hosts_context, operations_context
 
@@ -118,6 +121,8 @@ def _run_context(run_id: str, full: bool, wanted: set[str] | None = None) -> dic
         context["recent"] = panels.recently_completed(run_id, limit=10)
     if want("queue"):
         context["queue"] = panels.queue(run_id, limit=15)
+    if want("spend"):
+        context["spend"] = panels.run_spend(run)
     if want("code"):
         context["code"] = panels.run_code(run_id)
     if want("gantt_svg"):
@@ -156,9 +161,18 @@ def _task_context(task_id: str) -> dict:
     if task is None:
         raise NotFound("no task with that id")
     attempts = list(Attempt.objects.filter(task=task).select_related("agent").order_by("-number"))
+    for a in attempts:
+        # Ended for a reason that is not the task's (a usage limit, a lost login, a budget): the task went back
+        # to ready and the attempt did not count against max_attempts.
+        a.returned = a.error.split(":", 1)[0].strip() in panels.RETURNED_CODES if ":" in a.error else False
     latest = attempts[0] if attempts else None
     return {
         "task": task,
+        "cost": {
+            "total": sum(a.cost_usd or 0 for a in attempts),
+            "estimated": any((a.usage or {}).get("cost_estimated") for a in attempts),
+            "any": any(a.usage for a in attempts),
+        },
         "change": panels.task_commit(task, attempts),
         "waiting": waiting.reasons_of([task]).get(task.id),
         "attempts": attempts,

@@ -5,7 +5,7 @@ the timeline. Plain dicts and lists, so the web pages and the `monitor` command 
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from django.db import connection
 from django.db.models import Count, F, Q
@@ -14,12 +14,16 @@ from django.utils import timezone
 from agents_app import preflight
 from agents_app.models import Agent, AgentStatus
 
-from . import waiting
+from . import costs, waiting
 from .models import Attempt, Run, Task, TaskDependency
 from .states import AttemptState, RunState, TaskState
 
 # The scheduler's order (tasks_app.queries.CANDIDATES), for showing the queue as it will be served.
 QUEUE_ORDER = ("-priority", "-critical_path_s", "ready_at", "created_at", "id")
+# How the errors of attempts that did not count begin (tasks_app.actions: the task was returned to ready
+# without using up an attempt), and how the reason of a run the server paused for its budget begins.
+RETURNED_CODES = ("rate_limited", "not_logged_in", "budget_exceeded")
+BUDGET_EXCEEDED = "budget_exceeded"
 
 
 def _fraction(counts: dict, progress_sum: float) -> float:
@@ -54,9 +58,23 @@ def run_summaries(run_ids=None, limit: int = 50, state: str | None = None) -> li
                 "total": sum(f["counts"].values()),
                 "fraction": _fraction(f["counts"], f["progress"]),
                 "eta": f["eta"] if r.state in RunState.ACTIVE else None,
+                "max_cost_usd": r.max_cost_usd,
+                "pause_reason": r.pause_reason,
+                # Paused by the server for a budget (tasks_app.actions.enforce_budgets): the page says why.
+                "budget_paused": r.state == RunState.PAUSED and r.pause_reason.startswith(BUDGET_EXCEEDED),
+                "daily_cap": "CP_DAILY_MAX_COST_USD" in r.pause_reason,
+                "pause_why": r.pause_reason.removeprefix(BUDGET_EXCEEDED).lstrip(": "),
             }
         )
     return out
+
+
+def with_costs(runs: list[dict]) -> list[dict]:
+    """The runs of run_summaries() with what each cost so far as `cost_usd` (0 for none): one query."""
+    spent = costs.by_run([r["id"] for r in runs])
+    for r in runs:
+        r["cost_usd"] = spent.get(r["id"], 0.0)
+    return runs
 
 
 def _run_figures(run_ids) -> dict:
@@ -123,7 +141,8 @@ def _attempt_rows(qs) -> list[dict]:
     rows = []
     for a in qs.values(
         "id", "state", "progress", "message", "assigned_at", "started_at", "finished_at", "number", "error",
-        "agent__name", "agent_id", "task_id", "task__key", "task__title", "task__estimate_s", "run_id", "run__name",
+        "cost_usd", "agent__name", "agent_id", "task_id", "task__key", "task__title", "task__estimate_s", "run_id",
+        "run__name",
     ):  # fmt: skip
         start = a["started_at"] or a["assigned_at"]
         end = a["finished_at"] or now
@@ -169,7 +188,7 @@ def agents_table() -> list[dict]:
     agents = list(
         Agent.objects.filter(retired_at__isnull=True).order_by("name").values(
             "id", "name", "labels", "executors", "executor_versions", "capacity", "hostname", "version", "status",
-            "reported_status", "enabled", "draining", "last_seen_at", "preflight", "preflight_at",
+            "reported_status", "enabled", "draining", "last_seen_at", "preflight", "preflight_at", "executor_holds",
             # Set when the agent enrolled with a token a host operation wrote: we provisioned it there.
             provisioned_host=F("enrollment_token__host_operation__host__name"),
         )
@@ -188,7 +207,95 @@ def agents_table() -> list[dict]:
         agent["executor_list"] = preflight.executor_rows(
             agent["executors"], agent["executor_versions"] or {}, agent["preflight"] or {}
         )
+        agent["holds"] = executor_holds(agent["executor_holds"] or {}, now)
     return agents
+
+
+def executor_holds(holds: dict, now) -> list[dict]:
+    """The executors an agent may not run yet (a provider's usage limit: tasks_app.waiting), each with when
+    that ends, for people ("15:00 UTC"), and the agent's reason; holds that have ended are left out."""
+    out = []
+    for executor in sorted(holds):
+        until = waiting.held_until(holds, executor, now)
+        if until is not None:
+            reason = str((holds[executor] or {}).get("reason") or "")
+            out.append({"executor": executor, "until": until, "clock": waiting.clock(until, now), "reason": reason})
+    return out
+
+
+def with_agent_costs(agents: list[dict]) -> list[dict]:
+    """The agents of agents_table() with what their attempts cost, today (UTC) and in all: one query."""
+    spent = costs.by_agent()
+    for agent in agents:
+        agent["cost"] = spent.get(agent["id"], {"total": 0.0, "today": 0.0})
+    return agents
+
+
+# --- What AI attempts cost (issue 10): the overview's spend panel and the run page's ---------------------
+
+SPEND_DAYS = 14
+SPEND_WORKFLOWS = 5
+CHART_BAR_W, CHART_GAP, CHART_H = 14, 4, 48  # the spend chart's bars, in SVG user units
+
+
+def spend_summary(days: int = SPEND_DAYS) -> dict:
+    """Today's cost (UTC), the last `days` days as bars for a small chart (oldest first, today last, days
+    without cost included) and the dearest workflows over those days: two queries."""
+    per_day = {d: (cost, n) for d, cost, n in costs.by_day(days)}
+    today = timezone.now().astimezone(UTC).date()
+    dates = [today - timedelta(days=i) for i in range(days - 1, -1, -1)]
+    peak = max((per_day.get(d, (0.0, 0))[0] for d in dates), default=0.0)
+    bars = []
+    for i, d in enumerate(dates):
+        cost, n = per_day.get(d, (0.0, 0))
+        # A day that cost something is at least 2 units tall, so it never looks like a day that cost nothing.
+        h = round(max(2.0, CHART_H * cost / peak), 1) if cost and peak else 0.0
+        bars.append({"date": d, "cost": cost, "attempts": n, "x": i * (CHART_BAR_W + CHART_GAP),
+                     "y": round(CHART_H - h, 1), "h": h, "today": d == today})  # fmt: skip
+    total = sum(b["cost"] for b in bars)
+    workflows = [
+        {"name": name, "cost": cost, "share": cost / total if total else 0.0}
+        for name, cost in costs.by_workflow(days)[:SPEND_WORKFLOWS]
+    ]
+    return {
+        "days": days,
+        "today": per_day.get(today, (0.0, 0))[0],
+        "total": total,
+        "peak": peak,
+        "bars": bars,
+        "workflows": workflows,
+        "chart_w": days * (CHART_BAR_W + CHART_GAP) - CHART_GAP,
+        "chart_h": CHART_H,
+        "bar_w": CHART_BAR_W,
+    }
+
+
+RUN_SPEND_TASKS = 20  # the dearest tasks the run page lists
+
+
+def run_spend(run: dict) -> dict:
+    """What a run's AI attempts cost: its usage summed (tokens by kind, cost, whether any figure is an
+    estimate), the budget and how much of it is spent, and its dearest tasks with their model, tokens and
+    latest CLI session. Two queries (one for a run without AI usage)."""
+    per_task = costs.by_task(run["id"])
+    usage = costs.total(per_task)
+    keys = dict(Task.objects.filter(pk__in=list(per_task)).values_list("id", "key")) if per_task else {}
+    tasks = sorted(
+        ({"id": task_id, "key": keys.get(task_id, "?"), "usage": entry["usage"], "session_id": entry["session_id"]}
+         for task_id, entry in per_task.items()),
+        key=lambda t: (-t["usage"]["cost_usd"], t["key"]),
+    )  # fmt: skip
+    budget = run["max_cost_usd"]
+    return {
+        "usage": usage,
+        "cost": usage["cost_usd"],
+        "budget": budget,
+        "fraction": (usage["cost_usd"] / budget) if budget else None,
+        "over": budget is not None and usage["cost_usd"] >= budget,
+        "tasks": tasks[:RUN_SPEND_TASKS],
+        "more_tasks": max(0, len(tasks) - RUN_SPEND_TASKS),
+        "any": bool(per_task) or budget is not None,
+    }
 
 
 def display_status(agent: dict) -> str:

@@ -4,6 +4,8 @@ new state to every open page)."""
 
 from __future__ import annotations
 
+import math
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse, HttpResponseForbidden
@@ -13,7 +15,8 @@ from django.views.decorators.http import require_POST
 
 from agents_app import preflight, registry
 
-from . import actions
+from . import actions, costs
+from .dag import MAX_COST_USD  # the largest budget the resume form takes, as a DAG document and the API
 from .pages import PAGES, page_context, parse_id
 
 OPERATE = "tasks_app.operate_run"
@@ -98,8 +101,32 @@ def operate_run(request, run_id, operation: str):
     action = RUN_OPERATIONS.get(operation)
     if action is None:
         raise Http404
-    state = action(str(run_id), _actor(request))
-    return _answer(request, f"Run {operation}: now {state}.", back=f"/runs/{run_id}/")
+    back = f"/runs/{run_id}/"
+    options, said = {}, ""
+    if operation == "resume" and request.POST.get("max_cost_usd", "").strip():
+        budget = _budget(request.POST["max_cost_usd"])
+        if budget is None:
+            return _answer(request, f"A new budget must be an amount in USD above 0 and at most {MAX_COST_USD:,}.",
+                           ok=False, back=back)  # fmt: skip
+        options["max_cost_usd"] = budget
+        said = f" Budget now {costs.money(budget)}."
+    try:
+        state = action(str(run_id), _actor(request), **options)
+    except actions.ActionError as exc:
+        if exc.code != "budget_exceeded":
+            raise
+        # The budget is spent (or today's cap reached): say so in words the operator can act on.
+        return _answer(request, f"Not resumed: {exc.detail}.", ok=False, back=back)
+    return _answer(request, f"Run {operation}: now {state}.{said}", back=back)
+
+
+def _budget(raw: str) -> float | None:
+    """A budget typed into the resume form (USD, '$' and ',' allowed), or None when it is not one."""
+    try:
+        value = float(raw.strip().removeprefix("$").replace(",", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and 0 < value <= MAX_COST_USD else None
 
 
 @_operator_only

@@ -5,6 +5,8 @@ from datetime import datetime
 from django import template
 from django.utils import timezone
 
+from tasks_app import costs
+
 register = template.Library()
 
 
@@ -44,3 +46,24 @@ def until(moment) -> str:
     if not isinstance(moment, datetime):
         return "–"
     return duration(max(0.0, (moment - timezone.now()).total_seconds()))
+
+
+@register.filter
+def money(dollars) -> str:
+    """0.0042 -> '$0.0042', 1.234 -> '$1.23' (tasks_app.costs.money)."""
+    try:
+        return costs.money(float(dollars or 0))
+    except (TypeError, ValueError):
+        return "–"
+
+
+@register.filter
+def tokens(count) -> str:
+    """12345 -> '12,345'; 1234567 -> '1.2M'."""
+    try:
+        count = int(count or 0)
+    except (TypeError, ValueError):
+        return "–"
+    if count >= 10_000_000:
+        return f"{count / 1_000_000:.1f}M"
+    return f"{count:,}"

@@ -7,6 +7,7 @@ markup strings, so `[bold red]` in a task title is shown as typed."""
 
 from __future__ import annotations
 
+import io
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ from django.utils import timezone
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from tasks_app import panels
+from tasks_app.costs import money
 from tasks_app.reports import run_metrics
 from tasks_app.states import AttemptState, RunState, TaskState
 
@@ -29,6 +32,8 @@ RUNS_SHOWN = 10  # without a run id: the newest runs
 COMPLETED_SHOWN = 8
 QUEUE_SHOWN = 10
 BAR_WIDTH = 20
+# Cost columns (issue 10) show when something cost money and the table has room for them at its natural
+# width: on a narrower console they are the first to go (the header still says what the run cost).
 
 STATE_STYLES = {
     TaskState.BLOCKED: "dim",
@@ -135,7 +140,7 @@ class Snapshot:
 
     @classmethod
     def take(cls, run_id: str | None) -> Snapshot:
-        runs = panels.run_summaries([run_id] if run_id else None, limit=1 if run_id else RUNS_SHOWN)
+        runs = panels.with_costs(panels.run_summaries([run_id] if run_id else None, limit=1 if run_id else RUNS_SHOWN))
         return cls(
             run_id=run_id,
             runs=runs,
@@ -168,6 +173,34 @@ def fleet_line(fleet: dict) -> Text:
     return out
 
 
+def cost_text(run: dict) -> Text | None:
+    """What the run cost so far, against its budget when it has one; None for a run with neither."""
+    cost, budget = run.get("cost_usd") or 0.0, run.get("max_cost_usd")
+    if not cost and budget is None:
+        return None
+    out = Text("cost ", style="bold")
+    out.append(money(cost))
+    if budget is not None:
+        out.append(f" of {money(budget)} budget ")
+        out.append(f"({cost / budget:.0%})", style="bold red" if cost >= budget else "")
+    return out
+
+
+def cost_cell(dollars: float | None) -> Text:
+    return Text(money(dollars), style="") if dollars else Text("-", style="dim")
+
+
+def with_cost_column(build, rows: list[dict], width: int):
+    """`build(priced)`'s table with a cost column when any row cost something and the table still fits
+    `width` columns without squeezing the others; else without one."""
+    if any(r.get("cost_usd") for r in rows):
+        table = build(True)
+        measure = Console(width=10_000, file=io.StringIO())  # its natural width, not what fits
+        if Measurement.get(measure, measure.options, table).maximum <= width:
+            return table
+    return build(False)
+
+
 def header(snap: Snapshot) -> Panel:
     lines: list = []
     run = snap.run
@@ -182,6 +215,10 @@ def header(snap: Snapshot) -> Panel:
         top.append(f"  {done}/{run['total']} done")
         lines.append(top)
         lines.append(counts_line(run["counts"]))
+        if (spent := cost_text(run)) is not None:
+            lines.append(spent)
+        if run["budget_paused"]:
+            lines.append(Text(f"paused: {run['pause_reason']}", style="bold blue"))
         tail = Text(f"ETA {eta_text(run['eta'])}" if run["state"] in RunState.ACTIVE else "finished ")
         if run["finished_at"]:
             tail.append(f"{timezone.localtime(run['finished_at']):%Y-%m-%d %H:%M:%S}")
@@ -204,10 +241,12 @@ def header(snap: Snapshot) -> Panel:
     return Panel(Group(*lines), title=f"[bold]{title}[/]", subtitle=stamp, box=box.ROUNDED, expand=True)
 
 
-def task_summary(snap: Snapshot) -> Table | Group:
-    table = section(
-        "Task summary",
-        [
+def task_summary(snap: Snapshot, width: int = 160) -> Table | Group:
+    return with_cost_column(lambda priced: _task_summary(snap, priced), snap.runs, width)
+
+
+def _task_summary(snap: Snapshot, priced: bool) -> Table | Group:
+    columns = [
             ("Run", {"overflow": "ellipsis", "max_width": 32, "no_wrap": True}),
             ("State", {}),
             ("Progress", {"no_wrap": True}),
@@ -217,12 +256,14 @@ def task_summary(snap: Snapshot) -> Table | Group:
             ("Blocked", {"justify": "right"}),
             ("Failed", {"justify": "right"}),
             ("ETA", {"no_wrap": True}),
-        ],
-    )
+    ]  # fmt: skip
+    if priced:
+        columns.append(("Cost", {"justify": "right", "no_wrap": True}))
+    table = section("Task summary", columns)
     for r in snap.runs:
         c = r["counts"]
         done = sum(c[s] for s in TaskState.TERMINAL)
-        table.add_row(
+        cells = [
             plain(r["name"]),
             state_text(r["state"]),
             bar(r["fraction"]),
@@ -232,7 +273,10 @@ def task_summary(snap: Snapshot) -> Table | Group:
             str(c[TaskState.BLOCKED]),
             str(c[TaskState.FAILED]),
             eta_text(r["eta"]),
-        )
+        ]
+        if priced:
+            cells.append(cost_cell(r["cost_usd"]))
+        table.add_row(*cells)
     return or_empty(table, "no runs")
 
 
@@ -286,7 +330,11 @@ def _task_cell(row: dict) -> Text:
     return key_title(row["task__key"], row["task__title"])
 
 
-def active_section(snap: Snapshot) -> Table | Group:
+def active_section(snap: Snapshot, width: int = 160) -> Table | Group:
+    return with_cost_column(lambda priced: _active_section(snap, priced), snap.active, width)
+
+
+def _active_section(snap: Snapshot, priced: bool) -> Table | Group:
     columns = [
         ("Agent", {"no_wrap": True}),
         ("Task", {"overflow": "ellipsis", "max_width": 40, "no_wrap": True}),
@@ -294,6 +342,8 @@ def active_section(snap: Snapshot) -> Table | Group:
         ("Message", {"overflow": "ellipsis", "max_width": 50, "no_wrap": True}),
         ("Elapsed", {"justify": "right", "no_wrap": True}),
     ]
+    if priced:
+        columns.append(("Cost", {"justify": "right", "no_wrap": True}))
     if not snap.run_id:
         columns.insert(0, ("Run", {"overflow": "ellipsis", "max_width": 20, "no_wrap": True}))
     table = section("Active tasks", columns)
@@ -305,13 +355,19 @@ def active_section(snap: Snapshot) -> Table | Group:
             plain(a["message"]),
             duration(a["elapsed_s"]),
         ]
+        if priced:
+            cells.append(cost_cell(a["cost_usd"]))
         if not snap.run_id:
             cells.insert(0, plain(a["run__name"]))
         table.add_row(*cells)
     return or_empty(table, "nothing running")
 
 
-def completed_section(snap: Snapshot) -> Table | Group:
+def completed_section(snap: Snapshot, width: int = 160) -> Table | Group:
+    return with_cost_column(lambda priced: _completed_section(snap, priced), snap.completed, width)
+
+
+def _completed_section(snap: Snapshot, priced: bool) -> Table | Group:
     columns = [
         ("Task", {"overflow": "ellipsis", "max_width": 40, "no_wrap": True}),
         ("Agent", {"no_wrap": True}),
@@ -319,6 +375,8 @@ def completed_section(snap: Snapshot) -> Table | Group:
         ("Duration", {"justify": "right", "no_wrap": True}),
         ("Error", {"overflow": "ellipsis", "max_width": 40, "no_wrap": True}),
     ]
+    if priced:
+        columns.insert(4, ("Cost", {"justify": "right", "no_wrap": True}))
     if not snap.run_id:
         columns.insert(0, ("Run", {"overflow": "ellipsis", "max_width": 20, "no_wrap": True}))
     table = section("Recently completed", columns)
@@ -331,6 +389,8 @@ def completed_section(snap: Snapshot) -> Table | Group:
             duration(a["elapsed_s"]),
             Text(error[-1] if error else "", style="red"),
         ]
+        if priced:
+            cells.insert(4, cost_cell(a["cost_usd"]))
         if not snap.run_id:
             cells.insert(0, plain(a["run__name"]))
         table.add_row(*cells)
@@ -366,13 +426,14 @@ def queue_section(snap: Snapshot) -> Table | Group:
     return or_empty(table, "queue empty")
 
 
-def frame(snap: Snapshot) -> Group:
+def frame(snap: Snapshot, width: int = 160) -> Group:
+    """The whole screen for a console `width` columns wide (narrow ones leave the cost columns out)."""
     return Group(
         header(snap),
-        task_summary(snap),
+        task_summary(snap, width),
         agents_section(snap),
-        active_section(snap),
-        completed_section(snap),
+        active_section(snap, width),
+        completed_section(snap, width),
         queue_section(snap),
     )
 
@@ -428,18 +489,18 @@ class Command(BaseCommand):
             snap = self.follow(console, snap, interval)
             if run_id is not None and snap.run is None:
                 raise CommandError(f"run {run_id} was deleted while being monitored")
-        console.print(frame(snap))
+        console.print(frame(snap, console.width))
         if snap.finished:
             console.print(metrics_panel(run_id))
 
     def follow(self, console: Console, snap: Snapshot, interval: float) -> Snapshot:
         """Refresh until the followed run ends, or until Ctrl-C; return the last snapshot for the final frame."""
         try:
-            with Live(frame(snap), console=console, auto_refresh=False, transient=True) as live:
+            with Live(frame(snap, console.width), console=console, auto_refresh=False, transient=True) as live:
                 while not snap.finished and not (snap.run_id and snap.run is None):
                     time.sleep(interval)
                     snap = Snapshot.take(snap.run_id)
-                    live.update(frame(snap), refresh=True)
+                    live.update(frame(snap, console.width), refresh=True)
         except KeyboardInterrupt:
             pass
         return snap

@@ -4,6 +4,7 @@ import uuid
 from django.core.management.base import BaseCommand, CommandError
 
 from tasks_app.actions import NotFound
+from tasks_app.costs import money
 from tasks_app.reports import run_metrics, run_status
 from tasks_app.states import RunState
 
@@ -25,6 +26,22 @@ def progress_line(status: dict) -> str:
         f"  running {live}  ready {counts['ready']}  blocked {counts['blocked']}"
         f"  failed {counts['failed']}  state {status['state']}"
     )
+
+
+def cost_line(status: dict) -> str | None:
+    """What the run's AI attempts cost, against its budget, and their tokens; None for a run with neither."""
+    usage, budget = status.get("usage") or {}, status.get("max_cost_usd")
+    cost = status.get("cost_usd") or 0.0
+    if not cost and budget is None:
+        return None
+    line = f"cost {money(cost)}" + (" (estimated)" if usage.get("cost_estimated") else "")
+    if budget is not None:
+        line += f" of {money(budget)} budget ({cost / budget:.0%})"
+    if usage.get("input_tokens") or usage.get("output_tokens"):
+        line += f"  tokens {usage['input_tokens']:,} in, {usage['output_tokens']:,} out"
+        if usage.get("cache_read_tokens") or usage.get("cache_write_tokens"):
+            line += f", cache {usage['cache_read_tokens']:,} read, {usage['cache_write_tokens']:,} written"
+    return line
 
 
 def summary_lines(run_id) -> list[str]:
@@ -52,13 +69,21 @@ class Command(BaseCommand):
             raise CommandError(f"no run with id {run_id!r}") from None
         if watch:
             while status["state"] in (RunState.RUNNING, RunState.PAUSED):
-                self.stdout.write(progress_line(status))
+                spent = f"  cost {money(status['cost_usd'])}" if status.get("cost_usd") else ""
+                self.stdout.write(progress_line(status) + spent)
                 time.sleep(interval)
                 status = run_status(run_id)
         self.stdout.write(progress_line(status))
+        if (costs := cost_line(status)) is not None:
+            self.stdout.write(costs)
+        if status["state"] == RunState.PAUSED and status.get("pause_reason"):
+            self.stdout.write(f"paused: {status['pause_reason']}")
+        # A cost column when any task has cost something.
+        priced = any(t.get("cost_usd") for t in status["tasks"])
         for t in status["tasks"]:
             agent = t["agent"] or "-"
-            line = f"  {t['key']:<24} {t['state']:<10} {t['progress']:6.0%}  attempt {t['attempt']}  {agent}"
+            cost = f"  {money(t['cost_usd']) if t.get('cost_usd') else '-':>9}" if priced else ""
+            line = f"  {t['key']:<24} {t['state']:<10} {t['progress']:6.0%}  attempt {t['attempt']}{cost}  {agent}"
             if t.get("waiting"):
                 line += f"  ({t['waiting']})"
             self.stdout.write(line)
