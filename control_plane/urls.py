@@ -14,6 +14,7 @@ urlpatterns = [
     path("runs/<uuid:run_id>/<str:operation>/", views.operate_run, name="operate-run"),
     path("tasks/<uuid:task_id>/", views.task_page, name="task"),
     path("tasks/<uuid:task_id>/retry/", views.retry_task, name="retry-task"),
+    path("tasks/<uuid:task_id>/decide/", views.decide_task, name="decide-task"),
     path("agents/", views.agents_page, name="agents"),
     path("agents/<uuid:agent_id>/<str:operation>/", views.operate_agent, name="operate-agent"),
     path("hosts/", host_views.hosts_page, name="hosts"),
@@ -37,6 +38,8 @@ urlpatterns = [
     path(f"{api}runs/<str:run_id>/pause", run_api.pause_run),
     path(f"{api}runs/<str:run_id>/resume", run_api.resume_run),
     path(f"{api}tasks/<str:task_id>/retry", run_api.retry_task),
+    path(f"{api}tasks/<str:task_id>/approve", run_api.approve_task),
+    path(f"{api}tasks/<str:task_id>/reject", run_api.reject_task),
     path(f"{api}artifacts/<str:artifact_id>", run_api.artifact),
 ]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.utils import timezone
 
 from . import assignments, workspaces
 from . import queries as q
@@ -19,6 +20,7 @@ from .dag import Dag
 from .models import Run, Task, TaskDependency
 from .notify import CHANNEL, Changes
 from .states import (
+    APPROVAL_EXECUTOR,
     RUN_OPERATIONS,
     AttemptState,
     RunState,
@@ -26,6 +28,7 @@ from .states import (
     check_transition,
     run_outcome,
     task_after_failed_attempt,
+    waiting_state,
 )
 
 log = logging.getLogger(__name__)
@@ -148,7 +151,9 @@ def submit_run(
                 run=run,
                 key=s.key,
                 title=s.title,
-                state=TaskState.BLOCKED if s.deps else TaskState.READY,
+                state=TaskState.BLOCKED if s.deps else waiting_state(s.executor),
+                # An approval without dependencies waits from now (its timeout counts from ready_at).
+                ready_at=None if s.deps or s.executor != APPROVAL_EXECUTOR else timezone.now(),
                 priority=s.priority + run_priority,
                 requires=s.requires,
                 executor=s.executor,
@@ -176,6 +181,9 @@ def submit_run(
                 changes.task_ready(t.executor, t.requires)
         events = EventLog(actor)
         events.add("run", "", run.state, run=run.id, detail={"tasks": len(tasks), **({"reason": held} if held else {})})
+        for t in tasks:
+            if t.state == TaskState.AWAITING_APPROVAL:  # the audit trail (and webhooks) hear that it waits
+                events.add("task", "", t.state, run=run.id, task=t.id)
         with connection.cursor() as cur:
             _commit(cur, events, changes)
     return run
@@ -586,21 +594,29 @@ def _end_attempt(
                detail={"attempt": att["number"], **({"attempt_not_counted": True} if returned else {})})  # fmt: skip
     if target == TaskState.READY:
         changes.task_ready(executor, requires, delay)
-    elif target == TaskState.SUCCEEDED and att["has_dependents"]:
-        cur.execute(q.LOCK_DEPENDENTS, {"task_id": att["task_id"]})
-        cur.execute(q.RELEASE_DEPENDENTS, {"task_id": att["task_id"]})
-        for dep_id, dep_executor, dep_requires in cur.fetchall():
-            events.add("task", TaskState.BLOCKED, TaskState.READY, run=att["run_id"], task=dep_id,
-                       detail={"because": "dependencies succeeded"})  # fmt: skip
-            changes.task_ready(dep_executor, dep_requires)
-    elif target != TaskState.SUCCEEDED and att["has_dependents"]:
-        _skip_downstream(cur, att["run_id"], att["task_id"], events)
+    elif att["has_dependents"]:
+        _hand_on(cur, att["run_id"], att["task_id"], target, events, changes)
     if att["run_state"] == RunState.RUNNING and (att["max_parallel"] or settings.CP_GLOBAL_MAX_LIVE):
         # A slot of a limited run (or of the global limit) freed up: wake an agent for the run's next task.
         cur.execute(q.TOP_READY_OF_RUN, {"run_id": att["run_id"], "limit": 1})
         for executor, requires in cur.fetchall():
             changes.task_ready(executor, requires)
     return target
+
+
+def _hand_on(cur, run_id, task_id, target: str, events: EventLog, changes: Changes) -> None:
+    """What a task's end does to its dependents: a success releases those whose dependencies have all
+    succeeded (to ready, or an approval task to awaiting approval); anything else skips what is downstream."""
+    if target != TaskState.SUCCEEDED:
+        _skip_downstream(cur, run_id, task_id, events)
+        return
+    cur.execute(q.LOCK_DEPENDENTS, {"task_id": task_id})
+    cur.execute(q.RELEASE_DEPENDENTS, {"task_id": task_id})
+    for dep_id, dep_executor, dep_requires, dep_state in cur.fetchall():
+        events.add("task", TaskState.BLOCKED, dep_state, run=run_id, task=dep_id,
+                   detail={"because": "dependencies succeeded"})  # fmt: skip
+        if dep_state == TaskState.READY:
+            changes.task_ready(dep_executor, dep_requires)
 
 
 def _skip_downstream(cur, run_id, task_id, events: EventLog) -> None:
@@ -703,6 +719,8 @@ def sweep(force: bool = False) -> dict:
     settled = sum(settle_run(run_id, "system:sweeper") is not None for run_id in unsettled)
     if not allowed:
         return {"expired": 0, "offline": 0, "runs_settled": settled}
+    # Like leases, not just after our own downtime: nobody could answer while every server was down.
+    expire_approvals()
     with connection.cursor() as cur, transaction.atomic():
         cur.execute(q.SILENT_AGENTS, {"offline_after_s": settings.CP_OFFLINE_AFTER_S})
         silent = cur.fetchall()
@@ -801,7 +819,8 @@ def cancel_run(run_id, actor: str) -> str:
     events, changes = EventLog(actor), Changes(runs={run_id})
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(
-            "SELECT id, state FROM tasks_app_task WHERE run_id = %s AND state IN ('blocked', 'ready') ORDER BY id"
+            "SELECT id, state FROM tasks_app_task WHERE run_id = %s"
+            " AND state IN ('blocked', 'ready', 'awaiting_approval') ORDER BY id"
             " FOR UPDATE",
             [run_id],
         )
@@ -851,14 +870,17 @@ def retry_task(task_id, actor: str) -> str:
         if state not in (TaskState.FAILED, TaskState.CANCELED):
             raise ActionError(f"only a failed or canceled task can be retried; this one is {state}", "invalid_state")
         events, changes = EventLog(actor), Changes(runs={run_id})
+        target = waiting_state(executor)  # a rejected approval is asked again
+        check_transition("task", state, target)
         # A fresh budget of attempts: those used so far no longer count against max_attempts.
         cur.execute(
-            "UPDATE tasks_app_task SET state = 'ready', ready_at = now(), finished_at = NULL, progress = 0,"
+            "UPDATE tasks_app_task SET state = %s, ready_at = now(), finished_at = NULL, progress = 0,"
             " attempt_base = attempts_used WHERE id = %s",
-            [task_id],
+            [target, task_id],
         )
-        events.add("task", state, TaskState.READY, run=run_id, task=task_id, detail={"retry": True})
-        changes.task_ready(executor, requires)
+        events.add("task", state, target, run=run_id, task=task_id, detail={"retry": True})
+        if target == TaskState.READY:
+            changes.task_ready(executor, requires)
         cur.execute(q.UNSKIP_DOWNSTREAM, {"task_id": task_id})
         for (down_id,) in cur.fetchall():
             events.add("task", TaskState.SKIPPED, TaskState.BLOCKED, run=run_id, task=down_id,
@@ -869,7 +891,57 @@ def retry_task(task_id, actor: str) -> str:
             cur.execute("UPDATE tasks_app_run SET state = 'running', finished_at = NULL WHERE id = %s", [run_id])
             events.add("run", run_state, RunState.RUNNING, run=run_id, detail={"retry": str(task_id)})
         _commit(cur, events, changes)
-    return TaskState.READY
+    return target
+
+
+# --- Approvals ----------------------------------------------------------------------------------------
+
+
+def decide_approval(task_id, approve: bool, actor: str, message: str = "") -> str:
+    """An operator's answer to an approval task (PROTOCOL.md v1.1): approved, it succeeds and hands its
+    dependencies' commits on (its output is the comment); rejected, it fails and what is downstream is
+    skipped. Anything but a task awaiting approval is refused. Who decided, and why, go in the audit trail."""
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(q.LOCK_APPROVAL, {"task_id": task_id})
+        row = cur.fetchone()
+        if row is None:
+            raise NotFound("no task with that id")
+        state, run_id, executor, has_dependents = row
+        if state != TaskState.AWAITING_APPROVAL:
+            what = "an approval task" if executor == APPROVAL_EXECUTOR else f"a {executor} task"
+            raise ActionError(f"only a task awaiting approval can be decided; this is {what}, {state}", "invalid_state")
+        target = TaskState.SUCCEEDED if approve else TaskState.FAILED
+        check_transition("task", state, target)
+        heads: list[str] = []
+        if approve:
+            cur.execute(q.HEADS_OF_DEPENDENCIES, {"task_id": task_id})
+            heads = workspaces.merge_list([{"key": k, "depth": d, "head_commits": h} for k, d, h in cur.fetchall()])
+        said = message or ("approved" if approve else "rejected")
+        cur.execute(q.DECIDE_APPROVAL, {"task_id": task_id, "state": target, "output": message, "heads": heads,
+                                        "message": f"{said} by {actor}"[:1000]})  # fmt: skip
+        events, changes = EventLog(actor), Changes(runs={run_id})
+        decision = {"decision": "approved" if approve else "rejected", "by": actor, "message": message}
+        events.add("task", state, target, run=run_id, task=task_id, detail=decision)
+        if has_dependents:
+            _hand_on(cur, run_id, task_id, target, events, changes)
+        _commit(cur, events, changes)
+    settle_run(run_id, actor)
+    return target
+
+
+def expire_approvals() -> int:
+    """Reject approvals nobody answered within their timeout_s (the sweeper's part)."""
+    with connection.cursor() as cur:
+        cur.execute(q.EXPIRED_APPROVALS)
+        expired = cur.fetchall()
+    n = 0
+    for task_id, timeout_s in expired:
+        try:
+            decide_approval(task_id, False, "system:timeout", f"nobody answered within {timeout_s} s (timeout_s)")
+            n += 1
+        except ActionError:
+            pass  # decided meanwhile
+    return n
 
 
 # --- Artifacts ----------------------------------------------------------------------------------------

@@ -137,6 +137,29 @@ async def retry_task(request, task_id: str):
     return JsonResponse(await db_call(act)())
 
 
+def _decision(approve: bool):
+    """PROTOCOL.md v1.1's approve / reject: 200 for a task awaiting approval, 409 otherwise; operators only."""
+
+    @api_view
+    async def view(request, task_id: str):
+        require_method(request, "POST")
+        task_id_ = _uuid(task_id, "task")
+        message = Fields(json_body(request, 64 * 1024)).str("message", 10_000, default="")
+
+        def act():
+            user = _user(request, "tasks_app.operate_run")
+            return {"task_id": task_id_, "state": actions.decide_approval(task_id_, approve, _actor(user), message)}
+
+        return JsonResponse(await db_call(act)())
+
+    view.__name__ = "approve_task" if approve else "reject_task"
+    return view
+
+
+approve_task = _decision(True)
+reject_task = _decision(False)
+
+
 @api_view
 async def artifact(request, artifact_id: str):
     require_method(request, "GET")

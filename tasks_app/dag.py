@@ -10,12 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .states import APPROVAL_EXECUTOR
 from .templating import TemplateError
 from .templating import check as check_template
 
 # Keys, labels and agent names; checked with fullmatch: `$` would also match before a final newline ("k\n").
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-EXECUTORS = ("shell", "claude", "codex", "simulated")
+EXECUTORS = ("shell", "claude", "codex", "simulated", APPROVAL_EXECUTOR)
+# How long an approval waits for an answer unless its task says (timeout_s): a week, the longest timeout.
+APPROVAL_TIMEOUT_S = 7 * 86400
 DEFAULTS = {"max_attempts": 3, "timeout_s": 1800, "retry_delay_s": 10}
 TASK_FIELDS = {
     "key", "title", "deps", "requires", "executor", "command", "prompt", "params", "estimate_s", "priority",
@@ -385,6 +388,11 @@ def _parse_task(raw, defaults: dict) -> TaskSpec:
         raise DagError(f"task {key!r}: a shell task needs a command", [key], "command")
     if executor in ("claude", "codex") and not prompt:
         raise DagError(f"task {key!r}: a {executor} task needs a prompt", [key], "prompt")
+    if executor == APPROVAL_EXECUTOR:
+        # No agent runs it: what an agent would need has no meaning here (the prompt is the question asked).
+        given = sorted(f for f in ("command", "requires", "params") if raw.get(f))
+        if given:
+            raise DagError(f"task {key!r}: an approval task takes no {', '.join(given)}", [key], given[0])
     params = raw.get("params") or {}
     if not isinstance(params, dict):
         raise DagError(f"task {key!r}: params must be an object", [key], "params")
@@ -407,7 +415,13 @@ def _parse_task(raw, defaults: dict) -> TaskSpec:
         estimate_s=float(estimate) if estimate is not None else None,
         priority=_int(raw.get("priority", 0), "priority", -1_000_000, 1_000_000, key),
         max_attempts=_int(raw.get("max_attempts", defaults["max_attempts"]), "max_attempts", 1, 100, key),
-        timeout_s=_int(raw.get("timeout_s", defaults["timeout_s"]), "timeout_s", 1, 7 * 86400, key),
+        timeout_s=_int(
+            raw.get("timeout_s", APPROVAL_TIMEOUT_S if executor == APPROVAL_EXECUTOR else defaults["timeout_s"]),
+            "timeout_s",
+            1,
+            7 * 86400,
+            key,
+        ),  # fmt: skip
         retry_delay_s=_int(raw.get("retry_delay_s", defaults["retry_delay_s"]), "retry_delay_s", 0, 86400, key),
     )
 

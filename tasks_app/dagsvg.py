@@ -242,7 +242,7 @@ def _legend() -> str:
     for state, x in zip(TaskState.ALL, LEGEND_X, strict=False):
         items.append(
             f'<g class="lg st-{state}"><rect class="box" x="{x}" y="0" width="12" height="12" rx="2"/>'
-            f'<text x="{x + 17}" y="10" font-size="11">{state}</text></g>'
+            f'<text x="{x + 17}" y="10" font-size="11">{state.replace("_", " ")}</text></g>'
         )
     return f'<g class="legend" transform="translate({PAD},{PAD})">{"".join(items)}</g>'
 

@@ -18,7 +18,8 @@ def _choices(values):
     return [(v, v) for v in values]
 
 
-EXECUTORS = ("shell", "claude", "codex", "simulated")
+# `approval` tasks are held by the server until an operator decides (states.APPROVAL_EXECUTOR).
+EXECUTORS = ("shell", "claude", "codex", "simulated", "approval")
 # Executors of tasks the server adds itself: `git` merges a workspace run's sinks into its result branch.
 SYSTEM_EXECUTORS = ("git",)
 
@@ -115,7 +116,7 @@ class Task(models.Model):
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="tasks")
     key = models.CharField(max_length=64)
     title = models.CharField(max_length=200, blank=True)
-    state = models.CharField(max_length=16, choices=_choices(TaskState.ALL), default=TaskState.BLOCKED)
+    state = models.CharField(max_length=24, choices=_choices(TaskState.ALL), default=TaskState.BLOCKED)
     priority = models.IntegerField(default=0)
     requires = ArrayField(models.CharField(max_length=64), default=list, blank=True)
     executor = models.CharField(max_length=16, choices=_choices(EXECUTORS + SYSTEM_EXECUTORS))
@@ -353,3 +354,97 @@ class SweepClock(models.Model):
 
     def __str__(self):
         return f"alive {self.server_alive_at}, expiry from {self.expiry_not_before}"
+
+
+# --- Webhooks (tasks_app.webhooks) ------------------------------------------------------------------------
+
+from django.core.validators import URLValidator  # noqa: E402 - with the models it serves, kept apart
+
+# What a webhook may be told about, each the mapping of an audit-trail Event (tasks_app.webhooks.EVENT_RULES).
+WEBHOOK_EVENTS = (
+    "run_succeeded", "run_failed", "run_canceled", "task_failed", "approval_needed", "input_needed",
+    "budget_reached", "agent_lost",
+)  # fmt: skip
+DELIVERY_STATES = ("pending", "delivered", "failed")
+
+
+class Webhook(models.Model):
+    """A URL told about the events it wants, by a JSON POST (a Slack-compatible `text` and structured fields),
+    signed with its secret when it has one. Edited in the admin; sent by the q cluster (tasks_app.webhooks)."""
+
+    name = models.CharField(max_length=128, unique=True)
+    url = models.URLField(
+        max_length=2000, validators=[URLValidator(schemes=["http", "https"])], help_text="http:// or https:// only"
+    )
+    events = ArrayField(models.CharField(max_length=32, choices=_choices(WEBHOOK_EVENTS)), default=list)
+    # Signs each body (X-CP-Signature: sha256=HMAC-SHA256 of the raw body); empty: unsigned.
+    secret = models.CharField(max_length=256, blank=True)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class WebhookDelivery(models.Model):
+    """One notification of one webhook: the body sent (the same bytes on every try), its tries and their
+    outcome. `pending` until a 2xx (`delivered`) or a final refusal or the last try (`failed`)."""
+
+    PENDING, DELIVERED, FAILED = DELIVERY_STATES
+
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
+    # WEBHOOK_EVENTS, or "test" for the admin's test notification.
+    event = models.CharField(max_length=32)
+    # The audit-trail Event it tells of (null: a test). No foreign key: the log outlives a deleted run's trail.
+    event_id = models.BigIntegerField(null=True, blank=True)
+    body = models.JSONField()
+    state = models.CharField(max_length=16, choices=_choices(DELIVERY_STATES), default=PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    # The last try's answer: its HTTP status (null: none came), and what went wrong, if anything.
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    # When a pending delivery is (next) due; a try in flight holds it a while ahead (tasks_app.webhooks.LEASE_S).
+    next_try_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name_plural = "webhook deliveries"
+        constraints = [
+            # One delivery per webhook and event, however often the scan reads the event (see WebhookCursor).
+            models.UniqueConstraint(fields=["event_id", "webhook"], name="webhookdelivery_once"),
+            models.CheckConstraint(condition=Q(state__in=DELIVERY_STATES), name="webhookdelivery_state_valid"),
+        ]
+        indexes = [
+            models.Index(fields=["next_try_at"], condition=Q(state="pending"), name="webhookdelivery_due_idx"),
+        ]
+
+    def __str__(self):
+        return f"{self.event} to {self.webhook_id} ({self.state})"
+
+
+class WebhookCursor(models.Model):
+    """One row: how far the webhooks' scan has read the audit trail (tasks_app.webhooks.scan), taken with
+    SELECT ... FOR UPDATE by each scan, so two q clusters never scan at once.
+
+    Event ids are drawn before their transaction commits, so a commit can make an id below one already read
+    visible later. `last_event_id` moves only past ids that can no longer appear: the scan notes the highest
+    id it read with the snapshot's xmax (`pending_*`), and settles on it once every transaction that could
+    still have been writing below it has ended (the snapshot's xmin has passed that xmax); until then the
+    scan reads those ids again, and the unique delivery per webhook and event keeps it from notifying twice.
+    """
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    last_event_id = models.BigIntegerField(default=0)
+    pending_event_id = models.BigIntegerField(null=True, blank=True)
+    pending_xmax = models.BigIntegerField(null=True, blank=True)
+    pending_at = models.DateTimeField(null=True, blank=True)
+    # A q job polling for its window (tasks_app.webhooks.run_job) holds this: one poller at a time.
+    polling_until = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self):
+        return f"events read to {self.last_event_id}"

@@ -31,6 +31,7 @@ class Panel:
 
 PAGES: dict[str, list[Panel]] = {
     "overview": [
+        Panel("panel-waiting", "dashboard/panels/waiting.html"),
         Panel("panel-runs", "dashboard/panels/runs.html"),
         Panel("panel-fleet", "dashboard/panels/fleet.html"),
         Panel("panel-spend", "dashboard/panels/spend.html"),
@@ -79,6 +80,7 @@ def page_context(page: str, obj_id: str | None = None, *, full: bool = True, wan
     `wanted` limits the run page to those context entries (None: all)."""
     if page == "overview":
         return {
+            "waiting_for_you": panels.waiting_for_people(),
             "runs": panels.with_costs(panels.run_summaries(limit=50)),
             "fleet": panels.fleet_summary(),
             "spend": panels.spend_summary(),

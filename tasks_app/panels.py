@@ -183,6 +183,16 @@ def queue(run_id=None, limit: int = 20) -> list[dict]:
     return rows
 
 
+def waiting_for_people(limit: int = 50) -> list[dict]:
+    """What waits for a person, in every run, longest waiting first: tasks awaiting approval (input requests
+    will join them)."""
+    return list(
+        Task.objects.filter(state=TaskState.AWAITING_APPROVAL)
+        .order_by("ready_at", "id")
+        .values("id", "key", "prompt", "ready_at", "timeout_s", "run_id", "run__name")[:limit]
+    )
+
+
 def agents_table() -> list[dict]:
     """Every current agent with its live attempts (two queries)."""
     agents = list(

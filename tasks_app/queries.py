@@ -244,14 +244,16 @@ SELECT t.id FROM tasks_app_task t
  ORDER BY t.id FOR UPDATE
 """
 
-# Blocked dependents whose dependencies have all succeeded become ready.
+# Blocked dependents whose dependencies have all succeeded become ready (an approval task: awaiting
+# approval, `ready_at` then the moment it began to wait, for its timeout).
 RELEASE_DEPENDENTS = """
-UPDATE tasks_app_task c SET state = 'ready', ready_at = now()
+UPDATE tasks_app_task c SET state = CASE WHEN c.executor = 'approval' THEN 'awaiting_approval' ELSE 'ready' END,
+       ready_at = now()
  WHERE c.id IN (SELECT task_id FROM tasks_app_taskdependency WHERE depends_on_id = %(task_id)s)
    AND c.state = 'blocked'
    AND NOT EXISTS (SELECT 1 FROM tasks_app_taskdependency d JOIN tasks_app_task u ON u.id = d.depends_on_id
                     WHERE d.task_id = c.id AND u.state <> 'succeeded')
-RETURNING c.id, c.executor, c.requires
+RETURNING c.id, c.executor, c.requires, c.state
 """
 
 # Everything downstream of a task that failed for good (or was canceled) is skipped.
@@ -286,7 +288,7 @@ RETURNING t.id
 LOCK_RUN = "SELECT state FROM tasks_app_run WHERE id = %(run_id)s FOR UPDATE"
 RUN_HAS_PENDING = """
 SELECT EXISTS (SELECT 1 FROM tasks_app_task WHERE run_id = %(run_id)s
-                  AND state IN ('blocked', 'ready', 'assigned', 'running'))
+                  AND state IN ('blocked', 'ready', 'assigned', 'running', 'awaiting_approval'))
 """
 RUN_TASK_STATES = "SELECT state, count(*) FROM tasks_app_task WHERE run_id = %(run_id)s GROUP BY state"
 # The sweeper's backstop, for a process that stopped between a commit and its settle_run.
@@ -294,7 +296,32 @@ UNSETTLED_RUNS = """
 SELECT r.id FROM tasks_app_run r
  WHERE r.state IN ('running', 'paused')
    AND NOT EXISTS (SELECT 1 FROM tasks_app_task t WHERE t.run_id = r.id
-                      AND t.state IN ('blocked', 'ready', 'assigned', 'running'))
+                      AND t.state IN ('blocked', 'ready', 'assigned', 'running', 'awaiting_approval'))
+"""
+
+# --- Approvals (PROTOCOL.md v1.1): tasks held by the server until an operator decides. ---
+# An approval task, locked, with what its decision needs: its run, whether it has dependents, how long it
+# has waited and its timeout.
+LOCK_APPROVAL = """
+SELECT t.state, t.run_id, t.executor,
+       EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.depends_on_id = t.id)
+  FROM tasks_app_task t WHERE t.id = %(task_id)s FOR UPDATE
+"""
+# What an approved task hands down: what its dependencies handed it (it changes nothing itself).
+HEADS_OF_DEPENDENCIES = """
+SELECT u.key, u.depth, u.head_commits FROM tasks_app_taskdependency d JOIN tasks_app_task u ON u.id = d.depends_on_id
+ WHERE d.task_id = %(task_id)s
+"""
+DECIDE_APPROVAL = """
+UPDATE tasks_app_task SET state = %(state)s, finished_at = now(), progress = 1, output = %(output)s,
+       head_commits = %(heads)s::varchar[], message = %(message)s
+ WHERE id = %(task_id)s
+"""
+# Approvals nobody answered within their timeout_s (counted from when they began to wait, ready_at).
+EXPIRED_APPROVALS = """
+SELECT id, timeout_s FROM tasks_app_task
+ WHERE state = 'awaiting_approval' AND ready_at + make_interval(secs => timeout_s) < now()
+ ORDER BY ready_at LIMIT 100
 """
 
 # The best ready task of a run, to wake one waiting agent when a slot of that run frees up.

@@ -53,6 +53,8 @@ def run_status(run_id) -> dict:
                 # An addition to PROTOCOL.md (README, "API"): why a ready task is not assigned yet, else null.
                 "waiting": why.get(t.id),
                 "commit": (t.commit or {}).get("sha"),
+                # PROTOCOL.md v1.1: what a person is awaited for ("input" comes with input requests).
+                "awaiting": "approval" if t.state == TaskState.AWAITING_APPROVAL else None,
                 # PROTOCOL.md v1.1: what its attempts cost and the latest CLI session (null without AI usage);
                 # `usage`, summed over its attempts, is an addition.
                 "cost_usd": spent[t.id]["usage"]["cost_usd"] if t.id in spent else None,

@@ -21,15 +21,28 @@ class TaskState:
     READY = "ready"
     ASSIGNED = "assigned"
     RUNNING = "running"
+    # An approval task (APPROVAL_EXECUTOR) whose dependencies succeeded: held by the server, not by an agent,
+    # until an operator approves or rejects it (PROTOCOL.md v1.1, approvals).
+    AWAITING_APPROVAL = "awaiting_approval"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
     SKIPPED = "skipped"
 
-    ALL = (BLOCKED, READY, ASSIGNED, RUNNING, SUCCEEDED, FAILED, CANCELED, SKIPPED)
+    ALL = (BLOCKED, READY, ASSIGNED, RUNNING, AWAITING_APPROVAL, SUCCEEDED, FAILED, CANCELED, SKIPPED)
     LIVE = (ASSIGNED, RUNNING)
-    PENDING = (BLOCKED, READY, ASSIGNED, RUNNING)
+    PENDING = (BLOCKED, READY, ASSIGNED, RUNNING, AWAITING_APPROVAL)
     TERMINAL = (SUCCEEDED, FAILED, CANCELED, SKIPPED)
+
+
+# The executor of tasks no agent runs: a person approves or rejects them.
+APPROVAL_EXECUTOR = "approval"
+
+
+def waiting_state(executor: str) -> str:
+    """The state a task enters when it may go on (its dependencies succeeded, or it has none): ready for an
+    agent to claim, or awaiting an operator's approval."""
+    return TaskState.AWAITING_APPROVAL if executor == APPROVAL_EXECUTOR else TaskState.READY
 
 
 class RunState:
@@ -59,17 +72,19 @@ class AttemptState:
 
 T = TaskState
 TASK_TRANSITIONS: dict[str, frozenset[str]] = {
-    # Dependencies met, upstream failed/canceled, run canceled.
-    T.BLOCKED: frozenset({T.READY, T.SKIPPED, T.CANCELED}),
+    # Dependencies met (an approval task then awaits approval), upstream failed/canceled, run canceled.
+    T.BLOCKED: frozenset({T.READY, T.AWAITING_APPROVAL, T.SKIPPED, T.CANCELED}),
     # Claimed by an agent, or canceled with its run.
     T.READY: frozenset({T.ASSIGNED, T.CANCELED}),
     # The agent started it, finished it without a progress report, lost it (back to ready or failed), cancel.
     T.ASSIGNED: frozenset({T.RUNNING, T.SUCCEEDED, T.FAILED, T.READY, T.CANCELED}),
     T.RUNNING: frozenset({T.SUCCEEDED, T.FAILED, T.READY, T.CANCELED}),
+    # Approved, rejected (or nobody answered in time), canceled with its run.
+    T.AWAITING_APPROVAL: frozenset({T.SUCCEEDED, T.FAILED, T.CANCELED}),
     T.SUCCEEDED: frozenset(),
-    # An operator's retry.
-    T.FAILED: frozenset({T.READY}),
-    T.CANCELED: frozenset({T.READY}),
+    # An operator's retry (an approval task awaits approval again).
+    T.FAILED: frozenset({T.READY, T.AWAITING_APPROVAL}),
+    T.CANCELED: frozenset({T.READY, T.AWAITING_APPROVAL}),
     # The upstream task that skipped it was retried.
     T.SKIPPED: frozenset({T.BLOCKED}),
 }

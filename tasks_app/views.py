@@ -135,6 +135,18 @@ def retry_task(request, task_id):
     return _answer(request, "Task queued again.", back=f"/tasks/{task_id}/")
 
 
+@_operator_only
+def decide_task(request, task_id):
+    """The task page's Approve / Reject (with the comment field) of a task awaiting approval."""
+    decision = request.POST.get("decision")
+    if decision not in ("approve", "reject"):
+        return _answer(request, "Say approve or reject.", ok=False, status=400, back=f"/tasks/{task_id}/")
+    message = request.POST.get("message", "").strip()[:10_000]
+    state = actions.decide_approval(str(task_id), decision == "approve", _actor(request), message)
+    return _answer(request, f"{'Approved' if decision == 'approve' else 'Rejected'}: the task {state}.",
+                   back=f"/tasks/{task_id}/")  # fmt: skip
+
+
 AGENT_OPERATIONS = {
     "drain": {"draining": True},
     "undrain": {"draining": False},

@@ -13,8 +13,18 @@ from tests.conftest import assert_error, doc, http, ok
 
 # PROTOCOL.md's fields, and `waiting` (an addition: why a ready task is not assigned yet).
 TASK_FIELDS = {"id", "key", "state", "attempt", "progress", "agent", "started_at", "finished_at", "waiting", "commit",
-               "cost_usd", "session_id", "usage"}  # fmt: skip
-TASK_STATES = {"blocked", "ready", "assigned", "running", "succeeded", "failed", "canceled", "skipped"}
+               "cost_usd", "session_id", "usage", "awaiting"}  # fmt: skip
+TASK_STATES = {
+    "blocked",
+    "ready",
+    "assigned",
+    "running",
+    "awaiting_approval",
+    "succeeded",
+    "failed",
+    "canceled",
+    "skipped",
+}
 
 
 # --- helpers ------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ def test_big_graphs_use_the_compact_style_without_the_state_line_but_with_toolti
 def test_the_legend_names_every_state_with_its_colour_class():
     legend = ET.fromstring(render_svg([node(0, 0)], [])).find("s:g[@class='legend']", NS)
     items = {g.get("class"): g.find("s:text", NS).text for g in legend.findall("s:g", NS)}
-    assert items == {f"lg st-{s}": s for s in TaskState.ALL}
+    assert items == {f"lg st-{s}": s.replace("_", " ") for s in TaskState.ALL}  # "awaiting approval" in words
 
 
 def test_nodes_link_to_their_task_page_unless_links_are_turned_off():

@@ -423,3 +423,40 @@ def test_static_files_come_from_the_server_itself(browser, live_server_proc, peo
         assert "max-age" in response.headers.get("cache-control", ""), url  # whitenoise, not Django's view
     assert all(u.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:")) for u in requested), requested
     assert page.evaluate("typeof htmx !== 'undefined' && htmx.version") == "2.0.11"
+
+
+def test_an_approval_waits_for_you_live_and_the_operator_approves_it_with_a_comment(browser, live_server_proc,
+                                                                                    people):  # fmt: skip
+    from tasks_app import actions
+
+    page = login(browser, live_server_proc, people["operator"])
+    expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+    expect(page.locator("[data-testid=waiting-for-you]")).to_be_hidden()
+    question = f"Ship it? {XSS}"
+    run = submit_run(doc({"key": "ship", "executor": "approval", "prompt": question}, name="gated"))
+    # Pushed live: the panel appears without a reload, the agent-free question escaped.
+    panel = page.locator("[data-testid=waiting-for-you]")
+    expect(panel).to_be_visible(timeout=10_000)
+    expect(panel.locator(".question")).to_have_text(question)
+    panel.locator("input[name=message]").fill("reviewed the diff")
+    panel.get_by_role("button", name="Approve").click()
+    expect(page.locator("#flash .flash")).to_contain_text("Approved", timeout=5_000)
+    expect(panel).to_be_hidden(timeout=10_000)
+    event = Event.objects.get(run=run, kind="task", to_state="succeeded")
+    assert (event.actor, event.detail["message"]) == ("user:olga", "reviewed the diff")
+    run.refresh_from_db()
+    assert run.state == "succeeded"
+    # On the task page a second approval is rejected; a viewer sees the question but no buttons.
+    second = submit_run(doc({"key": "again", "executor": "approval"}, name="gated-2"))
+    task = Task.objects.get(run=second)
+    viewer = login(browser, live_server_proc, people["viewer"])
+    viewer.goto(f"{live_server_proc.url}/tasks/{task.id}/")
+    expect(viewer.locator("[data-testid=task-state]")).to_have_text("awaiting_approval")
+    expect(viewer.locator("[data-testid=approval] button")).to_have_count(0)
+    page.goto(f"{live_server_proc.url}/tasks/{task.id}/")
+    page.locator("[data-testid=approval]").get_by_role("button", name="Reject").click()
+    expect(page.locator("[data-testid=task-state]")).to_have_text("failed", timeout=10_000)
+    expect(viewer.locator("[data-testid=task-state]")).to_have_text("failed", timeout=10_000)  # pushed live
+    assert actions.settle_run(second.id) is None  # already settled by the decision
+    second.refresh_from_db()
+    assert second.state == "failed"

@@ -24,8 +24,8 @@ def test_run_summary_counts_states_weighs_live_progress_and_estimates_the_end(
     with django_assert_num_queries(2):
         (summary,) = panels.run_summaries([run.id])
     assert summary["counts"] == {
-        "blocked": 1, "ready": 0, "assigned": 0, "running": 1, "succeeded": 1, "failed": 0, "canceled": 0,
-        "skipped": 0,
+        "blocked": 1, "ready": 0, "assigned": 0, "running": 1, "awaiting_approval": 0, "succeeded": 1, "failed": 0,
+        "canceled": 0, "skipped": 0,
     }  # fmt: skip
     assert summary["total"] == 3
     assert summary["fraction"] == pytest.approx((1 + 0.5) / 3)
