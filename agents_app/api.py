@@ -28,10 +28,7 @@ JSON_LIMIT = 64 * 1024  # agent calls other than complete/progress carry small b
 
 
 def _attempt_id(value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise ApiError(404, "not_found", "no attempt with that id") from None
+    return _uuid_or_404(value, "attempt")
 
 
 async def _agent(request) -> dict:
@@ -70,6 +67,7 @@ claim_as_agent = _as_agent(_claim_now)
 heartbeat_as_agent = _as_agent(_heartbeat_now)
 progress_as_agent = _as_agent(actions.record_progress)
 complete_as_agent = _as_agent(actions.complete_attempt)
+create_input_as_agent = _as_agent(actions.create_input_request)
 
 
 @api_view
@@ -300,6 +298,56 @@ def _commit_report(value: dict | None) -> dict | None:
 def _json_size(value) -> int:
     """The size of `value` as compact UTF-8 JSON: what PROTOCOL.md's "result at most 1 MiB" measures."""
     return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+
+# Input requests (PROTOCOL.md v1.1): the longest a permission may wait for a person, and how often a waiting
+# agent's long poll looks for the answer. A plain poll of one indexed row: waiting agents are few (one per
+# question a person has not answered), and 0.2 s keeps "answer -> agent" well under a second.
+INPUT_TIMEOUT_MAX_S = 7 * 86400
+INPUT_POLL_S = 0.2
+
+
+@api_view
+async def create_input_request(request, attempt_id: str):
+    require_method(request, "POST")
+    f = Fields(json_body(request, 256 * 1024))
+    kind = f.str("kind", 32, default="permission", choices=("permission", "question"))
+    tool = f.str("tool", 200, default="")
+    tool_input = f.obj("input", default={})
+    question = f.str("question", 10_000, default="")
+    # An addition (README, "API"): after this long unanswered, the server answers deny (params.input_timeout_s).
+    timeout_s = f.number("timeout_s", 1, INPUT_TIMEOUT_MAX_S, default=3600)
+    if kind == "permission" and not tool:
+        raise ApiError(400, "bad_request", "a permission request names its 'tool'")
+    request_id = await create_input_as_agent(
+        request, _attempt_id(attempt_id), kind=kind, tool=tool, tool_input=tool_input, question=question,
+        timeout_s=timeout_s,
+    )  # fmt: skip
+    return JsonResponse({"request_id": request_id}, status=201)
+
+
+@api_view
+async def wait_input_request(request, request_id: str):
+    """The long poll for a person's answer: {"state": "pending"} after `wait_s`, or the answer at once."""
+    require_method(request, "POST")
+    f = Fields(json_body(request, JSON_LIMIT))
+    wait_s = f.number("wait_s", 0, settings.CP_MAX_WAIT_S, default=0)
+    request_id = _uuid_or_404(request_id, "input request")
+    agent = await _agent(request)
+    look = db_call(actions.input_request_state)
+    deadline = time.monotonic() + wait_s
+    while True:
+        answer = await look(agent, request_id)
+        if answer["state"] != "pending" or time.monotonic() + INPUT_POLL_S > deadline:
+            return JsonResponse(answer)
+        await asyncio.sleep(INPUT_POLL_S)
+
+
+def _uuid_or_404(value: str, what: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ApiError(404, "not_found", f"no {what} with that id") from None
 
 
 @api_view

@@ -19,6 +19,12 @@ from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
 
 AGENT_PATHS = ("/api/v1/agents/", "/api/v1/attempts/")
+# An agent's long poll for a person's answer (PROTOCOL.md v1.1); the answer itself is a person's call.
+INPUT_WAIT_PREFIX, INPUT_WAIT_SUFFIX = "/api/v1/input-requests/", "/wait"
+
+
+def is_agent_call(path: str) -> bool:
+    return path.startswith(AGENT_PATHS) or (path.startswith(INPUT_WAIT_PREFIX) and path.endswith(INPUT_WAIT_SUFFIX))
 
 
 class AgentApiHandler(ASGIHandler):
@@ -72,7 +78,7 @@ def route_http(full_app, agent_app=None):
     agent_app = agent_app or AgentApiHandler()
 
     async def app(scope, receive, send):
-        target = agent_app if scope["path"].startswith(AGENT_PATHS) else full_app
+        target = agent_app if is_agent_call(scope["path"]) else full_app
         await target(scope, receive, send)
 
     return app

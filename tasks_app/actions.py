@@ -721,6 +721,7 @@ def sweep(force: bool = False) -> dict:
         return {"expired": 0, "offline": 0, "runs_settled": settled}
     # Like leases, not just after our own downtime: nobody could answer while every server was down.
     expire_approvals()
+    settle_input_requests()
     with connection.cursor() as cur, transaction.atomic():
         cur.execute(q.SILENT_AGENTS, {"offline_after_s": settings.CP_OFFLINE_AFTER_S})
         silent = cur.fetchall()
@@ -941,6 +942,91 @@ def expire_approvals() -> int:
             n += 1
         except ActionError:
             pass  # decided meanwhile
+    return n
+
+
+# --- Input requests -----------------------------------------------------------------------------------
+
+
+def create_input_request(agent: dict, attempt_id, *, kind: str, tool: str, tool_input: dict, question: str,
+                         timeout_s: float) -> str:  # fmt: skip
+    """The agent's live attempt waits for a person (PROTOCOL.md v1.1): its task shows as awaiting input
+    until someone answers, or `timeout_s` passes and the server answers deny."""
+    with transaction.atomic(), connection.cursor() as cur:
+        att = _lock_attempt(cur, attempt_id)
+        _require_live(att, agent["id"])
+        cur.execute(q.CREATE_INPUT_REQUEST, {
+            "attempt_id": att["id"], "task_id": att["task_id"], "run_id": att["run_id"], "kind": kind, "tool": tool,
+            "input": json.dumps(tool_input), "question": question, "timeout_s": timeout_s,
+        })  # fmt: skip
+        request_id = cur.fetchone()[0]
+        events = EventLog(f"agent:{agent['name']}")
+        events.add("input", "", "pending", run=att["run_id"], task=att["task_id"], attempt=att["id"], agent=agent["id"],
+                   detail={"request": str(request_id), "kind": kind, "tool": tool})  # fmt: skip
+        _commit(cur, events, Changes(runs={att["run_id"]}))
+    return str(request_id)
+
+
+def input_request_state(agent: dict, request_id) -> dict:
+    """What the waiting agent is told: {"state": "pending"} or {"state": "answered", "answer": {...}}. A
+    request past its time is answered deny here and now, so the agent never waits for the sweeper."""
+    with connection.cursor() as cur:
+        cur.execute(q.INPUT_REQUEST_OF_AGENT, {"request_id": request_id})
+        row = cur.fetchone()
+    if row is None or row[3] != agent["id"]:
+        raise NotFound("no input request with that id")
+    state, answer, overdue, _agent_id, attempt_state = row
+    if state == "pending" and overdue:
+        answer_input_request(request_id, "deny", "", "system:timeout")
+        return input_request_state(agent, request_id)
+    if state == "answered":
+        return {"state": "answered", "answer": json.loads(answer) if isinstance(answer, str) else answer}
+    if attempt_state not in AttemptState.LIVE:
+        raise StaleAttempt(f"that request's attempt is {attempt_state}, no longer live")
+    return {"state": "pending"}
+
+
+def answer_input_request(request_id, behavior: str, message: str, actor: str) -> dict:
+    """A person's (or the timeout's) answer to a pending input request: allow or deny, with a message for
+    the agent. 409 once answered, or when its attempt has ended (the request is then moot)."""
+    if actor == "system:timeout" and not message:
+        message = "nobody answered in time (params.input_timeout_s): denied"
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(q.LOCK_INPUT_REQUEST, {"request_id": request_id})
+        row = cur.fetchone()
+        if row is None:
+            raise NotFound("no input request with that id")
+        state, run_id, task_id, attempt_id, tool, live = row
+        if state != "pending":
+            raise ActionError(f"that request is {state} already", "invalid_state")
+        events = EventLog(actor)
+        answer = {"behavior": behavior, "message": message}
+        if live:
+            cur.execute(q.ANSWER_INPUT_REQUEST, {"request_id": request_id, "answer": json.dumps(answer), "by": actor})
+            events.add("input", "pending", "answered", run=run_id, task=task_id, attempt=attempt_id,
+                       detail={"request": str(request_id), "tool": tool, "by": actor, **answer})  # fmt: skip
+        else:
+            cur.execute(q.EXPIRE_INPUT_REQUEST, {"request_id": request_id})
+            events.add("input", "pending", "expired", run=run_id, task=task_id, attempt=attempt_id,
+                       detail={"request": str(request_id)})  # fmt: skip
+        _commit(cur, events, Changes(runs={run_id}))
+    if not live:  # refused after the commit: the request stays marked moot
+        raise ActionError("that request's attempt has ended: nobody waits for the answer", "invalid_state")
+    return answer
+
+
+def settle_input_requests() -> int:
+    """The sweeper's part: deny pending requests past their time, drop those whose attempt ended."""
+    with connection.cursor() as cur:
+        cur.execute(q.OVERDUE_INPUT_REQUESTS)
+        overdue = [r[0] for r in cur.fetchall()]
+    n = 0
+    for request_id in overdue:
+        try:
+            answer_input_request(request_id, "deny", "", "system:timeout")
+            n += 1
+        except ActionError:
+            pass  # answered meanwhile, or moot (now marked expired)
     return n
 
 

@@ -156,6 +156,23 @@ def _decision(approve: bool):
     return view
 
 
+@api_view
+async def answer_input_request(request, request_id: str):
+    """PROTOCOL.md v1.1: a person's answer to an agent's input request; 409 once answered."""
+    require_method(request, "POST")
+    request_id_ = _uuid(request_id, "input request")
+    f = Fields(json_body(request, 64 * 1024))
+    behavior = f.str("behavior", 8, required=True, choices=("allow", "deny"))
+    message = f.str("message", 10_000, default="")
+
+    def act():
+        user = _user(request, "tasks_app.operate_run")
+        answer = actions.answer_input_request(request_id_, behavior, message, _actor(user))
+        return {"request_id": request_id_, "state": "answered", "answer": answer}
+
+    return JsonResponse(await db_call(act)())
+
+
 approve_task = _decision(True)
 reject_task = _decision(False)
 

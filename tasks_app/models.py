@@ -300,6 +300,41 @@ class Artifact(models.Model):
         return self.name
 
 
+class InputRequest(models.Model):
+    """An agent waiting for a person (PROTOCOL.md v1.1, input requests): Claude Code asked permission for a
+    tool call its task was not given. Pending while its attempt is live and nobody has answered; the task
+    shows as awaiting input. Written by tasks_app.actions."""
+
+    PENDING, ANSWERED, EXPIRED = "pending", "answered", "expired"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    attempt = models.ForeignKey(Attempt, on_delete=models.CASCADE, related_name="input_requests")
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="input_requests")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="input_requests")
+    kind = models.CharField(max_length=32, default="permission")
+    tool = models.CharField(max_length=200, blank=True)
+    input = models.JSONField(default=dict, blank=True)
+    question = models.TextField(blank=True)
+    state = models.CharField(max_length=16, default=PENDING)
+    # {"behavior": "allow" | "deny", "message": str}
+    answer = models.JSONField(null=True, blank=True)
+    answered_by = models.CharField(max_length=150, blank=True)
+    created_at = models.DateTimeField(db_default=Now())
+    # Unanswered by then, the server answers deny itself (the agent's params.input_timeout_s).
+    expires_at = models.DateTimeField()
+    answered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(state__in=("pending", "answered", "expired")), name="input_state_valid")
+        ]
+        indexes = [models.Index(fields=["created_at"], condition=Q(state="pending"), name="input_pending_idx")]
+
+    def __str__(self):
+        return f"{self.kind} {self.tool} ({self.state})"
+
+
 class Event(models.Model):
     """The audit trail: every state change, who or what made it, from what to what, when."""
 

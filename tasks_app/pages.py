@@ -177,6 +177,7 @@ def _task_context(task_id: str) -> dict:
         },
         "change": panels.task_commit(task, attempts),
         "waiting": waiting.reasons_of([task]).get(task.id),
+        "asking": panels.input_requests(task_id=task.id),
         "attempts": attempts,
         "latest": latest,
         "deps": list(Task.objects.filter(downstream_links__task=task).values("id", "key", "state")),

@@ -4,6 +4,7 @@ the timeline. Plain dicts and lists, so the web pages and the `monitor` command 
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from datetime import UTC, timedelta
 
@@ -15,7 +16,7 @@ from agents_app import preflight
 from agents_app.models import Agent, AgentStatus
 
 from . import costs, waiting
-from .models import Attempt, Run, Task, TaskDependency
+from .models import Attempt, InputRequest, Run, Task, TaskDependency
 from .states import AttemptState, RunState, TaskState
 
 # The scheduler's order (tasks_app.queries.CANDIDATES), for showing the queue as it will be served.
@@ -184,13 +185,37 @@ def queue(run_id=None, limit: int = 20) -> list[dict]:
 
 
 def waiting_for_people(limit: int = 50) -> list[dict]:
-    """What waits for a person, in every run, longest waiting first: tasks awaiting approval (input requests
-    will join them)."""
-    return list(
-        Task.objects.filter(state=TaskState.AWAITING_APPROVAL)
+    """What waits for a person, in every run: tasks awaiting approval, then agents' pending input requests
+    (only those whose attempt is still live), longest waiting first (two queries)."""
+    approvals = [
+        {**t, "what": "approval", "since": t["ready_at"]}
+        for t in Task.objects.filter(state=TaskState.AWAITING_APPROVAL)
         .order_by("ready_at", "id")
         .values("id", "key", "prompt", "ready_at", "timeout_s", "run_id", "run__name")[:limit]
-    )
+    ]
+    return approvals + input_requests(limit=limit)
+
+
+def input_requests(task_id=None, limit: int = 50) -> list[dict]:
+    """Pending input requests of live attempts (of one task, or of all), oldest first."""
+    qs = InputRequest.objects.filter(state=InputRequest.PENDING, attempt__state__in=AttemptState.LIVE)
+    if task_id is not None:
+        qs = qs.filter(task_id=task_id)
+    rows = qs.order_by("created_at").values(
+        "id", "kind", "tool", "input", "question", "created_at", "expires_at", "task_id", "task__key", "run_id",
+        "run__name", "attempt__agent__name",
+    )[:limit]  # fmt: skip
+    return [{**r, "what": "input", "since": r["created_at"], "shown": shown_input(r["tool"], r["input"])} for r in rows]
+
+
+def shown_input(tool: str, tool_input) -> str:
+    """A tool call's input as a person reads it: a Bash command as its command, a file tool as its path and
+    content, anything else as JSON. Plain text: the template escapes it."""
+    if not isinstance(tool_input, dict):
+        return str(tool_input)
+    if tool == "Bash" and isinstance(tool_input.get("command"), str):
+        return tool_input["command"]
+    return json.dumps(tool_input, indent=2, ensure_ascii=False)[:20_000]
 
 
 def agents_table() -> list[dict]:

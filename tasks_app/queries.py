@@ -461,3 +461,36 @@ SELECT COALESCE(w.name, r.name), sum(x.cost_usd) FROM tasks_app_attempt x
   JOIN tasks_app_run r ON r.id = x.run_id LEFT JOIN tasks_app_workflow w ON w.id = r.workflow_id
  WHERE x.cost_usd > 0 AND x.assigned_at >= now() - make_interval(days => %(days)s) GROUP BY 1 ORDER BY 2 DESC
 """
+
+# --- Input requests (PROTOCOL.md v1.1): an agent waiting for a person. None of the reads lock. ---
+CREATE_INPUT_REQUEST = """
+INSERT INTO tasks_app_inputrequest (id, attempt_id, task_id, run_id, kind, tool, input, question, state,
+                                    answered_by, created_at, expires_at)
+VALUES (gen_random_uuid(), %(attempt_id)s, %(task_id)s, %(run_id)s, %(kind)s, %(tool)s, %(input)s::jsonb,
+        %(question)s, 'pending', '', now(), now() + make_interval(secs => %(timeout_s)s))
+RETURNING id
+"""
+# What the waiting agent learns: the request's state and answer, and whether it is still its own live one.
+INPUT_REQUEST_OF_AGENT = """
+SELECT i.state, i.answer, i.expires_at <= now(), a.agent_id, a.state
+  FROM tasks_app_inputrequest i JOIN tasks_app_attempt a ON a.id = i.attempt_id WHERE i.id = %(request_id)s
+"""
+# An answer: the request locked alone (nothing else is locked after it), with its attempt's liveness.
+LOCK_INPUT_REQUEST = """
+SELECT i.state, i.run_id, i.task_id, i.attempt_id, i.tool, a.state IN ('assigned', 'running')
+  FROM tasks_app_inputrequest i JOIN tasks_app_attempt a ON a.id = i.attempt_id
+ WHERE i.id = %(request_id)s FOR UPDATE OF i
+"""
+ANSWER_INPUT_REQUEST = """
+UPDATE tasks_app_inputrequest SET state = 'answered', answer = %(answer)s::jsonb, answered_by = %(by)s,
+       answered_at = now()
+ WHERE id = %(request_id)s
+"""
+# A request whose attempt ended unanswered is moot.
+EXPIRE_INPUT_REQUEST = "UPDATE tasks_app_inputrequest SET state = 'expired' WHERE id = %(request_id)s"
+# Pending requests past their time (the sweeper answers them deny), or whose attempt ended (moot).
+OVERDUE_INPUT_REQUESTS = """
+SELECT i.id FROM tasks_app_inputrequest i JOIN tasks_app_attempt a ON a.id = i.attempt_id
+ WHERE i.state = 'pending' AND (i.expires_at <= now() OR a.state NOT IN ('assigned', 'running'))
+ ORDER BY i.created_at LIMIT 100
+"""

@@ -9,7 +9,7 @@ from django.db.models.functions import Coalesce, Now
 
 from . import costs, waiting
 from .actions import NotFound
-from .models import Attempt, Run, Task
+from .models import Attempt, InputRequest, Run, Task
 from .states import AttemptState, TaskState
 
 
@@ -34,6 +34,11 @@ def run_status(run_id) -> dict:
     counts = Counter(t.state for t in tasks)
     why = waiting.reasons_of(tasks)
     spent = costs.by_task(run.id)
+    asking = set(
+        InputRequest.objects.filter(
+            run=run, state=InputRequest.PENDING, attempt__state__in=AttemptState.LIVE
+        ).values_list("task_id", flat=True)
+    )
     return {
         "run_id": str(run.id),
         "name": run.name,
@@ -53,8 +58,10 @@ def run_status(run_id) -> dict:
                 # An addition to PROTOCOL.md (README, "API"): why a ready task is not assigned yet, else null.
                 "waiting": why.get(t.id),
                 "commit": (t.commit or {}).get("sha"),
-                # PROTOCOL.md v1.1: what a person is awaited for ("input" comes with input requests).
-                "awaiting": "approval" if t.state == TaskState.AWAITING_APPROVAL else None,
+                # PROTOCOL.md v1.1: what a person is awaited for: an approval, or an agent's input request.
+                "awaiting": "approval"
+                if t.state == TaskState.AWAITING_APPROVAL
+                else ("input" if t.id in asking else None),
                 # PROTOCOL.md v1.1: what its attempts cost and the latest CLI session (null without AI usage);
                 # `usage`, summed over its attempts, is an addition.
                 "cost_usd": spent[t.id]["usage"]["cost_usd"] if t.id in spent else None,

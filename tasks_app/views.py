@@ -147,6 +147,18 @@ def decide_task(request, task_id):
                    back=f"/tasks/{task_id}/")  # fmt: skip
 
 
+@_operator_only
+def answer_input(request, request_id):
+    """Allow or Deny (with a message to the agent) of an agent's input request, on the task page or the
+    overview's Waiting for you."""
+    behavior = request.POST.get("behavior")
+    if behavior not in ("allow", "deny"):
+        return _answer(request, "Say allow or deny.", ok=False, status=400)
+    message = request.POST.get("message", "").strip()[:10_000]
+    actions.answer_input_request(str(request_id), behavior, message, _actor(request))
+    return _answer(request, f"{'Allowed' if behavior == 'allow' else 'Denied'}: the agent goes on.")
+
+
 AGENT_OPERATIONS = {
     "drain": {"draining": True},
     "undrain": {"draining": False},
