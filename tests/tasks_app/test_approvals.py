@@ -174,6 +174,9 @@ def test_a_viewer_may_not_decide(live_server_proc, submit, make_agent, django_us
 def test_manage_py_approve_and_reject(submit, make_agent, capsys):
     run, _agent = build_then_sign_off(submit, make_agent)
     sign_off = task_of(run, "sign-off")
+    call_command("status", str(run.id))
+    said = capsys.readouterr().out
+    assert "awaiting approval 1" in said and "sign-off" in said and "manage.py approve|reject TASK_ID" in said
     with pytest.raises(CommandError, match="is not a task id"):
         call_command("approve", "nope")
     call_command("reject", str(sign_off.id), "--message", "wrong build")

@@ -24,7 +24,8 @@ def progress_line(status: dict) -> str:
     return (
         f"{status['name']} [{bar(fraction)}] {fraction:5.1%}  {done}/{total} done"
         f"  running {live}  ready {counts['ready']}  blocked {counts['blocked']}"
-        f"  failed {counts['failed']}  state {status['state']}"
+        + (f"  awaiting approval {counts['awaiting_approval']}" if counts.get("awaiting_approval") else "")
+        + f"  failed {counts['failed']}  state {status['state']}"
     )
 
 
@@ -83,9 +84,13 @@ class Command(BaseCommand):
         for t in status["tasks"]:
             agent = t["agent"] or "-"
             cost = f"  {money(t['cost_usd']) if t.get('cost_usd') else '-':>9}" if priced else ""
-            line = f"  {t['key']:<24} {t['state']:<10} {t['progress']:6.0%}  attempt {t['attempt']}{cost}  {agent}"
+            line = f"  {t['key']:<24} {t['state']:<17} {t['progress']:6.0%}  attempt {t['attempt']}{cost}  {agent}"
             if t.get("waiting"):
                 line += f"  ({t['waiting']})"
+            if t.get("awaiting") == "input":
+                line += "  (awaiting input: an agent asks a person)"
+            elif t.get("awaiting") == "approval":
+                line += "  (awaiting approval: manage.py approve|reject TASK_ID)"
             self.stdout.write(line)
         if status["state"] not in (RunState.RUNNING, RunState.PAUSED):
             for line in summary_lines(run_id):
