@@ -590,7 +590,7 @@ def test_codex_runs_exec_json_in_its_sandbox_with_the_prompt_on_stdin(tmp_path, 
     assert outcome.error == ""
     assert outcome.result["output"] == "codex did: implement core module 1"
     assert (ctx.out_dir / "argv.txt").read_text().splitlines() == [
-        "-a", "never", "exec", "--json", "-s", "workspace-write", "-C", str(ctx.work_dir),
+        "-a", "never", "exec", "-s", "workspace-write", "-C", str(ctx.work_dir), "--json",
         "-o", str(ctx.work_dir / "last_message.txt"), "--skip-git-repo-check", "-",
     ]  # fmt: skip
     usage = outcome.extra["usage"]
@@ -601,6 +601,29 @@ def test_codex_runs_exec_json_in_its_sandbox_with_the_prompt_on_stdin(tmp_path, 
     assert outcome.extra["session_id"] == "th-1"
     assert (None, "$ ls -la → exit 0") in rec.progress and (None, "Edit core.py") in rec.progress
     assert "thinking..." in rec.text
+
+
+def test_a_retry_resumes_the_previous_session_only_when_asked_and_given_one(tmp_path, fake_clis):
+    """params.resume_on_retry and the server's resume_session: `claude --resume ID` and `codex exec resume ID`
+    (exec's own options before the subcommand); without it, or with a session id that is not one, a fresh
+    session, and the server's reason for not resuming goes to the log."""
+    session = "0199a213-81c0-7800-8aa1-bbab2a035a53"
+    params = {"resume_on_retry": True}
+    rec = Recorder()
+    ctx = make_context(tmp_path, rec, executor="claude", prompt="go on", params=params, resume_session=session)
+    argv = ClaudeExecutor(fake_clis).arguments(ctx)
+    assert argv[argv.index("--resume") + 1] == session and "--session-id" not in argv
+    ctx = make_context(tmp_path, rec, executor="codex", prompt="go on", params=params, resume_session=session)
+    argv = CodexExecutor(fake_clis).arguments(ctx)
+    assert argv[:7] == ["-a", "never", "exec", "-s", "workspace-write", "-C", str(ctx.work_dir)]
+    assert argv[7:9] == ["resume", "--json"] and argv[-2:] == [session, "-"]
+    for task in ({"resume_session": session}, {"params": params, "resume_session": "--yolo"}):
+        ctx = make_context(tmp_path, rec, executor="claude", prompt="go on", **task)
+        assert "--resume" not in ClaudeExecutor(fake_clis).arguments(ctx)
+    ctx = make_context(tmp_path, rec, executor="claude", prompt="go on", params=params,
+                       resume_unavailable="the previous attempt's session is on agent ai-2")  # fmt: skip
+    assert "--session-id" in ClaudeExecutor(fake_clis).arguments(ctx)
+    assert "not resuming the previous session: the previous attempt's session is on agent ai-2" in rec.text
 
 
 def test_codex_turn_failed_on_quota_is_rate_limited(tmp_path):
