@@ -47,6 +47,35 @@
       htmx.trigger(el, "htmx:oobAfterSwap", { target: el, fragment: el });
     });
   });
+  // Browser notifications, opted into with "Notify me": one for each approval or agent's question that
+  // appears in the overview's Waiting for you panel while the page is open (not for those already there).
+  var seen = null;
+  function waiting() {
+    return Array.prototype.slice.call(document.querySelectorAll("#panel-waiting [data-wait]"));
+  }
+  function notifyNew() {
+    var items = waiting(), ids = items.map(function (el) { return el.dataset.wait; });
+    if (seen !== null && window.Notification && Notification.permission === "granted") {
+      items.forEach(function (el) {
+        if (seen.indexOf(el.dataset.wait) < 0) {
+          new Notification("Waiting for you", { body: el.dataset.waitText, tag: el.dataset.wait });
+        }
+      });
+    }
+    seen = ids;
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    if (document.getElementById("panel-waiting")) notifyNew();
+    var optin = document.getElementById("notify-optin");
+    if (!optin || !window.Notification || Notification.permission !== "default") return;
+    optin.hidden = false;
+    optin.addEventListener("click", function () {
+      Notification.requestPermission().then(function () { optin.hidden = true; });
+    });
+  });
+  document.addEventListener("htmx:oobAfterSwap", function (e) {
+    if (e.target && e.target.id === "panel-waiting") notifyNew();
+  });
   // Keep a streaming log scrolled to its end, unless the reader scrolled up.
   document.addEventListener("htmx:oobBeforeSwap", function (e) {
     var log = document.querySelector("pre.log");

@@ -460,3 +460,25 @@ def test_an_approval_waits_for_you_live_and_the_operator_approves_it_with_a_comm
     assert actions.settle_run(second.id) is None  # already settled by the decision
     second.refresh_from_db()
     assert second.state == "failed"
+
+
+def test_an_opted_in_browser_is_notified_of_what_comes_to_wait_for_you(browser, live_server_proc, people):
+    page = login(browser, live_server_proc, people["operator"], permissions=["notifications"])
+    # Record what the page shows as notifications (the real API, wrapped: headless Chromium shows none).
+    page.add_init_script(
+        "window.cpNotes = []; const Real = window.Notification;"
+        "window.Notification = class extends Real {"
+        "  constructor(title, options) { super(title, options); window.cpNotes.push([title, options.body]); } };"
+    )
+    already = submit_run(doc({"key": "old", "executor": "approval"}, name="before-the-page"))
+    page.reload()
+    expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+    expect(page.locator("#notify-optin")).to_be_hidden()  # permission already granted: nothing to opt into
+    submit_run(doc({"key": "fresh", "executor": "approval"}, name="after-the-page"))
+    expect(page.locator("[data-wait]")).to_have_count(2, timeout=10_000)
+    page.wait_for_function("window.cpNotes.length > 0", timeout=5_000)
+    assert page.evaluate("window.cpNotes") == [["Waiting for you", "fresh in after-the-page awaits your approval"]]
+    assert already.state == "running"
+    # A browser not asked yet offers the opt-in.
+    other = login(browser, live_server_proc, people["viewer"])
+    expect(other.locator("#notify-optin")).to_be_visible()
