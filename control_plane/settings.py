@@ -242,6 +242,25 @@ CP_HOST_OPERATION_TIMEOUT_S = env_float("CP_HOST_OPERATION_TIMEOUT_S", 240.0)
 CP_HOST_ENROLL_WAIT_S = env_float("CP_HOST_ENROLL_WAIT_S", 30.0)
 CP_HOST_STOP_GRACE_S = env_float("CP_HOST_STOP_GRACE_S", 10.0)
 
+# --- Webhooks (tasks_app/webhooks.py; set up in the admin, sent by the q cluster) ---
+# One try of one delivery (connect, send, answer) gives up after this many seconds.
+CP_WEBHOOK_TIMEOUT_S = env_float("CP_WEBHOOK_TIMEOUT_S", 10.0)
+# The waits before each retry of a delivery that got a 5xx, 408, 429 or no answer, comma-separated seconds:
+# a delivery gets one try more than there are waits. A 2xx delivers it; a 3xx or another 4xx fails it at once.
+CP_WEBHOOK_RETRY_DELAYS_S = [
+    float(s) for s in env_str("CP_WEBHOOK_RETRY_DELAYS_S", "10,60,300,1800").split(",") if s.strip()
+]
+# django-q2 schedules by the minute: while a webhook is enabled, each minute's job keeps passing this long
+# (one q worker busy most of the time) so that notifications go out within CP_WEBHOOK_POLL_S. 0: one pass a
+# minute, and notifications up to a minute or so late.
+CP_WEBHOOK_WINDOW_S = env_float("CP_WEBHOOK_WINDOW_S", 55.0)
+# Seconds between two passes (a scan of the audit trail, then the due deliveries) within that window.
+CP_WEBHOOK_POLL_S = env_float("CP_WEBHOOK_POLL_S", 5.0)
+# Deliveries a pass sends at once, a thread each: however many endpoints hang, a pass lasts one timeout.
+CP_WEBHOOK_BATCH = env_int("CP_WEBHOOK_BATCH", 20)
+# Delivered and failed deliveries leave the log after this many days (0: kept for ever).
+CP_WEBHOOK_KEEP_DAYS = env_int("CP_WEBHOOK_KEEP_DAYS", 30)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -479,3 +479,116 @@ class ArtifactAdmin(ReadOnlyAdmin):
     @admin.display(description="")
     def download(self, obj):
         return format_html('<a href="/api/v1/artifacts/{}">download</a>', obj.pk)
+
+
+# --- Webhooks (tasks_app.webhooks) ------------------------------------------------------------------------
+
+from django.contrib import messages  # noqa: E402 - the webhooks' admin, kept together
+from django.db.models import Q  # noqa: E402
+from django.db.models.functions import Now  # noqa: E402
+
+from . import webhooks  # noqa: E402
+from .models import WEBHOOK_EVENTS, Webhook, WebhookDelivery  # noqa: E402
+
+
+def deliveries_in(state: str):
+    rows = (
+        WebhookDelivery.objects.filter(webhook=OuterRef("pk"), state=state).order_by().values("webhook")
+        .annotate(n=Count("*")).values("n")
+    )  # fmt: skip
+    return Coalesce(Subquery(rows, output_field=IntegerField()), 0)
+
+
+@admin.register(Webhook)
+class WebhookAdmin(admin.ModelAdmin):
+    """Where notifications go (sent by the q cluster, tasks_app.webhooks). The secret is written, never shown."""
+
+    form = webhooks.WebhookForm
+    list_display = ["name", "url", "event_list", "enabled", "signed", "deliveries", "created_at"]
+    list_filter = ["enabled"]
+    search_fields = ["name", "url"]
+    actions = ["send_test"]
+    readonly_fields = ["signed", "created_at"]
+
+    def get_fieldsets(self, request, obj=None):
+        if obj is not None and not self.has_change_permission(request, obj):
+            return [(None, {"fields": ["name", "url", "events", "enabled", "signed", "created_at"]})]
+        return [
+            (None, {"fields": ["name", "url", "events", "enabled"] + (["created_at"] if obj else [])}),
+            ("Signature", {"fields": (["signed"] if obj else []) + ["new_secret", "clear_secret"]}),
+        ]
+
+    def get_queryset(self, request):
+        return (
+            super().get_queryset(request)
+            .annotate(n_delivered=deliveries_in("delivered"), n_pending=deliveries_in("pending"),
+                      n_failed=deliveries_in("failed"))
+        )  # fmt: skip
+
+    @admin.display(description="events")
+    def event_list(self, obj):
+        return ", ".join(e.replace("_", " ") for e in obj.events)
+
+    @admin.display(description="signed", boolean=True)
+    def signed(self, obj):
+        return bool(obj.secret)
+
+    @admin.display(description="deliveries")
+    def deliveries(self, obj):
+        url = reverse("admin:tasks_app_webhookdelivery_changelist") + f"?webhook__id__exact={obj.pk}"
+        return format_html(
+            '<a href="{}">{} delivered, {} pending, {} failed</a>', url, obj.n_delivered, obj.n_pending, obj.n_failed
+        )
+
+    @admin.action(description="Send a test notification now", permissions=["change"])
+    def send_test(self, request, queryset):
+        for hook in queryset[:10]:
+            d = webhooks.send_test(hook)
+            said = f"HTTP {d.status_code}" if d.status_code else "no answer"
+            if d.state == WebhookDelivery.DELIVERED:
+                self.message_user(request, f"{hook.name}: the test was delivered ({said}).", messages.SUCCESS)
+            else:
+                self.message_user(request, f"{hook.name}: the test failed: {d.error or said}.", messages.ERROR)
+
+
+class DeliveryEventFilter(admin.SimpleListFilter):
+    """Fixed choices: no DISTINCT over the log."""
+
+    title = "event"
+    parameter_name = "event"
+
+    def lookups(self, request, model_admin):
+        return [(e, e.replace("_", " ")) for e in (*WEBHOOK_EVENTS, "test")]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(event=self.value()) if self.value() else queryset
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    """The log of notifications: what was sent, how often, and what the endpoint answered."""
+
+    list_display = ["id", "created_at", "webhook", "event", "state", "attempts", "status_code", "error_short",
+                    "next_try_at", "delivered_at"]  # fmt: skip
+    list_filter = ["state", DeliveryEventFilter, "webhook"]
+    search_fields = ["=id", "=event_id", "webhook__name", "error"]
+    list_select_related = ["webhook"]
+    exclude = ["body"]
+    readonly_fields = ["body_json"]
+    actions = ["send_again"]
+
+    def has_resend_permission(self, request):
+        return request.user.has_perm("tasks_app.change_webhook")
+
+    @admin.display(description="error")
+    def error_short(self, obj):
+        return short(obj.error)
+
+    @admin.display(description="body")
+    def body_json(self, obj):
+        return pretty_json(obj.body)
+
+    @admin.action(description="Send again (one more try, as soon as the q cluster's next pass)", permissions=["resend"])
+    def send_again(self, request, queryset):
+        n = queryset.filter(~Q(state=WebhookDelivery.PENDING)).update(state=WebhookDelivery.PENDING, next_try_at=Now())
+        self.message_user(request, f"{n} deliveries will be sent again.", messages.SUCCESS)
