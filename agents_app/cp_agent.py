@@ -39,6 +39,13 @@ with the dependencies' commits merged in; afterwards every change is committed a
 the task's branch. git uses the host's own credentials and never prompts. `git` is offered as an executor
 whenever pre-flight finds it: the server gives workspace tasks only to agents with it.
 
+Claude Code's permission prompts reach a person (PROTOCOL.md v1.1 "Input requests"): claude -p is started with
+--permission-prompt-tool naming the tool of an MCP stdio server that is this same file, ``cp_agent.py
+--mcp-permissions SOCKET``. claude starts it in the task's environment, so it holds no secret: it relays each
+prompt over the attempt's Unix socket (0600, in the work dir, outside the worktree) to the daemon, which asks
+the server with its agent token, long-polls for the answer and sends back allow or deny (params.on_permission,
+params.input_timeout_s).
+
 Started again with its saved identity, it heartbeats at once, listing no attempts, so the server can let go
 of the attempts of its previous life at once rather than when their leases run out.
 
@@ -60,6 +67,7 @@ import logging
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -113,6 +121,19 @@ CLAIM_TIMEOUT_MARGIN_S = 15.0  # the claim's HTTP timeout is wait_s plus this
 TASK_CALL_PATIENCE_S = 120.0  # progress/artifacts/complete retry this long, then give up
 NAME_TAKEN_PATIENCE_S = 60.0  # > 3 heartbeats: how long a crashed predecessor with our name stays online
 PROGRESS_LINE_RE = re.compile(r"CP_PROGRESS\s+([0-9]*\.?[0-9]+)[ \t]*(.*)")
+# Claude Code's permission prompts, answered by a person (PROTOCOL.md v1.1 "Input requests"): claude runs this
+# file as an MCP stdio server (argv[1] MCP_FLAG) whose one tool relays each prompt to the daemon over a Unix
+# socket; the daemon asks the server and long-polls for the answer.
+MCP_FLAG = "--mcp-permissions"
+MCP_SERVER_NAME = "cp_agent"
+MCP_TOOL_NAME = "permission_prompt"
+PROMPT_TOOL = f"mcp__{MCP_SERVER_NAME}__{MCP_TOOL_NAME}"  # what --permission-prompt-tool names
+MCP_PROTOCOL_VERSION = "2025-06-18"  # answered to a client that asks for none
+ON_PERMISSION = ("ask", "deny")
+INPUT_TIMEOUT_DEFAULT_S = 3600.0
+INPUT_TIMEOUT_MAX_S = 7 * 86400.0  # the server's limit
+INPUT_WAIT_S = 25.0  # one long poll for the answer (at most the server's max_wait_s)
+INPUT_BODY_MAX_BYTES = 200 * 1024  # of the tool input shown to the person (the server takes 256 KiB)
 # 401 codes that mean this identity is gone for good: registering again would undo an operator's revocation
 # or fight the newer registration of our name, so the agent stops instead (an unknown token re-registers).
 IDENTITY_GONE = {
@@ -660,6 +681,10 @@ class TaskContext:
     report_usage: Callable[[dict], None] = lambda _usage: None  # an AI CLI's usage so far, sent with progress
     sandboxed_host: bool = False  # --sandboxed-host: a throwaway machine, where root may bypass permissions
     extra_env: dict[str, str] = field(default_factory=dict)  # what the executor adds to the task's environment
+    # Asks a person whether the AI CLI may use a tool and blocks for the answer ({"behavior": "allow"|"deny",
+    # "message"}): the TaskRun's, which holds the agent token; None where nobody can be asked.
+    ask_person: Callable[[dict, Callable[[], bool]], dict] | None = None
+    relay: PermissionRelay | None = None  # the attempt's permission socket while claude runs
 
     @property
     def cwd(self) -> Path:
@@ -1459,10 +1484,15 @@ class ClaudeStream(CliStream):
             kind = subtype if subtype and subtype != "success" else "error"
             return f"claude: {kind}: {words}"[:2000]
         if denials:
-            listed = ", ".join(short_input(str(d.get("tool_name") or "tool"), d.get("tool_input")) for d in denials[:10]
-                               if isinstance(d, dict))  # fmt: skip
+            listed = ", ".join(self._denial(d) for d in denials[:10] if isinstance(d, dict))
             return f"permission_denied: claude was refused {len(denials)} tool call(s): {listed}"[:2000]
         return ""
+
+    def _denial(self, denial: dict) -> str:
+        """A refused call as the error lists it, with the person's (or the timeout's) words when one was asked."""
+        said = short_input(str(denial.get("tool_name") or "tool"), denial.get("tool_input"))
+        why = self.ctx.relay.denied.get(str(denial.get("tool_use_id"))) if self.ctx.relay is not None else None
+        return f"{said} (denied: {why[:200]})" if why else said
 
 
 class CodexStream(CliStream):
@@ -1630,6 +1660,8 @@ class CliExecutor(ProcessExecutor):
                 last_sent[0] = now
             if budget is not None and events.cost_usd >= budget:
                 return f"budget_exceeded: ${events.cost_usd:.4f} spent, budget_usd {budget:g}"
+            if ctx.relay is not None and ctx.relay.pending:
+                events.last_event_at = now  # silent while a person decides: not a stall
             if now - events.last_event_at > stall_s:
                 return f"stalled: no event from {self.program} for {stall_s:g} s"
             return ""
@@ -1731,10 +1763,17 @@ class ClaudeExecutor(CliExecutor):
             raise TaskError("permission_mode bypassPermissions is refused as root; start the agent with "
                             "--sandboxed-host on a throwaway VM or container")  # fmt: skip
         args = ["-p", "--output-format", "stream-json", "--verbose", "--permission-mode", mode]
-        for flag, name in (("--allowedTools", "allowed_tools"), ("--disallowedTools", "disallowed_tools")):
-            tools = _str_list(params.get(name), name)
-            if tools:
-                args += [flag, *tools]
+        allowed = _str_list(params.get("allowed_tools"), "allowed_tools")  # claude never asks about these
+        disallowed = _str_list(params.get("disallowed_tools"), "disallowed_tools")
+        permission_policy(params)
+        if ctx.relay is not None:
+            # Claude asks our MCP tool, which asks a person; the model itself may not call it.
+            args += ["--mcp-config", str(ctx.relay.write_mcp_config()), "--permission-prompt-tool", PROMPT_TOOL]
+            disallowed = [*disallowed, PROMPT_TOOL]
+        if allowed:
+            args += ["--allowedTools", *allowed]
+        if disallowed:
+            args += ["--disallowedTools", *disallowed]
         if isinstance(params.get("model"), str) and params["model"]:
             args += ["--model", params["model"]]
         if params.get("max_turns") is not None:
@@ -1774,7 +1813,22 @@ class ClaudeExecutor(CliExecutor):
     def run(self, ctx: TaskContext) -> ExecResult:
         # Its own retries kept short: on a rate limit the fleet, not one process, decides when to try again.
         ctx.extra_env.setdefault("CLAUDE_CODE_MAX_RETRIES", os.environ.get("CLAUDE_CODE_MAX_RETRIES", "2"))
-        return super().run(ctx)
+        try:
+            on_permission, timeout_s = permission_policy(ctx.params)
+        except TaskError as exc:
+            return ExecResult({}, None, str(exc))
+        bypass = ctx.params.get("permission_mode") == "bypassPermissions" or ctx.params.get("skip_permissions") is True
+        if on_permission != "ask" or ctx.ask_person is None or bypass:  # nothing to ask, or nobody to ask
+            return super().run(ctx)
+        try:
+            ctx.relay = PermissionRelay(ctx.work_dir / ".cp-agent", ctx.ask_person, timeout_s)
+        except OSError as exc:
+            return ExecResult({}, None, f"cannot open the permission socket in {ctx.work_dir}: {exc}")
+        try:
+            return super().run(ctx)
+        finally:
+            ctx.relay.close()
+            ctx.relay = None
 
     def stream(self, ctx: TaskContext) -> CliStream:
         max_turns = ctx.params.get("max_turns") if isinstance(ctx.params.get("max_turns"), int) else None
@@ -1835,6 +1889,311 @@ def _is_uuid(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# ---- a person answers claude's permission prompts (PROTOCOL.md v1.1 "Input requests")
+#
+# claude -p asks its --permission-prompt-tool, an MCP tool, whenever a tool call needs approval (tools in
+# --allowedTools never do). Ours is served by this same file, `cp_agent.py --mcp-permissions SOCKET`, which
+# claude starts inside the task's environment: so it holds no secret and only relays. Each prompt goes, one
+# connection each, over the attempt's Unix socket (in its work dir, outside the worktree, 0600) to the daemon,
+# which creates an input request on the server with its agent token, long-polls for the answer and sends back
+# allow or deny; the relay hands that to claude as {"behavior": "allow", "updatedInput": ...} or
+# {"behavior": "deny", "message": ...}.
+
+
+def permission_policy(params: dict) -> tuple[str, float]:
+    """params.on_permission ("ask", the default: a person answers; "deny": refused at once, as claude -p does
+    without a prompt tool) and params.input_timeout_s (how long a person may take, then deny)."""
+    mode = params.get("on_permission", "ask")
+    if mode not in ON_PERMISSION:
+        raise TaskError(f"params.on_permission must be one of {', '.join(ON_PERMISSION)}")
+    timeout_s = _positive(params.get("input_timeout_s"), "input_timeout_s") or INPUT_TIMEOUT_DEFAULT_S
+    if timeout_s > INPUT_TIMEOUT_MAX_S:
+        raise TaskError(f"params.input_timeout_s may be at most {INPUT_TIMEOUT_MAX_S:g}")
+    return mode, timeout_s
+
+
+def _on_unix_path(action: Callable[[str], Any], path: Path) -> Any:
+    """bind or connect to a Unix socket at `path`, also when it is longer than sun_path's ~108 bytes (a deep
+    work dir): through the directory's /proc/self/fd link then (Linux, like the rest of the daemon)."""
+    if len(os.fsencode(str(path))) < 100:
+        return action(str(path))
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return action(f"/proc/self/fd/{fd}/{path.name}")
+    finally:
+        os.close(fd)
+
+
+def _read_line(conn: socket.socket, limit: int = 1 << 20) -> bytes:
+    """One newline-ended line from `conn` (b"" at EOF before one); ValueError past `limit`."""
+    data = bytearray()
+    while b"\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+        if len(data) > limit:
+            raise ValueError("line too long")
+    return bytes(data.split(b"\n", 1)[0])
+
+
+def _peer_gone(conn: socket.socket) -> bool:
+    """The other end closed (claude gave up on the prompt, or exited)."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+def _deny(message: str) -> dict:
+    return {"behavior": "deny", "message": message}
+
+
+class PermissionRelay:
+    """The daemon's end: a Unix socket in the attempt's work dir that the MCP relay connects to, once per
+    permission prompt, sending {"tool_name", "input", "tool_use_id"} and reading back the verdict. `ask` (the
+    TaskRun's) makes the server calls; this never sees the token. `pending` counts prompts awaiting a person
+    (the stall watch waits while there are any); `denied` keeps each denied call's words by tool_use_id."""
+
+    def __init__(self, directory: Path, ask: Callable[[dict, Callable[[], bool]], dict], timeout_s: float):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        self.directory, self.ask, self.timeout_s = directory, ask, timeout_s
+        self.path = directory / "permissions.sock"
+        self.path.unlink(missing_ok=True)
+        self.pending = 0
+        self.denied: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _on_unix_path(self._sock.bind, self.path)
+            os.chmod(self.path, 0o600)  # in a 0700 directory from the start: nobody else could reach it anyway
+            self._sock.listen(16)
+            self._sock.settimeout(0.5)  # accept() wakes to see close()
+        except BaseException:
+            self._sock.close()
+            raise
+        threading.Thread(target=self._accept_loop, daemon=True, name=f"permissions-{directory.parent.name}").start()
+
+    def mcp_config(self) -> dict:
+        """claude's --mcp-config: this file as a stdio server, started with the task's environment (no token)
+        and allowed to wait longer than any person may take."""
+        timeout_ms = min(2**31 - 1, int((self.timeout_s + 120) * 1000))
+        argv = ["-I", "-S", AGENT_FILE, MCP_FLAG, str(self.path)]
+        server = {"type": "stdio", "command": sys.executable or "python3", "args": argv, "timeout": timeout_ms}
+        return {"mcpServers": {MCP_SERVER_NAME: server}}
+
+    def write_mcp_config(self) -> Path:
+        path = self.directory / "mcp.json"
+        path.write_text(json.dumps(self.mcp_config(), indent=1), encoding="utf-8")
+        return path
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(conn,), daemon=True, name="permission-prompt").start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(10)
+                request = json.loads(_read_line(conn) or b"null")
+                conn.settimeout(None)
+            except (OSError, ValueError):
+                return
+            if not isinstance(request, dict) or not isinstance(request.get("tool_name"), str):
+                verdict = _deny("cp-agent: a malformed permission request")
+            else:
+                tool_input = request.get("input") if isinstance(request.get("input"), dict) else {}
+                asked = {"tool": request["tool_name"][:200], "input": tool_input,
+                         "tool_use_id": str(request.get("tool_use_id") or ""), "timeout_s": self.timeout_s}  # fmt: skip
+                with self._lock:
+                    self.pending += 1
+                try:
+                    verdict = self.ask(asked, lambda: self._closed.is_set() or _peer_gone(conn))
+                except Exception as exc:  # a bug must not leave claude waiting forever
+                    log.exception("asking a person failed")
+                    verdict = _deny(f"cp-agent could not ask a person: {exc}")
+                finally:
+                    with self._lock:
+                        self.pending -= 1
+                if verdict.get("behavior") != "allow":
+                    with self._lock:
+                        self.denied[asked["tool_use_id"]] = str(verdict.get("message") or "")
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(verdict).encode() + b"\n")
+
+    def close(self) -> None:
+        self._closed.set()
+        self._sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+class McpPermissionServer:
+    """The JSON-RPC 2.0 side of `cp_agent.py --mcp-permissions SOCKET`: MCP over stdio, one message per line
+    (initialize, notifications/initialized, ping, tools/list, tools/call; notifications/cancelled). Its one
+    tool, MCP_TOOL_NAME, takes claude's {tool_name, input, tool_use_id} and answers with one text block
+    holding claude's permission result. `ask(arguments, cancelled)` gives the verdict ({"behavior":
+    "allow"|"deny", "message"}); each call runs in a thread of its own, so prompts may overlap. `write` gets
+    each answer line (without its newline)."""
+
+    TOOL = {
+        "name": MCP_TOOL_NAME,
+        "description": "How the control plane's agent asks a person whether Claude may use a tool: "
+        "Claude Code's --permission-prompt-tool. Not for the model.",
+        "inputSchema": {
+            "type": "object",
+            "properties": {
+                "tool_name": {"type": "string", "description": "the tool Claude wants to use"},
+                "input": {"type": "object", "description": "its input"},
+                "tool_use_id": {"type": "string"},
+            },
+            "required": ["tool_name", "input"],
+        },
+    }
+
+    def __init__(self, write: Callable[[str], None], ask: Callable[[dict, threading.Event], dict]):
+        self._write, self.ask = write, ask
+        self._write_lock = threading.Lock()
+        self._cancels: dict[Any, threading.Event] = {}
+        self._threads: list[threading.Thread] = []
+
+    def feed(self, line: str) -> None:
+        """One line from the client."""
+        if not line.strip():
+            return
+        try:
+            message = json.loads(line)
+        except ValueError:
+            self._send({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "parse error"}})
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("method", ""), str):
+            self._send({"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "invalid request"}})
+            return
+        method, params = message.get("method"), message.get("params")
+        params = params if isinstance(params, dict) else {}
+        if method is None:
+            return  # an answer to a request of ours: we make none
+        if "id" not in message:  # a notification: never answered
+            if method == "notifications/cancelled":
+                cancel = self._cancels.get(_hashable(params.get("requestId")))
+                if cancel is not None:
+                    cancel.set()
+            return
+        request_id = message["id"]
+        if method == "initialize":
+            asked = params.get("protocolVersion")
+            self._result(request_id, {
+                "protocolVersion": asked if isinstance(asked, str) and asked else MCP_PROTOCOL_VERSION,
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": MCP_SERVER_NAME, "version": VERSION},
+            })  # fmt: skip
+        elif method == "ping":
+            self._result(request_id, {})
+        elif method == "tools/list":
+            self._result(request_id, {"tools": [self.TOOL]})
+        elif method == "tools/call":
+            if params.get("name") != MCP_TOOL_NAME:
+                self._error(request_id, -32602, f"unknown tool {str(params.get('name'))[:100]!r}")
+                return
+            cancel = threading.Event()
+            self._cancels[_hashable(request_id)] = cancel
+            thread = threading.Thread(target=self._call, args=(request_id, params.get("arguments"), cancel),
+                                      daemon=True, name="prompt")  # fmt: skip
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+            thread.start()
+        else:
+            self._error(request_id, -32601, f"method not found: {str(method)[:100]}")
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the calls under way (tests)."""
+        for thread in list(self._threads):
+            thread.join(timeout)
+
+    def _call(self, request_id: Any, arguments: Any, cancel: threading.Event) -> None:
+        try:
+            if not isinstance(arguments, dict) or not isinstance(arguments.get("tool_name"), str):
+                verdict = _deny("cp-agent: the permission request names no tool_name")
+            else:
+                verdict = self.ask(arguments, cancel)
+        except Exception as exc:  # never leave claude without an answer
+            verdict = _deny(f"cp-agent could not ask a person: {exc}")
+        finally:
+            self._cancels.pop(_hashable(request_id), None)
+        if cancel.is_set():
+            return  # claude gave up on it: MCP sends no answer to a cancelled request
+        if verdict.get("behavior") == "allow":
+            tool_input = arguments.get("input") if isinstance(arguments.get("input"), dict) else {}
+            decision: dict = {"behavior": "allow", "updatedInput": tool_input}
+        else:
+            decision = _deny(str(verdict.get("message") or "denied by a person"))
+        self._result(request_id, {"content": [{"type": "text", "text": json.dumps(decision)}]})
+
+    def _result(self, request_id: Any, result: dict) -> None:
+        self._send({"jsonrpc": "2.0", "id": request_id, "result": result})
+
+    def _error(self, request_id: Any, code: int, message: str) -> None:
+        self._send({"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}})
+
+    def _send(self, message: dict) -> None:
+        with self._write_lock:
+            self._write(json.dumps(message, separators=(",", ":")))
+
+
+def _hashable(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, type(None))) else json.dumps(value, sort_keys=True)
+
+
+def relay_to_daemon(socket_path: Path, arguments: dict, cancel: threading.Event) -> dict:
+    """One prompt, over the daemon's socket: the verdict, or a deny saying why there is none."""
+    request = {"tool_name": arguments.get("tool_name"), "input": arguments.get("input"),
+               "tool_use_id": arguments.get("tool_use_id")}  # fmt: skip
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            _on_unix_path(conn.connect, socket_path)
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            conn.settimeout(0.5)
+            data = bytearray()
+            while b"\n" not in data:
+                if cancel.is_set():
+                    return _deny("canceled")  # closing the connection tells the daemon to stop waiting
+                try:
+                    chunk = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    return _deny("cp-agent: the agent daemon went away before a person answered")
+                data += chunk
+    except OSError as exc:
+        return _deny(f"cp-agent: the agent daemon cannot be asked ({exc})")
+    try:
+        verdict = json.loads(bytes(data).split(b"\n", 1)[0])
+    except ValueError:
+        verdict = None
+    return verdict if isinstance(verdict, dict) else _deny("cp-agent: the agent daemon gave no verdict")
+
+
+def serve_mcp_permissions(socket_path: str) -> int:
+    """`cp_agent.py --mcp-permissions SOCKET`, started by claude: serve MCP on stdin/stdout until EOF."""
+    out = sys.stdout.buffer
+
+    def write(line: str) -> None:
+        out.write(line.encode() + b"\n")
+        out.flush()
+
+    server = McpPermissionServer(write, lambda args, cancel: relay_to_daemon(Path(socket_path), args, cancel))
+    for raw in sys.stdin.buffer:
+        server.feed(raw.decode("utf-8", "replace"))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- git workspaces
@@ -2115,6 +2474,21 @@ EXECUTOR_CLASSES: dict[str, type[Executor]] = {
     "codex": CodexExecutor,
     "git": GitExecutor,
 }
+
+
+def _shown_input(tool_input: Any) -> dict:
+    """A tool's input as the person is shown it: whole, unless it is huge (a long Write), then with long
+    strings cut; the CLI is given back its own input, never this."""
+    if not isinstance(tool_input, dict):
+        return {}
+    if len(json.dumps(tool_input)) <= INPUT_BODY_MAX_BYTES:
+        return tool_input
+    keep = 20_000
+    cut = {k: v if not isinstance(v, str) or len(v) <= keep else f"{v[:keep]}… ({len(v) - keep} more characters)"
+           for k, v in tool_input.items()}  # fmt: skip
+    if len(json.dumps(cut)) <= INPUT_BODY_MAX_BYTES:
+        return cut
+    return {"cp_agent": f"the input is too large to show ({len(json.dumps(tool_input))} bytes of JSON)"}
 
 
 def build_executors(names: list[str] | tuple[str, ...], environ: dict[str, str] | None = None) -> dict[str, Executor]:
@@ -2413,11 +2787,81 @@ class TaskRun:
         ctx.worktree = worktree.path if worktree is not None else None
         ctx.pass_env = config.pass_env
         ctx.report_usage, ctx.sandboxed_host = self.stream.usage, config.sandboxed_host
+        ctx.ask_person = self.ask_person
         try:
             return executor.run(ctx)
         except Exception as exc:
             log.exception("executor %s failed on %s", executor_name, self.key)
             return ExecResult({}, None, f"executor error: {exc}")
+
+    def ask_person(self, request: dict, gone: Callable[[], bool]) -> dict:
+        """Ask a person whether the CLI may use request["tool"] with request["input"] (PROTOCOL.md v1.1 "Input
+        requests"): create the input request, long-poll for the answer, and give the verdict, {"behavior":
+        "allow"|"deny", "message"}. Denied when the server cannot ask, the attempt ends, the CLI stops
+        waiting (`gone`), or nobody answers within request["timeout_s"] (the server's deny, or ours)."""
+        tool, tool_input = str(request.get("tool") or "tool"), request.get("input") or {}
+        timeout_s = float(request.get("timeout_s") or INPUT_TIMEOUT_DEFAULT_S)
+        said = short_input(tool, tool_input)
+        what = said if said.startswith(tool) else f"{tool} {said}"
+        self.stream.report(None, f"waiting for a person: {what}")
+        self.stream.log(
+            f"[cp-agent] waiting for a person: may {self.task.get('executor') or 'the agent'} use {what}?\n"
+        )
+        body = {"kind": "permission", "tool": tool, "input": _shown_input(tool_input),
+                "question": f"May {self.task.get('executor') or 'the agent'} use {what}?",
+                "timeout_s": max(1.0, timeout_s)}  # fmt: skip
+        verdict = self._ask_and_wait(body, gone, timeout_s)
+        allowed = verdict.get("behavior") == "allow"
+        message = str(verdict.get("message") or "")
+        self.stream.report(None, f"{'allowed' if allowed else 'denied'}: {what}")
+        self.stream.log(
+            f"[cp-agent] {'allowed' if allowed else 'denied'}: {what}{f' ({message})' if message else ''}\n"
+        )
+        return {"behavior": "allow", "message": message} if allowed else _deny(message or "denied by a person")
+
+    def _ask_and_wait(self, body: dict, gone: Callable[[], bool], timeout_s: float) -> dict:
+        try:
+            created = self.agent.call_for_task(f"/attempts/{self.attempt_id}/input-requests", body)
+            request_id = str(created["request_id"])
+        except ApiError as exc:
+            if exc.status == 409:  # the attempt is no longer ours
+                self.abandon(exc)
+            return _deny(f"the control plane could not ask a person (HTTP {exc.status} {exc.code}: {exc.detail})")
+        except (TransientError, KeyError, TypeError) as exc:
+            return _deny(f"the control plane could not be reached to ask a person ({exc})")
+        except FatalError as exc:
+            self.agent.fail(str(exc))
+            self.abandon(exc)
+            return _deny("the agent stopped")
+        # The server denies at timeout_s itself; this deadline is the backstop should it not.
+        deadline = time.monotonic() + timeout_s + 2 * INPUT_WAIT_S
+        while True:
+            if self.canceled.is_set():
+                return _deny(self.cancel_reason or "canceled")
+            if gone():
+                return _deny("claude no longer waits for the answer")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _deny(f"nobody answered within {timeout_s:g} s (params.input_timeout_s): denied")
+            wait_s = max(0.0, min(INPUT_WAIT_S, self.agent.timings["max_wait_s"], remaining))
+            try:
+                state = self.agent.call_for_task(
+                    f"/input-requests/{request_id}/wait", {"wait_s": wait_s}, timeout=wait_s + CLAIM_TIMEOUT_MARGIN_S
+                )
+            except ApiError as exc:
+                if exc.status == 409:
+                    self.abandon(exc)
+                return _deny(f"the input request failed (HTTP {exc.status} {exc.code}: {exc.detail})")
+            except TransientError:
+                self.canceled.wait(1.0)
+                continue
+            except FatalError as exc:
+                self.agent.fail(str(exc))
+                self.abandon(exc)
+                return _deny("the agent stopped")
+            answer = state.get("answer")
+            if state.get("state") == "answered" and isinstance(answer, dict):
+                return answer
 
     def _upload_artifacts(self) -> None:
         out = self.work_dir / "out"
@@ -2903,6 +3347,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cp_agent: usage: {SUPERVISE_FLAG} FD -- ARGV", file=sys.stderr)
             return 2
         return supervise(int(argv[1]), argv[3:])
+    if argv[:1] == [MCP_FLAG]:  # started by claude for a task: --mcp-permissions SOCKET
+        if len(argv) != 2:
+            print(f"cp_agent: usage: {MCP_FLAG} SOCKET", file=sys.stderr)
+            return 2
+        return serve_mcp_permissions(argv[1])
     try:
         config = Config.from_argv(argv)
     except ConfigError as exc:

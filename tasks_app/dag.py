@@ -100,6 +100,10 @@ AI_PARAMS: dict[str, dict[str, ParamRule]] = {
         "disallowed_tools": IS_TOOL_LIST,
         "max_turns": _is_int(1, 1000),
         "system_prompt": _is_text(0, 100_000),
+        # A permission claude was not given: a person answers it ("ask", through the daemon's MCP relay and
+        # an input request) or it is refused at once ("deny"); unanswered after input_timeout_s, denied.
+        "on_permission": _is_one_of("ask", "deny"),
+        "input_timeout_s": _is_positive(7 * 86_400),
     },
     "codex": {
         **_SHARED_PARAMS,

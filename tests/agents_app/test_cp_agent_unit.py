@@ -1308,3 +1308,347 @@ def test_a_restarted_agent_heartbeats_at_once_listing_no_attempts_as_its_first(f
     assert second_life[paths.index("/agents/heartbeat")][1] == {"status": "idle", "attempts": [], "first": True}
     later = [body for path, body in second_life[paths.index("/agents/heartbeat") + 1 :] if path == "/agents/heartbeat"]
     assert all("first" not in body for body in later)
+
+
+# ------------------------------------------------------------------------------------------- a person answers claude
+
+
+def rpc(method, id=None, **params) -> str:
+    message = {"jsonrpc": "2.0", "method": method, "params": params}
+    if id is not None:
+        message["id"] = id
+    return json.dumps(message)
+
+
+class McpHarness:
+    """cp_agent's MCP permission server fed lines, its answers collected; `verdicts` queues what ask() says,
+    `hold` keeps ask() waiting until set."""
+
+    def __init__(self):
+        self.lines: list[dict] = []
+        self.asked: list[dict] = []
+        self.verdicts: list[dict] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.server = cp_agent.McpPermissionServer(lambda line: self.lines.append(json.loads(line)), self.ask)
+
+    def ask(self, arguments, cancel):
+        self.asked.append(arguments)
+        while not self.hold.wait(0.02) or cancel.is_set():
+            if cancel.is_set():
+                return {"behavior": "deny", "message": "canceled"}
+        return self.verdicts.pop(0)
+
+    def feed(self, *lines: str) -> list[dict]:
+        for line in lines:
+            self.server.feed(line)
+        self.server.join(5)
+        return self.lines
+
+    def answer(self, id) -> dict:
+        return next(m for m in self.lines if m.get("id") == id)
+
+    def decision(self, id) -> dict:
+        [block] = self.answer(id)["result"]["content"]
+        assert block["type"] == "text"
+        return json.loads(block["text"])
+
+
+def test_mcp_server_answers_initialize_tools_list_and_ping_and_nothing_to_notifications():
+    mcp = McpHarness()
+    out = mcp.feed(
+        rpc("initialize", 0, protocolVersion="2025-11-25", capabilities={}, clientInfo={"name": "claude-code"}),
+        rpc("notifications/initialized"),
+        rpc("tools/list", 1),
+        rpc("ping", 2),
+        "",
+    )
+    assert [m["id"] for m in out] == [0, 1, 2] and all(m["jsonrpc"] == "2.0" for m in out)
+    init = mcp.answer(0)["result"]
+    assert init["protocolVersion"] == "2025-11-25" and init["capabilities"] == {"tools": {}}
+    assert init["serverInfo"]["name"] == cp_agent.MCP_SERVER_NAME
+    [tool] = mcp.answer(1)["result"]["tools"]
+    assert tool["name"] == "permission_prompt" and cp_agent.PROMPT_TOOL == "mcp__cp_agent__permission_prompt"
+    assert tool["inputSchema"]["required"] == ["tool_name", "input"]
+    assert mcp.answer(2)["result"] == {}
+
+
+def test_mcp_server_refuses_what_it_does_not_know_in_json_rpc_terms():
+    mcp = McpHarness()
+    out = mcp.feed(
+        "{not json",
+        "[1, 2]",
+        json.dumps({"jsonrpc": "2.0", "id": "server-discover-probe-1", "method": "server/discover"}),
+        rpc("tools/call", 3, name="rm_rf", arguments={}),
+        json.dumps({"jsonrpc": "2.0", "id": 9, "result": {}}),  # an answer to nothing we asked: ignored
+    )
+    assert [(m["id"], m["error"]["code"]) for m in out] == [
+        (None, -32700), (None, -32600), ("server-discover-probe-1", -32601), (3, -32602),
+    ]  # fmt: skip
+    assert mcp.asked == []
+
+
+def test_mcp_tool_call_allows_with_the_input_unchanged_or_denies_with_the_persons_words():
+    mcp = McpHarness()
+    mcp.verdicts = [{"behavior": "allow", "message": "ok"}, {"behavior": "deny", "message": "not on prod"}]
+    call = {"tool_name": "Bash", "input": {"command": "rm -rf build"}, "tool_use_id": "toolu_1"}
+    mcp.feed(rpc("tools/call", 5, name="permission_prompt", arguments=call))
+    mcp.feed(rpc("tools/call", 6, name="permission_prompt", arguments={**call, "tool_use_id": "toolu_2"}))
+    assert mcp.decision(5) == {"behavior": "allow", "updatedInput": {"command": "rm -rf build"}}
+    assert mcp.decision(6) == {"behavior": "deny", "message": "not on prod"}
+    assert [a["tool_use_id"] for a in mcp.asked] == ["toolu_1", "toolu_2"]
+
+
+def test_mcp_tool_call_without_a_tool_name_is_denied_without_asking_anyone():
+    mcp = McpHarness()
+    mcp.feed(rpc("tools/call", 7, name="permission_prompt", arguments={"input": {}}))
+    assert mcp.decision(7)["behavior"] == "deny" and mcp.asked == []
+    mcp.verdicts = [{"behavior": "deny", "message": ""}]
+    mcp.feed(rpc("tools/call", 8, name="permission_prompt", arguments={"tool_name": "Bash", "input": {}}))
+    assert mcp.decision(8) == {"behavior": "deny", "message": "denied by a person"}
+
+
+def test_mcp_tool_calls_overlap_and_a_cancelled_one_gets_no_answer():
+    mcp = McpHarness()
+    mcp.hold.clear()
+    call = {"tool_name": "Bash", "input": {"command": "make"}, "tool_use_id": "a"}
+    mcp.server.feed(rpc("tools/call", 10, name="permission_prompt", arguments=call))
+    mcp.server.feed(rpc("tools/call", 11, name="permission_prompt", arguments={**call, "tool_use_id": "b"}))
+    mcp.server.feed(rpc("ping", 12))  # answered while both wait for a person
+    deadline = time.monotonic() + 5
+    while len(mcp.asked) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [m["id"] for m in mcp.lines] == [12] and len(mcp.asked) == 2
+    mcp.server.feed(rpc("notifications/cancelled", requestId=10, reason="aborted"))
+    mcp.verdicts = [{"behavior": "allow"}]
+    mcp.hold.set()
+    mcp.server.join(5)
+    assert [m["id"] for m in mcp.lines] == [12, 11]
+    assert mcp.decision(11)["behavior"] == "allow"
+
+
+def test_permission_policy_reads_on_permission_and_input_timeout_s():
+    assert cp_agent.permission_policy({}) == ("ask", 3600.0)
+    assert cp_agent.permission_policy({"on_permission": "deny", "input_timeout_s": 5}) == ("deny", 5.0)
+    for bad in ({"on_permission": "yes"}, {"input_timeout_s": 0}, {"input_timeout_s": "1"},
+                {"input_timeout_s": 8 * 86400}):  # fmt: skip
+        with pytest.raises(cp_agent.TaskError):
+            cp_agent.permission_policy(bad)
+
+
+def test_the_relay_socket_is_private_and_carries_a_prompt_to_the_daemon_and_back(tmp_path):
+    asked, release = [], threading.Event()
+
+    def ask(request, gone):
+        asked.append(request)
+        release.wait(5)
+        return {"behavior": "deny", "message": "no, thanks"}
+
+    # A work dir deeper than a Unix socket path may be long.
+    folder = tmp_path / ("deep" * 30) / ".cp-agent"
+    relay = cp_agent.PermissionRelay(folder, ask, 42.0)
+    try:
+        assert len(str(relay.path)) > 108
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE(relay.path.stat().st_mode) == 0o600
+        config = relay.mcp_config()["mcpServers"]["cp_agent"]
+        assert config["args"][-2:] == ["--mcp-permissions", str(relay.path)] and config["timeout"] == 162_000
+        assert "env" not in config  # started with the task's environment: nothing of the daemon's is added
+        verdict = {}
+        call = {"tool_name": "Bash", "input": {"command": "make"}, "tool_use_id": "toolu_9"}
+        thread = threading.Thread(target=lambda: verdict.update(
+            cp_agent.relay_to_daemon(relay.path, call, threading.Event())))  # fmt: skip
+        thread.start()
+        deadline = time.monotonic() + 5
+        while relay.pending == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert relay.pending == 1
+        release.set()
+        thread.join(5)
+        assert verdict == {"behavior": "deny", "message": "no, thanks"}
+        assert asked == [{"tool": "Bash", "input": {"command": "make"}, "tool_use_id": "toolu_9", "timeout_s": 42.0}]
+        assert relay.pending == 0 and relay.denied == {"toolu_9": "no, thanks"}
+    finally:
+        relay.close()
+    assert not relay.path.exists()
+    gone = cp_agent.relay_to_daemon(relay.path, {"tool_name": "Bash", "input": {}}, threading.Event())
+    assert gone["behavior"] == "deny" and "cannot be asked" in gone["message"]
+
+
+def test_the_daemon_stops_waiting_when_the_relay_gives_up(tmp_path):
+    stopped = threading.Event()
+
+    def ask(request, gone):
+        while not gone():
+            time.sleep(0.02)
+        stopped.set()
+        return {"behavior": "deny", "message": "gone"}
+
+    relay = cp_agent.PermissionRelay(tmp_path / ".cp-agent", ask, 60.0)
+    try:
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        verdict = cp_agent.relay_to_daemon(relay.path, {"tool_name": "Bash", "input": {}}, cancel)
+        assert verdict == {"behavior": "deny", "message": "canceled"}
+        assert stopped.wait(5)
+    finally:
+        relay.close()
+
+
+def test_the_mcp_server_runs_as_its_own_process_over_stdio(tmp_path):
+    relay = cp_agent.PermissionRelay(tmp_path / ".cp-agent", lambda r, g: {"behavior": "allow"}, 60.0)
+    try:
+        config = relay.mcp_config()["mcpServers"]["cp_agent"]
+        lines = [
+            rpc("initialize", 0, protocolVersion="2025-06-18", capabilities={}),
+            rpc("notifications/initialized"),
+            rpc(
+                "tools/call",
+                1,
+                name="permission_prompt",
+                arguments={"tool_name": "Write", "input": {"file_path": "a.txt", "content": "x"}},
+            ),  # fmt: skip
+        ]
+        proc = subprocess.Popen([config["command"], *config["args"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, env={"PATH": os.environ["PATH"]})  # fmt: skip
+        proc.stdin.write("\n".join(lines) + "\n")
+        proc.stdin.flush()
+        answers = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        proc.stdin.close()
+        assert proc.wait(5) == 0
+    finally:
+        relay.close()
+    assert answers[0]["id"] == 0 and answers[0]["result"]["protocolVersion"] == "2025-06-18"
+    decision = json.loads(answers[1]["result"]["content"][0]["text"])
+    assert decision == {"behavior": "allow", "updatedInput": {"file_path": "a.txt", "content": "x"}}
+
+
+# A claude stand-in that plays Claude Code's part of --permission-prompt-tool: it starts the MCP server named
+# by --mcp-config (with its own environment, as claude does), asks the prompt tool about one Bash call, and
+# ends the way claude -p does (a denied call listed in permission_denials).
+FAKE_PROMPTING_CLAUDE = r"""
+import json, os, subprocess, sys
+argv = sys.argv[1:]
+if argv[:1] == ["--version"]:
+    print("2.1.332 (Claude Code)"); sys.exit(0)
+if argv[:1] == ["auth"]:
+    print('{"loggedIn": true, "authMethod": "api_key"}'); sys.exit(0)
+out = os.environ["CP_OUT_DIR"]
+open(os.path.join(out, "argv.txt"), "w").write("\n".join(argv) + "\n")
+sys.stdin.read()
+print(json.dumps({"type": "system", "subtype": "init", "session_id": "s1", "model": "claude-sonnet-4-5"}), flush=True)
+denials = []
+if "--mcp-config" in argv:
+    server = json.load(open(argv[argv.index("--mcp-config") + 1]))["mcpServers"]["cp_agent"]
+    mcp = subprocess.Popen([server["command"], *server["args"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True)
+    open(os.path.join(out, "relay_env.txt"), "w").write(open(f"/proc/{mcp.pid}/environ").read().replace("\0", "\n"))
+    command = {"command": "rm -rf build"}
+    for message in ({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}},
+                    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                    {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "permission_prompt",
+                     "arguments": {"tool_name": "Bash", "input": command, "tool_use_id": "toolu_1"}}}):
+        mcp.stdin.write(json.dumps(message) + "\n"); mcp.stdin.flush()
+    mcp.stdout.readline()
+    decision = json.loads(json.loads(mcp.stdout.readline())["result"]["content"][0]["text"])
+    open(os.path.join(out, "decision.json"), "w").write(json.dumps(decision))
+    mcp.stdin.close(); mcp.wait()
+    if decision["behavior"] != "allow":
+        denials.append({"tool_name": "Bash", "tool_use_id": "toolu_1", "tool_input": command})
+print(json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": "Done.", "session_id": "s1",
+                  "num_turns": 2, "permission_denials": denials}), flush=True)
+"""
+
+
+class InputServer(FakeServer):
+    """The fake server with PROTOCOL.md v1.1's input requests: `answers` is what each wait gives once
+    `answer_after_s` has passed since the request was made."""
+
+    def __init__(self):
+        super().__init__()
+        self.answer = {"behavior": "allow", "message": ""}
+        self.answer_after_s = 0.0
+        self.created: dict[str, float] = {}
+
+    def route(self, path, body, gone=lambda: False):
+        if path.endswith("/input-requests") and path.startswith("/attempts/"):
+            with self.changed:
+                self.calls.append((path, body))
+            request_id = f"req-{len(self.created) + 1}"
+            self.created[request_id] = time.monotonic()
+            return 201, {"request_id": request_id}
+        if path.startswith("/input-requests/") and path.endswith("/wait"):
+            with self.changed:
+                self.calls.append((path, body))
+            ready = self.created[path.split("/")[2]] + self.answer_after_s
+            time.sleep(max(0.0, min(body["wait_s"], ready - time.monotonic())))
+            if time.monotonic() >= ready:
+                return 200, {"state": "answered", "answer": self.answer}
+            return 200, {"state": "pending"}
+        return super().route(path, body, gone)
+
+
+@pytest.fixture
+def input_server():
+    server = InputServer()
+    yield server
+    server.close()
+
+
+def run_prompting_claude(server: InputServer, tmp_path: Path, attempt: str, **params) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    claude = tmp_path / "claude"
+    claude.write_text(f"#!{sys.executable}\n{FAKE_PROMPTING_CLAUDE}")
+    claude.chmod(0o755)
+    server.assign(attempt, executor="claude", prompt="clean up", params=params)
+    code, err = finish(start_agent(server, tmp_path, "--once", "--executors", "claude",
+                                   env={"CP_CLAUDE_BIN": str(claude)}), timeout=20)  # fmt: skip
+    assert code == 0, err
+    return server.body(f"/attempts/{attempt}/complete")
+
+
+def test_claude_asks_a_person_through_the_daemon_which_alone_holds_the_token(input_server, tmp_path):
+    input_server.answer_after_s = 1.5  # longer than the stall limit: waiting for a person is no stall
+    complete = run_prompting_claude(input_server, tmp_path, "0000000a", stall_s=1, input_timeout_s=90)
+    assert complete["outcome"] == "succeeded", complete
+    work = tmp_path / "work" / "core-1-0000000a"
+    argv = (work / "out" / "argv.txt").read_text().splitlines()
+    config = argv[argv.index("--mcp-config") + 1]
+    assert argv[argv.index("--permission-prompt-tool") + 1] == "mcp__cp_agent__permission_prompt"
+    assert "mcp__cp_agent__permission_prompt" in argv[argv.index("--disallowedTools") + 1 :]  # not the model's
+    assert "agent-token" not in Path(config).read_text() and "enroll" not in Path(config).read_text()
+    relay_env = (work / "out" / "relay_env.txt").read_text()
+    assert "agent-token" not in relay_env and "CP_ENROLLMENT_TOKEN" not in relay_env and "CP_SERVER" not in relay_env
+    assert json.loads((work / "out" / "decision.json").read_text()) == {
+        "behavior": "allow", "updatedInput": {"command": "rm -rf build"},
+    }  # fmt: skip
+    created = input_server.body("/attempts/0000000a/input-requests")
+    assert created == {"kind": "permission", "tool": "Bash", "input": {"command": "rm -rf build"},
+                       "question": "May claude use Bash $ rm -rf build?", "timeout_s": 90}  # fmt: skip
+    waits = [body for path, body in input_server.calls if path == "/input-requests/req-1/wait"]
+    assert waits and all(0 < w["wait_s"] <= 2 for w in waits)  # the server's max_wait_s
+    messages = [body["message"] for path, body in input_server.calls if path.endswith("/progress")]
+    assert "waiting for a person: Bash $ rm -rf build" in messages
+    assert not (work / ".cp-agent" / "permissions.sock").exists()
+
+
+def test_a_person_denying_fails_the_task_as_permission_denied_in_their_words(input_server, tmp_path):
+    input_server.answer = {"behavior": "deny", "message": "not before the release"}
+    complete = run_prompting_claude(input_server, tmp_path, "0000000b")
+    decision = json.loads((tmp_path / "work" / "core-1-0000000b" / "out" / "decision.json").read_text())
+    assert decision == {"behavior": "deny", "message": "not before the release"}
+    assert complete["outcome"] == "failed"
+    assert complete["error"] == ("permission_denied: claude was refused 1 tool call(s): $ rm -rf build "
+                                 "(denied: not before the release)")  # fmt: skip
+
+
+def test_on_permission_deny_and_a_server_without_input_requests_keep_todays_refusals(fake_server, input_server,
+                                                                                    tmp_path):  # fmt: skip
+    complete = run_prompting_claude(input_server, tmp_path / "a", "0000000c", on_permission="deny")
+    argv = (tmp_path / "a" / "work" / "core-1-0000000c" / "out" / "argv.txt").read_text()
+    assert "--permission-prompt-tool" not in argv and "--mcp-config" not in argv
+    assert complete["outcome"] == "succeeded" and input_server.created == {}
+    # An older server answers 404: claude is told no, as it would be without a prompt tool.
+    complete = run_prompting_claude(fake_server, tmp_path / "b", "0000000d")
+    decision = json.loads((tmp_path / "b" / "work" / "core-1-0000000d" / "out" / "decision.json").read_text())
+    assert decision["behavior"] == "deny" and "could not ask a person (HTTP 404" in decision["message"]
+    assert complete["outcome"] == "failed" and complete["error"].startswith("permission_denied: ")

@@ -37,6 +37,8 @@ EVERY_CLAUDE_PARAM = {
     "expect_changes": True,
     "stall_s": 600,
     "resume_on_retry": True,
+    "on_permission": "ask",
+    "input_timeout_s": 900,
 }
 EVERY_CODEX_PARAM = {
     "model": "gpt-5-codex",
@@ -162,11 +164,17 @@ def test_the_refused_value_is_shown_and_a_long_one_shortened():
     assert detail.endswith("...") and len(detail) < 200, detail
 
 
+def test_on_permission_and_input_timeout_s_are_checked():
+    assert refusal("claude", on_permission="maybe").detail.endswith("must be one of ask, deny, not 'maybe'")
+    assert "input_timeout_s must be a number > 0" in refusal("claude", input_timeout_s=0).detail
+
+
 def test_an_unknown_param_is_refused_naming_it_and_listing_the_known_ones():
     detail = refusal("claude", max_turn=3).detail
     assert detail == (
         "task 'plan': unknown param(s) 'max_turn' for claude; known: allowed_tools, budget_usd, disallowed_tools, "
-        "expect_changes, max_turns, model, permission_mode, resume_on_retry, skip_permissions, stall_s, system_prompt"
+        "expect_changes, input_timeout_s, max_turns, model, on_permission, permission_mode, resume_on_retry, "
+        "skip_permissions, stall_s, system_prompt"
     )
     detail = refusal("codex", model="gpt-5-codex", effort="high", duration_s=3).detail
     assert "unknown param(s) 'effort', 'duration_s' for codex; known: budget_usd, " in detail, detail
