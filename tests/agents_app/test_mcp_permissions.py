@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import Permission
+from playwright.sync_api import expect, sync_playwright
 
 from tasks_app.models import Attempt, InputRequest, Run
 from tasks_app.states import AttemptState, RunState
@@ -51,6 +53,21 @@ def model_api():
     api = TimedModelAPI(api_key=TEST_API_KEY).start()
     yield api
     api.stop()
+
+
+@pytest.fixture
+def people_browser(live_server_proc, django_user_model):
+    """people_browser(): a Chromium page logged in as an operator, on the overview."""
+    from tests.tasks_app.test_dashboard_browser import CHROMIUM_ARGS, login
+
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # Playwright's loop on this thread; the ORM calls are sync
+    operator = django_user_model.objects.create_user("olga", password="pw-olga-12345")
+    operator.user_permissions.add(Permission.objects.get(codename="operate_run"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield lambda: login(browser, live_server_proc, ("olga", "pw-olga-12345"))
+        browser.close()
+    os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
 
 
 @pytest.fixture
@@ -253,3 +270,29 @@ def test_an_answer_reaches_claude_within_a_second(live_server_proc, operator, mo
     with capsys.disabled():
         print(f"\nINPUT_LATENCY {json.dumps(figures)}")
     assert figures["answer_to_resume"]["p95_ms"] < 1500, figures
+
+
+def test_a_person_allows_from_the_browser_and_a_hostile_command_stays_inert(
+    live_server_proc, operator, model_api, claude_agent, people_browser
+):
+    """The overview's Waiting for you in Chromium: the command claude asks to run, hostile markup and all, is
+    shown as text (no script runs, no element is made of it); Allow is clicked there and the command runs."""
+    _, token = operator
+    hostile = WRITE_HELLO + " # <img src=x onerror=window.cpOwned=1><script>window.cpOwned=2</script>"
+    model_api.script(tool_call("Bash", {"command": hostile}), text("Wrote hello.txt."))
+    run_id = submit(live_server_proc, token, {"key": "hello", "executor": "claude", "prompt": "Write hello.txt."})
+    page = people_browser()
+    expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
+    claude_agent()
+    request = page.locator("[data-testid=input-request]")
+    expect(request.locator("[data-testid=input-shown]")).to_have_text(hostile, timeout=30_000)
+    assert page.evaluate("window.cpOwned === undefined")
+    assert page.locator("[data-testid=input-request] img, [data-testid=input-request] script").count() == 0
+    request.locator("input[name=message]").fill("fine")
+    request.get_by_role("button", name="Allow").click()
+    expect(page.locator("#flash .flash")).to_contain_text("Allowed", timeout=5_000)
+    assert ended(run_id, timeout=60).state == RunState.SUCCEEDED
+    [result] = model_api.turns[1].tool_results()
+    assert not result.get("is_error")
+    assert InputRequest.objects.get(run_id=run_id).answered_by == "user:olga"
+    expect(request).to_have_count(0, timeout=10_000)  # the panel follows, live
