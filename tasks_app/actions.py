@@ -977,7 +977,10 @@ def input_request_state(agent: dict, request_id) -> dict:
         raise NotFound("no input request with that id")
     state, answer, overdue, _agent_id, attempt_state = row
     if state == "pending" and overdue:
-        answer_input_request(request_id, "deny", "", "system:timeout")
+        try:
+            answer_input_request(request_id, "deny", "", "system:timeout")
+        except ActionError:
+            pass  # the sweeper answered it first, or it turned moot: the re-read below says which
         return input_request_state(agent, request_id)
     if state == "answered":
         return {"state": "answered", "answer": json.loads(answer) if isinstance(answer, str) else answer}

@@ -87,6 +87,32 @@ def test_unanswered_past_its_time_the_server_answers_deny(server, enroll, run_of
     assert InputRequest.objects.get(pk=request_id).answered_by == "system:timeout"
 
 
+def test_when_the_sweeper_denies_first_the_waiting_agent_reads_its_deny(server, enroll, run_of, monkeypatch):
+    """The agent's wait and the sweeper both find the request overdue; the sweeper answers first. The wait
+    must read the sweeper's deny, not answer a 409 (the daemon would take that as losing its attempt)."""
+    from django.utils import timezone
+
+    from tasks_app import actions
+
+    run_of(claude_task("a"))
+    agent = enroll(executors=AI)
+    attempt_id = agent.claim_one()["attempt_id"]
+    request_id = ok(ask(agent, attempt_id), 201)["request_id"]
+    request = InputRequest.objects.get(pk=request_id)
+    InputRequest.objects.filter(pk=request_id).update(expires_at=timezone.now())
+    real_answer = actions.answer_input_request
+
+    def sweeper_first(*args):
+        monkeypatch.setattr(actions, "answer_input_request", real_answer)
+        actions.settle_input_requests()  # the sweeper wins the race between the wait's read and its answer
+        return real_answer(*args)
+
+    monkeypatch.setattr(actions, "answer_input_request", sweeper_first)
+    got = actions.input_request_state({"id": request.attempt.agent_id}, request_id)
+    assert got["state"] == "answered" and got["answer"]["behavior"] == "deny"
+    assert "nobody answered in time" in got["answer"]["message"]
+
+
 def test_a_request_whose_attempt_ended_is_moot(server, enroll, run_of, api_token):
     run_of(claude_task("a"))
     agent = enroll(executors=AI)
