@@ -74,8 +74,16 @@ if CP_BEHIND_TLS_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 _served_over_tls = bool(CP_TLS_CERT) or CP_BEHIND_TLS_PROXY
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("CP_SECURE_COOKIES", _served_over_tls)
-# HSTS makes browsers refuse plain http to this host for that long: opt-in, as it is hard to take back.
-SECURE_HSTS_SECONDS = env_int("CP_HSTS_SECONDS", 0)
+# Served over TLS, plain http is redirected to https and HSTS tells browsers to use https alone for a year,
+# so a production deployment passes `check --deploy` silent. Plain HTTP (loopback, the default) keeps both
+# off: there is no https to send anyone to. The health check stays reachable over plain http for a proxy's
+# probes. includeSubDomains covers names under this host's own (cp.example.com's, not example.com's), and
+# `preload` in the header enrolls nobody until the operator submits the domain: both on with TLS.
+SECURE_SSL_REDIRECT = env_bool("CP_SSL_REDIRECT", _served_over_tls)
+SECURE_REDIRECT_EXEMPT = [r"^api/v1/health$"]
+SECURE_HSTS_SECONDS = env_int("CP_HSTS_SECONDS", 365 * 24 * 3600 if _served_over_tls else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("CP_HSTS_INCLUDE_SUBDOMAINS", _served_over_tls)
+SECURE_HSTS_PRELOAD = env_bool("CP_HSTS_PRELOAD", _served_over_tls)
 
 INSTALLED_APPS = [
     "daphne",

@@ -128,8 +128,9 @@ def test_cookies_are_secure_when_the_server_serves_tls(tls_server, live_server_p
 def test_behind_a_tls_proxy_the_forwarded_scheme_is_trusted(server_tmp, operator):
     """The proxy terminates TLS and says so in X-Forwarded-Proto: the browser's https:// Origin passes CSRF's
     origin check, and cookies are secure. Without the header the same login is refused. On daphne: uvicorn
-    trusts X-Forwarded-Proto from loopback by itself (--proxy-headers), which would hide the setting's part."""
-    server = Server(server_tmp, extra_env={"CP_BEHIND_TLS_PROXY": "1"}, kind="daphne")
+    trusts X-Forwarded-Proto from loopback by itself (--proxy-headers), which would hide the setting's part.
+    The redirect to https is left to the proxy here (CP_SSL_REDIRECT=0), or it would answer first."""
+    server = Server(server_tmp, extra_env={"CP_BEHIND_TLS_PROXY": "1", "CP_SSL_REDIRECT": "0"}, kind="daphne")
     try:
         host = server.url.removeprefix("http://")
         token = cookies_of(f"{server.url}/accounts/login/", headers={"X-Forwarded-Proto": "https"})["csrftoken"]
