@@ -96,7 +96,7 @@ async def scan_host_key(target: Target, algs: Sequence[str] = ()) -> str:
         raise ProvisionError(f"{target.name}: cannot reach {target.address}:{target.port}: {_why(exc)}") from None
     if key is None:
         raise ProvisionError(f"{target.name}: the server presented no host key")
-    return key.export_public_key("openssh").decode().strip()
+    return _openssh(key)
 
 
 async def connect(target: Target) -> asyncssh.SSHClientConnection:
@@ -108,12 +108,20 @@ async def connect(target: Target) -> asyncssh.SSHClientConnection:
         raise ProvisionError(f"{target.name}: no private key configured")
     pinned = asyncssh.import_public_key(target.host_key)
     try:
-        return await asyncssh.connect(
+        conn = await asyncssh.connect(
             target.address,
             target.port,
             username=target.user,
             client_keys=[target.private_key],
+            # The pin is the key alone. asyncssh would otherwise also accept a host key certified by a CA
+            # this machine's user trusts: X.509 CAs in ~/.ssh/ca-bundle.crt and ~/.ssh/crt/ (so any host
+            # with such a certificate passed as the pinned one), @cert-authority lines of a known_hosts.
+            # Only the pinned key's own signature algorithms are offered, so no certificate is negotiated.
             known_hosts=([pinned], [], []),
+            x509_trusted_certs=None,
+            x509_trusted_cert_paths=None,
+            server_host_key_algs=[alg.decode() for alg in pinned.sig_algorithms],
+            gss_host=None,  # a Kerberos key exchange would vouch for the host instead of its key
             agent_path=None,
             config=[],
             preferred_auth=["publickey"],
@@ -130,9 +138,19 @@ async def connect(target: Target) -> asyncssh.SSHClientConnection:
         # what it presents before calling it a network problem. Nothing to look at when nobody answered.
         if not isinstance(exc, (ConnectionRefusedError, TimeoutError, socket.gaierror)):
             offered = await _presented_key(target, pinned)
-            if offered and offered != pinned.export_public_key("openssh").decode().strip():
+            if offered and offered != _openssh(pinned):
                 raise HostKeyChanged(target.name, target.host_key, offered) from None
         raise ProvisionError(f"{target.name}: cannot reach {target.address}:{target.port}: {_why(exc)}") from None
+    # Whatever asyncssh's defaults become: nothing is run on a host whose key is not the pinned one.
+    offered = conn.get_server_host_key()
+    if offered is None or _openssh(offered) != _openssh(pinned):
+        conn.close()
+        raise HostKeyChanged(target.name, target.host_key, _openssh(offered) if offered else "")
+    return conn
+
+
+def _openssh(key: asyncssh.SSHKey) -> str:
+    return key.export_public_key("openssh").decode().strip()
 
 
 async def _presented_key(target: Target, pinned: asyncssh.SSHKey) -> str:

@@ -1,0 +1,130 @@
+"""What a hostile host, or a hostile value in a host's settings, can make provisioning do (issue 12): the pin is
+the host key alone, whatever else this machine's user trusts; remote commands run values as data, never as
+shell; uninstall removes only what deploy wrote."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from agents_app import provision
+
+ATTACKER_CA = "CN=attacker CA"
+
+
+class Impostor:
+    """An SSH server on loopback that lets anyone in and records every command it is sent: a host that
+    answers at the pinned host's address with a key of its own."""
+
+    def __init__(self, server_host_keys):
+        self.server_host_keys = server_host_keys
+        self.commands: list[str] = []
+        self.port = 0
+
+    async def __aenter__(self):
+        async def record(process):
+            self.commands.append(process.command or "")
+            process.exit(0)
+
+        self.server = await asyncssh.create_server(
+            NoAuthServer, "127.0.0.1", 0, server_host_keys=self.server_host_keys, process_factory=record
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class NoAuthServer(asyncssh.SSHServer):
+    def begin_auth(self, username):
+        return False  # no authentication needed: the impostor wants whatever the client sends
+
+
+def target(port: int, host_key: str) -> provision.Target:
+    return provision.Target(
+        name="pinned", address="127.0.0.1", port=port, user="deploy", host_key=host_key,
+        private_key=asyncssh.generate_private_key("ssh-ed25519"), connect_timeout_s=5.0,
+        server_url="http://127.0.0.1:9", agent_names=("pinned-1",),
+    )  # fmt: skip
+
+
+def openssh_line(key: asyncssh.SSHKey) -> str:
+    return key.export_public_key("openssh").decode().strip()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """The control plane's user's home (asyncssh reads its defaults from ~/.ssh)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    return tmp_path / ".ssh"
+
+
+def x509_host(home: Path, where: str):
+    """A host key with an X.509 certificate from a CA this machine's user trusts at `where`."""
+    ca = asyncssh.generate_private_key("ecdsa-sha2-nistp256")
+    ca_cert = ca.generate_x509_ca_certificate(ca, ATTACKER_CA, hash_alg="sha256")
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    cert = ca.generate_x509_host_certificate(
+        key, "CN=127.0.0.1", issuer=ATTACKER_CA, principals=["127.0.0.1"], hash_alg="sha256"
+    )
+    if where == "ca-bundle.crt":
+        (home / "ca-bundle.crt").write_bytes(ca_cert.export_certificate("pem"))
+    else:  # a directory of CA certificates named by subject hash, as OpenSSL's c_rehash makes it
+        (home / "crt").mkdir()
+        (home / "crt" / f"{cert.issuer_hash}.0").write_bytes(ca_cert.export_certificate("pem"))
+    return key, cert
+
+
+def openssh_cert_host(home: Path):
+    """A host key with an OpenSSH certificate from a CA that ~/.ssh/known_hosts marks @cert-authority."""
+    ca = asyncssh.generate_private_key("ssh-ed25519")
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    cert = ca.generate_host_certificate(key, "127.0.0.1", principals=["127.0.0.1"])
+    (home / "known_hosts").write_text(f"@cert-authority * {openssh_line(ca)}\n")
+    return key, cert
+
+
+HOSTS_WITH_A_TRUSTED_CERTIFICATE = {
+    "x509 ~/.ssh/ca-bundle.crt": lambda home: x509_host(home, "ca-bundle.crt"),
+    "x509 ~/.ssh/crt/": lambda home: x509_host(home, "crt"),
+    "openssh @cert-authority": openssh_cert_host,
+}
+
+
+async def noop_report(*args, **kwargs):
+    pass
+
+
+@pytest.mark.parametrize("make", HOSTS_WITH_A_TRUSTED_CERTIFICATE.values(), ids=HOSTS_WITH_A_TRUSTED_CERTIFICATE)
+def test_a_host_with_another_key_is_refused_even_with_a_certificate_this_user_trusts(home, make):
+    key, cert = make(home)
+    pinned = openssh_line(asyncssh.generate_private_key("ssh-ed25519"))
+
+    async def scenario():
+        async with Impostor([(key, cert)]) as impostor:
+            with pytest.raises(provision.HostKeyChanged) as refused:
+                await provision.run_operation("deploy", target(impostor.port, pinned), noop_report, token="secret")
+            return impostor, refused.value
+
+    impostor, refused = asyncio.run(scenario())
+    assert impostor.commands == []  # never logged in: no agent.env, no enrollment token
+    assert refused.offered == openssh_line(key)
+
+
+def test_the_pinned_key_still_connects_when_it_comes_with_a_certificate(home):
+    key, cert = x509_host(home, "ca-bundle.crt")
+
+    async def scenario():
+        async with (
+            Impostor([(key, cert)]) as impostor,
+            await provision.connect(target(impostor.port, openssh_line(key))) as conn,
+        ):
+            return openssh_line(conn.get_server_host_key())
+
+    assert asyncio.run(scenario()) == openssh_line(key)
