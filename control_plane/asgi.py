@@ -1,6 +1,7 @@
 """ASGI entry point: HTTP through Django (agents' calls on a lean handler, see agent_asgi); the dashboard's
 websockets through Channels, behind the allowed-hosts origin check and the session authentication
-(consumers refuse anonymous users)."""
+(consumers refuse anonymous users). Every HTTP request's body is held to its route's limit while it streams
+in, before any of that (body_limits)."""
 
 import os
 
@@ -16,6 +17,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.urls import path  # noqa: E402
 
 from control_plane.agent_asgi import route_http  # noqa: E402
+from control_plane.body_limits import limit_bodies  # noqa: E402
 from tasks_app.consumers import LivePageConsumer  # noqa: E402
 
 websocket_urls = [
@@ -25,7 +27,7 @@ websocket_urls = [
 
 application = ProtocolTypeRouter(
     {
-        "http": route_http(django_asgi_app),
+        "http": limit_bodies(route_http(django_asgi_app)),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urls))),
     }
 )
