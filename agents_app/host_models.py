@@ -10,11 +10,13 @@ from __future__ import annotations
 import uuid
 
 from django.contrib.postgres.fields import ArrayField
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
 
 from .host_keys import fingerprint
+from .provision import remote_dir_problem
 
 # The protocol's name rule; a prefix leaves room for "-NN".
 NAME_VALIDATOR = RegexValidator(r"^[A-Za-z0-9._-]{1,64}\Z", "1-64 of letters, digits, '.', '_' and '-'")
@@ -24,6 +26,14 @@ REMOTE_DIR_VALIDATOR = RegexValidator(
     r"^(?!.*(^|/)\.\.(/|$))(/?[A-Za-z0-9._-]+)(/[A-Za-z0-9._-]+)*/?\Z",
     "a relative (to the remote home) or absolute path of letters, digits, '.', '_', '-' and '/', without '..'",
 )
+
+
+def validate_remote_dir(value: str) -> None:
+    """Not the login's home (".") nor a folder holding homes: uninstall works through the folder."""
+    if problem := remote_dir_problem(value):
+        raise ValidationError(problem, code="remote_dir")
+
+
 REMOTE_PYTHON_VALIDATOR = RegexValidator(r"^[A-Za-z0-9._/+-]{1,255}\Z", "a program name or absolute path")
 
 
@@ -45,7 +55,9 @@ class Host(models.Model):
     offered_host_key = models.TextField(blank=True, editable=False)
     offered_at = models.DateTimeField(null=True, blank=True, editable=False)
     remote_python = models.CharField(max_length=255, default="python3", validators=[REMOTE_PYTHON_VALIDATOR])
-    remote_dir = models.CharField(max_length=255, default="cp-agent", validators=[REMOTE_DIR_VALIDATOR])
+    remote_dir = models.CharField(
+        max_length=255, default="cp-agent", validators=[REMOTE_DIR_VALIDATOR, validate_remote_dir]
+    )
     server_url = models.CharField(
         max_length=255, blank=True, help_text="how the agents reach the control plane (default: CP_PUBLIC_URL)"
     )

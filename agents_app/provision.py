@@ -12,6 +12,7 @@ On the host everything lives in one folder (`remote_dir`, relative to the login'
                          so a recycled pid is never killed
     logs/NAME.log        the agent's output
     work/                the agents' task folders and identity (state) files
+    .cp-agent-manifest   what deploy created here, one path a line: all that uninstall removes
 
 Agents are started with `nohup setsid`, so they outlive the SSH session. Remote commands run under
 /bin/sh, whatever the login shell. Hosts are Linux (the liveness check reads /proc).
@@ -20,6 +21,7 @@ Agents are started with `nohup setsid`, so they outlive the SSH session. Remote 
 from __future__ import annotations
 
 import asyncio
+import posixpath
 import re
 import shlex
 import socket
@@ -31,6 +33,7 @@ import asyncssh
 from .host_keys import fingerprint
 
 Report = Callable[..., Awaitable[None]]
+MANIFEST = ".cp-agent-manifest"
 VERSION_RE = re.compile(r'^VERSION = "([^"]+)"', re.MULTILINE)
 LOG_TAIL_LINES = 5
 # After a second SIGTERM the daemon cancels its tasks (SIGKILL to each task 10 s later): give it that long.
@@ -150,7 +153,8 @@ async def connect(target: Target) -> asyncssh.SSHClientConnection:
 
 
 def _openssh(key: asyncssh.SSHKey) -> str:
-    return key.export_public_key("openssh").decode().strip()
+    """The key as 'type base64', without the comment a pinned line may carry."""
+    return " ".join(key.export_public_key("openssh").decode().split()[:2])
 
 
 async def _presented_key(target: Target, pinned: asyncssh.SSHKey) -> str:
@@ -177,6 +181,20 @@ async def sh(conn, script: str, *, stdin: str | None = None, timeout: float = 60
         raise ProvisionError(f"a remote command took longer than {timeout:.0f} s") from None
 
 
+def remote_dir_problem(path: str) -> str:
+    """Why `path` cannot be an install folder ("" when it can): it must be a folder of its own, never the
+    login's home or one holding it, whose files uninstall would then go through."""
+    rest = path.removeprefix("~/")
+    parts = [p for p in rest.split("/") if p]
+    if not parts or rest in ("~",):
+        return "name a folder of its own (e.g. cp-agent), not the home folder itself"
+    if any(p in (".", "..") for p in parts):
+        return "'.' and '..' are not folder names here: name a folder of its own (e.g. cp-agent)"
+    if rest.startswith("/") and (len(parts) < 2 or parts[0] in ("home", "Users") and len(parts) == 2):
+        return f"{path} is a system folder or a home folder: name a folder of its own (e.g. /opt/cp-agent)"
+    return ""
+
+
 def _cd(target: Target) -> str:
     """Enter the install folder (relative paths start from the login's home)."""
     path = target.remote_dir.removeprefix("~/")
@@ -184,8 +202,19 @@ def _cd(target: Target) -> str:
 
 
 def _mkdir(target: Target) -> str:
-    path = target.remote_dir.removeprefix("~/")
-    return f'cd "$HOME" && mkdir -p {shlex.quote(path)} && chmod 700 {shlex.quote(path)} && cd {shlex.quote(path)}'
+    """Create and enter the install folder, recording in the manifest what this made (a folder that was
+    there before, or a run/ logs/ work/ in it, is not ours to remove). Refused when it is the login's home
+    or holds it, whatever path leads there."""
+    path = shlex.quote(target.remote_dir.removeprefix("~/"))
+    refusal = shlex.quote(f"{target.remote_dir} is the login's home or holds it: refusing to install there")
+    return f"""cd "$HOME" && home=$(pwd -P) || exit 1
+{RECORD}
+made=; [ -d {path} ] || made=.
+mkdir -p {path} && cd {path} || exit 1
+case "$home/" in "$(pwd -P)"/*) echo {refusal} >&2; exit 4;; esac
+chmod 700 . && {{ [ -z "$made" ] || record .; }} || exit 1
+for d in run logs work; do [ -e "$d" ] || {{ mkdir "$d" && record "$d"; }} || exit 1; done
+"""
 
 
 # Shell helpers shared by the scripts below. `alive NAME` is true when run/NAME.pid names a live process whose
@@ -198,6 +227,8 @@ alive() {
 }
 names() { for f in run/*.pid; do [ -e "$f" ] && basename "$f" .pid; done; }
 """
+# `record PATH` adds PATH (relative to the install folder) to the manifest, once.
+RECORD = f"""record() {{ grep -qxF -- "$1" {MANIFEST} 2>/dev/null || printf '%s\\n' "$1" >> {MANIFEST}; }}"""
 
 
 # ----------------------------------------------------------------------------------------- operations
@@ -207,6 +238,7 @@ async def write_file(conn, target: Target, name: str, content: str, mode: str = 
     """Write a file in the install folder atomically (a temporary name, then mv), private from the start."""
     q = shlex.quote(name)
     script = f"{_cd(target)} && umask 077 && cat > {q}.tmp && chmod {mode} {q}.tmp && mv -f {q}.tmp {q}"
+    script = f"{RECORD}\n{script} && record {q}"
     done = await sh(conn, script, stdin=content)
     if done.exit_status != 0:
         raise ProvisionError(f"{target.name}: writing {name} failed: {_stderr(done)}")
@@ -220,7 +252,8 @@ async def check_python(conn, target: Target) -> str:
     """The remote Python's version, or ProvisionError when it is missing or older than the daemon needs."""
     py = shlex.quote(target.python)
     script = (
-        f"command -v {py} >/dev/null 2>&1 || {{ echo 'remote python {target.python} not found' >&2; exit 3; }}; "
+        f"command -v {py} >/dev/null 2>&1 || {{ echo {shlex.quote(f'remote python {target.python} not found')} >&2; "
+        "exit 3; }; "
         f"{py} -c 'import sys; print(sys.version.split()[0]); sys.exit(sys.version_info < (3, 10))'"
     )
     done = await sh(conn, script)
@@ -246,12 +279,14 @@ def start_script(target: Target) -> str:
     lines = [
         _cd(target),
         ALIVE,
+        RECORD,
         "set -a; . ./agent.env; set +a",
         "SETSID=$(command -v setsid || true)",
         # In a non-interactive shell a background child is not a group leader, so setsid does not fork and
         # $! is the daemon's own pid.
         "start_one() {",
         '  alive "$1" && return 0',
+        '  record "logs/$1.log"; record "run/$1.pid"',
         f'  {command} >>"logs/$1.log" 2>&1 </dev/null &',
         '  echo $! > "run/$1.pid"',
         "}",
@@ -298,14 +333,64 @@ for n in $(names); do alive "$n" || rm -f "run/$n.pid"; done
 """
 
 
-def uninstall_script(target: Target) -> str:
-    """Remove only what deploy made, then the folder if it is empty: a mistyped remote_dir cannot take a
-    whole home with it."""
+def manifest_entries(text: str) -> tuple[list[str], list[str]]:
+    """The manifest's paths that uninstall may remove (deepest first) and those it refuses: anything not a
+    plain relative path inside the install folder."""
+    ours, refused = [], []
+    for line in text.splitlines():
+        if not line:
+            continue
+        normal = posixpath.normpath(line)
+        inside = line == "." or (not line.startswith("/") and normal != "." and not normal.startswith("../"))
+        (ours if inside and normal != ".." else refused).append(line)
+    ours.sort(key=lambda p: (-p.count("/"), p))
+    return ours, refused
+
+
+def uninstall_script(target: Target, entries: Sequence[str]) -> str:
+    """Remove what the manifest lists and nothing else, then the folder when deploy made it and it is empty:
+    a mistyped remote_dir cannot take the files of a home with it. Each path's folder is resolved on the host,
+    so a symbolic link cannot lead a removal out of the install folder either."""
     path = shlex.quote(target.remote_dir.removeprefix("~/"))
-    return f"""{_cd(target)} 2>/dev/null || {{ echo 'not installed'; exit 0; }}
-rm -rf run logs work && rm -f cp_agent.py agent.env ca.pem agent.env.tmp cp_agent.py.tmp ca.pem.tmp
-cd "$HOME" && rmdir {path} && echo "removed {target.remote_dir}"
-"""
+    files = [e for e in entries if e != "."]
+    leftovers = " ".join(shlex.quote(f"{e}.tmp") for e in files)
+    lines = [
+        f"{_cd(target)} || exit 1",
+        "here=$(pwd -P); kept=0",
+        'inside() { p=$(cd "$(dirname -- "$1")" 2>/dev/null && pwd -P) || return 1; '
+        'case "$p/" in "$here"/*) return 0;; esac; return 1; }',
+    ]
+    for e in files:
+        q = shlex.quote(e)
+        lines.append(
+            f"if inside {q}; then rm -rf -- {q}; else echo {shlex.quote(f'kept {e}: outside')} >&2; kept=1; fi"
+        )
+    lines.append(f"rm -f -- {leftovers} {MANIFEST}" if files else f"rm -f -- {MANIFEST}")
+    if "." in entries:
+        removed = shlex.quote(f"removed {target.remote_dir}")
+        lines.append(f'cd "$HOME" && rmdir {path} 2>/dev/null && echo {removed}')
+    lines.append('[ "$kept" = 0 ]')
+    return "\n".join(lines) + "\n"
+
+
+async def uninstall(conn, target: Target, report: Report) -> None:
+    done = await sh(conn, f"{_cd(target)} 2>/dev/null || {{ echo '@@absent'; exit 0; }}; cat {MANIFEST}")
+    if done.stdout.startswith("@@absent"):
+        await report(0.9, "not installed")
+        return
+    if done.exit_status != 0:
+        raise ProvisionError(
+            f"{target.name}: {target.remote_dir} has no {MANIFEST} saying what deploy wrote there (deployed by "
+            "an older version?); nothing was removed: remove the install by hand"
+        )
+    ours, refused = manifest_entries(done.stdout)
+    done = await sh(conn, uninstall_script(target, ours))
+    await report(0.9, done.stdout.strip() or f"removed what deploy wrote in {target.remote_dir}")
+    if refused or done.exit_status != 0:
+        kept = "; ".join(
+            [f"{e}: not a path inside {target.remote_dir}" for e in refused] + [_stderr(done)] * (done.exit_status != 0)
+        )
+        raise ProvisionError(f"{target.name}: uninstall kept what it may not remove: {kept}")
 
 
 def parse_status(text: str) -> list[AgentState] | None:
@@ -373,12 +458,14 @@ async def run_operation(kind: str, target: Target, report: Report, *, daemon: st
         offered = await scan_host_key(target)
         await report(1.0, f"host key {fingerprint(offered)}")
         return {"offered_host_key": offered}
+    if problem := remote_dir_problem(target.remote_dir):
+        raise ProvisionError(f"{target.name}: remote folder {target.remote_dir!r}: {problem}")
     await report(0.05, f"connecting to {target.user}@{target.address}:{target.port}")
     async with await connect(target) as conn:
         await report(0.15, f"connected; host key {fingerprint(target.host_key)} verified")
         if kind == "deploy":
             version = await check_python(conn, target)
-            done = await sh(conn, _mkdir(target) + " && mkdir -p run logs work")
+            done = await sh(conn, _mkdir(target))
             if done.exit_status != 0:
                 raise ProvisionError(f"{target.name}: cannot create {target.remote_dir}: {_stderr(done)}")
             await report(0.3, f"python {version}; {target.remote_dir} ready")
@@ -397,10 +484,7 @@ async def run_operation(kind: str, target: Target, report: Report, *, daemon: st
             await stop_agents(conn, target, report)
         elif kind == "uninstall":
             await stop_agents(conn, target, report)
-            done = await sh(conn, uninstall_script(target))
-            await report(0.9, done.stdout.strip())
-            if done.exit_status != 0:
-                raise ProvisionError(f"{target.name}: uninstall left files behind: {_stderr(done)}")
+            await uninstall(conn, target, report)
             return {"agents": []}
         elif kind != "status":
             raise ProvisionError(f"unknown operation {kind!r}")

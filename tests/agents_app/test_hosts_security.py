@@ -9,8 +9,11 @@ from pathlib import Path
 
 import asyncssh
 import pytest
+from django.core.exceptions import ValidationError
 
 from agents_app import provision
+from agents_app.host_jobs import start_operations
+from agents_app.host_models import Host
 
 ATTACKER_CA = "CN=attacker CA"
 
@@ -128,3 +131,64 @@ def test_the_pinned_key_still_connects_when_it_comes_with_a_certificate(home):
             return openssh_line(conn.get_server_host_key())
 
     assert asyncio.run(scenario()) == openssh_line(key)
+
+
+# --- hostile values in a host's settings, through a real deploy to the loopback sshd (conftest.py) ---
+
+
+@pytest.mark.parametrize("remote_dir", [".", "./", "..", "~", "a/../..", "cp/./agent", "/", "/root", "/home/alice"])
+def test_a_remote_dir_that_is_or_holds_a_home_is_refused(remote_dir):
+    host = Host(name="h", address="127.0.0.1", user="deploy", remote_dir=remote_dir)
+    with pytest.raises(ValidationError) as refused:
+        host.clean_fields()
+    assert "remote_dir" in refused.value.message_dict
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_remote_dir_of_the_home_never_reaches_the_host(make_host, sshd):
+    host = make_host("home", remote_dir=".")  # straight into the database, past the form's validators
+    [deploy] = start_operations("deploy", [host], "test", background=False)
+    assert deploy.state == "failed" and "remote folder '.'" in deploy.error and "not folder names" in deploy.error
+    assert "connecting" not in deploy.output
+
+
+@pytest.mark.django_db(transaction=True)
+def test_hostile_host_values_are_data_in_remote_commands(make_host, live_server_proc, tmp_path):
+    pwned = tmp_path / "pwned"
+    hostile = f"$(touch {pwned})"
+    python = make_host("py", remote_python=f"/usr/bin/python3'{hostile}'")
+    [refused] = start_operations("deploy", [python], "test", background=False)
+    assert refused.state == "failed" and "not found" in refused.error
+
+    folder = make_host("dir", remote_dir=str(tmp_path / f"remote-{hostile}"), server_url=live_server_proc.url)
+    folder.agent_count = 1
+    folder.save()
+    [deploy] = start_operations("deploy", [folder], "test", background=False)
+    assert deploy.state == "succeeded", deploy.output
+    [uninstall] = start_operations("uninstall", [folder], "test", background=False)
+    assert uninstall.state == "succeeded", uninstall.output
+    assert not Path(folder.remote_dir).exists()
+    assert not pwned.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_uninstall_removes_only_what_deploy_wrote(make_host, live_server_proc, tmp_path):
+    remote = tmp_path / "existing"
+    (remote / "work").mkdir(parents=True)
+    (remote / "notes.txt").write_text("mine")
+    (remote / "work" / "project.txt").write_text("mine too")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("outside the install folder")
+    host = make_host("owned", remote_dir=str(remote), server_url=live_server_proc.url, agent_count=1)
+    [deploy] = start_operations("deploy", [host], "test", background=False)
+    assert deploy.state == "succeeded", deploy.output
+    # A manifest pointing outside the folder (tampered with, or a bug) removes nothing out there.
+    with open(remote / ".cp-agent-manifest", "a") as manifest:
+        manifest.write(f"../victim.txt\n{victim}\n")
+
+    [uninstall] = start_operations("uninstall", [host], "test", background=False)
+
+    assert uninstall.state == "failed" and "../victim.txt: not a path inside" in uninstall.error
+    assert victim.read_text() == "outside the install folder"
+    assert sorted(p.name for p in remote.iterdir()) == ["notes.txt", "work"]  # was there before the deploy
+    assert (remote / "work" / "project.txt").read_text() == "mine too"
