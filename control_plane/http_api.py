@@ -18,8 +18,8 @@ from django.core.exceptions import RequestDataTooBig
 from django.db import connections
 from django.http import JsonResponse
 
+from control_plane import rate_limit
 from control_plane.db_outage import DATABASE, DatabaseUnavailable, is_unavailable, unavailable_response
-from control_plane.rate_limit import FailureLimiter
 from tasks_app.actions import ActionError
 from tasks_app.dag import DagError
 from tasks_app.states import InvalidTransition
@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 # Database work of async views runs here. Threads are shared by all requests and no request keeps one
 # while it waits, so thousands of parked long polls cost no threads and no connections.
 DB_EXECUTOR = ThreadPoolExecutor(max_workers=int(os.environ.get("CP_DB_THREADS", "16")), thread_name_prefix="db")
-
-
-# Failed authentications (401s) per client address: past CP_AUTH_FAILURES_PER_MIN, 429 (rate_limit.py).
-AUTH_FAILURES = FailureLimiter()
 
 
 class ApiError(Exception):
@@ -83,19 +79,11 @@ def api_view(view):
 
     @functools.wraps(view)
     async def wrapper(request, *args, **kwargs):
-        address = request.META.get("REMOTE_ADDR") or "unknown"
-        wait_s = AUTH_FAILURES.retry_after(address, settings.CP_AUTH_FAILURES_PER_MIN)
-        if wait_s:
-            response = error_response(
-                429, "rate_limited", "too many failed authentications from this address; try again later"
-            )
-            response["Retry-After"] = str(math.ceil(wait_s))
-            return response
         try:
             return await view(request, *args, **kwargs)
         except (ApiError, ActionError) as exc:
             if exc.status == 401:
-                AUTH_FAILURES.failed(address)
+                return await _authentication_failed(request, exc)
             return error_response(exc.status, exc.code, exc.detail)
         except DagError as exc:
             return error_response(422, "invalid_dag", exc.detail)
@@ -114,6 +102,24 @@ def api_view(view):
 
     wrapper.csrf_exempt = True  # token-authenticated, never cookie-authenticated
     return wrapper
+
+
+async def _authentication_failed(request, exc) -> JsonResponse:
+    """A 401, counted against the client's address by every server process alike; past
+    CP_AUTH_FAILURES_PER_MIN this minute it is a 429 instead (rate_limit.py: valid tokens are never refused)."""
+    limit = settings.CP_AUTH_FAILURES_PER_MIN
+    if limit > 0:
+        try:
+            count, left_s = await db_call(rate_limit.failed)(rate_limit.API_ADDRESS, rate_limit.client_address(request))
+        except DatabaseUnavailable:
+            count = 0  # uncounted: the 401 stands
+        if count > limit:
+            response = error_response(
+                429, "rate_limited", "too many failed authentications from this address; try again later"
+            )
+            response["Retry-After"] = str(max(1, math.ceil(left_s)))
+            return response
+    return error_response(exc.status, exc.code, exc.detail)
 
 
 def require_method(request, method: str) -> None:

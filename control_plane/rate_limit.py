@@ -1,47 +1,70 @@
-"""Failed authentications per client address, counted in fixed one-minute windows, per server process.
+"""Failed authentications, counted in PostgreSQL in fixed one-minute windows, so every server process adds
+to the same count (tasks_app.models.AuthFailure, an unlogged table).
 
-Tokens are long random strings, so guessing is hopeless anyway; the limit keeps a misbehaving client (or a
-scanner) from filling logs and spending database round trips, and answers PROTOCOL.md's 429. An address
-over the limit gets 429 on every API call until its window ends, so a guess that happens to be right
-teaches nothing either. Several server processes each keep their own count.
+Two users of it:
+
+- The API (http_api.api_view) counts its 401s per client address. Once an address has failed more than
+  CP_AUTH_FAILURES_PER_MIN times in the current minute, its failures are answered 429 rate_limited with
+  Retry-After instead of 401. Only failures are counted and only failures are refused: a call with a valid
+  token is served whatever its address did, so agents behind the same NAT as a scanner keep working (and
+  tokens are long random strings, so a guess that succeeds is not a risk to defend against). Successful
+  calls never touch the table: the hot path pays nothing.
+- The login form (control_plane.login) counts failed logins per user name (case-insensitive) and per
+  address, and refuses every login, even with the right password, once either has reached
+  CP_LOGIN_FAILURES_PER_MIN failures this minute: passwords can be guessed, tokens cannot.
+
+Rows of ended windows are deleted by whichever failure opens a new window (no sweeper needed).
 """
 
 from __future__ import annotations
 
-import time
+from django.db import connection
 
-# Addresses tracked at most; past this, windows that have ended are dropped (and, if need be, the oldest).
-MAX_ADDRESSES = 10_000
+API_ADDRESS = "api-addr"
+LOGIN_ADDRESS = "login-addr"
+LOGIN_USER = "login-user"
+KEY_MAX = 200  # AuthFailure.key's length
+
+# The database's clock names the window, so processes on hosts whose clocks differ still share one.
+_COUNT = """
+INSERT INTO tasks_app_authfailure (scope, key, window_start, count)
+VALUES (%s, %s, date_trunc('minute', now()), 1)
+ON CONFLICT (scope, key, window_start) DO UPDATE SET count = tasks_app_authfailure.count + 1
+RETURNING count, extract(epoch FROM date_trunc('minute', now()) + interval '1 minute' - now())
+"""
+_FORGET_ENDED = "DELETE FROM tasks_app_authfailure WHERE window_start < date_trunc('minute', now())"
+_REACHED = """
+SELECT extract(epoch FROM date_trunc('minute', now()) + interval '1 minute' - now())
+FROM tasks_app_authfailure
+WHERE window_start = date_trunc('minute', now()) AND count >= %s AND ({})
+LIMIT 1
+"""
 
 
-class FailureLimiter:
-    def __init__(self, window_s: float = 60.0, clock=time.monotonic):
-        self.window_s = window_s
-        self.clock = clock
-        self.windows: dict[str, tuple[float, int]] = {}  # address -> (window start, failures in it)
+def client_address(request) -> str:
+    """The client's address as the ASGI server reports it (behind a proxy the server trusts, uvicorn has
+    already replaced the proxy's address with the X-Forwarded-For client)."""
+    return request.META.get("REMOTE_ADDR") or "unknown"
 
-    def retry_after(self, address: str, limit: int) -> float:
-        """Seconds until `address` may call again (0: it may now). A limit of 0 or less is no limit."""
-        entry = self.windows.get(address)
-        if limit <= 0 or entry is None:
-            return 0.0
-        started, failures = entry
-        left = started + self.window_s - self.clock()
-        if left <= 0:
-            del self.windows[address]
-            return 0.0
-        return left if failures >= limit else 0.0
 
-    def failed(self, address: str) -> None:
-        now = self.clock()
-        started, failures = self.windows.get(address, (now, 0))
-        if now - started >= self.window_s:
-            started, failures = now, 0
-        self.windows[address] = (started, failures + 1)
-        if len(self.windows) > MAX_ADDRESSES:
-            self._prune(now)
+def failed(scope: str, key: str) -> tuple[int, float]:
+    """Count one failure of `key`: (failures in this window so far, seconds until the window ends)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_COUNT, [scope, key[:KEY_MAX]])
+        count, left = cursor.fetchone()
+        if count == 1:  # the first failure of a window: the ended windows can go
+            cursor.execute(_FORGET_ENDED)
+    return count, float(left)
 
-    def _prune(self, now: float) -> None:
-        self.windows = {a: w for a, w in self.windows.items() if now - w[0] < self.window_s}
-        while len(self.windows) > MAX_ADDRESSES:
-            del self.windows[min(self.windows, key=lambda a: self.windows[a][0])]
+
+def retry_after(limit: int, *keys: tuple[str, str]) -> float:
+    """Seconds until the current window ends if any (scope, key) has `limit` failures in it already, else 0.
+    A limit of 0 or less is no limit."""
+    if limit <= 0 or not keys:
+        return 0.0
+    where = " OR ".join(["(scope = %s AND key = %s)"] * len(keys))
+    params = [limit] + [part for scope, key in keys for part in (scope, key[:KEY_MAX])]
+    with connection.cursor() as cursor:
+        cursor.execute(_REACHED.format(where), params)
+        row = cursor.fetchone()
+    return max(float(row[0]), 1.0) if row else 0.0

@@ -229,9 +229,12 @@ CP_RATE_LIMIT_HOLD_S = env_float("CP_RATE_LIMIT_HOLD_S", 60.0)
 CP_RESULT_MAX_BYTES = env_int("CP_RESULT_MAX_BYTES", 1024 * 1024)
 CP_LOG_MAX_BYTES = env_int("CP_LOG_MAX_BYTES", 64 * 1024)
 CP_ARTIFACT_MAX_BYTES = env_int("CP_ARTIFACT_MAX_BYTES", 10 * 1024 * 1024)
-# Failed authentications (401) a client address may make in a minute before every API call it makes gets 429
-# for the rest of that minute (per server process; 0: no limit).
+# Failed authentications (401) a client address may make in a minute, counted across all server processes;
+# past it, its failures are answered 429 for the rest of that minute (valid tokens still pass; 0: no limit).
 CP_AUTH_FAILURES_PER_MIN = env_int("CP_AUTH_FAILURES_PER_MIN", 30)
+# Failed logins a user name, or a client address, may make in a minute before every login for it is refused
+# (429, even with the right password) for the rest of that minute (0: no limit).
+CP_LOGIN_FAILURES_PER_MIN = env_int("CP_LOGIN_FAILURES_PER_MIN", 10)
 # Keep at most this much of an attempt's log (the tail); older text is dropped.
 CP_ATTEMPT_LOG_KEEP_BYTES = env_int("CP_ATTEMPT_LOG_KEEP_BYTES", 1024 * 1024)
 

@@ -4,6 +4,7 @@ from django.urls import path
 
 from agents_app import api as agent_api
 from agents_app import host_views
+from control_plane import login
 from tasks_app import api as run_api
 from tasks_app import views
 
@@ -22,8 +23,9 @@ urlpatterns = [
     path("hosts/operations/", host_views.operations_panel, name="host-operations"),
     path("hosts/operate/", host_views.operate_hosts, name="operate-hosts"),
     path("hosts/<int:host_id>/confirm-key/", host_views.confirm_host_key, name="confirm-host-key"),
-    path("accounts/login/", auth_views.LoginView.as_view(template_name="registration/login.html"), name="login"),
+    path("accounts/login/", login.ThrottledLoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/login/", login.admin_login),
     path("admin/", admin.site.urls),
     path(f"{api}health", run_api.health),
     path(f"{api}agents/register", agent_api.register),

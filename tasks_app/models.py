@@ -483,3 +483,24 @@ class WebhookCursor(models.Model):
 
     def __str__(self):
         return f"events read to {self.last_event_id}"
+
+
+class AuthFailure(models.Model):
+    """Failed authentications of one kind (`scope`: the API's per address, the login form's per address and
+    per user name) for one `key` in one minute-long window, counted by every server process alike
+    (control_plane.rate_limit). Unlogged (migration 0014): a crash that loses the counts only forgives a
+    minute's failures, and the counting writes no WAL."""
+
+    scope = models.CharField(max_length=16)
+    key = models.CharField(max_length=200)
+    window_start = models.DateTimeField()
+    count = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["scope", "key", "window_start"], name="authfailure_window_uniq"),
+        ]
+        indexes = [models.Index(fields=["window_start"], name="authfailure_window_idx")]
+
+    def __str__(self):
+        return f"{self.count} failed {self.scope} for {self.key} from {self.window_start}"

@@ -280,14 +280,6 @@ def operator_client(django_user_model):
     return client
 
 
-@pytest.fixture(autouse=True)
-def fresh_auth_failure_counts():
-    """In-process API calls count failed authentications per address (127.0.0.1 for all): from zero each test."""
-    from control_plane.http_api import AUTH_FAILURES
-
-    AUTH_FAILURES.windows.clear()
-
-
 @pytest.fixture(scope="session", autouse=True)
 def static_files():
     """Static files collected once, as in production: whitenoise serves them from STATIC_ROOT, to the
