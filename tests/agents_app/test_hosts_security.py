@@ -5,6 +5,7 @@ shell; uninstall removes only what deploy wrote."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 import asyncssh
@@ -192,3 +193,15 @@ def test_uninstall_removes_only_what_deploy_wrote(make_host, live_server_proc, t
     assert victim.read_text() == "outside the install folder"
     assert sorted(p.name for p in remote.iterdir()) == ["notes.txt", "work"]  # was there before the deploy
     assert (remote / "work" / "project.txt").read_text() == "mine too"
+
+
+def test_deploy_refuses_a_folder_that_leads_to_the_home(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "cp-agent").symlink_to(home)  # passes the validator; on the host it is the home itself
+    script = provision._mkdir(provision.Target("h", "", 22, "u", "", remote_dir="cp-agent"))
+    done = subprocess.run(
+        ["/bin/sh", "-c", script], env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True
+    )
+    assert done.returncode == 4 and "is the login's home or holds it" in done.stderr
+    assert sorted(p.name for p in home.iterdir()) == ["cp-agent"]
