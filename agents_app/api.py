@@ -366,6 +366,17 @@ async def upload_artifact(request, attempt_id: str):
     )
 
 
+# C0 and C1 controls and DEL: a NUL cannot be stored in PostgreSQL text, a CR or LF would split the download's
+# Content-Disposition header, and none of them belongs in a name a person reads on the task page.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _artifact_name(name: str) -> str:
+    if found := _CONTROL_CHARACTER.search(name):
+        raise ApiError(400, "bad_request", f"an artifact's name may not hold control characters ({found[0]!r} found)")
+    return name[:512]
+
+
 def _store_artifact(request, agent: dict, attempt_id: str, limit: int) -> Artifact:
     content_type = request.META.get("CONTENT_TYPE", "")
     if not content_type.startswith("multipart/form-data"):
@@ -381,7 +392,7 @@ def _store_artifact(request, agent: dict, attempt_id: str, limit: int) -> Artifa
     if upload.size > limit:
         raise ApiError(413, "too_large", f"an artifact may be at most {limit} bytes")
     content = upload.read()
-    name = (request.POST.get("name") or upload.name or "artifact")[:512]
+    name = _artifact_name(request.POST.get("name") or upload.name or "artifact")
     return actions.add_artifact(
         agent,
         attempt_id,

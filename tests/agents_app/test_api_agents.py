@@ -15,6 +15,7 @@ import time
 import uuid
 from datetime import datetime, timedelta
 
+import pytest
 from django.utils import timezone
 
 from tests.conftest import FAST_TIMINGS, assert_error, http, ok
@@ -656,6 +657,26 @@ def test_artifact_over_the_limit_is_413(server, enroll, run_of):
     assert not Artifact.objects.exists()
     body = ok(agent.upload(attempt["attempt_id"], {"file": ("max.bin", b"\1" * (10 * MIB))}), 201)
     assert body["size"] == 10 * MIB
+
+
+CONTROLS = ["bad\x00name.txt", "report\r.txt", "two\nlines.txt", "tab\there", "del\x7f", "c1\x85"]
+
+
+@pytest.mark.parametrize("name", CONTROLS)
+def test_an_artifact_name_with_a_control_character_is_400_and_nothing_is_stored(server, enroll, run_of, name):
+    from agents_app.cp_agent import encode_artifact
+    from tasks_app.models import Artifact
+
+    run_of({"key": "a"})
+    agent = enroll()
+    attempt = agent.claim_one()
+    raw, content_type = encode_artifact(name, b"x")
+    path = f"/api/v1/attempts/{attempt['attempt_id']}/artifacts"
+    assert_error(agent.post(path, raw=raw, headers={"Content-Type": content_type}), 400, "bad_request", "control")
+    assert not Artifact.objects.exists()
+    fine = "out/résumé – final.txt"  # any other Unicode is a fine name
+    raw, content_type = encode_artifact(fine, b"x")
+    assert ok(agent.post(path, raw=raw, headers={"Content-Type": content_type}), 201)["name"] == fine
 
 
 def test_artifact_upload_without_the_file_field_is_400(server, enroll, run_of):
