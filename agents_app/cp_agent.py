@@ -1291,7 +1291,14 @@ def short_input(tool: str, data: Any) -> str:
     return tool
 
 
-RESET_IN_TEXT_RE = re.compile(r"(?:resets?|try again) (?:at )?(\d{1,2})(?::(\d{2}))?\s*(am|pm)?", re.I)
+# "resets at 3pm", "try again at 1:05 AM", and on another day (codex) "try again at Dec 3rd, 2026 1:00 AM".
+RESET_IN_TEXT_RE = re.compile(
+    r"(?:resets?|try again) (?:at )?(?:(?P<month>jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.? "
+    r"(?P<day>\d{1,2})(?:st|nd|rd|th)?,? (?P<year>\d{4}),? (?:at )?)?"
+    r"(?P<hour>\d{1,2})(?::(?P<minute>\d{2}))?\s*(?P<half>am|pm)?",
+    re.I,
+)
+MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 LIMIT_TEXT_RE = re.compile(r"\b429\b|rate.?limit|usage limit|quota|too many requests|overloaded", re.I)
 AUTH_TEXT_RE = re.compile(
     r"\b401\b|invalid api key|not logged in|please run /login|authentication|unauthori[sz]ed"
@@ -1301,19 +1308,27 @@ AUTH_TEXT_RE = re.compile(
 
 
 def reset_from_text(text: str, now: float | None = None) -> str | None:
-    """ "resets at 3pm" / "resets 15:00" (the CLI's local clock) as an ISO-8601 instant, the next one."""
+    """ "resets at 3pm" / "resets 15:00" (the CLI's local clock) as an ISO-8601 instant: the next one, or
+    that of the date the text names ("try again at Dec 3rd, 2026 1:00 AM")."""
     match = RESET_IN_TEXT_RE.search(text)
     if not match:
         return None
-    hour, minute = int(match.group(1)), int(match.group(2) or 0)
-    if match.group(3):
-        hour = hour % 12 + (12 if match.group(3).lower() == "pm" else 0)
+    hour, minute = int(match["hour"]), int(match["minute"] or 0)
+    if match["half"]:
+        hour = hour % 12 + (12 if match["half"].lower() == "pm" else 0)
     if not (0 <= hour < 24 and 0 <= minute < 60):
         return None
     now_t = time.localtime(now)
-    target = time.mktime((*now_t[:3], hour, minute, 0, 0, 0, -1))
-    if target <= time.mktime(now_t):
-        target += 86400
+    if match["month"]:
+        day = (int(match["year"]), MONTHS.index(match["month"].lower()) + 1, int(match["day"]))
+        try:
+            target = time.mktime((*day, hour, minute, 0, 0, 0, -1))
+        except (OverflowError, ValueError):
+            return None
+    else:
+        target = time.mktime((*now_t[:3], hour, minute, 0, 0, 0, -1))
+        if target <= time.mktime(now_t):
+            target += 86400
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(target))
 
 

@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/agents_app/test_cp_agent_unit.py -q -p no:
 from __future__ import annotations
 
 import ast
+import calendar
 import contextlib
 import email.parser
 import email.policy
@@ -1652,3 +1653,33 @@ def test_on_permission_deny_and_a_server_without_input_requests_keep_todays_refu
     decision = json.loads((tmp_path / "b" / "work" / "core-1-0000000d" / "out" / "decision.json").read_text())
     assert decision["behavior"] == "deny" and "could not ask a person (HTTP 404" in decision["message"]
     assert complete["outcome"] == "failed" and complete["error"].startswith("permission_denied: ")
+
+
+# --- reset times in the CLIs' words -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def local_time_zone(name: str):
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = name
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TZ")
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+@local_time_zone("UTC")
+def test_a_reset_time_alone_is_the_next_such_moment_and_one_with_a_date_is_that_date():
+    now = calendar.timegm((2026, 12, 2, 23, 30, 0))
+    assert cp_agent.reset_from_text("resets at 11:45pm", now) == "2026-12-02T23:45:00+0000"
+    assert cp_agent.reset_from_text("try again at 1:00 AM.", now) == "2026-12-03T01:00:00+0000"  # tomorrow
+    assert cp_agent.reset_from_text("resets 15:00", now) == "2026-12-03T15:00:00+0000"
+    codex = "You’ve hit your usage limit. … or try again at Dec 3rd, 2026 12:35 AM."
+    assert cp_agent.reset_from_text(codex, now) == "2026-12-03T00:35:00+0000"
+    assert cp_agent.reset_from_text("try again at Jan 1st, 2027 9:05 PM.", now) == "2027-01-01T21:05:00+0000"
+    assert cp_agent.reset_from_text("try again later", now) is None

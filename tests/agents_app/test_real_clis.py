@@ -383,7 +383,9 @@ def test_codex_on_a_usage_limit_stops_at_once_and_says_when_it_resets(tmp_path, 
     assert run.returncode == 1, run
     [failed] = run.of("turn.failed")
     assert failed["error"]["message"].startswith("You’ve hit your usage limit.")
-    assert re.search(r"try again at \d{1,2}:\d\d [AP]M\.$", failed["error"]["message"])
+    # The time alone for a reset later today; on another day its date first ("Dec 3rd, 2026 1:00 AM").
+    assert re.search(r"try again at ([A-Z][a-z]{2} \d{1,2}(st|nd|rd|th), \d{4} )?\d{1,2}:\d\d [AP]M\.$",
+                     failed["error"]["message"])  # fmt: skip
     assert len(model_api.turns) == 1  # final: retries configured, none made
 
 

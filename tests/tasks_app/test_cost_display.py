@@ -244,7 +244,8 @@ def test_the_agents_page_shows_costs_and_usage_limit_holds_still_in_force(viewer
     )
     page = viewer.get("/agents/").content.decode()
     row = page[page.index('data-agent="ai-1"') :].split("</tr>", 1)[0]
-    assert f"claude: rate-limited until {until:%H:%M}" in row and "UTC" in row
+    shown = f"{until:%H:%M}" if until.date() == now.date() else f"{until:%Y-%m-%d %H:%M}"  # after 22:00, tomorrow
+    assert f"claude: rate-limited until {shown} UTC" in row
     assert "codex: rate-limited" not in page  # that hold has ended
     assert "$0.40 / $0.40" in row  # today / in all
     other = page[page.index('data-agent="ai-2"') :].split("</tr>", 1)[0]
