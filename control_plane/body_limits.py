@@ -6,7 +6,7 @@ was read and written whole before its 403. This ASGI wrapper, around every HTTP 
 (control_plane.asgi), answers 413 at once to a Content-Length over the route's limit, without reading the
 body, and to a chunked body as soon as its running total passes the limit: the application then sees a
 disconnect, never a byte past the limit. The 413 says `Connection: close`, so uvicorn closes the connection
-instead of reading (and discarding) the rest.
+instead of reading (and discarding) the rest, past a small allowance (LINGER_BYTES).
 
 Each limit is the one its endpoint already applies after reading, plus room for the framing around it, so a
 body the endpoint would take is never refused here. Daphne (Twisted) buffers a whole body before it calls the
@@ -35,6 +35,10 @@ RUN_API_MAX_BYTES = 64 * KIB
 MULTIPART_OVERHEAD = 64 * KIB
 
 AGENT_ATTEMPT_PREFIX = "/api/v1/attempts/"
+# A client a little over the limit is still sending when the 413 goes out, and closing the connection then
+# resets it under the client, which never reads the answer. Up to this much more is read and dropped (never
+# stored) first, so such a client gets its 413; a body far over the limit is cut off at once.
+LINGER_BYTES = 1024 * KIB
 
 
 def _limits() -> dict[str, int]:
@@ -99,6 +103,16 @@ def _declared_length(scope) -> int | None:
     return None
 
 
+async def _drain(receive, budget: int) -> None:
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body"):
+            return
+
+
 def limit_bodies(app, limits: dict[str, int] | None = None):
     """`app` behind the body limits (route name -> bytes, `_limits()` unless given)."""
     limits = limits or _limits()
@@ -117,6 +131,8 @@ def limit_bodies(app, limits: dict[str, int] | None = None):
 
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
+            if declared - limit <= LINGER_BYTES:
+                await _drain(receive, declared)
             await refuse()
             return
 
@@ -132,6 +148,8 @@ def limit_bodies(app, limits: dict[str, int] | None = None):
                 received += len(message.get("body", b""))
                 if received > limit:
                     state["refused"] = True
+                    if message.get("more_body"):
+                        await _drain(receive, LINGER_BYTES)
                     if not state["started"]:
                         await refuse()
                     # The application stops reading as for a client gone: it never sees the bytes past the limit.

@@ -126,6 +126,17 @@ def test_a_content_length_over_the_limit_is_413_at_once_without_a_byte_of_the_bo
     assert exchange(live_server_proc.port, head, timeout=10)[0] == 413
 
 
+def test_a_client_a_little_over_the_limit_reads_its_413_every_time(live_server_proc):
+    """Sent whole by a client that reads only afterwards (urllib), a body 512 KiB over its limit is answered
+    413 every time, not cut off by a reset mid-send."""
+    from tests.conftest import http
+
+    for _ in range(5):
+        status, body = http("POST", f"{live_server_proc.url}/api/v1/agents/heartbeat",
+                            raw=b"x" * (body_limits._limits()["agent"] + 512 * KIB))  # fmt: skip
+        assert (status, body["error"]) == (413, "too_large")
+
+
 def test_an_artifact_of_the_largest_size_still_uploads(live_server_proc, enrollment_token, submit, settings):
     submit(doc({"key": "a"}))
     agent = Agent(live_server_proc.url, register(live_server_proc.url, enrollment_token, "cg-1"), "cg-1")
@@ -146,8 +157,10 @@ def test_a_dag_document_of_the_largest_size_is_read_to_its_own_check(live_server
     assert status not in (413, 500), body[:300]
 
 
-def test_the_application_never_receives_a_byte_past_the_limit():
-    """Measured at the application behind the wrapper: chunks stop at the one that passes the limit."""
+def test_the_application_never_receives_a_byte_past_the_limit(monkeypatch):
+    """Measured at the application behind the wrapper: chunks stop at the one that passes the limit; the
+    wrapper then reads and drops at most LINGER_BYTES more (so a client a little over reads its 413)."""
+    monkeypatch.setattr(body_limits, "LINGER_BYTES", 3000)
     seen = []
 
     async def app(scope, receive, send):
@@ -157,7 +170,7 @@ def test_the_application_never_receives_a_byte_past_the_limit():
                 break
 
     async def run():
-        messages = [{"type": "http.request", "body": b"x" * 1000, "more_body": True} for _ in range(10)]
+        messages = [{"type": "http.request", "body": b"x" * 1000, "more_body": True} for _ in range(20)]
         sent = []
 
         async def receive():
@@ -173,7 +186,7 @@ def test_the_application_never_receives_a_byte_past_the_limit():
 
     sent, unread = asyncio.run(run())
     assert sum(seen) <= 2500 and seen == [1000, 1000]
-    assert unread == 7  # the wrapper stopped reading at the third chunk
+    assert unread == 14  # the third chunk passed the limit, three more were dropped, then reading stopped
     assert sent[0]["status"] == 413
 
 
