@@ -183,8 +183,9 @@ async def artifact(request, artifact_id: str):
     artifact_id = _uuid(artifact_id, "artifact")
 
     def load():
-        user = request.user if request.user.is_authenticated else _user(request)
-        if not user.has_perm("tasks_app.view_artifact"):
+        # A signed-in person sees every task page (and its log) on the dashboard, so may download the artifacts
+        # it links; an API token needs the permission.
+        if not request.user.is_authenticated and not _user(request).has_perm("tasks_app.view_artifact"):
             raise ApiError(403, "forbidden", "this user may not read artifacts")
         found = Artifact.objects.filter(pk=artifact_id).first()
         if found is None:
