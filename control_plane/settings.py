@@ -60,7 +60,8 @@ def database_from_url(url: str) -> dict:
 
 SECRET_KEY = _secret_key()
 DEBUG = env_bool("DEBUG", False)
-ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",") if h]
+# Not "testserver": Django's test runner adds it for the test client itself.
+ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h]
 CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
 # --- HTTPS: served directly (CP_TLS_CERT and CP_TLS_KEY, which `./run serve --cert --key` sets), or behind a
@@ -240,6 +241,9 @@ CP_ATTEMPT_LOG_KEEP_BYTES = env_int("CP_ATTEMPT_LOG_KEEP_BYTES", 1024 * 1024)
 
 # Live dashboard pages are re-rendered at most this often however fast things change (bursts coalesce).
 CP_LIVE_MIN_INTERVAL_S = env_float("CP_LIVE_MIN_INTERVAL_S", 0.15)
+# How often an open live page's socket checks that its session still exists and its user is still active
+# (it is closed if not; a logout in the same server process closes it at once).
+CP_WS_SESSION_CHECK_S = env_float("CP_WS_SESSION_CHECK_S", 60.0)
 
 # --- Hosts provisioned over SSH (agents_app/host_*.py) ---
 # Fernet key(s) that encrypt hosts' private keys in the database; comma-separated, the first encrypts.

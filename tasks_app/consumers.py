@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
+from urllib.parse import urlsplit
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.contrib.auth.signals import user_logged_out
 
 from control_plane.http_api import db_call
 
@@ -23,10 +26,72 @@ from .pages import PAGES, parse_id, render_panels
 log = logging.getLogger(__name__)
 # Heavy panels (those with a minimum interval) are re-sent at no more than this many bytes a second.
 HEAVY_PANEL_BYTES_PER_S = 50_000
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# This process's open sockets by session key: a logout here closes them at once (another process's within
+# CP_WS_SESSION_CHECK_S).
+OPEN_SOCKETS: dict[str, weakref.WeakSet] = {}
+
+
+def _origin(scheme: str, netloc: str) -> tuple[str, str, int] | None:
+    try:
+        parts = urlsplit(f"{scheme}://{netloc}")
+        return scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS[scheme]
+    except ValueError:
+        return None
+
+
+def same_origin(scope) -> bool:
+    """The socket's Origin is this server's own (scheme, host and port, as the page it serves has), or one in
+    CSRF_TRUSTED_ORIGINS: as CSRF checks a form's POST. The host allow-list alone let any port or scheme of
+    an allowed host, another site on localhost:3000 say, open a socket with a person's cookie."""
+    headers = dict(scope.get("headers") or ())
+    origin = headers.get(b"origin", b"").decode("latin-1")
+    host = headers.get(b"host", b"").decode("latin-1")
+    if not origin or not host or "://" not in origin:
+        return False
+    secure = scope.get("scheme") == "wss"
+    if settings.CP_BEHIND_TLS_PROXY:
+        secure = headers.get(b"x-forwarded-proto", b"").decode("latin-1").strip().lower() == "https"
+    scheme, _, netloc = origin.partition("://")
+    scheme = scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        return False
+    theirs = _origin(scheme, netloc)
+    if theirs is None:
+        return False
+    if theirs == _origin("https" if secure else "http", host):
+        return True
+    trusted = (o.partition("://") for o in settings.CSRF_TRUSTED_ORIGINS)
+    return theirs in {_origin(s.lower(), n) for s, _, n in trusted if s.lower() in DEFAULT_PORTS}
+
+
+def _session_is_live(session_key: str | None, user_id) -> bool:
+    """The session still exists, still names this user, and the user is still active."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.sessions.backends.db import SessionStore
+
+    if not session_key:
+        return False
+    session = SessionStore(session_key)
+    if str(session.get("_auth_user_id")) != str(user_id):
+        return False
+    return get_user_model().objects.filter(pk=user_id, is_active=True).exists()
+
+
+def _close_sockets_of(sender, request, user, **kwargs):
+    session_key = getattr(getattr(request, "session", None), "session_key", None)
+    for consumer in list(OPEN_SOCKETS.get(session_key or "", ())):
+        consumer.loop.call_soon_threadsafe(consumer.session_ended)
+
+
+user_logged_out.connect(_close_sockets_of, dispatch_uid="tasks_app.consumers.close_sockets_on_logout")
 
 
 class LivePageConsumer(AsyncWebsocketConsumer):
     async def connect(self):
+        if not same_origin(self.scope):
+            await self.close(code=4403)
+            return
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=4401)
@@ -55,11 +120,39 @@ class LivePageConsumer(AsyncWebsocketConsumer):
         self.shown_states: dict = {}  # the DAG states the page shows: pushes carry only changes
         self.held_timer: asyncio.TimerHandle | None = None
         self.hub = EventHub.current()
+        self.session_key = getattr(self.scope.get("session"), "session_key", None)
+        self.loop = asyncio.get_running_loop()
         await self.accept()
+        OPEN_SOCKETS.setdefault(self.session_key or "", weakref.WeakSet()).add(self)
+        self.session_watch = self.loop.create_task(self._watch_session())
         self.hub.subscribers.append(self.on_event)
         await self.flush()
 
+    async def _watch_session(self):
+        # A socket outlives the page's request: without this, a logged-out or deactivated person's open tab
+        # would go on receiving pushes. Logout in this process closes it at once (session_ended).
+        while True:
+            await asyncio.sleep(settings.CP_WS_SESSION_CHECK_S)
+            try:
+                live = await db_call(_session_is_live)(self.session_key, self.user.pk)
+            except Exception:
+                log.exception("checking a live page's session failed")
+                continue
+            if not live:
+                self.session_ended()
+                return
+
+    def session_ended(self) -> None:
+        self.loop.create_task(self.close(code=4401))
+
     async def disconnect(self, code):
+        sockets = OPEN_SOCKETS.get(getattr(self, "session_key", None) or "")
+        if sockets is not None:
+            sockets.discard(self)
+            if not sockets:
+                OPEN_SOCKETS.pop(self.session_key or "", None)
+        if getattr(self, "session_watch", None) is not None:
+            self.session_watch.cancel()
         hub = getattr(self, "hub", None)
         if hub is not None and self.on_event in hub.subscribers:
             hub.subscribers.remove(self.on_event)
