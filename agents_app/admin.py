@@ -3,6 +3,10 @@
 Agents are read-only except their `enabled` and `draining` switches, which go through
 `registry.set_agent_flags` so every flip is in the audit trail. A token made here is shown once, in a message
 after saving, and only its hash is stored; tokens are revoked by an action, never deleted.
+
+A new token is shown on the add form's own response page, never in a message: messages travel in a cookie
+that is signed, not encrypted. Only a superuser makes an API token for someone else; any other user with the
+add permission makes their own (the form has no user field, and a posted one is ignored).
 """
 
 from __future__ import annotations
@@ -10,12 +14,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django import forms
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.db import transaction
 from django.db.models import Count, IntegerField, OuterRef, Subquery
 from django.db.models.functions import Coalesce
+from django.template.response import TemplateResponse
 from django.utils import timezone
-from django.utils.html import format_html
 
 from tasks_app.models import Attempt, Event
 from tasks_app.states import AttemptState
@@ -173,13 +177,22 @@ class TokenAdmin(admin.ModelAdmin):
             to_state="active",
             detail={"token": record.prefix, "model": self.opts.model_name},
         )
-        messages.warning(
-            request,
-            format_html(
-                "The new token is <code>{}</code>. Copy it now: it is shown only this once (only its hash is kept).",
-                token,
-            ),
-        )
+        request.new_token = token  # for response_add, which shows it on its own page
+
+    def response_add(self, request, obj, post_url_continue=None):
+        token = getattr(request, "new_token", None)
+        if token is None:
+            return super().response_add(request, obj, post_url_continue)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "record": obj,
+            "token": token,
+            "has_view_permission": self.has_view_permission(request),
+        }
+        response = TemplateResponse(request, "admin/agents_app/token_created.html", context)
+        response["Cache-Control"] = "no-store"  # the secret stays out of every cache, the browser's too
+        return response
 
     @admin.display(description="status")
     def state(self, obj):
@@ -263,8 +276,14 @@ class ApiTokenAdmin(TokenAdmin):
     list_select_related = ["user"]
     autocomplete_fields = ["user"]
 
+    def get_fields(self, request, obj=None):
+        if obj is None and not request.user.is_superuser:
+            return ["note"]  # the token is the requester's own: no user to pick, and a posted one is ignored
+        return super().get_fields(request, obj)
+
     def create_token(self, request, data):
-        return registry.create_api_token(data["user"], note=data.get("note") or "")
+        owner = data["user"] if request.user.is_superuser else request.user
+        return registry.create_api_token(owner, note=data.get("note") or "")
 
 
 # Hosts and SSH provisioning are registered by their own module.
