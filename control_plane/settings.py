@@ -103,6 +103,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Every response's Content-Security-Policy (control_plane/csp.py).
+    "control_plane.csp.ContentSecurityPolicyMiddleware",
     "control_plane.static_files.AsyncWhiteNoiseMiddleware",
     # While the database is unreachable: 503 at once, before anything touches it (control_plane/db_outage.py).
     "control_plane.db_outage.DatabaseOutageMiddleware",
