@@ -20,7 +20,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def check_deploy(**env: str) -> str:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CP_", "SECRET_KEY", "DEBUG"))}
+    # The test process's own switches are no deployment's: pytest-playwright sets DJANGO_ALLOW_ASYNC_UNSAFE.
+    unset = ("CP_", "SECRET_KEY", "DEBUG", "DJANGO_ALLOW_ASYNC_UNSAFE")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(unset)}
     done = subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy"],
         cwd=ROOT,
