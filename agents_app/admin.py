@@ -21,17 +21,15 @@ from django.db.models.functions import Coalesce
 from django.template.response import TemplateResponse
 from django.utils import timezone
 
+from control_plane.web import actor_of
 from tasks_app.models import Attempt, Event
 from tasks_app.states import AttemptState
 
 from . import registry
+from .hosts import admin as hosts_admin  # noqa: F401 - registers the hosts' admin pages
 from .models import Agent, ApiToken, EnrollmentToken
 
 AGENT_FLAGS = ("enabled", "draining")
-
-
-def actor_of(request) -> str:
-    return f"user:{request.user.get_username()}"
 
 
 class AgentStatusFilter(admin.SimpleListFilter):
@@ -284,7 +282,3 @@ class ApiTokenAdmin(TokenAdmin):
     def create_token(self, request, data):
         owner = data["user"] if request.user.is_superuser else request.user
         return registry.create_api_token(owner, note=data.get("note") or "")
-
-
-# Hosts and SSH provisioning are registered by their own module.
-from . import admin_hosts  # noqa: E402, F401

@@ -8,7 +8,7 @@ class AgentsAppConfig(AppConfig):
     def ready(self):
         from control_plane import q_workers
 
-        from . import host_signals
+        from .hosts import signals as host_signals
 
         # Host operations run as django-q2 jobs in forked workers, which need their own database pool.
         q_workers.connect()

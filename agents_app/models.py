@@ -7,6 +7,9 @@ from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.db.models import Q
 
+# Hosts and SSH provisioning have a package of their own; imported here so that Django finds their models.
+from .hosts.models import Host, HostOperation  # noqa: F401
+
 
 class AgentStatus(models.TextChoices):
     ONLINE = "online"
@@ -105,7 +108,3 @@ class ApiToken(TokenBase):
 
     def __str__(self):
         return f"{self.prefix}… ({self.user})"
-
-
-# Hosts and SSH provisioning live in their own module; imported here so Django finds the models.
-from .host_models import Host, HostOperation  # noqa: E402, F401

@@ -11,7 +11,9 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from tasks_app import queries as q
-from tasks_app.actions import ActionError, EventLog, NotFound, lose_attempts
+from tasks_app.actions import lose_attempts
+from tasks_app.audit import EventLog
+from tasks_app.errors import ActionError, NotFound
 from tasks_app.notify import Changes
 from tasks_app.states import AttemptState
 

@@ -6,7 +6,7 @@ under 5 s), then the admin pages of that workflow, each timed with its query cou
                    stored (tasks and dependency links in bulk); later rounds replace the workflow
   changelist       the workflow list (the 2,000-task workflow among 20 small ones)
   change page      the 2,000-task workflow's change page (its tasks are not inline: over INLINE_MAX_TASKS)
-  DAG picture      the change page's picture of all 2,000 tasks (tasks_app.workflow_preview)
+  DAG picture      the change page's picture of all 2,000 tasks (tasks_app.workflows.preview)
   export YAML      the workflow as a DAG document
   start a run      the admin action starting a run of all 2,000 tasks
   300-row page     the change page of a workflow at the inline limit, shown and saved
@@ -102,15 +102,15 @@ def main() -> int:
     from django.test.utils import setup_test_environment, teardown_test_environment
     from django.urls import reverse
 
-    from tasks_app import workflows
-    from tasks_app.admin import INLINE_MAX_TASKS
     from tasks_app.models import Workflow
+    from tasks_app.workflows import documents
+    from tasks_app.workflows.admin import INLINE_MAX_TASKS
 
     client = Client()
     if not client.login(username="bench", password=PASSWORD):
         raise SystemExit("cannot sign in as the bench user")
     for i in range(20):
-        workflows.import_document(document(5, f"small-{i:02d}"))
+        documents.import_document(document(5, f"small-{i:02d}"))
 
     rows: list[tuple[str, list[float], int]] = []
 
@@ -132,8 +132,8 @@ def main() -> int:
     print(
         f"{TASKS}-task workflow, {links} dependencies:   {'wall (median, max)':>20} {'CPU (median)':>13} {'queries':>8}"
     )
-    for fmt in workflows.FORMATS:
-        text = workflows.dump_document(big, fmt).encode()
+    for fmt in documents.FORMATS:
+        text = documents.dump_document(big, fmt).encode()
         measure(
             f"import ({fmt.upper()}, {len(text) // 1024} KiB upload)",
             "post",
@@ -153,7 +153,7 @@ def main() -> int:
         lambda: {"action": "start_run", "_selected_action": [workflow.pk], "apply": "1"},
     )
 
-    full = workflows.import_document(document(INLINE_MAX_TASKS, "full"))
+    full = documents.import_document(document(INLINE_MAX_TASKS, "full"))
     change = reverse("admin:tasks_app_workflow_change", args=[full.pk])
     task = workflow.tasks.get(key="t1500")
     task_page = reverse("admin:tasks_app_workflowtask_change", args=[task.pk])

@@ -391,7 +391,7 @@ def render_profile(db_url: str, run_id: str, repeat: int = 5) -> dict:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from tasks_app.pages import PAGES, render_panels
+    from tasks_app.dashboard.pages import PAGES, render_panels
 
     user = get_user_model().objects.get(username="bench")
     out = {}

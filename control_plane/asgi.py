@@ -18,7 +18,7 @@ from django.urls import path  # noqa: E402
 
 from control_plane.agent_asgi import route_http  # noqa: E402
 from control_plane.body_limits import limit_bodies  # noqa: E402
-from tasks_app.consumers import LivePageConsumer  # noqa: E402
+from tasks_app.dashboard.consumers import LivePageConsumer  # noqa: E402
 
 websocket_urls = [
     path("ws/<str:page>/", LivePageConsumer.as_asgi()),

@@ -21,8 +21,8 @@ import os
 from django.conf import settings
 
 from agents_app.api import JSON_LIMIT as AGENT_JSON_LIMIT
-from tasks_app.admin_views import IMPORT_MAX_BYTES
 from tasks_app.api import DOCUMENT_LIMIT
+from tasks_app.workflows.admin_views import IMPORT_MAX_BYTES
 
 KIB = 1024
 # The dashboard's own forms (login, decide, answer, operate): a few fields, messages cut at 10,000 characters,

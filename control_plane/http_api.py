@@ -1,34 +1,26 @@
-"""What every JSON endpoint shares: PROTOCOL.md's error shape, body parsing, and database calls from
-async views that borrow a pooled connection only for the duration of one unit of work (and are refused at
-once, 503, while the database is unreachable: control_plane/db_outage.py)."""
+"""What every JSON endpoint shares: PROTOCOL.md's error shape, body parsing and field checks (the database
+calls of async views are control_plane/db.py's)."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
 import math
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import connections
 from django.http import JsonResponse
 
 from control_plane import rate_limit
+from control_plane.db import db_call
 from control_plane.db_outage import DATABASE, DatabaseUnavailable, is_unavailable, unavailable_response
-from tasks_app.actions import ActionError
 from tasks_app.dag import DagError
+from tasks_app.errors import ActionError
 from tasks_app.states import InvalidTransition
 
 log = logging.getLogger(__name__)
-
-# Database work of async views runs here. Threads are shared by all requests and no request keeps one
-# while it waits, so thousands of parked long polls cost no threads and no connections.
-DB_EXECUTOR = ThreadPoolExecutor(max_workers=int(os.environ.get("CP_DB_THREADS", "16")), thread_name_prefix="db")
 
 
 class ApiError(Exception):
@@ -39,37 +31,6 @@ class ApiError(Exception):
 
 def error_response(status: int, code: str, detail: str) -> JsonResponse:
     return JsonResponse({"error": code, "detail": detail}, status=status)
-
-
-def db_call(fn):
-    """Run `fn` on the database executor and give its connection back to the pool afterwards.
-
-    A plain run_in_executor rather than asgiref's sync_to_async: that one builds a wrapper, copies the
-    context and checks the function on every call, which showed up in the hot path's profile. Django's
-    connections are thread-local, so the executor thread's own connection is used and released here.
-
-    Raises DatabaseUnavailable at once while the database is known unreachable, and in place of the error
-    of a call that finds it so (which opens the breaker for every other call of this process)."""
-
-    def run(args, kwargs):
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            connections.close_all()
-
-    async def call(*args, **kwargs):
-        generation = DATABASE.check()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(DB_EXECUTOR, run, args, kwargs)
-        except DatabaseUnavailable:
-            raise
-        except Exception as exc:
-            if not is_unavailable(exc):
-                raise
-            DATABASE.failed(exc, generation)
-            raise DatabaseUnavailable("the database is unreachable") from exc
-
-    return call
 
 
 def api_view(view):

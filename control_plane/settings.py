@@ -162,6 +162,8 @@ if not RUNS_Q_CLUSTER:
         "max_lifetime": CP_DB_POOL_MAX_LIFETIME_S,
     }
 _db["CONN_MAX_AGE"] = 0
+# Threads per process that run the async views' database work (control_plane/db.py).
+CP_DB_THREADS = env_int("CP_DB_THREADS", 16)
 _db["TEST"] = {"NAME": env_str("CP_TEST_DB_NAME", "") or None}
 DATABASES = {"default": _db}
 

@@ -3,10 +3,10 @@ from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from agents_app import api as agent_api
-from agents_app import host_views
+from agents_app.hosts import views as host_views
 from control_plane import login
 from tasks_app import api as run_api
-from tasks_app import views
+from tasks_app.dashboard import views
 
 api = "api/v1/"
 urlpatterns = [

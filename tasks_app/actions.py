@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -16,7 +15,9 @@ from django.utils import timezone
 
 from . import assignments, workspaces
 from . import queries as q
+from .audit import EventLog
 from .dag import Dag
+from .errors import ActionError, NotFound, StaleAttempt
 from .models import Run, Task, TaskDependency
 from .notify import CHANNEL, Changes
 from .states import (
@@ -32,61 +33,6 @@ from .states import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ActionError(Exception):
-    """An action refused; the API turns it into PROTOCOL.md's error shape."""
-
-    status = 409
-    code = "conflict"
-
-    def __init__(self, detail: str, code: str | None = None):
-        super().__init__(detail)
-        self.detail = detail
-        if code:
-            self.code = code
-
-
-class NotFound(ActionError):
-    status = 404
-    code = "not_found"
-
-
-class StaleAttempt(ActionError):
-    code = "stale_attempt"
-
-
-@dataclass
-class EventLog:
-    """Event rows gathered during a transaction and inserted in one round trip."""
-
-    actor: str
-
-    def __post_init__(self):
-        self.rows: list[tuple] = []
-
-    def add(self, kind, frm, to, *, run=None, task=None, attempt=None, agent=None, detail=None, actor=None):
-        self.rows.append(
-            (run, task, attempt, agent, kind, frm or "", to or "", actor or self.actor, json.dumps(detail or {}))
-        )
-
-    def insert_sql(self) -> tuple[str, list]:
-        """One multi-row INSERT of the gathered events (empty SQL when there are none)."""
-        if not self.rows:
-            return "", []
-        row = "(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, now())"
-        sql = (
-            "INSERT INTO tasks_app_event (run_id, task_id, attempt_id, agent_id, kind, from_state, to_state,"
-            " actor, detail, created_at) VALUES " + ", ".join([row] * len(self.rows))
-        )
-        params = [value for r in self.rows for value in r]
-        self.rows = []
-        return sql, params
-
-    def write(self, cursor) -> None:
-        sql, params = self.insert_sql()
-        if sql:
-            cursor.execute(sql, params)
 
 
 def _commit(cursor, events: EventLog, changes: Changes) -> None:

@@ -9,9 +9,11 @@ from django.http import HttpResponse, JsonResponse
 from agents_app import registry, tokens
 from control_plane.db_outage import check_database
 from control_plane.http_api import ApiError, Fields, api_view, db_call, json_body, require_method
+from control_plane.web import user_actor
 
-from . import actions, panels, reports
+from . import actions
 from .dag import MAX_COST_USD, parse_document
+from .dashboard import panels, reports
 from .models import Artifact
 from .states import RunState
 
@@ -32,10 +34,6 @@ def _user(request, permission: str | None = None):
     return user
 
 
-def _actor(user) -> str:
-    return f"user:{user.get_username()}"
-
-
 @api_view
 async def health(request):
     """200 while this process can reach the database (one round trip), 503 while it cannot."""
@@ -53,7 +51,7 @@ async def runs(request):
     def submit():
         user = _user(request, "tasks_app.add_run")
         dag = parse_document(document)
-        run = actions.submit_run(dag, document, actor=_actor(user), user=user)
+        run = actions.submit_run(dag, document, actor=user_actor(user), user=user)
         return {"run_id": str(run.id), "tasks": len(dag.tasks)}
 
     return JsonResponse(await db_call(submit)(), status=201)
@@ -111,7 +109,7 @@ def _run_action(action, options=None):
 
         def act():
             user = _user(request, "tasks_app.change_run")
-            return {"run_id": run_id_, "state": action(run_id_, _actor(user), **kwargs)}
+            return {"run_id": run_id_, "state": action(run_id_, user_actor(user), **kwargs)}
 
         return JsonResponse(await db_call(act)())
 
@@ -132,7 +130,7 @@ async def retry_task(request, task_id: str):
 
     def act():
         user = _user(request, "tasks_app.change_task")
-        return {"task_id": task_id, "state": actions.retry_task(task_id, _actor(user))}
+        return {"task_id": task_id, "state": actions.retry_task(task_id, user_actor(user))}
 
     return JsonResponse(await db_call(act)())
 
@@ -148,7 +146,7 @@ def _decision(approve: bool):
 
         def act():
             user = _user(request, "tasks_app.operate_run")
-            return {"task_id": task_id_, "state": actions.decide_approval(task_id_, approve, _actor(user), message)}
+            return {"task_id": task_id_, "state": actions.decide_approval(task_id_, approve, user_actor(user), message)}
 
         return JsonResponse(await db_call(act)())
 
@@ -167,7 +165,7 @@ async def answer_input_request(request, request_id: str):
 
     def act():
         user = _user(request, "tasks_app.operate_run")
-        answer = actions.answer_input_request(request_id_, behavior, message, _actor(user))
+        answer = actions.answer_input_request(request_id_, behavior, message, user_actor(user))
         return {"request_id": request_id_, "state": "answered", "answer": answer}
 
     return JsonResponse(await db_call(act)())

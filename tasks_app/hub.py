@@ -105,7 +105,7 @@ class EventHub:
             return 0
         from control_plane.http_api import db_call
 
-        from . import waiting
+        from .dashboard import waiting
 
         woken = 0
         for executor, requires in await db_call(waiting.offerable_kinds)(min_age_s):

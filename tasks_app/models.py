@@ -7,6 +7,7 @@ import uuid
 
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
+from django.core.validators import URLValidator
 from django.db import models
 from django.db.models import F, Q
 from django.db.models.functions import Now
@@ -392,8 +393,6 @@ class SweepClock(models.Model):
 
 
 # --- Webhooks (tasks_app.webhooks) ------------------------------------------------------------------------
-
-from django.core.validators import URLValidator  # noqa: E402 - with the models it serves, kept apart
 
 # What a webhook may be told about, each the mapping of an audit-trail Event (tasks_app.webhooks.EVENT_RULES).
 WEBHOOK_EVENTS = (

@@ -22,7 +22,7 @@ class Changes:
     # (executor, requires, delay_s) of each task that became ready: a waiter whose agent matches is woken.
     ready: list = field(default_factory=list)
     agents: bool = False
-    hosts: bool = False  # host operations (agents_app.host_jobs) changed
+    hosts: bool = False  # host operations (agents_app.hosts.jobs) changed
     wake_all: bool = False
 
     def task_ready(self, executor: str, requires, delay_s: float = 0.0) -> None:

@@ -390,7 +390,7 @@ SELECT executor, requires, EXTRACT(EPOCH FROM (ready_at - now())) FROM tasks_app
  WHERE state = 'ready' AND ready_at > now()
 """
 
-# --- Reading the limits back (tasks_app.waiting): why a ready task waits, and what nothing holds back. ---
+# --- Reading the limits back (tasks_app.dashboard.waiting): why a ready task waits, and what nothing holds back. ---
 # None of these lock: they describe, the claim decides.
 RUN_LIMITS = """
 SELECT r.id, r.state, r.max_parallel, r.repo <> '',

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agents_app.host_models import Host
+from agents_app.hosts.models import Host
 from control_plane import launch
 from tests import conftest as shared
 from tests.agents_app.protocol_agent import Agent

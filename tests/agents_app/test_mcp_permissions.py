@@ -58,7 +58,7 @@ def model_api():
 @pytest.fixture
 def people_browser(live_server_proc, django_user_model):
     """people_browser(): a Chromium page logged in as an operator, on the overview."""
-    from tests.tasks_app.test_dashboard_browser import CHROMIUM_ARGS, login
+    from tests.tasks_app.dashboard.test_browser import CHROMIUM_ARGS, login
 
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # Playwright's loop on this thread; the ORM calls are sync
     operator = django_user_model.objects.create_user("olga", password="pw-olga-12345")

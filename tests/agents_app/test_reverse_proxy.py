@@ -20,7 +20,7 @@ from control_plane import launch
 from tasks_app.models import Attempt
 from tests.certs import make_pki
 from tests.conftest import Server, doc
-from tests.tasks_app.test_dashboard_browser import browser, login, people  # noqa: F401 - fixtures
+from tests.tasks_app.dashboard.test_browser import browser, login, people  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.django_db(transaction=True)
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -212,7 +212,7 @@ def test_parse_document_refuses_a_bad_param_naming_the_task():
 
 @pytest.mark.django_db
 def test_the_workflow_editor_shows_the_refusal_on_the_rows_params_field():
-    from tasks_app.workflow_forms import WorkflowTaskForm
+    from tasks_app.workflows.forms import WorkflowTaskForm
 
     row = {"key": "plan", "executor": "claude", "prompt": "go", "priority": "0"}
     form = WorkflowTaskForm(data={**row, "params": '{"max_turn": 3}'})

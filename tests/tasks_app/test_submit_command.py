@@ -15,8 +15,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from tasks_app import workflows
 from tasks_app.models import Run
+from tasks_app.workflows import documents
 from tests import conftest
 from tests.conftest import doc
 
@@ -55,12 +55,12 @@ def test_a_file_is_submitted_on_the_repository_and_base_given(tmp_path, origin):
 
 def test_a_workflow_is_submitted_with_its_base_and_params_overridden(origin):
     url, shas = origin
-    workflows.import_document(feature_doc(workspace={"repo": url, "base": "main"}))
+    documents.import_document(feature_doc(workspace={"repo": url, "base": "main"}))
     run = submit("feature")
     assert (run.base_commit, run.params, run.workflow.name) == (shas["second"], {"feature": "login"}, "feature")
     run = submit("feature", "--base", "light", "--param", "feature=search")
     assert (run.repo, run.base_commit, run.params) == (url, shas["first"], {"feature": "search"})
-    assert workflows.workflow_to_document(run.workflow)["workspace"] == {"repo": url, "base": "main"}
+    assert documents.workflow_to_document(run.workflow)["workspace"] == {"repo": url, "base": "main"}
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_a_workflow_is_submitted_with_its_base_and_params_overridden(origin):
 def test_a_refused_start_is_one_sentence_and_nothing_is_started(tmp_path, origin, args, says):
     url, _ = origin
     path = document_file(tmp_path, feature_doc(workspace={"repo": url}))
-    workflows.import_document(feature_doc(workspace={"repo": url}))
+    documents.import_document(feature_doc(workspace={"repo": url}))
     for target in (path, "feature"):
         with pytest.raises(CommandError) as refused:
             submit(target, *args)
@@ -94,7 +94,7 @@ def test_a_base_without_a_workspace_or_a_repository_is_refused(tmp_path):
         f"{path} not started: a base was given, but the document has no workspace and no repository was given"
         " (add --repo URL)"
     )
-    workflows.import_document(doc({"key": "a"}, name="plain"))
+    documents.import_document(doc({"key": "a"}, name="plain"))
     with pytest.raises(CommandError, match="workflow 'plain' not started: a base was given.*add --repo URL"):
         submit("plain", "--base", "main")
     assert not Run.objects.exists()

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from agents_app.host_jobs import start_operations
-from agents_app.host_keys import UnusableKey, check_private_key
-from agents_app.host_models import Host, HostOperationKind
-from agents_app.host_secrets import SecretUnavailable, encrypt_private_key
-from agents_app.host_trust import confirm_offered_key
-from tasks_app.actions import ActionError
+from agents_app.hosts.jobs import start_operations
+from agents_app.hosts.keys import UnusableKey, check_private_key
+from agents_app.hosts.models import Host, HostOperationKind
+from agents_app.hosts.secrets import SecretUnavailable, encrypt_private_key
+from agents_app.hosts.trust import confirm_offered_key
+from tasks_app.errors import ActionError
 
 ACTOR = "command:hosts"
 

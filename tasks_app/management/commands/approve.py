@@ -5,7 +5,8 @@ import uuid
 
 from django.core.management.base import BaseCommand, CommandError
 
-from tasks_app.actions import ActionError, decide_approval
+from tasks_app.actions import decide_approval
+from tasks_app.errors import ActionError
 
 
 def decide(task_id: str, approve: bool, message: str) -> str:

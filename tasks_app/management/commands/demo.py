@@ -28,7 +28,7 @@ from agents_app.registry import create_enrollment_token
 from control_plane import launch
 from tasks_app.actions import submit_run
 from tasks_app.dag import DagError, parse_document
-from tasks_app.reports import run_status
+from tasks_app.dashboard.reports import run_status
 from tasks_app.states import RunState
 
 from .status import progress_line, summary_lines

@@ -2,8 +2,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from tasks_app import workflows
 from tasks_app.models import Workflow
+from tasks_app.workflows import documents
 
 
 class Command(BaseCommand):
@@ -12,7 +12,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("name", help="the workflow's name")
         parser.add_argument(
-            "--format", choices=workflows.FORMATS, default=None, help="default: from -o's suffix, else yaml"
+            "--format", choices=documents.FORMATS, default=None, help="default: from -o's suffix, else yaml"
         )
         parser.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
 
@@ -21,7 +21,7 @@ class Command(BaseCommand):
         if workflow is None:
             raise CommandError(f"no workflow named {name!r}")
         fmt = format or ("json" if output and output.endswith(".json") else "yaml")
-        text = workflows.dump_document(workflows.workflow_to_document(workflow), fmt)
+        text = documents.dump_document(documents.workflow_to_document(workflow), fmt)
         if output is None:
             self.stdout.write(text, ending="")
             return

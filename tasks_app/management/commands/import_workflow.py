@@ -2,9 +2,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from tasks_app import workflows
 from tasks_app.dag import DagError
 from tasks_app.management.commands.submit import load_document
+from tasks_app.workflows import documents
 
 
 class Command(BaseCommand):
@@ -19,9 +19,9 @@ class Command(BaseCommand):
     def handle(self, *args, file, replace, **options):
         document = load_document(Path(file))
         try:
-            workflow = workflows.import_document(document, replace=replace, actor="cli:import_workflow")
+            workflow = documents.import_document(document, replace=replace, actor="cli:import_workflow")
         except DagError as exc:
             raise CommandError(f"invalid DAG: {exc.detail}") from None
-        except workflows.WorkflowExists as exc:
+        except documents.WorkflowExists as exc:
             raise CommandError(f"{exc} (add --replace)") from None
         self.stdout.write(f"imported workflow {workflow.name!r} ({len(document['tasks'])} tasks)")

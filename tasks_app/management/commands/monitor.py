@@ -1,6 +1,6 @@
 """The seed's monitor_dashboard.py in the terminal: a header, the task summary, the agents, active tasks,
 recently completed tasks and the next tasks in the queue, refreshed live with rich until the run ends (with a
-run id) or until Ctrl-C (without). Every number comes from tasks_app.panels, as on the web dashboard.
+run id) or until Ctrl-C (without). Every number comes from tasks_app.dashboard.panels, as on the web dashboard.
 
 Text that agents or submitters wrote (names, titles, messages, labels) goes into rich Text objects, never into
 markup strings, so `[bold red]` in a task title is shown as typed."""
@@ -23,9 +23,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from tasks_app import panels
 from tasks_app.costs import money
-from tasks_app.reports import run_metrics
+from tasks_app.dashboard import panels
+from tasks_app.dashboard.reports import run_metrics
 from tasks_app.states import AttemptState, RunState, TaskState
 
 RUNS_SHOWN = 10  # without a run id: the newest runs
@@ -127,7 +127,7 @@ def or_empty(table: Table, empty: str):
 
 @dataclass
 class Snapshot:
-    """One refresh's data, all from tasks_app.panels (each query in its own autocommit: no transaction held)."""
+    """One refresh's data, all from dashboard.panels (each query in its own autocommit: no transaction held)."""
 
     run_id: str | None
     runs: list[dict]

@@ -3,9 +3,9 @@ import uuid
 
 from django.core.management.base import BaseCommand, CommandError
 
-from tasks_app.actions import NotFound
 from tasks_app.costs import money
-from tasks_app.reports import run_metrics, run_status
+from tasks_app.dashboard.reports import run_metrics, run_status
+from tasks_app.errors import NotFound
 from tasks_app.states import RunState
 
 

@@ -2,10 +2,10 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from tasks_app import workflows
 from tasks_app.actions import submit_run
 from tasks_app.dag import DagError, params_from_pairs, parse_document, with_overrides
 from tasks_app.models import Workflow
+from tasks_app.workflows import documents
 
 
 def load_document(path: Path) -> dict:
@@ -17,7 +17,7 @@ def load_document(path: Path) -> dict:
     except UnicodeDecodeError:
         raise CommandError(f"{path} is not UTF-8 text") from None
     try:
-        return workflows.load_document_text(text)
+        return documents.load_document_text(text)
     except DagError as exc:
         raise CommandError(f"{path}: {exc.detail}") from None
 
@@ -62,7 +62,7 @@ class Command(BaseCommand):
             if workflow is None:
                 raise CommandError(f"{file!r} is neither a DAG document file nor the name of a workflow")
             try:
-                run = workflows.start_run(
+                run = documents.start_run(
                     workflow, actor="cli:submit", priority=priority, max_parallel=max_parallel, **overrides
                 )
             except DagError as exc:

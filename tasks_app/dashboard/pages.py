@@ -1,0 +1,211 @@
+"""The dashboard's pages as lists of panels. A page view renders every panel inside the page; the live
+websocket re-renders the same panel templates as out-of-band swaps. One definition serves both, so a live
+update can never drift from what a reload would show."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from django.template.loader import render_to_string
+
+from ..errors import NotFound
+from ..models import Artifact, Attempt, Event, Task
+from ..states import RunState
+from . import panels, waiting
+from .dagsvg import picture_size, render_svg, state_map
+from .gantt import render_gantt_svg
+from .reports import run_metrics
+
+
+@dataclass(frozen=True)
+class Panel:
+    id: str
+    template: str
+    # The run page's context entries the template reads beyond `run`: a live push computes only what the
+    # panels it re-renders need (at 1,000 tasks the Gantt chart's data alone costs more than all the rest).
+    needs: tuple[str, ...] = ()
+    # Heavy panels (the Gantt chart) are re-sent at most this often, whatever the rate of changes.
+    min_interval_s: float = 0.0
+
+
+PAGES: dict[str, list[Panel]] = {
+    "overview": [
+        Panel("panel-waiting", "dashboard/panels/waiting.html"),
+        Panel("panel-runs", "dashboard/panels/runs.html"),
+        Panel("panel-fleet", "dashboard/panels/fleet.html"),
+        Panel("panel-spend", "dashboard/panels/spend.html"),
+        Panel("panel-active", "dashboard/panels/active.html"),
+        Panel("panel-recent", "dashboard/panels/recent.html"),
+        Panel("panel-queue", "dashboard/panels/queue.html"),
+    ],
+    "run": [
+        Panel("panel-run-head", "dashboard/panels/run_head.html", needs=("metrics",)),
+        Panel("panel-run-actions", "dashboard/panels/run_actions.html"),
+        Panel("panel-run-cost", "dashboard/panels/run_cost.html", needs=("spend",)),
+        Panel("dag-states", "dashboard/panels/dag_states.html", needs=("states",)),
+        Panel("panel-active", "dashboard/panels/active.html", needs=("active",)),
+        Panel("panel-recent", "dashboard/panels/recent.html", needs=("recent",)),
+        Panel("panel-queue", "dashboard/panels/queue.html", needs=("queue",)),
+        Panel("panel-code", "dashboard/panels/code.html", needs=("code",)),
+        Panel("panel-gantt", "dashboard/panels/gantt.html", needs=("gantt_svg",), min_interval_s=2.0),
+    ],
+    "task": [
+        Panel("panel-task-head", "dashboard/panels/task_head.html"),
+        Panel("panel-commit", "dashboard/panels/commit.html"),
+        Panel("panel-attempts", "dashboard/panels/attempts.html"),
+        Panel("panel-log", "dashboard/panels/log.html"),
+        Panel("panel-artifacts", "dashboard/panels/artifacts.html"),
+        Panel("panel-trail", "dashboard/panels/trail.html"),
+    ],
+    "agents": [
+        Panel("panel-fleet", "dashboard/panels/fleet.html"),
+        Panel("panel-agents", "dashboard/panels/agents.html"),
+    ],
+    # The operations, and each host's last-operation cell; not the hosts table, whose checkboxes hold the
+    # operator's selection.
+    "hosts": [Panel("panel-host-operations", "dashboard/panels/host_operations_live.html")],
+}
+
+
+def parse_id(value) -> str:
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise NotFound("no such object") from None
+
+
+def page_context(page: str, obj_id: str | None = None, *, full: bool = True, wanted: set[str] | None = None) -> dict:
+    """Everything the page's panels show. `full` adds what only the first render needs (the DAG picture);
+    `wanted` limits the run page to those context entries (None: all)."""
+    if page == "overview":
+        return {
+            "waiting_for_you": panels.waiting_for_people(),
+            "runs": panels.with_costs(panels.run_summaries(limit=50)),
+            "fleet": panels.fleet_summary(),
+            "spend": panels.spend_summary(),
+            "active": panels.active_attempts(limit=30),
+            "recent": panels.recently_completed(limit=10),
+            "queue": panels.queue(limit=15),
+            "show_run": True,
+        }
+    if page == "agents":
+        return {"fleet": panels.fleet_summary(), "agents": panels.with_agent_costs(panels.agents_table())}
+    if page == "hosts":
+        from agents_app.hosts.views import hosts_context, operations_context
+
+        return {**hosts_context(), **operations_context()}
+    if page == "run":
+        return _run_context(parse_id(obj_id), full, wanted)
+    if page == "task":
+        return _task_context(parse_id(obj_id))
+    raise NotFound(f"no page {page!r}")
+
+
+def _run_context(run_id: str, full: bool, wanted: set[str] | None = None) -> dict:
+    summaries = panels.run_summaries([run_id], limit=1)
+    if not summaries:
+        raise NotFound("no run with that id")
+    run = summaries[0]
+    finished = run["state"] not in RunState.ACTIVE
+
+    def want(key: str) -> bool:
+        return wanted is None or key in wanted
+
+    context = {"run": run, "show_run": False}
+    # The whole graph only for the picture and the critical path; live pushes need states alone.
+    tasks, edges = panels.run_graph(run_id) if full or (finished and want("metrics")) else (None, None)
+    if want("states"):
+        context["states"] = state_map(tasks if tasks is not None else panels.task_states(run_id))
+    if want("active"):
+        context["active"] = panels.active_attempts(run_id)
+    if want("recent"):
+        context["recent"] = panels.recently_completed(run_id, limit=10)
+    if want("queue"):
+        context["queue"] = panels.queue(run_id, limit=15)
+    if want("spend"):
+        context["spend"] = panels.run_spend(run)
+    if want("code"):
+        context["code"] = panels.run_code(run_id)
+    if want("gantt_svg"):
+        context["gantt_svg"] = render_gantt_svg(panels.timeline(run_id))
+    if want("metrics"):
+        context["metrics"] = run_metrics(run_id) if finished else None
+        if context["metrics"]:
+            context["critical_path"] = _critical_chain({t["id"]: t for t in tasks}, edges)
+    if full:
+        context["dag_svg"] = render_svg(tasks, edges)
+        context["dag_size"] = picture_size(context["dag_svg"])
+        context["task_count"] = len(tasks)
+    return context
+
+
+def _critical_chain(by_id: dict, edges) -> list[str]:
+    """The keys along the longest chain of estimates, from the tasks' stored critical path lengths."""
+    children: dict = {}
+    has_parent = set()
+    for up, down in edges:
+        children.setdefault(up, []).append(down)
+        has_parent.add(down)
+    roots = [t for i, t in by_id.items() if i not in has_parent]
+    if not roots:
+        return []
+    node = max(roots, key=lambda t: t["critical_path_s"])
+    chain = [node["key"]]
+    while children.get(node["id"]):
+        node = max((by_id[c] for c in children[node["id"]]), key=lambda t: t["critical_path_s"])
+        chain.append(node["key"])
+    return chain
+
+
+def _task_context(task_id: str) -> dict:
+    task = Task.objects.select_related("run").filter(pk=task_id).first()
+    if task is None:
+        raise NotFound("no task with that id")
+    attempts = list(Attempt.objects.filter(task=task).select_related("agent").order_by("-number"))
+    for a in attempts:
+        # Ended for a reason that is not the task's (a usage limit, a lost login, a budget): the task went back
+        # to ready and the attempt did not count against max_attempts.
+        a.returned = a.error.split(":", 1)[0].strip() in panels.RETURNED_CODES if ":" in a.error else False
+    latest = attempts[0] if attempts else None
+    return {
+        "task": task,
+        "cost": {
+            "total": sum(a.cost_usd or 0 for a in attempts),
+            "estimated": any((a.usage or {}).get("cost_estimated") for a in attempts),
+            "any": any(a.usage for a in attempts),
+        },
+        "change": panels.task_commit(task, attempts),
+        "waiting": waiting.reasons_of([task]).get(task.id),
+        "asking": panels.input_requests(task_id=task.id),
+        "attempts": attempts,
+        "latest": latest,
+        "deps": list(Task.objects.filter(downstream_links__task=task).values("id", "key", "state")),
+        "artifacts": list(
+            Artifact.objects.filter(task=task).order_by("name").values("id", "name", "size", "sha256", "attempt_id")
+        ),
+        "trail": list(
+            Event.objects.filter(task=task).select_related("agent").order_by("-id")[:200]
+        ),  # the newest 200 changes
+    }
+
+
+def render_panels(
+    page: str, obj_id: str | None, user, only: set[str] | None = None, shown_states: dict | None = None
+) -> dict[str, str]:
+    """The page's panels as out-of-band fragments for the websocket, by panel id.
+
+    `shown_states`, when given, is the DAG states the page shows already (the caller keeps it, starting
+    empty): the states panel then carries only the tasks whose state or progress differ, or is left out when
+    none do, and `shown_states` is brought up to date. At 1,000 tasks the whole map is ~60 KiB a push."""
+    chosen = [p for p in PAGES[page] if only is None or p.id in only]
+    wanted = {need for p in chosen for need in p.needs}
+    context = page_context(page, obj_id, full=False, wanted=wanted)
+    if shown_states is not None and "states" in context:
+        current = context["states"]
+        context["states"] = {k: v for k, v in current.items() if shown_states.get(k) != v}
+        shown_states.update(current)
+        if not context["states"]:
+            chosen = [p for p in chosen if "states" not in p.needs]
+    context.update({"oob": True, "user": user, "perms_operate": user.has_perm("tasks_app.operate_run")})
+    return {p.id: render_to_string(p.template, {**context, "panel_id": p.id}) for p in chosen}

@@ -1,0 +1,150 @@
+"""The dashboard's pages and the operators' actions. Thin: a page renders `pages.page_context`; an action
+checks the permission, calls one action function and answers with a flash message (the websocket pushes the
+new state to every open page)."""
+
+from __future__ import annotations
+
+import math
+
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.shortcuts import render
+
+from agents_app import preflight, registry
+from control_plane.web import OPERATE, actor_of, answer, operator_only
+
+from .. import actions, costs
+from ..dag import MAX_COST_USD  # the largest budget the resume form takes, as a DAG document and the API
+from .pages import PAGES, page_context, parse_id
+
+
+def _page(request, page: str, template: str, obj_id=None):
+    try:
+        context = page_context(page, obj_id)
+    except actions.NotFound:
+        raise Http404 from None
+    context.update(
+        {
+            "page": page,
+            "obj_id": obj_id,
+            "panels": PAGES[page],
+            "perms_operate": request.user.has_perm(OPERATE),
+            "ws_path": f"/ws/{page}/" + (f"{obj_id}/" if obj_id else ""),
+        }
+    )
+    return render(request, template, context)
+
+
+@login_required
+def overview(request):
+    return _page(request, "overview", "dashboard/overview.html")
+
+
+@login_required
+def run_page(request, run_id):
+    return _page(request, "run", "dashboard/run.html", str(run_id))
+
+
+@login_required
+def task_page(request, task_id):
+    return _page(request, "task", "dashboard/task.html", str(task_id))
+
+
+@login_required
+def agents_page(request):
+    return _page(request, "agents", "dashboard/agents.html")
+
+
+RUN_OPERATIONS = {"cancel": actions.cancel_run, "pause": actions.pause_run, "resume": actions.resume_run}
+
+
+@operator_only
+def operate_run(request, run_id, operation: str):
+    action = RUN_OPERATIONS.get(operation)
+    if action is None:
+        raise Http404
+    back = f"/runs/{run_id}/"
+    options, said = {}, ""
+    if operation == "resume" and request.POST.get("max_cost_usd", "").strip():
+        budget = _budget(request.POST["max_cost_usd"])
+        if budget is None:
+            return answer(request, f"A new budget must be an amount in USD above 0 and at most {MAX_COST_USD:,}.",
+                           ok=False, back=back)  # fmt: skip
+        options["max_cost_usd"] = budget
+        said = f" Budget now {costs.money(budget)}."
+    try:
+        state = action(str(run_id), actor_of(request), **options)
+    except actions.ActionError as exc:
+        if exc.code != "budget_exceeded":
+            raise
+        # The budget is spent (or today's cap reached): say so in words the operator can act on.
+        return answer(request, f"Not resumed: {exc.detail}.", ok=False, back=back)
+    return answer(request, f"Run {operation}: now {state}.{said}", back=back)
+
+
+def _budget(raw: str) -> float | None:
+    """A budget typed into the resume form (USD, '$' and ',' allowed), or None when it is not one."""
+    try:
+        value = float(raw.strip().removeprefix("$").replace(",", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and 0 < value <= MAX_COST_USD else None
+
+
+@operator_only
+def retry_task(request, task_id):
+    actions.retry_task(str(task_id), actor_of(request))
+    return answer(request, "Task queued again.", back=f"/tasks/{task_id}/")
+
+
+@operator_only
+def decide_task(request, task_id):
+    """The task page's Approve / Reject (with the comment field) of a task awaiting approval."""
+    decision = request.POST.get("decision")
+    if decision not in ("approve", "reject"):
+        return answer(request, "Say approve or reject.", ok=False, status=400, back=f"/tasks/{task_id}/")
+    message = request.POST.get("message", "").strip()[:10_000]
+    state = actions.decide_approval(str(task_id), decision == "approve", actor_of(request), message)
+    return answer(request, f"{'Approved' if decision == 'approve' else 'Rejected'}: the task {state}.",
+                   back=f"/tasks/{task_id}/")  # fmt: skip
+
+
+@operator_only
+def answer_input(request, request_id):
+    """Allow or Deny (with a message to the agent) of an agent's input request, on the task page or the
+    overview's Waiting for you."""
+    behavior = request.POST.get("behavior")
+    if behavior not in ("allow", "deny"):
+        return answer(request, "Say allow or deny.", ok=False, status=400)
+    message = request.POST.get("message", "").strip()[:10_000]
+    actions.answer_input_request(str(request_id), behavior, message, actor_of(request))
+    return answer(request, f"{'Allowed' if behavior == 'allow' else 'Denied'}: the agent goes on.")
+
+
+AGENT_OPERATIONS = {
+    "drain": {"draining": True},
+    "undrain": {"draining": False},
+    "disable": {"enabled": False},
+    "enable": {"enabled": True},
+    "shutdown": {"shutdown_requested": True},
+}
+
+
+# Operations that are not a flag: a new pre-flight (delivered with the next heartbeat), revoking the token.
+AGENT_ACTIONS = {
+    "preflight": (preflight.request, "pre-flight requested; it runs at the next heartbeat"),
+    "revoke": (registry.revoke_agent, "token revoked; the agent stops at its next call"),
+}
+
+
+@operator_only
+def operate_agent(request, agent_id, operation: str):
+    if operation in AGENT_ACTIONS:
+        action, done = AGENT_ACTIONS[operation]
+        agent = action(parse_id(agent_id), actor_of(request))
+        return answer(request, f"Agent {agent.name}: {done}.", back="/agents/")
+    flags = AGENT_OPERATIONS.get(operation)
+    if flags is None:
+        raise Http404
+    agent = registry.set_agent_flags(parse_id(agent_id), actor_of(request), **flags)
+    return answer(request, f"Agent {agent.name}: {operation} done.", back="/agents/")
