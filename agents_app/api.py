@@ -58,7 +58,7 @@ def _claim_now(agent: dict, capacity: int) -> tuple[dict, list]:
 
 def _heartbeat_now(agent: dict, status: str, attempt_ids: list[str], first: bool) -> list[dict]:
     commands = actions.heartbeat(agent, status, attempt_ids, first=first)
-    if preflight.take_request(agent["id"]):
+    if registry.take_preflight_request(agent["id"]):
         commands.append({"type": "preflight"})  # an extra command (README, "API"): check executors again
     return commands
 
@@ -175,7 +175,7 @@ async def report_preflight(request):
     f = Fields(json_body(request, JSON_LIMIT))
     report = preflight.parse_report(f.obj("preflight", required=True))
     agent = await _agent(request)
-    passed = await db_call(preflight.record)(agent["id"], report)
+    passed = await db_call(registry.record_preflight)(agent["id"], report)
     return JsonResponse({"executors": passed})
 
 

@@ -7,14 +7,19 @@ from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.db.models import Q
 
+from tasks_app import states
+
 # Hosts and SSH provisioning have a package of their own; imported here so that Django finds their models.
 from .hosts.models import Host, HostOperation  # noqa: F401
 
 
 class AgentStatus(models.TextChoices):
-    ONLINE = "online"
-    OFFLINE = "offline"
-    RETIRED = "retired"  # its name was registered again or its token revoked; the identity is gone for good
+    """The column's choices, from the state machine (tasks_app.states.AgentStatus, where the transitions are);
+    a test checks that no status is left out."""
+
+    ONLINE = states.AgentStatus.ONLINE
+    OFFLINE = states.AgentStatus.OFFLINE
+    RETIRED = states.AgentStatus.RETIRED
 
 
 class Agent(models.Model):

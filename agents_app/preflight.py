@@ -1,5 +1,6 @@
-"""Executor pre-flight: what an agent found when it checked its executors (CLI present, version), and the
-operator's request that it check again.
+"""Executor pre-flight: what an agent found when it checked its executors (CLI present, version), read and
+shaped here; storing it and the operator's request that it check again are agent changes, in
+agents_app.registry (record_preflight, request_preflight).
 
 The report is kept whole for people (the agents page), while the agent's `executors` column keeps only the
 executors that passed: the scheduler offers tasks by that column, so an executor that failed its pre-flight
@@ -10,14 +11,7 @@ from __future__ import annotations
 
 import re
 
-from django.db import connection, transaction
-from django.utils import timezone
-
 from control_plane.http_api import ApiError
-from tasks_app.actions import EventLog, NotFound
-from tasks_app.notify import Changes
-
-from .models import Agent
 
 # Checked with fullmatch: `$` would also match before a final newline ("shell\n").
 EXECUTOR_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -58,49 +52,6 @@ def usable(executors: list[str], report: dict) -> list[str]:
 
 def versions(report: dict) -> dict:
     return {name: check["version"] for name, check in report.items() if check["usable"] and check["version"]}
-
-
-def record(agent_id, report: dict) -> list[str]:
-    """Store an agent's new pre-flight; its offered executors become exactly those that passed. Returns them."""
-    passed = [name for name, check in report.items() if check["usable"]]
-    with transaction.atomic():
-        agent = Agent.objects.select_for_update().get(pk=agent_id)
-        events = EventLog(f"agent:{agent.name}")
-        failed = sorted(name for name, check in report.items() if not check["usable"])
-        events.add("agent", "", "preflight", agent=agent.id, detail={"usable": passed, "failed": failed})
-        Agent.objects.filter(pk=agent.pk).update(
-            executors=passed, executor_versions=versions(report), preflight=report, preflight_at=timezone.now()
-        )
-        with connection.cursor() as cur:
-            events.write(cur)
-            Changes(agents=True).send(cur)
-    return passed
-
-
-def request(agent_id, actor: str) -> Agent:
-    """Ask a current agent to check its executors again; its next heartbeat answer carries the command."""
-    with transaction.atomic():
-        agent = Agent.objects.select_for_update().filter(pk=agent_id, retired_at__isnull=True).first()
-        if agent is None:
-            raise NotFound("no agent with that id")
-        agent.preflight_requested = True
-        agent.save(update_fields=["preflight_requested"])
-        with connection.cursor() as cur:
-            events = EventLog(actor)
-            events.add("agent", "", "preflight_requested", agent=agent.id)
-            events.write(cur)
-    return agent
-
-
-def take_request(agent_id) -> bool:
-    """Whether a pre-flight was requested for this agent, clearing the request (delivered once)."""
-    with connection.cursor() as cur:
-        cur.execute(
-            "UPDATE agents_app_agent SET preflight_requested = false WHERE id = %s AND preflight_requested"
-            " RETURNING id",
-            [agent_id],
-        )
-        return cur.fetchone() is not None
 
 
 def executor_rows(executors: list[str], versions: dict, report: dict) -> list[dict]:

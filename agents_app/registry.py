@@ -1,4 +1,12 @@
-"""Agent identities and tokens: enrollment, authentication, retirement, operator switches."""
+"""Agent identities and tokens: enrollment, authentication, retirement, operator switches, pre-flights.
+
+The agents' actions: every change of an agent's status, switches or offered executors is a function here
+that checks the status table (tasks_app.states.AGENT_TRANSITIONS) and writes an Event naming its actor, in
+the change's own transaction. Two changes run as SQL elsewhere and follow the same table: the sweep marks
+silent agents offline (tasks_app.actions.sweep, queries.SILENT_AGENTS; the sweep cannot call in here, as
+this module uses tasks_app.actions), and an attempt's completion holds an executor back on its agent
+(actions._hold_executor, a usage limit or a lost login, in the completion's lock order).
+"""
 
 from __future__ import annotations
 
@@ -14,11 +22,14 @@ from tasks_app import queries as q
 from tasks_app.actions import lose_attempts
 from tasks_app.audit import EventLog
 from tasks_app.errors import ActionError, NotFound
-from tasks_app.notify import Changes
-from tasks_app.states import AttemptState
+from tasks_app.notify import CHANNEL, Changes
+from tasks_app.states import AttemptState, check_transition
 
 from . import preflight, tokens
 from .models import Agent, AgentStatus, ApiToken, EnrollmentToken
+
+# What TOUCH_AGENT announces when an agent comes back online: the agents' panels redraw.
+_BACK_ONLINE = {"channel": CHANNEL, "payload": Changes(agents=True).payload()}
 
 
 class AuthError(ActionError):
@@ -50,7 +61,9 @@ def create_api_token(user, note: str = ""):
 
 
 def authenticate_agent(token: str | None) -> dict:
-    """The calling agent (and its call counted as contact), or AuthError / Forbidden."""
+    """The calling agent (and its call counted as contact, which brings an agent the sweep marked offline
+    back online, with its Event), or AuthError / Forbidden. One statement, two when the last contact
+    recorded is over a second old."""
     if not token:
         raise AuthError("an agent token is required (Authorization: Bearer <token>)")
     with connection.cursor() as cur:
@@ -60,7 +73,7 @@ def authenticate_agent(token: str | None) -> dict:
             raise _refusal_of(tokens.hash_token(token))
         *fields, stale = row
         if stale:
-            cur.execute(q.TOUCH_AGENT, {"agent_id": row[0]})
+            cur.execute(q.TOUCH_AGENT, {"agent_id": row[0], **_BACK_ONLINE})
     keys = ("id", "name", "labels", "executors", "capacity", "enabled", "draining", "shutdown_requested")
     agent = dict(zip(keys, fields, strict=True))
     if not agent["enabled"]:
@@ -165,6 +178,7 @@ def _proves_identity(agent: Agent, token: str | None) -> bool:
 def _retire(agent: Agent, now, events: EventLog, reason: str, **fields) -> list:
     """Retire `agent` for good (its row locked by the caller's transaction): its token stops working and its
     name is free. Returns its live attempts, for the caller to lose once the transaction has committed."""
+    check_transition("agent", agent.status, AgentStatus.RETIRED)
     live = list(agent.attempts.filter(state__in=AttemptState.LIVE).values_list("id", flat=True))
     events.add("agent", agent.status, AgentStatus.RETIRED, agent=agent.id, detail={"reason": reason})
     Agent.objects.filter(pk=agent.pk).update(status=AgentStatus.RETIRED, retired_at=now, **fields)
@@ -208,3 +222,53 @@ def set_agent_flags(agent_id, actor: str, **flags) -> Agent:
             events.write(cur)
             Changes(agents=True).send(cur)
     return agent
+
+
+# --- Pre-flights (the checks are read in agents_app.preflight) ------------------------------------------
+
+
+def record_preflight(agent_id, report: dict) -> list[str]:
+    """Store an agent's new pre-flight; its offered executors become exactly those that passed. Returns them."""
+    passed = [name for name, check in report.items() if check["usable"]]
+    with transaction.atomic():
+        agent = Agent.objects.select_for_update().get(pk=agent_id)
+        events = EventLog(f"agent:{agent.name}")
+        failed = sorted(name for name, check in report.items() if not check["usable"])
+        events.add("agent", "", "preflight", agent=agent.id, detail={"usable": passed, "failed": failed})
+        Agent.objects.filter(pk=agent.pk).update(
+            executors=passed,
+            executor_versions=preflight.versions(report),
+            preflight=report,
+            preflight_at=timezone.now(),
+        )
+        with connection.cursor() as cur:
+            events.write(cur)
+            Changes(agents=True).send(cur)
+    return passed
+
+
+def request_preflight(agent_id, actor: str) -> Agent:
+    """Ask a current agent to check its executors again; its next heartbeat answer carries the command."""
+    with transaction.atomic():
+        agent = Agent.objects.select_for_update().filter(pk=agent_id, retired_at__isnull=True).first()
+        if agent is None:
+            raise NotFound("no agent with that id")
+        agent.preflight_requested = True
+        agent.save(update_fields=["preflight_requested"])
+        with connection.cursor() as cur:
+            events = EventLog(actor)
+            events.add("agent", "", "preflight_requested", agent=agent.id)
+            events.write(cur)
+    return agent
+
+
+def take_preflight_request(agent_id) -> bool:
+    """Whether a pre-flight was requested for this agent, clearing the request (delivered once: the request's
+    Event is the audit, its delivery writes none)."""
+    with connection.cursor() as cur:
+        cur.execute(
+            "UPDATE agents_app_agent SET preflight_requested = false WHERE id = %s AND preflight_requested"
+            " RETURNING id",
+            [agent_id],
+        )
+        return cur.fetchone() is not None

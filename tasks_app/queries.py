@@ -21,9 +21,28 @@ SELECT id, name, labels,
        last_seen_at IS NULL OR last_seen_at < now() - interval '1 second' OR (enabled AND status <> 'online')
   FROM agents_app_agent WHERE token_hash = %(token_hash)s AND retired_at IS NULL
 """
+# Record an agent's contact; an enabled agent the sweep marked offline is online again, audited in the same
+# statement (the Event and the dashboard's NOTIFY only then). The status moves only offline -> online
+# (states.AGENT_TRANSITIONS): `back` re-checks its WHERE on the row's newest version, so a retirement or a
+# concurrent contact committed meanwhile makes it change nothing, and two calls at once write one Event. Just
+# one of the two UPDATEs writes the row (`touched` only when `back` did not): a row updated twice in one
+# statement keeps one change, unpredictably which. Still one statement: no round trip is added to a call.
 TOUCH_AGENT = """
-UPDATE agents_app_agent SET last_seen_at = now(), status = CASE WHEN enabled THEN 'online' ELSE status END
- WHERE id = %(agent_id)s
+WITH back AS (
+    UPDATE agents_app_agent SET last_seen_at = now(), status = 'online'
+     WHERE id = %(agent_id)s AND enabled AND status = 'offline'
+    RETURNING id, name
+), touched AS (
+    UPDATE agents_app_agent SET last_seen_at = now()
+     WHERE id = %(agent_id)s AND NOT EXISTS (SELECT 1 FROM back)
+), ev AS (
+    INSERT INTO tasks_app_event (run_id, task_id, attempt_id, agent_id, kind, from_state, to_state, actor, detail,
+                                 created_at)
+    SELECT NULL, NULL, NULL, back.id, 'agent', 'offline', 'online', 'agent:' || back.name,
+           '{"reason": "contact"}'::jsonb, now()
+      FROM back
+)
+SELECT pg_notify(%(channel)s, %(payload)s) FROM back
 """
 
 # Claim, step 1: the agent's row lock serialises its own concurrent claims (capacity is per agent).
@@ -339,7 +358,8 @@ SELECT id FROM tasks_app_attempt
    FOR UPDATE SKIP LOCKED
 """
 
-# Sweep: agents silent for longer than the offline threshold.
+# Sweep: agents silent for longer than the offline threshold (online -> offline, states.AGENT_TRANSITIONS;
+# actions.sweep writes the Events). A contact committed meanwhile (TOUCH_AGENT) fails the re-checked WHERE.
 SILENT_AGENTS = """
 UPDATE agents_app_agent SET status = 'offline'
  WHERE status = 'online' AND last_seen_at < now() - make_interval(secs => %(offline_after_s)s)

@@ -1,6 +1,8 @@
-"""The state machine of runs, tasks and attempts: pure data and functions, no ORM.
+"""The state machine of runs, tasks, attempts and agents: pure data and functions, no ORM.
 
-`tasks_app.actions` is the only code that changes a state field, and it asks this module first.
+`tasks_app.actions` is the only code that changes a run's, task's or attempt's state, and it asks this module
+first; `agents_app.registry` is its counterpart for an agent's status (the sweep's and the contact's SQL in
+`tasks_app.queries` follow the same table, and a test holds them to it).
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ class AttemptState:
     TERMINAL = (SUCCEEDED, FAILED, LOST, CANCELED)
 
 
+class AgentStatus:
+    ONLINE = "online"
+    OFFLINE = "offline"
+    RETIRED = "retired"  # its name was registered again or its token revoked; the identity is gone for good
+
+    ALL = (ONLINE, OFFLINE, RETIRED)
+
+
 T = TaskState
 TASK_TRANSITIONS: dict[str, frozenset[str]] = {
     # Dependencies met (an approval task then awaits approval), upstream failed/canceled, run canceled.
@@ -109,6 +119,17 @@ ATTEMPT_TRANSITIONS: dict[str, frozenset[str]] = {
     A.CANCELED: frozenset(),
 }
 
+G = AgentStatus
+AGENT_TRANSITIONS: dict[str, frozenset[str]] = {
+    # Silent past the offline threshold (the sweep: queries.SILENT_AGENTS); its name registered again or its
+    # token revoked (agents_app.registry).
+    G.ONLINE: frozenset({G.OFFLINE, G.RETIRED}),
+    # Heard from again while enabled (queries.TOUCH_AGENT); retired as above.
+    G.OFFLINE: frozenset({G.ONLINE, G.RETIRED}),
+    # Final: a retired identity's token never works again; enrolling anew makes a new agent row.
+    G.RETIRED: frozenset(),
+}
+
 # What an operator may do to a run, by the run's current state. Narrower than RUN_TRANSITIONS: a finished run
 # reopens only through a task retry, never through "resume".
 RUN_OPERATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -117,7 +138,7 @@ RUN_OPERATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "cancel": (R.CANCELED, (R.RUNNING, R.PAUSED)),
 }
 
-_TABLES = {"task": TASK_TRANSITIONS, "run": RUN_TRANSITIONS, "attempt": ATTEMPT_TRANSITIONS}
+_TABLES = {"task": TASK_TRANSITIONS, "run": RUN_TRANSITIONS, "attempt": ATTEMPT_TRANSITIONS, "agent": AGENT_TRANSITIONS}
 
 
 def can_transition(kind: str, current: str, target: str) -> bool:

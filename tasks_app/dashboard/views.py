@@ -10,7 +10,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import render
 
-from agents_app import preflight, registry
+from agents_app import registry
 from control_plane.web import OPERATE, actor_of, answer, operator_only
 
 from .. import actions, costs
@@ -132,7 +132,7 @@ AGENT_OPERATIONS = {
 
 # Operations that are not a flag: a new pre-flight (delivered with the next heartbeat), revoking the token.
 AGENT_ACTIONS = {
-    "preflight": (preflight.request, "pre-flight requested; it runs at the next heartbeat"),
+    "preflight": (registry.request_preflight, "pre-flight requested; it runs at the next heartbeat"),
     "revoke": (registry.revoke_agent, "token revoked; the agent stops at its next call"),
 }
 

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from agents_app import preflight
-from agents_app.models import Agent
+from agents_app import registry
+from agents_app.models import Agent, AgentStatus
 
 
 class Command(BaseCommand):
@@ -15,9 +15,9 @@ class Command(BaseCommand):
         if bool(names) == all_agents:
             raise CommandError("name some agents, or pass --all")
         current = Agent.objects.filter(retired_at__isnull=True)
-        agents = list(current.filter(status="online") if all_agents else current.filter(name__in=names))
+        agents = list(current.filter(status=AgentStatus.ONLINE) if all_agents else current.filter(name__in=names))
         if missing := sorted(set(names) - {a.name for a in agents}):
             raise CommandError(f"no current agent named {', '.join(missing)}")
         for agent in agents:
-            preflight.request(agent.pk, "command:preflight_agents")
+            registry.request_preflight(agent.pk, "command:preflight_agents")
             self.stdout.write(f"{agent.name}: pre-flight requested")
