@@ -86,6 +86,9 @@ from typing import Any
 
 VERSION = "1.2.0"
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# The server has its own list (tasks_app.dag.EXECUTORS, plus its `git` result task and without its `approval`,
+# which no agent runs); this file imports nothing of the server, so tests/agents_app/test_executor_names.py
+# ties the two.
 KNOWN_EXECUTORS = ("shell", "simulated", "claude", "codex", "git")
 DEFAULT_TIMINGS = {"heartbeat_interval_s": 10.0, "lease_s": 60.0, "max_wait_s": 30.0}
 LOG_CHUNK_BYTES = 64 * 1024  # the server's limit for the "log" of one progress call

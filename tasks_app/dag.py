@@ -16,6 +16,8 @@ from .templating import check as check_template
 
 # Keys, labels and agent names; checked with fullmatch: `$` would also match before a final newline ("k\n").
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# The daemon has its own list (agents_app.cp_agent.KNOWN_EXECUTORS: one stdlib-only file, it cannot import this
+# one); tests/agents_app/test_executor_names.py ties the two, and models.EXECUTORS to this.
 EXECUTORS = ("shell", "claude", "codex", "simulated", APPROVAL_EXECUTOR)
 # How long an approval waits for an answer unless its task says (timeout_s): a week, the longest timeout.
 APPROVAL_TIMEOUT_S = 7 * 86400
