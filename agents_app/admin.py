@@ -27,7 +27,7 @@ from tasks_app.states import AttemptState
 
 from . import registry
 from .hosts import admin as hosts_admin  # noqa: F401 - registers the hosts' admin pages
-from .models import Agent, ApiToken, EnrollmentToken
+from .models import Agent, AgentStatus, ApiToken, EnrollmentToken
 
 AGENT_FLAGS = ("enabled", "draining")
 
@@ -37,7 +37,7 @@ class AgentStatusFilter(admin.SimpleListFilter):
     parameter_name = "status"
 
     def lookups(self, request, model_admin):
-        return [("online", "online"), ("offline", "offline"), ("retired", "retired")]
+        return [(status, status) for status in AgentStatus.values]
 
     def queryset(self, request, queryset):
         return queryset.filter(status=self.value()) if self.value() else queryset
