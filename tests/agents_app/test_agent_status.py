@@ -3,10 +3,11 @@ that move it (the sweep's SILENT_AGENTS, the contact's TOUCH_AGENT) keeping to i
 actor for every change."""
 
 import itertools
+import threading
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from agents_app import models, registry
@@ -16,6 +17,8 @@ from tasks_app import queries as q
 from tasks_app.audit import EventLog
 from tasks_app.models import Event
 from tasks_app.states import AGENT_TRANSITIONS, AgentStatus, InvalidTransition, can_transition, check_transition
+from tests.agents_app.test_enrollment import lock_waiters
+from tests.conftest import wait_for
 
 G = AgentStatus
 ALLOWED = {(G.ONLINE, G.OFFLINE), (G.ONLINE, G.RETIRED), (G.OFFLINE, G.ONLINE), (G.OFFLINE, G.RETIRED)}
@@ -84,6 +87,35 @@ def test_an_agent_that_went_offline_and_calls_again_is_online_with_an_event(enro
         (G.ONLINE, G.OFFLINE, "system:sweeper", {"reason": "silent"}),
         (G.OFFLINE, G.ONLINE, "agent:ccg-1", {"reason": "contact"}),
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_calls_at_once_of_an_agent_coming_back_write_one_event(enroll):
+    """Each call's contact queues on the agent's row; the first brings it online, the others, re-reading the
+    row after their wait, find it online and only record contact."""
+    agent, token = enroll("ccg-1")
+    Agent.objects.filter(pk=agent.pk).update(status=G.OFFLINE)
+    callers, failures = 4, []
+
+    def call():
+        try:
+            registry.authenticate_agent(token)
+        except Exception as exc:  # reported below, in the test's thread
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    with transaction.atomic():
+        Agent.objects.select_for_update().get(pk=agent.pk)  # every call arrives before any decides
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: lock_waiters() >= callers, 30, what="every call to wait for the agent's row")
+    for thread in threads:
+        thread.join(30)
+    assert not failures
+    assert Agent.objects.get(pk=agent.pk).status == G.ONLINE
+    assert [e[:2] for e in _status_events(agent.pk)] == [("", G.ONLINE), (G.OFFLINE, G.ONLINE)]
 
 
 def test_an_online_agents_call_records_contact_and_writes_no_event(enroll):
