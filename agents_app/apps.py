@@ -6,10 +6,20 @@ class AgentsAppConfig(AppConfig):
     verbose_name = "Agents"
 
     def ready(self):
-        from control_plane import q_workers
+        from django.conf import settings
+        from django.db.models.signals import post_migrate
 
+        from control_plane import q_workers
+        from tasks_app import hub
+
+        from .hosts import jobs, views
         from .hosts import signals as host_signals
 
         # Host operations run as django-q2 jobs in forked workers, which need their own database pool.
         q_workers.connect()
         host_signals.connect()
+        # The hosts page is live on the dashboard's websocket, and its stale operations are failed by every
+        # server process's sweeper (a queued one no cluster will pick up) and by the cluster's schedule.
+        views.add_live_page()
+        hub.add_sweep(jobs.abandon_stale_operations, settings.CP_HOST_STALE_CHECK_S)
+        post_migrate.connect(jobs.ensure_schedule, sender=self)

@@ -260,6 +260,8 @@ CP_HOST_OPERATION_TIMEOUT_S = env_float("CP_HOST_OPERATION_TIMEOUT_S", 240.0)
 # How long a deploy waits for its agents to enroll; how long `stop` lets agents drain before canceling tasks.
 CP_HOST_ENROLL_WAIT_S = env_float("CP_HOST_ENROLL_WAIT_S", 30.0)
 CP_HOST_STOP_GRACE_S = env_float("CP_HOST_STOP_GRACE_S", 10.0)
+# How often each server process fails host operations that will never finish (agents_app/hosts/jobs.py).
+CP_HOST_STALE_CHECK_S = env_float("CP_HOST_STALE_CHECK_S", 30.0)
 
 # --- Webhooks (tasks_app/webhooks.py; set up in the admin, sent by the q cluster) ---
 # One try of one delivery (connect, send, answer) gives up after this many seconds.

@@ -16,6 +16,7 @@ import psycopg
 from django.conf import settings
 from django.db import connection
 
+from control_plane.db import db_call
 from control_plane.db_outage import DATABASE, DatabaseUnavailable, describe, is_unavailable
 
 from . import actions
@@ -40,6 +41,16 @@ class Waiter:
 
     def matches(self, executor: str, requires) -> bool:
         return executor in self.executors and self.labels.issuperset(requires)
+
+
+# Periodic work of other apps, run by every server process's sweeper beside the scheduler's own sweep, as
+# (function, at most every so many seconds); added from an AppConfig.ready(). agents_app adds the host
+# operations that will never finish.
+ADDED_SWEEPS: list[tuple[Callable[[], object], float]] = []
+
+
+def add_sweep(fn: Callable[[], object], every_s: float) -> None:
+    ADDED_SWEEPS.append((fn, every_s))
 
 
 class EventHub:
@@ -103,7 +114,6 @@ class EventHub:
         parked = [w for w in self.waiters if w.active and not w.event.is_set() and now - w.parked_at >= min_age_s]
         if not parked:
             return 0
-        from control_plane.http_api import db_call
 
         from .dashboard import waiting
 
@@ -169,10 +179,10 @@ class EventHub:
                 await asyncio.sleep(1.0)
 
     async def _sweep_forever(self) -> None:
-        from control_plane.http_api import db_call
-
         tick = db_call(actions.tick_sweep_clock)
         sweep = db_call(actions.sweep)
+        added = [(db_call(fn), every_s) for fn, every_s in ADDED_SWEEPS]
+        due = [0.0] * len(added)
         starting = True
         while True:
             started = time.monotonic()
@@ -181,6 +191,10 @@ class EventHub:
                 starting = False
                 await sweep()
                 await self.wake_missed()
+                for i, (call, every_s) in enumerate(added):
+                    if started >= due[i]:
+                        due[i] = started + every_s
+                        await call()
             except asyncio.CancelledError:
                 raise
             except DatabaseUnavailable:

@@ -31,7 +31,7 @@ from .models import Host, HostOperation, HostOperationKind, HostOperationState
 from .secrets import SecretUnavailable, decrypt_private_key
 
 log = logging.getLogger(__name__)
-DAEMON = Path(__file__).resolve().parent / "cp_agent.py"
+DAEMON = Path(__file__).resolve().parent.parent / "cp_agent.py"
 OUTPUT_KEEP_CHARS = 64 * 1024
 # Operations that write a fresh enrollment token to the host and start agents with it.
 STARTS_AGENTS = (HostOperationKind.DEPLOY, HostOperationKind.RESTART, HostOperationKind.UPGRADE)
@@ -41,6 +41,7 @@ TOKEN_USES_PER_AGENT = 2
 TOKEN_LIFETIME = timedelta(hours=24)
 ACTIVE = (HostOperationState.QUEUED, HostOperationState.RUNNING)
 QUEUE_PATIENCE = timedelta(minutes=15)
+STALE_OPERATIONS_SCHEDULE = "fail host operations that will never finish"
 
 
 class HostBusy(ActionError):
@@ -187,6 +188,17 @@ def abandon_stale_operations() -> int:
     if died + never:
         announce()
     return died + never
+
+
+def ensure_schedule(**kwargs) -> None:
+    """The cluster's backstop for abandon_stale_operations, for when no server process is up to run it."""
+    from django_q.models import Schedule
+
+    Schedule.objects.update_or_create(
+        name=STALE_OPERATIONS_SCHEDULE,
+        defaults={"func": "agents_app.hosts.jobs.abandon_stale_operations", "schedule_type": Schedule.MINUTES,
+                  "minutes": 1, "repeats": -1},
+    )  # fmt: skip
 
 
 def announce() -> None:

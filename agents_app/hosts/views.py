@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from control_plane.web import OPERATE, actor_of, answer, operator_only
 
-from .jobs import ACTIVE, abandon_stale_operations, start_operations
+from .jobs import ACTIVE, start_operations
 from .models import Host, HostOperation, HostOperationKind, HostOperationState
 from .trust import confirm_offered_key
 
@@ -32,7 +32,6 @@ QUEUE_PATIENCE_S = 10
 
 
 def operations_context() -> dict:
-    abandon_stale_operations()
     ops = list(HostOperation.objects.select_related("host").order_by("-created_at")[:RECENT_OPERATIONS])
     waiting_since = timezone.now() - timedelta(seconds=QUEUE_PATIENCE_S)
     for op in ops:
@@ -54,6 +53,20 @@ def hosts_context() -> dict:
     for host in hosts:
         host.last_operation = last.get(host.pk)
     return {"hosts": hosts, "operation_kinds": HostOperationKind.values}
+
+
+def live_context() -> dict:
+    """What the live hosts page pushes (tasks_app.dashboard.pages.add_page)."""
+    return {**hosts_context(), **operations_context()}
+
+
+def add_live_page() -> None:
+    """The hosts page on the dashboard's websocket: the operations panel and each host's last-operation cell,
+    not the hosts table, whose checkboxes hold the operator's selection; pushed on host notifications."""
+    from tasks_app.dashboard.pages import Panel, add_page
+
+    panels = [Panel("panel-host-operations", "dashboard/panels/host_operations_live.html")]
+    add_page("hosts", panels, live_context, lambda event: bool(event.get("hosts")))
 
 
 def page_context(request) -> dict:

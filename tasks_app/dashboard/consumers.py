@@ -17,11 +17,11 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth.signals import user_logged_out
 
-from control_plane.http_api import db_call
+from control_plane.db import db_call
 
 from ..errors import NotFound
 from ..hub import EventHub
-from .pages import PAGES, parse_id, render_panels
+from .pages import ADDED_PAGES, PAGES, parse_id, render_panels
 
 log = logging.getLogger(__name__)
 # Heavy panels (those with a minimum interval) are re-sent at no more than this many bytes a second.
@@ -168,8 +168,8 @@ class LivePageConsumer(AsyncWebsocketConsumer):
     def concerns_me(self, event: dict) -> bool:
         if self.page in ("overview", "agents"):
             return True
-        if self.page == "hosts":
-            return bool(event.get("hosts"))
+        if self.page in ADDED_PAGES:
+            return ADDED_PAGES[self.page].concerns(event)
         if event.get("wake_all"):
             return True
         return self.run_id() in event.get("runs", ())

@@ -5,6 +5,7 @@ update can never drift from what a reload would show."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.template.loader import render_to_string
@@ -62,10 +63,25 @@ PAGES: dict[str, list[Panel]] = {
         Panel("panel-fleet", "dashboard/panels/fleet.html"),
         Panel("panel-agents", "dashboard/panels/agents.html"),
     ],
-    # The operations, and each host's last-operation cell; not the hosts table, whose checkboxes hold the
-    # operator's selection.
-    "hosts": [Panel("panel-host-operations", "dashboard/panels/host_operations_live.html")],
 }
+
+
+@dataclass(frozen=True)
+class AddedPage:
+    """A live page another app adds (the hosts page is agents_app's): what its panels show, and which
+    notifications concern it. The dashboard draws and pushes it like its own without importing its code."""
+
+    context: Callable[[], dict]
+    concerns: Callable[[dict], bool]
+
+
+ADDED_PAGES: dict[str, AddedPage] = {}
+
+
+def add_page(name: str, panels: list[Panel], context: Callable[[], dict], concerns: Callable[[dict], bool]) -> None:
+    """Called from an app's AppConfig.ready()."""
+    PAGES[name] = panels
+    ADDED_PAGES[name] = AddedPage(context, concerns)
 
 
 def parse_id(value) -> str:
@@ -91,10 +107,8 @@ def page_context(page: str, obj_id: str | None = None, *, full: bool = True, wan
         }
     if page == "agents":
         return {"fleet": panels.fleet_summary(), "agents": panels.with_agent_costs(panels.agents_table())}
-    if page == "hosts":
-        from agents_app.hosts.views import hosts_context, operations_context
-
-        return {**hosts_context(), **operations_context()}
+    if page in ADDED_PAGES:
+        return ADDED_PAGES[page].context()
     if page == "run":
         return _run_context(parse_id(obj_id), full, wanted)
     if page == "task":

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 from cryptography.fernet import Fernet
+from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.test import Client
 from django.utils import timezone
@@ -272,3 +273,54 @@ def test_every_change_to_an_operation_is_announced_to_the_live_pages(host):
     op.refresh_from_db()
     assert op.state == "failed"  # mugen.example.net does not resolve
     assert sum(1 for n in heard if n.get("hosts")) >= 4  # queued, running, a report, finished
+
+
+def stale_queued_operation(host) -> HostOperation:
+    """A status operation queued 20 minutes ago that no cluster picked up."""
+    op = HostOperation.objects.create(batch=uuid.uuid4(), host=host, kind="status")
+    HostOperation.objects.filter(pk=op.pk).update(created_at=timezone.now() - timedelta(minutes=20))
+    return op
+
+
+def test_showing_the_hosts_pages_writes_nothing(viewer, host):
+    op = stale_queued_operation(host)
+    for url in ("/hosts/", "/hosts/operations/"):
+        assert viewer.get(url).status_code == 200
+    from tasks_app.dashboard.pages import render_panels
+
+    render_panels("hosts", None, User.objects.get(username="vera"))  # the websocket's render
+    op.refresh_from_db()
+    assert op.state == "queued"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_server_process_fails_operations_that_will_never_finish(host, server_tmp):
+    from tests.conftest import Server, http, wait_for
+
+    op = stale_queued_operation(host)
+    server = Server(server_tmp, {"CP_HOST_STALE_CHECK_S": "0.5"})
+    try:
+        # A process sweeps from its first agent call on (even a refused one).
+        assert http("POST", f"{server.url}/api/v1/agents/heartbeat", {}, token="nobody")[0] == 401
+        wait_for(lambda: HostOperation.objects.get(pk=op.pk).state == "failed", 30, what="the sweeper to fail it")
+    finally:
+        server.stop()
+    op.refresh_from_db()
+    assert op.message == "never started" and "no django-q2 cluster picked this operation up" in op.error
+
+
+def test_the_cluster_fails_them_too_when_no_server_runs():
+    from django_q.models import Schedule
+
+    from agents_app.hosts.jobs import STALE_OPERATIONS_SCHEDULE
+
+    schedule = Schedule.objects.get(name=STALE_OPERATIONS_SCHEDULE)
+    assert schedule.func == "agents_app.hosts.jobs.abandon_stale_operations" and schedule.minutes == 1
+
+
+def test_the_hosts_page_is_added_to_the_dashboard_by_agents_app():
+    from tasks_app.dashboard.pages import ADDED_PAGES, PAGES
+
+    assert [p.id for p in PAGES["hosts"]] == ["panel-host-operations"]
+    concerns = ADDED_PAGES["hosts"].concerns
+    assert concerns({"hosts": True}) and not concerns({"runs": ["x"]})
