@@ -33,7 +33,12 @@ def default_database() -> dict:
     # with DATABASE_URL pointing at the bench database, must read the settings afresh.
     settings = importlib.import_module("control_plane.settings")
     sys.modules.pop("control_plane.settings", None)
-    return dict(settings.DATABASES["default"])
+    db = dict(settings.DATABASES["default"])
+    if db.get("EMBEDDED"):
+        from control_plane.embedded_pg.base import running
+
+        db.update(running(db["EMBEDDED"]))
+    return db
 
 
 # Options Django's backend reads itself; the rest of OPTIONS are libpq connection parameters.

@@ -137,9 +137,16 @@ TEMPLATES = [
 if env_str("DATABASE_URL"):
     _db = database_from_url(env_str("DATABASE_URL"))
 else:
-    from control_plane.embedded_db import ensure_running
-
-    _db = ensure_running(DATA_DIR, env_str("CP_DB_NAME", "control_plane"))
+    # The embedded cluster under DATA_DIR, started by the first connection (control_plane/embedded_pg), not here.
+    _name = env_str("CP_DB_NAME", "control_plane")
+    _db = {
+        "ENGINE": "control_plane.embedded_pg",
+        "NAME": _name,
+        "USER": "postgres",
+        "HOST": "",
+        "PORT": "",
+        "EMBEDDED": {"DATA_DIR": str(DATA_DIR), "DATABASE": _name},
+    }
 
 # Connections come from psycopg's pool and go back after every unit of work: async API views run their
 # database work on arbitrary executor threads and must not pin a connection while a long poll waits.
