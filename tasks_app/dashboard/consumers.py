@@ -11,13 +11,14 @@ import asyncio
 import logging
 import time
 import weakref
-from urllib.parse import urlsplit
+from importlib import import_module
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth.signals import user_logged_out
 
 from control_plane.db import db_call
+from control_plane.web import same_origin
 
 from ..errors import NotFound
 from ..hub import EventHub
@@ -26,53 +27,18 @@ from .pages import ADDED_PAGES, PAGES, parse_id, render_panels
 log = logging.getLogger(__name__)
 # Heavy panels (those with a minimum interval) are re-sent at no more than this many bytes a second.
 HEAVY_PANEL_BYTES_PER_S = 50_000
-DEFAULT_PORTS = {"http": 80, "https": 443}
 # This process's open sockets by session key: a logout here closes them at once (another process's within
 # CP_WS_SESSION_CHECK_S).
 OPEN_SOCKETS: dict[str, weakref.WeakSet] = {}
 
 
-def _origin(scheme: str, netloc: str) -> tuple[str, str, int] | None:
-    try:
-        parts = urlsplit(f"{scheme}://{netloc}")
-        return scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS[scheme]
-    except ValueError:
-        return None
-
-
-def same_origin(scope) -> bool:
-    """The socket's Origin is this server's own (scheme, host and port, as the page it serves has), or one in
-    CSRF_TRUSTED_ORIGINS: as CSRF checks a form's POST. The host allow-list alone let any port or scheme of
-    an allowed host, another site on localhost:3000 say, open a socket with a person's cookie."""
-    headers = dict(scope.get("headers") or ())
-    origin = headers.get(b"origin", b"").decode("latin-1")
-    host = headers.get(b"host", b"").decode("latin-1")
-    if not origin or not host or "://" not in origin:
-        return False
-    secure = scope.get("scheme") == "wss"
-    if settings.CP_BEHIND_TLS_PROXY:
-        secure = headers.get(b"x-forwarded-proto", b"").decode("latin-1").strip().lower() == "https"
-    scheme, _, netloc = origin.partition("://")
-    scheme = scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        return False
-    theirs = _origin(scheme, netloc)
-    if theirs is None:
-        return False
-    if theirs == _origin("https" if secure else "http", host):
-        return True
-    trusted = (o.partition("://") for o in settings.CSRF_TRUSTED_ORIGINS)
-    return theirs in {_origin(s.lower(), n) for s, _, n in trusted if s.lower() in DEFAULT_PORTS}
-
-
 def _session_is_live(session_key: str | None, user_id) -> bool:
     """The session still exists, still names this user, and the user is still active."""
     from django.contrib.auth import get_user_model
-    from django.contrib.sessions.backends.db import SessionStore
 
     if not session_key:
         return False
-    session = SessionStore(session_key)
+    session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
     if str(session.get("_auth_user_id")) != str(user_id):
         return False
     return get_user_model().objects.filter(pk=user_id, is_active=True).exists()

@@ -9,9 +9,8 @@ import urllib.request
 
 import pytest
 import websockets
-from django.test import Client, override_settings
+from django.test import Client
 
-from tasks_app.dashboard.consumers import same_origin
 from tests.conftest import Server
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -60,28 +59,6 @@ def test_only_the_servers_own_origin_opens_a_socket(live_server_proc, wanda):
     answers = asyncio.run(main())
     assert answers["own"] == "accepted", answers
     assert all(a.startswith(("refused", "closed")) for name, a in answers.items() if name != "own"), answers
-
-
-def _scope(origin, host, scheme="ws", proto=None):
-    headers = [(b"origin", origin.encode()), (b"host", host.encode())]
-    if proto:
-        headers.append((b"x-forwarded-proto", proto.encode()))
-    return {"scheme": scheme, "headers": headers}
-
-
-def test_behind_a_tls_proxy_the_origin_is_https_and_trusted_origins_are_honoured():
-    with override_settings(CP_BEHIND_TLS_PROXY=True, CSRF_TRUSTED_ORIGINS=["https://cp.example.com"]):
-        assert same_origin(_scope("https://board.example", "board.example", proto="https"))
-        assert not same_origin(_scope("http://board.example", "board.example", proto="https"))
-        assert not same_origin(_scope("https://board.example", "board.example", proto="http"))
-        assert same_origin(_scope("https://cp.example.com", "board.example", proto="https"))
-        assert same_origin(_scope("https://cp.example.com:443", "board.example:443", proto="https"))
-        assert not same_origin(_scope("https://cp.example.com:8443", "board.example", proto="https"))
-    with override_settings(CP_BEHIND_TLS_PROXY=False):
-        # Without the proxy setting a client cannot claim https by a header.
-        assert not same_origin(_scope("https://board.example", "board.example", proto="https"))
-        assert same_origin(_scope("https://board.example", "board.example", scheme="wss"))
-        assert not same_origin(_scope("", "board.example"))
 
 
 async def _close_code_after(url, headers, act) -> int | None:
