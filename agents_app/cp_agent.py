@@ -79,7 +79,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,7 +317,7 @@ def parse_pass_env(text: str) -> list[str]:
     return names
 
 
-def task_environ(environ: dict[str, str], extra: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+def task_environ(environ: Mapping[str, str], extra: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
     """What of the daemon's environment a task gets: the allow-list (TASK_ENV_BASE, TASK_ENV_PROVIDERS and
     `extra`), those of them that are set. Nothing else, and no CP_* variable whatever `extra` says."""
     names = (*TASK_ENV_BASE, *TASK_ENV_PROVIDERS, *extra)
@@ -434,10 +434,11 @@ class ApiClient:
 
     def __init__(self, servers: str | list[str], ca_file: str | None = None):
         self.servers = [servers] if isinstance(servers, str) else list(servers)
-        self._ends = []  # (https, host, port, path prefix) of each server
+        self._ends: list[tuple[bool, str, int | None, str]] = []  # (https, host, port, path prefix) of each server
         for url in self.servers:
             parts = urllib.parse.urlsplit(url)
-            self._ends.append((parts.scheme == "https", parts.hostname, parts.port, parts.path.rstrip("/")))
+            # `or ""` for the type only: validate_server_url has refused a URL without a host.
+            self._ends.append((parts.scheme == "https", parts.hostname or "", parts.port, parts.path.rstrip("/")))
         self._ssl = tls_context(ca_file) if any(end[0] for end in self._ends) else None
         self._current = 0  # index of the server in use
         self._abortable: dict[http.client.HTTPConnection, int] = {}  # held long polls -> their server's index
@@ -1379,6 +1380,10 @@ class CliStream:
     def on_event(self, event: dict) -> None:
         """One event of the stream."""
 
+    @abc.abstractmethod
+    def failure(self) -> str:
+        """Why the run failed, in the CLI's words; "" when it succeeded."""
+
     # -- usage
 
     @property
@@ -1424,7 +1429,7 @@ class ClaudeStream(CliStream):
             if status in (429, "429"):
                 self.note_limit(json.dumps(event))
         elif kind == "rate_limit_event" or (kind == "system" and subtype in ("rate_limit", "rate_limit_event")):
-            info = event.get("rate_limit_info") if isinstance(event.get("rate_limit_info"), dict) else event
+            info = given if isinstance(given := event.get("rate_limit_info"), dict) else event
             if str(info.get("status", "")).lower() in ("rejected", "blocked", "exceeded"):
                 reset = info.get("resetsAt") or info.get("resets_at")
                 iso = None
@@ -1438,7 +1443,7 @@ class ClaudeStream(CliStream):
             self.ctx.log(f"refused: {said}\n")
             self.ctx.report(None, f"refused: {said}")
         elif kind == "assistant":
-            self._assistant(event.get("message") if isinstance(event.get("message"), dict) else {})
+            self._assistant(message if isinstance(message := event.get("message"), dict) else {})
         elif kind == "result":
             self.result = event
             self._final(event)
@@ -1462,7 +1467,7 @@ class ClaudeStream(CliStream):
                 self.ctx.report(fraction, said)
 
     @staticmethod
-    def _sum(usages) -> dict[str, int]:
+    def _sum(usages: Iterable[dict]) -> dict[str, int]:
         total = dict.fromkeys(USAGE_FIELDS, 0)
         for u in usages:
             total["input_tokens"] += int(u.get("input_tokens") or 0)
@@ -1539,7 +1544,7 @@ class CodexStream(CliStream):
             self.usage["output_tokens"] += max(0, u.get("output_tokens", 0) - reasoning)
             self.usage["reasoning_tokens"] += reasoning
         elif kind == "turn.failed":
-            error = event.get("error") if isinstance(event.get("error"), dict) else {}
+            error = given if isinstance(given := event.get("error"), dict) else {}
             self._fail(str(error.get("message") or "turn failed"))
         elif kind == "error":
             # "Reconnecting... 2/5 (...)": codex retrying on its own, not a failure (it may recover); only
@@ -1770,7 +1775,10 @@ class ClaudeExecutor(CliExecutor):
     name = program = "claude"
     binary_env = "CP_CLAUDE_BIN"
 
-    def arguments(self, ctx: TaskContext) -> list[str]:
+    @staticmethod
+    def permission_mode(ctx: TaskContext) -> str:
+        """`--permission-mode`: params.permission_mode (or the v1 skip_permissions), bypassPermissions refused
+        to root unless the host is a sandbox (TaskError)."""
         params = ctx.params
         mode = params.get("permission_mode", "acceptEdits")
         if params.get("skip_permissions") is True:  # the v1 spelling
@@ -1780,7 +1788,11 @@ class ClaudeExecutor(CliExecutor):
         if mode == "bypassPermissions" and os.geteuid() == 0 and not ctx.sandboxed_host:
             raise TaskError("permission_mode bypassPermissions is refused as root; start the agent with "
                             "--sandboxed-host on a throwaway VM or container")  # fmt: skip
-        args = ["-p", "--output-format", "stream-json", "--verbose", "--permission-mode", mode]
+        return mode
+
+    def arguments(self, ctx: TaskContext) -> list[str]:
+        params = ctx.params
+        args = ["-p", "--output-format", "stream-json", "--verbose", "--permission-mode", self.permission_mode(ctx)]
         allowed = _str_list(params.get("allowed_tools"), "allowed_tools")  # claude never asks about these
         disallowed = _str_list(params.get("disallowed_tools"), "disallowed_tools")
         permission_policy(params)
@@ -1894,7 +1906,9 @@ class CodexExecutor(CliExecutor):
         model = ctx.params.get("model") if isinstance(ctx.params.get("model"), str) else ""
         return CodexStream(ctx, ctx.out_dir / "transcript.jsonl", model or "gpt-5-codex")
 
-    def judge(self, ctx, outcome, events, timeout_s) -> ExecResult:
+    def judge(
+        self, ctx: TaskContext, outcome: ProcessOutcome, events: CliStream, timeout_s: float | None
+    ) -> ExecResult:
         last = ctx.work_dir / "last_message.txt"
         with contextlib.suppress(OSError):
             events.final_text = last.read_text(encoding="utf-8", errors="replace").strip() or events.final_text
@@ -2102,10 +2116,7 @@ class McpPermissionServer:
         if method is None:
             return  # an answer to a request of ours: we make none
         if "id" not in message:  # a notification: never answered
-            if method == "notifications/cancelled":
-                cancel = self._cancels.get(_hashable(params.get("requestId")))
-                if cancel is not None:
-                    cancel.set()
+            self._notified(method, params)
             return
         request_id = message["id"]
         if method == "initialize":
@@ -2120,17 +2131,28 @@ class McpPermissionServer:
         elif method == "tools/list":
             self._result(request_id, {"tools": [self.TOOL]})
         elif method == "tools/call":
-            if params.get("name") != MCP_TOOL_NAME:
-                self._error(request_id, -32602, f"unknown tool {str(params.get('name'))[:100]!r}")
-                return
-            cancel = threading.Event()
-            self._cancels[_hashable(request_id)] = cancel
-            thread = threading.Thread(target=self._call, args=(request_id, params.get("arguments"), cancel),
-                                      daemon=True, name="prompt")  # fmt: skip
-            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-            thread.start()
+            self._start_call(request_id, params)
         else:
             self._error(request_id, -32601, f"method not found: {str(method)[:100]}")
+
+    def _notified(self, method: str, params: dict) -> None:
+        """A notification: notifications/cancelled stops the prompt of the call it names; others are ignored."""
+        if method == "notifications/cancelled":
+            cancel = self._cancels.get(_hashable(params.get("requestId")))
+            if cancel is not None:
+                cancel.set()
+
+    def _start_call(self, request_id: Any, params: dict) -> None:
+        """tools/call of our one tool: answered from a thread of its own, since a person may take minutes."""
+        if params.get("name") != MCP_TOOL_NAME:
+            self._error(request_id, -32602, f"unknown tool {str(params.get('name'))[:100]!r}")
+            return
+        cancel = threading.Event()
+        self._cancels[_hashable(request_id)] = cancel
+        thread = threading.Thread(target=self._call, args=(request_id, params.get("arguments"), cancel),
+                                  daemon=True, name="prompt")  # fmt: skip
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the calls under way (tests)."""
@@ -2385,7 +2407,7 @@ class Worktree:
             run_git(["checkout", "--quiet", "--force", "--detach", base], cwd=self.path)
             run_git(["clean", "-ffdxq"], cwd=self.path)
         user, email = identity
-        merged = []
+        merged: list[str] = []
         for sha in merges:
             got = run_git(["-c", f"user.name={user}", "-c", f"user.email={email}", "merge", "--no-edit",
                            "-m", f"Merge {names.get(sha, sha[:12])}", sha], cwd=self.path, check=False)  # fmt: skip
@@ -2533,7 +2555,8 @@ class ProgressStream:
     def __init__(self, send: Callable[[dict], None], name: str):
         self._send = send
         self._lock = threading.Lock()
-        self._progress, self._message, self._log, self._log_chars = 0.0, "", [], 0
+        self._progress, self._message, self._log_chars = 0.0, "", 0
+        self._log: list[str] = []
         self._dirty = False
         self._usage: dict = {}
         self._usage_dirty = False
@@ -2688,26 +2711,21 @@ class TaskRun:
         if self.stale:
             return
         self.stream.start()
-        workspace = self.task.get("workspace")
+        workspace = given if isinstance(given := self.task.get("workspace"), dict) else None
         worktree, commit = None, None
         outcome = ExecResult({}, None, "not run")
         try:
-            if isinstance(workspace, dict):
+            if workspace is not None:
                 try:
                     worktree = self._prepare_workspace(workspace)
                 except GitError as exc:
                     outcome = ExecResult({}, None, str(exc))
-            if worktree is not None or not isinstance(workspace, dict):
+            if worktree is not None or workspace is None:
                 outcome = self._execute(executor_name, worktree)
             if self.cancel_reason:
                 outcome.error = self.cancel_reason
-            if worktree is not None and not outcome.error and not self.stale:
-                try:
-                    commit = self._commit_workspace(worktree, workspace, executor_name)
-                except GitError as exc:
-                    outcome.error = str(exc)
-                if commit is not None and commit.get("sha") is None and self._expects_changes(executor_name):
-                    outcome.error = "no_changes: the task changed nothing in the repository (params.expect_changes)"
+            if worktree is not None and workspace is not None and not outcome.error and not self.stale:
+                commit = self._commit_changes(worktree, workspace, executor_name, outcome)
             self.stream.close()
             if self.stale:
                 return
@@ -2719,8 +2737,22 @@ class TaskRun:
             if worktree is not None:
                 self._leave_worktree(worktree, failed=bool(self.stale or outcome.error))
 
+    def _commit_changes(
+        self, worktree: Worktree, workspace: dict, executor_name: str, outcome: ExecResult
+    ) -> dict | None:
+        """The workspace's commit (complete's `commit`), or None with `outcome.error` saying why there is none;
+        a commit of nothing when the task was expected to change something sets `outcome.error` too."""
+        try:
+            commit = self._commit_workspace(worktree, workspace, executor_name)
+        except GitError as exc:
+            outcome.error = str(exc)
+            return None
+        if commit.get("sha") is None and self._expects_changes(executor_name):
+            outcome.error = "no_changes: the task changed nothing in the repository (params.expect_changes)"
+        return commit
+
     def _expects_changes(self, executor_name: str) -> bool:
-        params = self.task.get("params") if isinstance(self.task.get("params"), dict) else {}
+        params = given if isinstance(given := self.task.get("params"), dict) else {}
         if isinstance(params.get("expect_changes"), bool):
             return params["expect_changes"]
         return bool(getattr(EXECUTOR_CLASSES.get(executor_name), "expect_changes_default", False))
@@ -2851,6 +2883,11 @@ class TaskRun:
             self.agent.fail(str(exc))
             self.abandon(exc)
             return _deny("the agent stopped")
+        return self._wait_for_answer(request_id, gone, timeout_s)
+
+    def _wait_for_answer(self, request_id: str, gone: Callable[[], bool], timeout_s: float) -> dict:
+        """Long-poll the input request until a person answers it (the answer), or a denial saying why not:
+        the attempt canceled, claude gone, the deadline passed, the request refused, the agent stopped."""
         # The server denies at timeout_s itself; this deadline is the backstop should it not.
         deadline = time.monotonic() + timeout_s + 2 * INPUT_WAIT_S
         while True:

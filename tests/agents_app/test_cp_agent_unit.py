@@ -924,14 +924,7 @@ class FakeServer:
             self.tokens.add(token)
             return 201, {"agent_id": f"agent-{self.registrations}", "token": token, **self.timings}
         if path == "/agents/claim":
-            deadline = time.monotonic() + body["wait_s"]
-            with self.changed:
-                while not self.assignments and time.monotonic() < deadline:
-                    self.changed.wait(0.05)
-                    if gone():  # as the real server: a long poll whose agent hung up claims nothing
-                        return 200, {"assignments": []}
-                taken, self.assignments = self.assignments[: body["capacity"]], self.assignments[body["capacity"] :]
-            return 200, {"assignments": taken}
+            return self.claim(body, gone)
         if path == "/agents/heartbeat":
             commands, self.commands = self.commands, []
             return 200, {"commands": commands}
@@ -946,6 +939,17 @@ class FakeServer:
                 return 400, {"error": "bad_request", "detail": f"'outcome' must be one of {', '.join(self.outcomes)}"}
             return 200, {"task_state": body["outcome"]}
         return 404, {"error": "not_found", "detail": path}
+
+    def claim(self, body, gone):
+        """The claim's long poll: up to `capacity` assignments, waiting up to `wait_s` for one."""
+        deadline = time.monotonic() + body["wait_s"]
+        with self.changed:
+            while not self.assignments and time.monotonic() < deadline:
+                self.changed.wait(0.05)
+                if gone():  # as the real server: a long poll whose agent hung up claims nothing
+                    return 200, {"assignments": []}
+            taken, self.assignments = self.assignments[: body["capacity"]], self.assignments[body["capacity"] :]
+        return 200, {"assignments": taken}
 
     def assign(self, attempt_id, **task):
         with self.changed:
