@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.backends.utils import CursorWrapper
 from django.utils import timezone
 
 from . import assignments, workspaces
@@ -43,12 +45,11 @@ def _commit(cursor, events: EventLog, changes: Changes) -> None:
         if insert:
             cursor.execute(insert, params)
         return
-    notify = "SELECT pg_notify(%s, %s)"
     if insert:
         # A data-modifying CTE always runs, referenced or not.
-        cursor.execute(f"WITH ev AS ({insert}) {notify}", [*params, CHANNEL, payload])
+        cursor.execute(f"WITH ev AS ({insert}) {q.NOTIFY}", [*params, CHANNEL, payload])
     else:
-        cursor.execute(notify, [CHANNEL, payload])
+        cursor.execute(q.NOTIFY, [CHANNEL, payload])
 
 
 # --- Submitting ---------------------------------------------------------------------------------------
@@ -149,86 +150,110 @@ def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
     never locks more ready tasks than it has free slots (see queries.CANDIDATES)."""
     if not may_claim(agent):
         return []
-    global_limit = settings.CP_GLOBAL_MAX_LIVE
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(q.LOCK_AGENT_LIVE, {"agent_id": agent["id"]})
         agent_capacity, _, agent_live = cur.fetchone()
         free = min(capacity, agent_capacity - agent_live)
         if free <= 0:
             return []
-        chosen: list = []
-        chosen_runs: set = set()
-        full_runs: list = []
-        run_slots: dict = {}
-        global_free = None
-        for _ in range(4):  # a few rounds: candidates of runs found full are replaced by others
-            cur.execute(
-                q.CANDIDATES,
-                {
-                    "labels": list(agent["labels"]),
-                    "executors": list(agent["executors"]),
-                    "full_runs": full_runs,
-                    "chosen": chosen,
-                    "has_git": workspaces.RESULT_EXECUTOR in agent["executors"],
-                    "limit": free - len(chosen),
-                },
-            )
-            rows = cur.fetchall()
-            if not rows:
-                break
-            limited = sorted({r[1] for r in rows if r[2] is not None and r[1] not in run_slots})
-            if limited:
-                cur.execute(q.LOCK_RUNS_LIVE, {"run_ids": limited})
-                for run_id, max_parallel, live in cur.fetchall():
-                    run_slots[run_id] = max_parallel - live
-            if global_limit and global_free is None:
-                cur.execute(q.LOCK_GLOBAL_LIVE)
-                global_free = global_limit - cur.fetchone()[1]
-            for task_id, run_id, _max in rows:
-                if len(chosen) >= free or (global_free is not None and global_free <= 0):
-                    break
-                if run_id in run_slots:
-                    if run_slots[run_id] <= 0:
-                        if run_id not in full_runs:
-                            full_runs.append(run_id)
-                        continue
-                    run_slots[run_id] -= 1
-                chosen.append(task_id)
-                chosen_runs.add(run_id)
-                if global_free is not None:
-                    global_free -= 1
-            if len(chosen) >= free or (global_free is not None and global_free <= 0) or not full_runs:
-                break
-        if not chosen:
+        choice = _choose_tasks(cur, agent, free)
+        if not choice.chosen:
             return []
         cur.execute(
             q.ASSIGN,
             {
-                "task_ids": chosen,
+                "task_ids": choice.chosen,
                 "agent_id": agent["id"],
                 "lease_s": settings.CP_LEASE_S,
                 "actor": f"agent:{agent['name']}",
                 "channel": CHANNEL,
-                "payload": Changes(runs=chosen_runs).payload(),
+                "payload": Changes(runs=choice.chosen_runs).payload(),
             },
         )
-        return assignments.build(cur, cur.fetchall(), agent["id"])
+        return assignments.build(cur, q.rows_by_name(cur), agent["id"])
+
+
+@dataclass
+class _Choice:
+    """The tasks a claim has chosen so far, and the free slots it counts as it chooses: the agent's, each
+    limited run's and the global limit's (each counted under its lock, see _lock_limits)."""
+
+    free: int
+    chosen: list = field(default_factory=list)
+    chosen_runs: set = field(default_factory=set)
+    full_runs: list = field(default_factory=list)
+    run_slots: dict = field(default_factory=dict)  # run id -> free slots, for runs with max_parallel
+    global_free: int | None = None  # with CP_GLOBAL_MAX_LIVE set
+
+    def complete(self) -> bool:
+        return len(self.chosen) >= self.free or (self.global_free is not None and self.global_free <= 0)
+
+    def take(self, rows: list[tuple]) -> None:
+        """Choose from CANDIDATES' rows, in their order, while slots are free; note the runs found full."""
+        for task_id, run_id, _max_parallel in rows:
+            if self.complete():
+                break
+            if run_id in self.run_slots:
+                if self.run_slots[run_id] <= 0:
+                    if run_id not in self.full_runs:
+                        self.full_runs.append(run_id)
+                    continue
+                self.run_slots[run_id] -= 1
+            self.chosen.append(task_id)
+            self.chosen_runs.add(run_id)
+            if self.global_free is not None:
+                self.global_free -= 1
+
+
+def _choose_tasks(cur: CursorWrapper, agent: dict, free: int) -> _Choice:
+    """Up to `free` candidate tasks within their runs' max_parallel and the global limit, locked."""
+    choice = _Choice(free)
+    for _ in range(4):  # a few rounds: candidates of runs found full are replaced by others
+        cur.execute(
+            q.CANDIDATES,
+            {
+                "labels": list(agent["labels"]),
+                "executors": list(agent["executors"]),
+                "full_runs": choice.full_runs,
+                "chosen": choice.chosen,
+                "has_git": workspaces.RESULT_EXECUTOR in agent["executors"],
+                "limit": free - len(choice.chosen),
+            },
+        )
+        rows = cur.fetchall()
+        if not rows:
+            break
+        _lock_limits(cur, choice, rows)
+        choice.take(rows)
+        if choice.complete() or not choice.full_runs:
+            break
+    return choice
+
+
+def _lock_limits(cur: CursorWrapper, choice: _Choice, rows: list[tuple]) -> None:
+    """Count the free slots of the candidates' limited runs not counted yet (under their run locks) and of the
+    global limit (under its advisory lock), once each per claim."""
+    limited = sorted({run_id for _, run_id, max_parallel in rows if max_parallel is not None} - choice.run_slots.keys())
+    if limited:
+        cur.execute(q.LOCK_RUNS_LIVE, {"run_ids": limited})
+        for run_id, max_parallel, live in cur.fetchall():
+            choice.run_slots[run_id] = max_parallel - live
+    global_limit = settings.CP_GLOBAL_MAX_LIVE
+    if global_limit and choice.global_free is None:
+        cur.execute(q.LOCK_GLOBAL_LIVE)
+        choice.global_free = global_limit - cur.fetchone()[1]
 
 
 # --- Agent reports on an attempt ----------------------------------------------------------------------
 
 
 def _lock_attempt(cur, attempt_id) -> dict:
+    """The attempt and what its transitions need of its task and run (queries.LOCK_ATTEMPT's columns, by
+    name), attempt and task locked."""
     cur.execute(q.LOCK_ATTEMPT, {"attempt_id": attempt_id})
-    row = cur.fetchone()
-    if row is None:
+    att = q.row_by_name(cur)
+    if att is None:
         raise NotFound("no attempt with that id")
-    keys = (
-        "id", "state", "agent_id", "task_id", "run_id", "number", "result", "error", "exit_code", "task_state",
-        "max_attempts", "attempts_used", "attempt_base", "retry_delay_s", "timeout_s", "elapsed_s",
-        "has_dependents", "run_state", "max_parallel", "executor", "workspace", "cancel_reason", "max_cost_usd",
-    )  # fmt: skip
-    att = dict(zip(keys, row, strict=True))
     if isinstance(att["workspace"], str):  # jsonb comes back as text on a raw cursor
         att["workspace"] = json.loads(att["workspace"])
     return att
@@ -261,30 +286,12 @@ def record_progress(
                        attempt=att["id"], agent=agent["id"])  # fmt: skip
         keep = settings.CP_ATTEMPT_LOG_KEEP_BYTES
         cur.execute(
-            f"""
-            UPDATE tasks_app_attempt
-               SET state = 'running', started_at = COALESCE(started_at, now()),
-                   lease_expires_at = now() + make_interval(secs => %(lease_s)s),
-                   progress = COALESCE(%(progress)s, progress),
-                   message = COALESCE(%(message)s, message),
-                   log = CASE WHEN %(log)s::text IS NULL THEN log
-                              ELSE right(log || %(log)s::text, %(keep)s) END,
-                   {q.ATTEMPT_USAGE}
-             WHERE id = %(id)s
-            RETURNING lease_expires_at
-            """,
+            q.PROGRESS_ATTEMPT,
             {"lease_s": settings.CP_LEASE_S, "progress": progress, "message": message, "log": log_text or None,
              "keep": keep, "id": att["id"], **_usage_params(usage, None)},
         )  # fmt: skip
         lease = cur.fetchone()[0]
-        cur.execute(
-            """
-            UPDATE tasks_app_task SET state = 'running', progress = COALESCE(%(progress)s, progress),
-                   message = COALESCE(%(message)s, message)
-             WHERE id = %(task_id)s
-            """,
-            {"progress": progress, "message": message, "task_id": att["task_id"]},
-        )
+        cur.execute(q.PROGRESS_TASK, {"progress": progress, "message": message, "task_id": att["task_id"]})
         _commit(cur, events, changes)
     stop = att["cancel_reason"]
     if usage is not None and not stop and budgets_apply(att["max_cost_usd"]):
@@ -347,7 +354,7 @@ def complete_attempt(
                       **{k.removeprefix("a_"): v for k, v in _usage_params(usage, session_id).items()}}  # fmt: skip
             handed_down = _handed_down(att, result, commit) if attempt_state == AttemptState.SUCCEEDED else None
             task_state = _end_attempt(
-                cur, att, attempt_state, events, changes, q.ATTEMPT_COMPLETED, ending, agent["id"],
+                cur, att, attempt_state, events, changes, q.END_ATTEMPT_COMPLETED, ending, agent["id"],
                 handed_down=handed_down, returned=returned,
                 detail={"returned": _error_code(stored_error)} if returned else None,
             )  # fmt: skip
@@ -387,11 +394,7 @@ def _hold_executor(agent: dict, attempt_id, outcome: str, error: str, hold_until
     passing pre-flight for a lost login. Only for the agent's own live attempt (anything else is refused as
     stale by the completion that follows)."""
     with transaction.atomic(), connection.cursor() as cur:
-        cur.execute(
-            "SELECT t.executor FROM tasks_app_attempt a JOIN tasks_app_task t ON t.id = a.task_id"
-            " WHERE a.id = %s AND a.agent_id = %s AND a.state IN ('assigned', 'running')",
-            [attempt_id, agent["id"]],
-        )
+        cur.execute(q.EXECUTOR_OF_LIVE_ATTEMPT, {"attempt_id": attempt_id, "agent_id": agent["id"]})
         row = cur.fetchone()
         if row is None:
             return
@@ -486,15 +489,16 @@ def _end_attempt(
     attempt_state: str,
     events: EventLog,
     changes: Changes,
-    attempt_set: str,
+    statement: str,
     ending: dict,
     agent_id=None,
     detail=None,
     handed_down: dict | None = None,
     returned: bool = False,
 ) -> str:
-    """End the attempt (`attempt_set`, one of the queries' ATTEMPT_* SET lists, with `ending` as its
-    parameters) and apply that to its task, its dependents and its run. Returns the task's new state.
+    """End the attempt (`statement`: queries.END_ATTEMPT_COMPLETED or END_ATTEMPT_ENDED, with `ending` as the
+    parameters of its attempt's SET list) and apply that to its task, its dependents and its run. Returns the
+    task's new state.
     `returned`: the attempt ended for a reason that is not the task's (a provider's usage limit, a lost
     login, a budget reached): the task goes back to ready at once without using up an attempt."""
     check_transition("attempt", att["state"], attempt_state)
@@ -517,19 +521,7 @@ def _end_attempt(
     lost_or_returned = returned or attempt_state == AttemptState.LOST
     delay = att["retry_delay_s"] if target == TaskState.READY and not lost_or_returned else 0
     cur.execute(
-        f"""
-        WITH ended AS (UPDATE tasks_app_attempt SET {attempt_set} WHERE id = %(attempt_id)s)
-        UPDATE tasks_app_task
-           SET state = %(state)s, attempt_base = attempt_base + %(returned)s::int,
-               progress = CASE WHEN %(state)s = 'succeeded' THEN 1 WHEN %(state)s = 'ready' THEN 0 ELSE progress END,
-               ready_at = CASE WHEN %(state)s = 'ready' THEN now() + make_interval(secs => %(delay)s) ELSE ready_at END,
-               finished_at = CASE WHEN %(state)s = 'ready' THEN NULL ELSE now() END,
-               output = CASE WHEN %(handed)s THEN %(output)s ELSE output END,
-               commit = CASE WHEN %(handed)s THEN %(commit)s::jsonb ELSE commit END,
-               head_commits = CASE WHEN %(handed)s THEN %(heads)s::varchar[] ELSE head_commits END
-         WHERE id = %(task_id)s
-        RETURNING executor, requires
-        """,
+        statement,
         {**{f"a_{k}": v for k, v in ending.items()}, "attempt_id": att["id"], "state": target, "delay": delay,
          "returned": returned,
          "task_id": att["task_id"], "handed": handed_down is not None, "output": (handed_down or {}).get("output"),
@@ -587,7 +579,7 @@ def settle_run(run_id, actor: str = "system:scheduler") -> str | None:
         cur.execute(q.RUN_TASK_STATES, {"run_id": run_id})
         outcome = run_outcome(state for state, n in cur.fetchall())
         check_transition("run", run_state, outcome)
-        cur.execute("UPDATE tasks_app_run SET state = %s, finished_at = now() WHERE id = %s", [outcome, run_id])
+        cur.execute(q.END_RUN, {"state": outcome, "run_id": run_id})
         events = EventLog(actor)
         events.add("run", run_state, outcome, run=run_id)
         _commit(cur, events, Changes(runs={run_id}))
@@ -634,7 +626,7 @@ def lose_attempts(attempt_ids, reason: str, actor: str) -> int:
             ending = {"state": AttemptState.LOST, "error": reason}
             # One the server had asked to stop (a budget reached) is returned like the rest of its run's.
             _end_attempt(
-                cur, att, AttemptState.LOST, events, changes, q.ATTEMPT_ENDED, ending, detail={"reason": reason},
+                cur, att, AttemptState.LOST, events, changes, q.END_ATTEMPT_ENDED, ending, detail={"reason": reason},
                 returned=bool(att["cancel_reason"]),
             )  # fmt: skip
             _commit(cur, events, changes)
@@ -714,12 +706,7 @@ def _operate_run(run_id, operation: str, actor: str) -> str:
         if current not in allowed_from:
             raise ActionError(f"the run is {current}: it cannot be {operation}d", "invalid_state")
         check_transition("run", current, target)
-        cur.execute(
-            "UPDATE tasks_app_run SET state = %s, pause_reason = '',"
-            " finished_at = CASE WHEN %s IN ('succeeded', 'failed', 'canceled') THEN now() ELSE NULL END"
-            " WHERE id = %s",
-            [target, target, run_id],
-        )
+        cur.execute(q.SET_RUN_STATE, {"state": target, "run_id": run_id})
         events, changes = EventLog(actor), Changes(runs={run_id})
         events.add("run", current, target, run=run_id)
         if target == RunState.RUNNING:
@@ -738,7 +725,7 @@ def resume_run(run_id, actor: str, max_cost_usd: float | None = None) -> str:
     with transaction.atomic(), connection.cursor() as cur:
         _lock_run(cur, run_id)
         if max_cost_usd is not None:
-            cur.execute("UPDATE tasks_app_run SET max_cost_usd = %s WHERE id = %s", [max_cost_usd, run_id])
+            cur.execute(q.SET_RUN_BUDGET, {"max_cost_usd": max_cost_usd, "run_id": run_id})
             events = EventLog(actor)
             events.add("run", "", "budget", run=run_id, detail={"max_cost_usd": max_cost_usd})
             events.write(cur)
@@ -765,25 +752,14 @@ def cancel_run(run_id, actor: str) -> str:
     _operate_run(run_id, "cancel", actor)
     events, changes = EventLog(actor), Changes(runs={run_id})
     with transaction.atomic(), connection.cursor() as cur:
-        cur.execute(
-            "SELECT id, state FROM tasks_app_task WHERE run_id = %s"
-            " AND state IN ('blocked', 'ready', 'awaiting_approval') ORDER BY id"
-            " FOR UPDATE",
-            [run_id],
-        )
+        cur.execute(q.LOCK_PENDING_TASKS_OF_RUN, {"run_id": run_id})
         pending = cur.fetchall()
         for task_id, state in pending:
             events.add("task", state, TaskState.CANCELED, run=run_id, task=task_id)
-        cur.execute(
-            "UPDATE tasks_app_task SET state = 'canceled', finished_at = now() WHERE id = ANY(%s::uuid[])",
-            [[t for t, _ in pending]],
-        )
+        cur.execute(q.CANCEL_TASKS, {"task_ids": [t for t, _ in pending]})
         _commit(cur, events, changes)
     with connection.cursor() as cur:
-        cur.execute(
-            "SELECT id FROM tasks_app_attempt WHERE run_id = %s AND state IN ('assigned', 'running') ORDER BY id",
-            [run_id],
-        )
+        cur.execute(q.LIVE_ATTEMPTS_OF_RUN, {"run_id": run_id})
         live = [r[0] for r in cur.fetchall()]
     for attempt_id in live:
         with transaction.atomic(), connection.cursor() as cur:
@@ -797,7 +773,7 @@ def cancel_run(run_id, actor: str) -> str:
                 AttemptState.CANCELED,
                 events,
                 changes,
-                q.ATTEMPT_ENDED,
+                q.END_ATTEMPT_ENDED,
                 ending,
                 detail={"reason": "run canceled"},
             )
@@ -809,7 +785,7 @@ def retry_task(task_id, actor: str) -> str:
     """An operator's retry of a failed or canceled task: it gets a fresh set of attempts, its skipped
     descendants wait again, and a finished run reopens."""
     with transaction.atomic(), connection.cursor() as cur:
-        cur.execute("SELECT state, run_id, executor, requires FROM tasks_app_task WHERE id = %s FOR UPDATE", [task_id])
+        cur.execute(q.LOCK_TASK, {"task_id": task_id})
         row = cur.fetchone()
         if row is None:
             raise NotFound("no task with that id")
@@ -819,12 +795,7 @@ def retry_task(task_id, actor: str) -> str:
         events, changes = EventLog(actor), Changes(runs={run_id})
         target = waiting_state(executor)  # a rejected approval is asked again
         check_transition("task", state, target)
-        # A fresh budget of attempts: those used so far no longer count against max_attempts.
-        cur.execute(
-            "UPDATE tasks_app_task SET state = %s, ready_at = now(), finished_at = NULL, progress = 0,"
-            " attempt_base = attempts_used WHERE id = %s",
-            [target, task_id],
-        )
+        cur.execute(q.RETRY_TASK, {"state": target, "task_id": task_id})  # a fresh budget of attempts
         events.add("task", state, target, run=run_id, task=task_id, detail={"retry": True})
         if target == TaskState.READY:
             changes.task_ready(executor, requires)
@@ -835,7 +806,7 @@ def retry_task(task_id, actor: str) -> str:
         run_state = _lock_run(cur, run_id)
         if run_state in RunState.TERMINAL:
             check_transition("run", run_state, RunState.RUNNING)
-            cur.execute("UPDATE tasks_app_run SET state = 'running', finished_at = NULL WHERE id = %s", [run_id])
+            cur.execute(q.REOPEN_RUN, {"run_id": run_id})
             events.add("run", run_state, RunState.RUNNING, run=run_id, detail={"retry": str(task_id)})
         _commit(cur, events, changes)
     return target

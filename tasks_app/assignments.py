@@ -21,9 +21,9 @@ def _json(value):
     return value if isinstance(value, dict | list) or value is None else json.loads(value)
 
 
-def build(cur, rows, agent_id=None) -> list[dict]:
-    """The assignments for ASSIGN's rows, claimed by `agent_id`."""
-    with_deps = [r[2] for r in rows if r[12]]
+def build(cur, rows: list[dict], agent_id=None) -> list[dict]:
+    """The assignments for ASSIGN's rows (by column name: queries.rows_by_name), claimed by `agent_id`."""
+    with_deps = [r["task_id"] for r in rows if r["has_deps"]]
     inputs_of: dict = {}
     if with_deps:
         cur.execute(q.INPUTS_OF, {"task_ids": with_deps})
@@ -35,25 +35,24 @@ def build(cur, rows, agent_id=None) -> list[dict]:
     resumes = _resumes(cur, rows, agent_id)
     out, given = [], []
     for row in rows:
-        (attempt_id, lease, task_id, run_id, key, title, executor, command, prompt, params, timeout_s, number,
-         _has_deps, repo, base_commit, branch_prefix, run_params) = row  # fmt: skip
+        task_id, run_id, key, executor, repo = row["task_id"], row["run_id"], row["key"], row["executor"], row["repo"]
         deps = inputs_of.get(task_id, [])
         inputs = {
             d["key"]: {"output": d["output"], "commit": (d["commit"] or {}).get("sha"), "result": d["result"]}
             for d in deps
         }
-        run_params = _json(run_params) or {}
+        run_params = _json(row["run_params"]) or {}
         task = {
             "id": str(task_id),
             "run_id": str(run_id),
             "key": key,
-            "title": title,
+            "title": row["title"],
             "executor": executor,
-            "command": templating.render(command, params=run_params, inputs=inputs, run_id=str(run_id)),
-            "prompt": templating.render(prompt, params=run_params, inputs=inputs, run_id=str(run_id)),
-            "params": _json(params) or {},
-            "timeout_s": timeout_s,
-            "attempt": number,
+            "command": templating.render(row["command"], params=run_params, inputs=inputs, run_id=str(run_id)),
+            "prompt": templating.render(row["prompt"], params=run_params, inputs=inputs, run_id=str(run_id)),
+            "params": _json(row["params"]) or {},
+            "timeout_s": row["timeout_s"],
+            "attempt": row["attempts_used"],
         }
         task["inputs"] = inputs
         if task_id in resumes:
@@ -64,18 +63,19 @@ def build(cur, rows, agent_id=None) -> list[dict]:
             task["prices"] = costs.price_table()
         if repo:
             branch = (
-                workspaces.result_branch(branch_prefix, run_id)
+                workspaces.result_branch(row["branch_prefix"], run_id)
                 if executor == workspaces.RESULT_EXECUTOR
-                else workspaces.branch_of(branch_prefix, run_id, key)
+                else workspaces.branch_of(row["branch_prefix"], run_id, key)
             )
             task["workspace"] = {
                 "repo": repo,
-                "base_commit": base_commit,
+                "base_commit": row["base_commit"],
                 "merge": workspaces.merge_list(deps),
                 "branch": branch,
             }
-            given.append((str(attempt_id), json.dumps(task["workspace"])))
-        out.append({"attempt_id": str(attempt_id), "lease_expires_at": lease.isoformat(), "task": task})
+            given.append((str(row["attempt_id"]), json.dumps(task["workspace"])))
+        out.append({"attempt_id": str(row["attempt_id"]), "lease_expires_at": row["lease_expires_at"].isoformat(),
+                    "task": task})  # fmt: skip
     if given:
         cur.execute(q.SET_ATTEMPT_WORKSPACES, {"ids": [g[0] for g in given], "workspaces": [g[1] for g in given]})
     return out
@@ -85,7 +85,11 @@ def _resumes(cur, rows, agent_id) -> dict:
     """{task id: {"resume_session": id} or {"resume_unavailable": why}} for retries of AI tasks whose params
     say `resume_on_retry`: a session is resumed only on the agent that holds it (its CLI's own store)."""
     wanted = [
-        r[2] for r in rows if r[11] > 1 and r[6] in PRICED_EXECUTORS and (_json(r[9]) or {}).get("resume_on_retry")
+        r["task_id"]
+        for r in rows
+        if r["attempts_used"] > 1
+        and r["executor"] in PRICED_EXECUTORS
+        and (_json(r["params"]) or {}).get("resume_on_retry")
     ]
     if not wanted:
         return {}

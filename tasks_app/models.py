@@ -12,11 +12,23 @@ from django.db import models
 from django.db.models import F, Q
 from django.db.models.functions import Now
 
+from .queries import CLAIM_ORDER
 from .states import AttemptState, RunState, TaskState
 
 
 def _choices(values):
     return [(v, v) for v in values]
+
+
+def claim_order_expressions() -> list:
+    """queries.CLAIM_ORDER as Django expressions: the queue's order_by, and task_ready_order_idx's fields (a
+    plain ascending column is a bare F(), as the index's migration has it)."""
+    directions = {
+        "DESC": lambda column: F(column).desc(),
+        "ASC NULLS FIRST": lambda column: F(column).asc(nulls_first=True),
+        "ASC": F,
+    }
+    return [directions[direction](column) for column, direction in CLAIM_ORDER]
 
 
 # `approval` tasks are held by the server until an operator decides (states.APPROVAL_EXECUTOR).
@@ -158,14 +170,10 @@ class Task(models.Model):
             models.CheckConstraint(condition=Q(max_attempts__gte=1), name="task_max_attempts_min"),
         ]
         indexes = [
-            # The claim query: ready tasks in exactly the scheduler's order (queries.CANDIDATES), so a claim
-            # reads the first few entries instead of sorting the whole backlog.
+            # The claim query: ready tasks in exactly the scheduler's order (queries.CLAIM_ORDER, CANDIDATES),
+            # so a claim reads the first few entries instead of sorting the whole backlog.
             models.Index(
-                F("priority").desc(),
-                F("critical_path_s").desc(),
-                F("ready_at").asc(nulls_first=True),
-                "created_at",
-                "id",
+                *claim_order_expressions(),
                 name="task_ready_order_idx",
                 condition=Q(state="ready"),
             ),

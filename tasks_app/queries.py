@@ -3,7 +3,49 @@
 Lock order, everywhere, so that no two transactions can wait on each other:
 agent row -> attempt rows -> task rows (by id) -> run row(s) (by id).
 Run-wide operations (cancel) lock the run alone first and touch its tasks in later transactions.
+
+A statement whose rows are read by column name (`row_by_name`, `rows_by_name`) names every column it returns.
 """
+
+from typing import TYPE_CHECKING, Any
+
+from .states import TaskState, dependents_state_after
+
+if TYPE_CHECKING:
+    from django.db.backends.utils import CursorWrapper
+
+
+def row_by_name(cur: "CursorWrapper") -> dict[str, Any] | None:
+    """The next row of the cursor's last statement as {column name: value}, or None: a column added to the
+    statement cannot shift the others."""
+    row = cur.fetchone()
+    return None if row is None else dict(zip([c.name for c in cur.description], row, strict=True))
+
+
+def rows_by_name(cur: "CursorWrapper") -> list[dict[str, Any]]:
+    """The remaining rows of the cursor's last statement as {column name: value} each."""
+    names = [c.name for c in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+# The claim order, the most significant first: priority (task + run), the longest remaining critical path by
+# estimates, then age (a task ready since its submission, ready_at NULL, before one released later). The
+# claim (CANDIDATES), the queue panel (tasks_app.dashboard.panels) and the index the claim walks
+# (task_ready_order_idx, models.claim_order_expressions) are all built from it: an index in any other order
+# would make every claim sort the whole backlog.
+CLAIM_ORDER = (
+    ("priority", "DESC"),
+    ("critical_path_s", "DESC"),
+    ("ready_at", "ASC NULLS FIRST"),
+    ("created_at", "ASC"),
+    ("id", "ASC"),
+)
+
+
+def claim_order_sql(alias: str) -> str:
+    """CLAIM_ORDER as an ORDER BY list on the task table's `alias`."""
+    return ", ".join(f"{alias}.{column} {direction}" for column, direction in CLAIM_ORDER)
+
 
 # Authenticate an agent, outside the caller's transaction (so no work transaction ever holds the agent row
 # while waiting for a run lock). The call counts as contact: `stale` says whether to record it (TOUCH_AGENT).
@@ -64,7 +106,7 @@ SELECT a.capacity, set_config('enable_sort', 'off', true),
 # `ready_at` is compared with the statement's clock, not the transaction's: a task released after this
 # transaction began (ready_at = its releaser's now()) is offerable to this statement. A workspace run's tasks
 # go only to agents with git (it is in their executors when their pre-flight found it).
-CANDIDATES = """
+CANDIDATES = f"""
 SELECT t.id, t.run_id, r.max_parallel
   FROM tasks_app_task t JOIN tasks_app_run r ON r.id = t.run_id
  WHERE t.state = 'ready'
@@ -75,7 +117,7 @@ SELECT t.id, t.run_id, r.max_parallel
    AND NOT (t.run_id = ANY(%(full_runs)s::uuid[]))
    AND NOT (t.id = ANY(%(chosen)s::uuid[]))
    AND (r.repo = '' OR %(has_git)s)
- ORDER BY t.priority DESC, t.critical_path_s DESC, t.ready_at ASC NULLS FIRST, t.created_at, t.id
+ ORDER BY {claim_order_sql("t")}
  LIMIT %(limit)s
    FOR UPDATE OF t SKIP LOCKED
 """
@@ -97,6 +139,7 @@ SELECT pg_advisory_xact_lock(7262001),
 # Claim, step 4: assign the chosen tasks, create their attempts (leased from this moment, on the database's
 # clock), write the audit events and queue the notification (sent on commit), in one statement. The partial
 # unique index on live attempts is the last line of defence against a second live attempt of one task.
+# Its rows are read by column name (assignments.build).
 ASSIGN = """
 WITH upd AS (
     UPDATE tasks_app_task
@@ -118,10 +161,10 @@ WITH upd AS (
     SELECT upd.run_id, upd.id, ins.id, %(agent_id)s::uuid, 'task', 'ready', 'assigned', %(actor)s, '{}'::jsonb, now()
       FROM upd JOIN ins ON ins.task_id = upd.id
 )
-SELECT ins.id, ins.lease_expires_at, upd.id, upd.run_id, upd.key, upd.title, upd.executor, upd.command,
-       upd.prompt, upd.params, upd.timeout_s, upd.attempts_used,
-       EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.task_id = upd.id), r.repo, r.base_commit,
-       r.branch_prefix, r.params
+SELECT ins.id AS attempt_id, ins.lease_expires_at, upd.id AS task_id, upd.run_id, upd.key, upd.title,
+       upd.executor, upd.command, upd.prompt, upd.params, upd.timeout_s, upd.attempts_used,
+       EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.task_id = upd.id) AS has_deps, r.repo,
+       r.base_commit, r.branch_prefix, r.params AS run_params
   FROM upd JOIN ins ON ins.task_id = upd.id JOIN tasks_app_run r ON r.id = upd.run_id,
        (SELECT pg_notify(%(channel)s, %(payload)s)) AS announce
 """
@@ -174,13 +217,14 @@ SELECT (SELECT array_agg(id) FROM extended),
          WHERE agent_id = %(agent_id)s AND state IN ('assigned', 'running') AND cancel_reason <> '')
 """
 
-# An agent's call about one attempt: lock the attempt, then its task (the global lock order).
+# An agent's call about one attempt: lock the attempt, then its task (the global lock order). Read by column
+# name (actions._lock_attempt).
 LOCK_ATTEMPT = """
 SELECT a.id, a.state, a.agent_id, a.task_id, a.run_id, a.number, a.result, a.error, a.exit_code,
-       t.state, t.max_attempts, t.attempts_used, t.attempt_base, t.retry_delay_s, t.timeout_s,
-       EXTRACT(EPOCH FROM (now() - COALESCE(a.started_at, a.assigned_at))),
-       EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.depends_on_id = t.id),
-       r.state, r.max_parallel, t.executor, a.workspace, a.cancel_reason, r.max_cost_usd
+       t.state AS task_state, t.max_attempts, t.attempts_used, t.attempt_base, t.retry_delay_s, t.timeout_s,
+       EXTRACT(EPOCH FROM (now() - COALESCE(a.started_at, a.assigned_at))) AS elapsed_s,
+       EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.depends_on_id = t.id) AS has_dependents,
+       r.state AS run_state, r.max_parallel, t.executor, a.workspace, a.cancel_reason, r.max_cost_usd
   FROM tasks_app_attempt a JOIN tasks_app_task t ON t.id = a.task_id JOIN tasks_app_run r ON r.id = a.run_id
  WHERE a.id = %(attempt_id)s
    FOR UPDATE OF a, t
@@ -204,6 +248,49 @@ usage = COALESCE(%(a_usage)s::jsonb, usage), cost_usd = COALESCE(%(a_cost_usd)s,
 session_id = COALESCE(%(a_session_id)s, session_id)
 """
 ATTEMPT_COMPLETED += "," + ATTEMPT_USAGE
+
+# Ending an attempt and applying that to its task, in one statement (actions._end_attempt): the attempt's SET
+# list is ATTEMPT_COMPLETED's or ATTEMPT_ENDED's. A task going back to ready is offered again after `delay`;
+# `returned` (an attempt that ended for a reason not its task's) gives the attempt back to the task's budget.
+_END_ATTEMPT = """
+WITH ended AS (UPDATE tasks_app_attempt SET {attempt_set} WHERE id = %(attempt_id)s)
+UPDATE tasks_app_task
+   SET state = %(state)s, attempt_base = attempt_base + %(returned)s::int,
+       progress = CASE WHEN %(state)s = 'succeeded' THEN 1 WHEN %(state)s = 'ready' THEN 0 ELSE progress END,
+       ready_at = CASE WHEN %(state)s = 'ready' THEN now() + make_interval(secs => %(delay)s) ELSE ready_at END,
+       finished_at = CASE WHEN %(state)s = 'ready' THEN NULL ELSE now() END,
+       output = CASE WHEN %(handed)s THEN %(output)s ELSE output END,
+       commit = CASE WHEN %(handed)s THEN %(commit)s::jsonb ELSE commit END,
+       head_commits = CASE WHEN %(handed)s THEN %(heads)s::varchar[] ELSE head_commits END
+ WHERE id = %(task_id)s
+RETURNING executor, requires
+"""
+END_ATTEMPT_COMPLETED = _END_ATTEMPT.format(attempt_set=ATTEMPT_COMPLETED)
+END_ATTEMPT_ENDED = _END_ATTEMPT.format(attempt_set=ATTEMPT_ENDED)
+
+# An agent's progress report (after LOCK_ATTEMPT): the attempt is running, its lease extended from now, the
+# log's tail kept to `keep` bytes; a value left out (None) stays as it was. Then its task's copy.
+PROGRESS_ATTEMPT = f"""
+UPDATE tasks_app_attempt
+   SET state = 'running', started_at = COALESCE(started_at, now()),
+       lease_expires_at = now() + make_interval(secs => %(lease_s)s),
+       progress = COALESCE(%(progress)s, progress),
+       message = COALESCE(%(message)s, message),
+       log = CASE WHEN %(log)s::text IS NULL THEN log
+                  ELSE right(log || %(log)s::text, %(keep)s) END,
+       {ATTEMPT_USAGE}
+ WHERE id = %(id)s
+RETURNING lease_expires_at
+"""
+PROGRESS_TASK = """
+UPDATE tasks_app_task SET state = 'running', progress = COALESCE(%(progress)s, progress),
+       message = COALESCE(%(message)s, message)
+ WHERE id = %(task_id)s
+"""
+
+# The notification of a transition (notify.Changes), sent on commit. Positional, like the EventLog INSERT it
+# may follow in one statement (actions._commit).
+NOTIFY = "SELECT pg_notify(%s, %s)"
 
 # --- Costs and budgets (PROTOCOL.md v1.1 `max_cost_usd`; tasks_app.budgets). ---
 # What a run has spent, with its cap and state.
@@ -230,6 +317,11 @@ UPDATE tasks_app_attempt SET cancel_reason = %(reason)s
 RETURNING id
 """
 # --- Usage limits (PROTOCOL.md v1.1 outcome `rate_limited`) and lost logins, per agent and executor. ---
+# The executor of the agent's own live attempt (nothing for any other attempt: its completion is then stale).
+EXECUTOR_OF_LIVE_ATTEMPT = """
+SELECT t.executor FROM tasks_app_attempt a JOIN tasks_app_task t ON t.id = a.task_id
+ WHERE a.id = %(attempt_id)s AND a.agent_id = %(agent_id)s AND a.state IN ('assigned', 'running')
+"""
 # Hold an executor back on an agent until a time (its own transaction, before the completion: the agent row
 # comes first in the lock order). A later hold of the same executor replaces the earlier one.
 HOLD_EXECUTOR = """
@@ -275,14 +367,18 @@ UPDATE tasks_app_task c SET state = CASE WHEN c.executor = 'approval' THEN 'awai
 RETURNING c.id, c.executor, c.requires, c.state
 """
 
-# Everything downstream of a task that failed for good (or was canceled) is skipped.
-SKIP_DOWNSTREAM = """
+# Everything downstream of a task that failed for good (or was canceled) is skipped, after its own update.
+# Which upstream states skip their dependents is the state machine's rule (states.dependents_state_after);
+# the walk goes on through what it skips, as that rule skips a skipped task's dependents too.
+STATES_THAT_SKIP_DEPENDENTS = tuple(s for s in TaskState.ALL if dependents_state_after(s) == TaskState.SKIPPED)
+SKIP_DOWNSTREAM = f"""
 WITH RECURSIVE down(id) AS (
-    SELECT task_id FROM tasks_app_taskdependency WHERE depends_on_id = %(task_id)s
+    SELECT d.task_id FROM tasks_app_taskdependency d JOIN tasks_app_task u ON u.id = d.depends_on_id
+     WHERE d.depends_on_id = %(task_id)s AND u.state IN ({", ".join(f"'{s}'" for s in STATES_THAT_SKIP_DEPENDENTS)})
     UNION
     SELECT d.task_id FROM tasks_app_taskdependency d JOIN down ON d.depends_on_id = down.id
 )
-UPDATE tasks_app_task t SET state = 'skipped', finished_at = now()
+UPDATE tasks_app_task t SET state = '{TaskState.SKIPPED}', finished_at = now()
  WHERE t.id IN (SELECT id FROM down) AND t.state = 'blocked'
 RETURNING t.id
 """
@@ -310,6 +406,7 @@ SELECT EXISTS (SELECT 1 FROM tasks_app_task WHERE run_id = %(run_id)s
                   AND state IN ('blocked', 'ready', 'assigned', 'running', 'awaiting_approval'))
 """
 RUN_TASK_STATES = "SELECT state, count(*) FROM tasks_app_task WHERE run_id = %(run_id)s GROUP BY state"
+END_RUN = "UPDATE tasks_app_run SET state = %(state)s, finished_at = now() WHERE id = %(run_id)s"
 # The sweeper's backstop, for a process that stopped between a commit and its settle_run.
 UNSETTLED_RUNS = """
 SELECT r.id FROM tasks_app_run r
@@ -344,10 +441,10 @@ SELECT id, timeout_s FROM tasks_app_task
 """
 
 # The best ready task of a run, to wake one waiting agent when a slot of that run frees up.
-TOP_READY_OF_RUN = """
-SELECT executor, requires FROM tasks_app_task
- WHERE run_id = %(run_id)s AND state = 'ready'
- ORDER BY priority DESC, critical_path_s DESC, ready_at ASC NULLS FIRST LIMIT %(limit)s
+TOP_READY_OF_RUN = f"""
+SELECT t.executor, t.requires FROM tasks_app_task t
+ WHERE t.run_id = %(run_id)s AND t.state = 'ready'
+ ORDER BY {claim_order_sql("t")} LIMIT %(limit)s
 """
 
 # Sweep: live attempts whose lease ran out (the agent stopped reporting on them).
@@ -409,6 +506,36 @@ DELAYED_READY = """
 SELECT executor, requires, EXTRACT(EPOCH FROM (ready_at - now())) FROM tasks_app_task
  WHERE state = 'ready' AND ready_at > now()
 """
+
+# --- Operators (actions: pause, resume, cancel, retry), each after LOCK_RUN or its task's lock. ---
+# Pause, resume or cancel: a run that ends (canceled) has finished now; one that goes on has not finished.
+SET_RUN_STATE = """
+UPDATE tasks_app_run SET state = %(state)s, pause_reason = '',
+       finished_at = CASE WHEN %(state)s IN ('succeeded', 'failed', 'canceled') THEN now() ELSE NULL END
+ WHERE id = %(run_id)s
+"""
+SET_RUN_BUDGET = "UPDATE tasks_app_run SET max_cost_usd = %(max_cost_usd)s WHERE id = %(run_id)s"
+# Cancel, after the run's own transaction: its pending tasks locked in id order (a claim in flight holds its
+# tasks' locks; we wait for it, and its attempts are canceled with the rest), then canceled.
+LOCK_PENDING_TASKS_OF_RUN = """
+SELECT id, state FROM tasks_app_task
+ WHERE run_id = %(run_id)s AND state IN ('blocked', 'ready', 'awaiting_approval') ORDER BY id
+   FOR UPDATE
+"""
+CANCEL_TASKS = "UPDATE tasks_app_task SET state = 'canceled', finished_at = now() WHERE id = ANY(%(task_ids)s::uuid[])"
+# Its live attempts, each then locked alone (LOCK_ATTEMPT) and canceled.
+LIVE_ATTEMPTS_OF_RUN = """
+SELECT id FROM tasks_app_attempt WHERE run_id = %(run_id)s AND state IN ('assigned', 'running') ORDER BY id
+"""
+# An operator's retry: the task locked first (then its run, the lock order), with what its retry needs.
+LOCK_TASK = "SELECT state, run_id, executor, requires FROM tasks_app_task WHERE id = %(task_id)s FOR UPDATE"
+# A fresh budget of attempts: those used so far no longer count against max_attempts.
+RETRY_TASK = """
+UPDATE tasks_app_task SET state = %(state)s, ready_at = now(), finished_at = NULL, progress = 0,
+       attempt_base = attempts_used
+ WHERE id = %(task_id)s
+"""
+REOPEN_RUN = "UPDATE tasks_app_run SET state = 'running', finished_at = NULL WHERE id = %(run_id)s"
 
 # --- Reading the limits back (tasks_app.dashboard.waiting): why a ready task waits, and what nothing holds back. ---
 # None of these lock: they describe, the claim decides.

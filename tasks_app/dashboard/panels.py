@@ -16,12 +16,12 @@ from agents_app import preflight
 from agents_app.models import Agent, AgentStatus
 
 from .. import costs
-from ..models import Attempt, InputRequest, Run, Task, TaskDependency
+from ..models import Attempt, InputRequest, Run, Task, TaskDependency, claim_order_expressions
 from ..states import AttemptState, RunState, TaskState
 from . import waiting
 
-# The scheduler's order (tasks_app.queries.CANDIDATES), for showing the queue as it will be served.
-QUEUE_ORDER = ("-priority", "-critical_path_s", "ready_at", "created_at", "id")
+# The scheduler's order (tasks_app.queries.CLAIM_ORDER), for showing the queue as it will be served.
+QUEUE_ORDER = claim_order_expressions()
 # How the errors of attempts that did not count begin (tasks_app.actions: the task was returned to ready
 # without using up an attempt), and how the reason of a run the server paused for its budget begins.
 RETURNED_CODES = ("rate_limited", "not_logged_in", "budget_exceeded")

@@ -1,14 +1,16 @@
 """The scheduler and the transitions around it, on real PostgreSQL: dependencies, labels, executors, limits,
 order, failures, leases, and concurrent claimers."""
 
+import json
 import threading
 from datetime import timedelta
 
 import pytest
-from django.db import IntegrityError, connections, transaction
+from django.db import IntegrityError, connection, connections, transaction
 from django.utils import timezone
 
 from tasks_app import actions
+from tasks_app import queries as q
 from tasks_app.models import Attempt, Event, Task
 from tasks_app.states import AttemptState, RunState, TaskState
 from tests.conftest import doc
@@ -511,3 +513,32 @@ def test_a_heartbeat_extends_the_leases_it_lists_and_cancels_what_is_no_longer_t
     foreign = "00000000-0000-0000-0000-000000000001"
     assert actions.heartbeat(agent, "busy", [got["attempt_id"], foreign]) == [{"type": "cancel", "attempt_id": foreign}]
     assert Attempt.objects.get(pk=got["attempt_id"]).lease_expires_at > timezone.now() + timedelta(seconds=30)
+
+
+def test_the_claim_walks_task_ready_order_idx_instead_of_sorting_the_backlog(make_agent, submit):
+    # queries.CLAIM_ORDER builds both the claim's ORDER BY and the index: an index in another order would
+    # leave the claim sorting every ready task (slow, but no test would fail without this one).
+    agent = make_agent("solo", labels=[])
+    submit(doc(*[{"key": f"t{i}", "priority": i % 3, "estimate_s": i % 7} for i in range(3000)], name="backlog"))
+    with connection.cursor() as cur:
+        cur.execute("ANALYZE tasks_app_task")
+        cur.execute("ANALYZE tasks_app_run")
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(q.LOCK_AGENT_LIVE, {"agent_id": agent["id"]})  # as the claim does: sorting off for it
+        cur.execute(
+            "EXPLAIN (FORMAT JSON) " + q.CANDIDATES,
+            {"labels": agent["labels"], "executors": agent["executors"], "full_runs": [], "chosen": [],
+             "has_git": False, "limit": 1},
+        )  # fmt: skip
+        (plan,) = cur.fetchone()
+    plan = json.loads(plan) if isinstance(plan, str) else plan
+    nodes = []
+
+    def walk(node):
+        nodes.append(node)
+        for child in node.get("Plans", ()):
+            walk(child)
+
+    walk(plan[0]["Plan"])
+    assert any(n.get("Index Name") == "task_ready_order_idx" for n in nodes), plan
+    assert not any(n["Node Type"] in ("Sort", "Incremental Sort") for n in nodes), plan

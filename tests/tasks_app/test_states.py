@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 
+from tasks_app import queries
 from tasks_app.states import (
     ATTEMPT_TRANSITIONS,
     RUN_TRANSITIONS,
@@ -92,3 +93,16 @@ def test_downstream_of_a_failure_is_skipped():
     assert dependents_state_after(T.FAILED) == T.SKIPPED
     assert dependents_state_after(T.CANCELED) == T.SKIPPED
     assert dependents_state_after(T.SUCCEEDED) is None
+
+
+def test_a_skipped_task_skips_its_own_dependents_so_the_skip_walks_all_the_way_down():
+    assert dependents_state_after(T.SKIPPED) == T.SKIPPED
+
+
+def test_the_skip_statement_takes_its_upstream_states_from_the_state_machine():
+    # queries.SKIP_DOWNSTREAM applies dependents_state_after: the states it skips below are exactly those
+    # the rule answers "skipped" for, and nothing else is written in the SQL.
+    skipping = {s for s in T.ALL if dependents_state_after(s) == T.SKIPPED}
+    assert set(queries.STATES_THAT_SKIP_DEPENDENTS) == skipping == {T.FAILED, T.CANCELED, T.SKIPPED}
+    listed = queries.SKIP_DOWNSTREAM.split("u.state IN (", 1)[1].split(")", 1)[0]
+    assert {s.strip(" '") for s in listed.split(",")} == skipping
