@@ -37,9 +37,11 @@ def _fraction(counts: dict, progress_sum: float) -> float:
     return min(1.0, (done + progress_sum) / total)
 
 
-def run_summaries(run_ids=None, limit: int = 50, state: str | None = None) -> list[dict]:
+def run_summaries(run_ids=None, limit: int = 50, state: str | None = None, workflow: str | None = None) -> list[dict]:
     """Runs (newest first) with counts by state, progress, start, end and ETA: two queries in all."""
     runs = Run.objects.order_by("-created_at")
+    if workflow is not None:
+        runs = runs.filter(workflow__name=workflow)
     if run_ids is not None:
         runs = runs.filter(pk__in=run_ids)
     if state is not None:

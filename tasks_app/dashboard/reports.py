@@ -9,7 +9,7 @@ from django.db.models.functions import Coalesce, Now
 
 from .. import costs
 from ..errors import NotFound
-from ..models import Attempt, InputRequest, Run, Task
+from ..models import Artifact, Attempt, InputRequest, Run, Task
 from ..states import AttemptState, TaskState
 from . import waiting
 
@@ -79,6 +79,21 @@ def run_status(run_id) -> dict:
         "max_cost_usd": run.max_cost_usd,
         # An addition: why the server paused the run (a budget reached), else "".
         "pause_reason": run.pause_reason,
+        # An addition: what its attempts uploaded (GET /api/v1/artifacts/<id> downloads one).
+        "artifacts": [
+            {
+                "id": str(a["id"]),
+                "name": a["name"],
+                "size": a["size"],
+                "sha256": a["sha256"],
+                "task_id": str(a["task_id"]),
+                "task": a["task__key"],
+                "attempt": a["attempt__number"],
+            }
+            for a in Artifact.objects.filter(task__run=run)
+            .order_by("task__key", "attempt__number", "name")
+            .values("id", "name", "size", "sha256", "task_id", "task__key", "attempt__number")
+        ],
     }
 
 

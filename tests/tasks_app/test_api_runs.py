@@ -432,3 +432,77 @@ def test_health_answers_ok(server):
 def test_an_unknown_api_path_is_404_json(api):
     for path in ("/api/v1/runs/x/y/z", "/api/v1/tasks", f"/api/v1/tasks/{uuid.uuid4()}"):
         assert_error(api.get(path), 404, "not_found", path)
+
+
+# --- additions for cpctl: YAML and workflow starts, task details, logs by attempt, the fleet -------------
+
+
+def test_a_yaml_document_and_the_starts_overrides(api):
+    yaml_doc = b"name: y\nparams: {who: a}\ntasks:\n  - {key: one, executor: shell, command: 'echo ${params.who}'}\n"
+    status, body = http("POST", f"{api.url}/api/v1/runs?param=who=b", raw=yaml_doc, token=api.token,
+                        headers={"Content-Type": "application/yaml"})  # fmt: skip
+    assert status == 201, body
+    assert api.run(body["run_id"])["params"] == {"who": "b"}
+    bad = http("POST", f"{api.url}/api/v1/runs", raw=b"name: [unclosed", token=api.token,
+               headers={"Content-Type": "application/yaml"})  # fmt: skip
+    assert "neither valid JSON nor valid YAML" in assert_error(bad, 422)
+    nul = http("POST", f"{api.url}/api/v1/runs", raw=b"name: a\x00b\n", token=api.token,
+               headers={"Content-Type": "application/yaml"})  # fmt: skip
+    assert_error(nul, 400, "bad_request")
+    assert "NAME=VALUE" in assert_error(api.post("/api/v1/runs?param=novalue", doc({"key": "a"})), 422)
+
+
+def test_a_workflow_starts_by_name_with_params(api):
+    from tasks_app.workflows import documents
+
+    documents.import_document(doc({"key": "a"}, name="nightly", params={"who": "x"}), actor="test")
+    started = ok(api.post("/api/v1/workflows/nightly/runs", {"params": {"who": "y"}, "priority": 5}), 201)
+    assert started["tasks"] == 1 and api.run(started["run_id"])["params"] == {"who": "y"}
+    assert_error(api.post("/api/v1/workflows/nope/runs", {}), 404, "not_found")
+    assert "'params' must be" in assert_error(api.post("/api/v1/workflows/nightly/runs", {"params": {"n": 1}}), 400)
+    listed = ok(api.get("/api/v1/runs?workflow=nightly"))["runs"]
+    assert [r["run_id"] for r in listed] == [started["run_id"]]
+    assert_error(api.get("/api/v1/runs?workflow=nope"), 404, "not_found")
+
+
+def test_a_tasks_detail_and_its_log_by_attempt_and_offset(api, agent):
+    run_id = api.submit(doc({"key": "a", "max_attempts": 2, "retry_delay_s": 0}))
+    task_id = api.run(run_id)["tasks"][0]["id"]
+    assert "no attempts yet" in assert_error(api.get(f"/api/v1/tasks/{task_id}/log"), 404, "not_found")
+    first = claim_all(agent)["a"]
+    ok(agent.post(f"/api/v1/attempts/{first['attempt_id']}/progress", {"progress": 0.5, "log": "one\ntwo\n"}))
+    page = ok(api.get(f"/api/v1/tasks/{task_id}/log?offset=4"))
+    assert page == {"task_id": task_id, "attempt": 1, "attempts": 1, "state": "running", "done": False,
+                    "offset": 4, "next_offset": 8, "log": "two\n"}  # fmt: skip
+    finish(agent, first, "failed")
+    second = claim_all(agent)["a"]
+    ok(agent.post(f"/api/v1/attempts/{second['attempt_id']}/progress", {"progress": 0.1, "log": "again\n"}))
+    finish(agent, second)
+    assert ok(api.get(f"/api/v1/tasks/{task_id}/log"))["log"] == "again\n"
+    old = ok(api.get(f"/api/v1/tasks/{task_id}/log?attempt=1&offset=999"))
+    assert (old["attempt"], old["state"], old["done"], old["log"], old["offset"]) == (1, "failed", True, "", 8)
+    assert_error(api.get(f"/api/v1/tasks/{task_id}/log?attempt=9"), 404, "not_found")
+    assert_error(api.get(f"/api/v1/tasks/{task_id}/log?offset=-1"), 400, "bad_request")
+    detail = ok(api.get(f"/api/v1/tasks/{task_id}"))
+    assert [(a["number"], a["state"], a["log_chars"]) for a in detail["attempts"]] == [
+        (1, "failed", 8),
+        (2, "succeeded", 6),
+    ]
+    assert detail["key"] == "a" and detail["run_id"] == run_id and detail["artifacts"] == []
+    assert_error(api.get(f"/api/v1/tasks/{uuid.uuid4()}"), 404, "not_found")
+
+
+def test_the_run_answer_lists_artifacts_and_the_fleet_needs_its_permission(api, agent, plain_user):
+    run_id = api.submit(doc({"key": "a"}))
+    attempt = claim_all(agent)["a"]["attempt_id"]
+    boundary = uuid.uuid4().hex
+    raw = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="r.txt"\r\n'
+           f"Content-Type: text/plain\r\n\r\nok\r\n--{boundary}--\r\n").encode()  # fmt: skip
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    uploaded = ok(agent.post(f"/api/v1/attempts/{attempt}/artifacts", raw=raw, headers=headers), 201)
+    [listed] = api.run(run_id)["artifacts"]
+    assert listed["id"] == uploaded["artifact_id"] and (listed["name"], listed["task"], listed["attempt"]) == (
+        "r.txt", "a", 1)  # fmt: skip
+    [worker] = ok(api.get("/api/v1/agents"))["agents"]
+    assert worker["name"] == "worker-1" and worker["tasks"] == ["a"] and worker["status"] == "busy"
+    assert_error(plain_user.get("/api/v1/agents"), 403, "forbidden")
