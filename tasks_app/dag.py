@@ -6,7 +6,7 @@ Pure functions over plain dicts, so the API, the admin, the CLI and the tests sh
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,11 +50,11 @@ class ParamRule:
     allowed: str
 
 
-def _number(value) -> bool:
+def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _tools(value) -> bool:
+def _tools(value: Any) -> bool:
     """Tool patterns as `--allowedTools` takes them (`Bash(git *)`, `Edit`): the daemon refuses blank ones."""
     return (
         isinstance(value, list)
@@ -166,14 +166,14 @@ class Dag:
         return {t.key: t for t in self.tasks}
 
 
-def _int(value, what: str, lo: int, hi: int | None = None, key: str | None = None) -> int:
+def _int(value: Any, what: str, lo: int, hi: int | None = None, key: str | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
         raise DagError(f"{what} must be an integer {bound}", [key] if key else [], what)
     return value
 
 
-def _names(value, what: str, key: str, limit: int = 32) -> list[str]:
+def _names(value: Any, what: str, key: str, limit: int = 32) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or len(value) > limit:
@@ -184,7 +184,7 @@ def _names(value, what: str, key: str, limit: int = 32) -> list[str]:
     return list(value)
 
 
-def _text(value, what: str, key: str) -> str | None:
+def _text(value: Any, what: str, key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise DagError(f"task {key!r}: {what} must be a string", [key], what)
     return value
@@ -212,7 +212,7 @@ def check_task_params(params: dict, executor: str, key: str) -> None:
             raise DagError(f"task {key!r}: params.{name} must be {rule.allowed}, not {shown}", [key], "params")
 
 
-def parse_document(doc) -> Dag:
+def parse_document(doc: Any) -> Dag:
     """Validate a DAG document and return it in topological order, with depths and critical paths."""
     if not isinstance(doc, dict):
         raise DagError("the document must be a JSON object")
@@ -226,18 +226,35 @@ def parse_document(doc) -> Dag:
     if max_parallel is not None:
         _int(max_parallel, "max_parallel", 1, 100_000)
     priority = _int(doc.get("priority", 0), "priority", -1_000_000, 1_000_000)
-    defaults = dict(DEFAULTS)
-    raw_defaults = doc.get("defaults") or {}
-    if not isinstance(raw_defaults, dict) or set(raw_defaults) - set(DEFAULTS):
+    defaults = _parse_defaults(doc.get("defaults") or {})
+    specs = _parse_tasks(doc.get("tasks"), defaults)
+    order = topological_order({k: s.deps for k, s in specs.items()})
+    params = parse_params(doc.get("params"))
+    check_templates(specs.values(), params)
+    dag = Dag(name=name, max_parallel=max_parallel, priority=priority, defaults=defaults, params=params,
+              max_cost_usd=parse_max_cost(doc.get("max_cost_usd")))  # fmt: skip
+    dag.workspace = parse_workspace(doc.get("workspace"))
+    dag.tasks = [specs[k] for k in order]
+    _annotate(dag)
+    return dag
+
+
+def _parse_defaults(raw: Any) -> dict:
+    """The document's `defaults` over DEFAULTS (retry_delay_s may be 0, the others are >= 1)."""
+    if not isinstance(raw, dict) or set(raw) - set(DEFAULTS):
         raise DagError(f"defaults may only set {', '.join(DEFAULTS)}", field="defaults")
-    for k, v in raw_defaults.items():
+    defaults = dict(DEFAULTS)
+    for k, v in raw.items():
         defaults[k] = _int(v, f"defaults.{k}", 0 if k == "retry_delay_s" else 1)
-    raw_tasks = doc.get("tasks")
+    return defaults
+
+
+def _parse_tasks(raw_tasks: Any, defaults: dict) -> dict[str, TaskSpec]:
+    """The document's tasks by key, in document order: each valid, keys unique, deps known and not repeated."""
     if not isinstance(raw_tasks, list) or not raw_tasks:
         raise DagError("tasks must be a non-empty list", field="tasks")
     if len(raw_tasks) > 20_000:
         raise DagError("a document may hold at most 20000 tasks", field="tasks")
-
     specs: dict[str, TaskSpec] = {}
     for raw in raw_tasks:
         spec = _parse_task(raw, defaults)
@@ -252,24 +269,20 @@ def parse_document(doc) -> Dag:
             )
         if len(set(spec.deps)) != len(spec.deps):
             raise DagError(f"task {spec.key!r} lists a dependency twice", [spec.key], "deps")
+    return specs
 
-    order = topological_order({k: s.deps for k, s in specs.items()})
-    params = parse_params(doc.get("params"))
-    for spec in specs.values():
+
+def check_templates(specs: Iterable[TaskSpec], params: dict) -> None:
+    """Each task's prompt and command name only its deps' outputs and the run's params."""
+    for spec in specs:
         for what in ("prompt", "command"):
             try:
                 check_template(getattr(spec, what), spec.deps, params)
             except TemplateError as exc:
                 raise DagError(f"task {spec.key!r}: {what}: {exc}", [spec.key], what) from None
-    dag = Dag(name=name, max_parallel=max_parallel, priority=priority, defaults=defaults, params=params,
-              max_cost_usd=parse_max_cost(doc.get("max_cost_usd")))  # fmt: skip
-    dag.workspace = parse_workspace(doc.get("workspace"))
-    dag.tasks = [specs[k] for k in order]
-    _annotate(dag)
-    return dag
 
 
-def parse_workspace(raw) -> Workspace | None:
+def parse_workspace(raw: Any) -> Workspace | None:
     """`workspace: {repo, base, branch_prefix}`, checked (the repository itself is reached at submit)."""
     if raw is None:
         return None
@@ -298,7 +311,7 @@ def parse_workspace(raw) -> Workspace | None:
     return Workspace(repo=repo, base=base, branch_prefix=prefix)
 
 
-def parse_max_cost(raw) -> float | None:
+def parse_max_cost(raw: Any) -> float | None:
     """The run's budget in US dollars: a number > 0 (null: none)."""
     if raw is None:
         return None
@@ -307,7 +320,7 @@ def parse_max_cost(raw) -> float | None:
     return float(raw)
 
 
-def parse_params(raw) -> dict:
+def parse_params(raw: Any) -> dict:
     """Run parameters: names to strings, numbers, booleans or null."""
     if raw is None:
         return {}
@@ -324,7 +337,9 @@ def parse_params(raw) -> dict:
     return dict(raw)
 
 
-def with_overrides(document, *, repo: str | None = None, base: str | None = None, params: dict | None = None):
+def with_overrides(
+    document: Any, *, repo: str | None = None, base: str | None = None, params: dict | None = None
+) -> Any:
     """The document with a start's overrides applied, before validation (the CLI's `submit --repo --base
     --param`, the admin's *Start a run…*, `workflows.start_run`): `repo`/`base` set or replace the workspace's
     (the rest of it kept), `params` override or add run parameters. None overrides nothing; the document
@@ -354,7 +369,7 @@ def with_overrides(document, *, repo: str | None = None, base: str | None = None
     return out
 
 
-def params_from_pairs(pairs) -> dict:
+def params_from_pairs(pairs: Iterable[str]) -> dict:
     """Run parameters from `NAME=VALUE` strings (`submit --param`, the *Start a run…* form's lines). A value
     is always a string, kept as typed: templates render text, and reading `1.10`, `no` or `0755` as YAML
     would change them. DagError on an entry without `=`, a bad name or a name given twice."""
@@ -371,13 +386,13 @@ def params_from_pairs(pairs) -> dict:
     return params
 
 
-def parse_task(raw, defaults: dict | None = None) -> TaskSpec:
+def parse_task(raw: Any, defaults: dict | None = None) -> TaskSpec:
     """One task's own fields, checked as `parse_document` checks them; not its deps or its templates, which
     only the whole document can check (the editor's rows are checked alone first, then together)."""
     return _parse_task(raw, {**DEFAULTS, **(defaults or {})})
 
 
-def _parse_task(raw, defaults: dict) -> TaskSpec:
+def _parse_task(raw: Any, defaults: dict) -> TaskSpec:
     if not isinstance(raw, dict):
         raise DagError("each task must be an object")
     key = raw.get("key")
