@@ -113,6 +113,46 @@ async def _drain(receive, budget: int) -> None:
             return
 
 
+async def _refuse(send, path: str, limit: int) -> None:
+    status, headers, body = too_large_response(path, limit)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _LimitedBody:
+    """One request's receive and send, counting the body as it comes: past `limit`, the rest (up to
+    LINGER_BYTES) is read and dropped, the 413 goes out unless the application has started its answer, the
+    application sees a disconnect, and whatever it sends after that is dropped."""
+
+    def __init__(self, receive, send, path: str, limit: int):
+        self._receive, self._send, self.path, self.limit = receive, send, path, limit
+        self.received = 0
+        self.started = self.refused = False
+
+    async def receive(self):
+        if self.refused:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit:
+                self.refused = True
+                if message.get("more_body"):
+                    await _drain(self._receive, LINGER_BYTES)
+                if not self.started:
+                    await _refuse(self._send, self.path, self.limit)
+                # The application stops reading as for a client gone: it never sees the bytes past the limit.
+                return {"type": "http.disconnect"}
+        return message
+
+    async def send(self, message) -> None:
+        if self.refused:
+            return  # the 413 is the answer; whatever the application says after its disconnect is dropped
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
 def limit_bodies(app, limits: dict[str, int] | None = None):
     """`app` behind the body limits (route name -> bytes, `_limits()` unless given)."""
     limits = limits or _limits()
@@ -123,46 +163,13 @@ def limit_bodies(app, limits: dict[str, int] | None = None):
             return
         path = scope["path"]
         limit = limits[route_of(path)]
-
-        async def refuse():
-            status, headers, body = too_large_response(path, limit)
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
             if declared - limit <= LINGER_BYTES:
                 await _drain(receive, declared)
-            await refuse()
+            await _refuse(send, path, limit)
             return
-
-        received = 0
-        state = {"started": False, "refused": False}
-
-        async def counting_receive():
-            nonlocal received
-            if state["refused"]:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    state["refused"] = True
-                    if message.get("more_body"):
-                        await _drain(receive, LINGER_BYTES)
-                    if not state["started"]:
-                        await refuse()
-                    # The application stops reading as for a client gone: it never sees the bytes past the limit.
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message):
-            if state["refused"]:
-                return  # the 413 is the answer; whatever the application says after its disconnect is dropped
-            if message["type"] == "http.response.start":
-                state["started"] = True
-            await send(message)
-
-        await app(scope, counting_receive, guarded_send)
+        body = _LimitedBody(receive, send, path, limit)
+        await app(scope, body.receive, body.send)
 
     return wrapper

@@ -302,30 +302,39 @@ def _text(event: Event, name: str, run, task, agent, counts, task_part, input_pa
     if name == "budget_reached":
         return f"💸 The {run_name} is paused: {_esc(_clip(str(detail.get('reason', ''))))}."
     if name == "task_failed":
-        if detail.get("decision") == "rejected":
-            why = f": {_esc(task_part['error'])}" if task_part and task_part["error"] != "rejected" else ""
-            return f"❌ The {task_name} of the {run_name} was rejected by {_esc(detail.get('by') or event.actor)}{why}."
-        tries = task_part.get("attempt") if task_part else None
-        after = f" after {tries} attempt{'s' if tries != 1 else ''}" if tries else ""
-        why = f": {_esc(task_part['error'])}" if task_part and task_part["error"] else ""
-        return f"❌ The {task_name} of the {run_name} failed{after}{why}."
+        return _task_failed_text(event, detail, task_name, run_name, task_part)
     if name == "approval_needed":
         title = f" ({_esc(task.title)})" if task is not None and task.title not in ("", task.key) else ""
         return f"✋ The {task_name}{title} of the {run_name} awaits approval."
     if name == "input_needed":
-        asked = (input_part or {}).get("question") or ""
-        if not asked and (input_part or {}).get("tool"):
-            asked = f"may it use {input_part['tool']}{_shown_input(input_part['input'])}?"
         of = f"The {task_name} of the {run_name}" if task is not None else f"The {run_name}"
-        asked = _clip(str(asked))
-        if not asked:
-            return f"💬 {of} needs input."
-        return f"💬 {of} needs input: {_esc(asked)}{'' if asked.endswith(('?', '.', '!')) else '.'}"
+        return _input_needed_text(of, input_part)
     if name == "agent_lost":
         who = f"{_esc(agent.name)}{f' ({_esc(agent.hostname)})' if agent.hostname else ''}" if agent else "An agent"
         why = detail.get("reason") or "offline"
         return f"🔌 The agent {who} is offline ({_esc(why)}): its live attempts are lost and their tasks offered again."
     return f"{name}: {_esc(event.kind)} {_esc(event.from_state)} → {_esc(event.to_state)}"
+
+
+def _task_failed_text(event: Event, detail: dict, task_name: str, run_name: str, task_part) -> str:
+    if detail.get("decision") == "rejected":
+        why = f": {_esc(task_part['error'])}" if task_part and task_part["error"] != "rejected" else ""
+        return f"❌ The {task_name} of the {run_name} was rejected by {_esc(detail.get('by') or event.actor)}{why}."
+    tries = task_part.get("attempt") if task_part else None
+    after = f" after {tries} attempt{'s' if tries != 1 else ''}" if tries else ""
+    why = f": {_esc(task_part['error'])}" if task_part and task_part["error"] else ""
+    return f"❌ The {task_name} of the {run_name} failed{after}{why}."
+
+
+def _input_needed_text(of: str, input_part) -> str:
+    """`of` ("The task x of the run “y”") needs input: the question asked, or the tool it may use."""
+    asked = (input_part or {}).get("question") or ""
+    if not asked and (input_part or {}).get("tool"):
+        asked = f"may it use {input_part['tool']}{_shown_input(input_part['input'])}?"
+    asked = _clip(str(asked))
+    if not asked:
+        return f"💬 {of} needs input."
+    return f"💬 {of} needs input: {_esc(asked)}{'' if asked.endswith(('?', '.', '!')) else '.'}"
 
 
 def _shown_input(tool_input) -> str:

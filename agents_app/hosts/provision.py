@@ -451,6 +451,29 @@ async def remote_daemon_version(conn, target: Target) -> str | None:
     return daemon_version(done.stdout) if done.exit_status == 0 else None
 
 
+async def _deploy(conn, target: Target, report: Report, daemon: str, token: str) -> None:
+    """Install the daemon and start the target's agents, in place of whatever ran there."""
+    version = await check_python(conn, target)
+    done = await sh(conn, _mkdir(target))
+    if done.exit_status != 0:
+        raise ProvisionError(f"{target.name}: cannot create {target.remote_dir}: {_stderr(done)}")
+    await report(0.3, f"python {version}; {target.remote_dir} ready")
+    await stop_agents(conn, target, report)  # a redeploy replaces what runs
+    await install(conn, target, report, daemon, token)
+
+
+async def _restart(conn, target: Target, report: Report, daemon: str | None, token: str) -> None:
+    """Stop and start the deployed agents: with the daemon replaced by `daemon` (upgrade) or as deployed (None)."""
+    old = await remote_daemon_version(conn, target)
+    if old is None:
+        raise ProvisionError(f"{target.name}: nothing deployed in {target.remote_dir}; deploy first")
+    await stop_agents(conn, target, report)
+    await report(0.4, "agents stopped")
+    if daemon is not None:
+        await report(0.45, f"upgrading the daemon {old} → {daemon_version(daemon)}")
+    await install(conn, target, report, daemon, token)
+
+
 async def run_operation(kind: str, target: Target, report: Report, *, daemon: str = "", token: str = "") -> dict:
     """Do `kind` on the host; returns what the dashboard shows as the result (e.g. the agents' states).
     Raises ProvisionError (HostKeyChanged for a changed key) with a sentence for the operator."""
@@ -464,22 +487,9 @@ async def run_operation(kind: str, target: Target, report: Report, *, daemon: st
     async with await connect(target) as conn:
         await report(0.15, f"connected; host key {fingerprint(target.host_key)} verified")
         if kind == "deploy":
-            version = await check_python(conn, target)
-            done = await sh(conn, _mkdir(target))
-            if done.exit_status != 0:
-                raise ProvisionError(f"{target.name}: cannot create {target.remote_dir}: {_stderr(done)}")
-            await report(0.3, f"python {version}; {target.remote_dir} ready")
-            await stop_agents(conn, target, report)  # a redeploy replaces what runs
-            await install(conn, target, report, daemon, token)
+            await _deploy(conn, target, report, daemon, token)
         elif kind in ("restart", "upgrade"):
-            old = await remote_daemon_version(conn, target)
-            if old is None:
-                raise ProvisionError(f"{target.name}: nothing deployed in {target.remote_dir}; deploy first")
-            await stop_agents(conn, target, report)
-            await report(0.4, "agents stopped")
-            if kind == "upgrade":
-                await report(0.45, f"upgrading the daemon {old} → {daemon_version(daemon)}")
-            await install(conn, target, report, daemon if kind == "upgrade" else None, token)
+            await _restart(conn, target, report, daemon if kind == "upgrade" else None, token)
         elif kind == "stop":
             await stop_agents(conn, target, report)
         elif kind == "uninstall":

@@ -31,29 +31,33 @@ def parse(text: str, max_lines: int = SHOW_MAX_LINES) -> tuple[list[FileDiff], b
             current = FileDiff(path=b or a.removeprefix("a/"), old_path=a.removeprefix("a/"))
             files.append(current)
             continue
-        if current is None:
+        if current is None or _read_header(current, line):
             continue
-        if line.startswith("new file mode"):
-            current.status = "added"
-        elif line.startswith("deleted file mode"):
-            current.status = "deleted"
-        elif line.startswith("rename from "):
-            current.status, current.old_path = "renamed", line[len("rename from ") :]
-        elif line.startswith("rename to "):
-            current.path = line[len("rename to ") :]
-        elif line.startswith("Binary files "):
-            current.status = "binary"
-        elif line.startswith(("--- ", "+++ ", "index ", "similarity index", "old mode", "new mode")):
-            continue
+        kind = {"+": "add", "-": "del", "@": "hunk"}.get(line[:1], "ctx")
+        if kind == "add":
+            current.added += 1
+        elif kind == "del":
+            current.removed += 1
+        if shown < max_lines:
+            current.lines.append((kind, line))
+            shown += 1
         else:
-            kind = {"+": "add", "-": "del", "@": "hunk"}.get(line[:1], "ctx")
-            if kind == "add":
-                current.added += 1
-            elif kind == "del":
-                current.removed += 1
-            if shown < max_lines:
-                current.lines.append((kind, line))
-                shown += 1
-            else:
-                current.cut = cut = True
+            current.cut = cut = True
     return files, cut
+
+
+def _read_header(current: FileDiff, line: str) -> bool:
+    """A file's header line (mode, rename, binary, ---/+++, index) read into `current`: True; else False."""
+    if line.startswith("new file mode"):
+        current.status = "added"
+    elif line.startswith("deleted file mode"):
+        current.status = "deleted"
+    elif line.startswith("rename from "):
+        current.status, current.old_path = "renamed", line[len("rename from ") :]
+    elif line.startswith("rename to "):
+        current.path = line[len("rename to ") :]
+    elif line.startswith("Binary files "):
+        current.status = "binary"
+    elif not line.startswith(("--- ", "+++ ", "index ", "similarity index", "old mode", "new mode")):
+        return False
+    return True

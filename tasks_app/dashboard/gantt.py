@@ -85,20 +85,7 @@ def render_gantt_svg(attempts: list[dict], now: datetime | None = None) -> str:
     scale = PLOT_W / span
     x0 = PAD + LABEL_W
 
-    # Concurrent attempts of one agent (capacity > 1) go in lanes: each to the first lane free at its start.
-    layout, y = [], PAD + AXIS_H
-    for agent in sorted(rows):
-        lanes: list[float] = []
-        placed = []
-        for a, b, e, est in sorted(rows[agent], key=lambda r: (r[1], r[2])):
-            lane = next((i for i, end in enumerate(lanes) if end <= b), len(lanes))
-            if lane == len(lanes):
-                lanes.append(e)
-            lanes[lane] = e
-            placed.append((lane, a, b, e, est))
-        h = len(lanes) * (LANE_H + LANE_GAP) - LANE_GAP + 2 * ROW_PAD
-        layout.append((agent, y, h, placed))
-        y += h
+    layout, y = _lay_out(rows, PAD + AXIS_H)
     height = y + PAD
     width = x0 + PLOT_W + RIGHT
 
@@ -106,17 +93,9 @@ def render_gantt_svg(attempts: list[dict], now: datetime | None = None) -> str:
         f'<svg xmlns="{SVG_NS}" class="gantt" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         f'font-size="11" role="img" aria-label="Timeline: {len(bars)} attempts on {len(rows)} agents">',
         '<g class="axis">',
+        *_ticks(span, scale, x0, y),
+        "</g>",
     ]
-    step = _tick_step(span)
-    t = 0.0
-    while t <= span + 1e-9:
-        x = _f(x0 + t * scale)
-        out.append(
-            f'<line class="grid" x1="{x}" y1="{PAD + AXIS_H - 4}" x2="{x}" y2="{y}"/>'
-            f'<text class="tick" x="{x}" y="{PAD + 10}" text-anchor="middle">{fmt_duration(t)}</text>'
-        )
-        t += step
-    out.append("</g>")
     for i, (agent, top, h, placed) in enumerate(layout):
         out.append(f'<g class="row" data-agent="{_esc(agent)}">')
         if i % 2:
@@ -133,6 +112,41 @@ def render_gantt_svg(attempts: list[dict], now: datetime | None = None) -> str:
         out.append(f'<line class="now" x1="{x}" y1="{PAD + AXIS_H - 4}" x2="{x}" y2="{y}"><title>now</title></line>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _lay_out(rows: dict, top: int) -> tuple[list, int]:
+    """([(agent, y, height, [(lane, attempt, start s, end s, estimate s)])], the bottom y), agents sorted by
+    name from `top` down. Concurrent attempts of one agent (capacity > 1) go in lanes: each to the first lane
+    free at its start."""
+    layout, y = [], top
+    for agent in sorted(rows):
+        lanes: list[float] = []
+        placed = []
+        for a, b, e, est in sorted(rows[agent], key=lambda r: (r[1], r[2])):
+            lane = next((i for i, end in enumerate(lanes) if end <= b), len(lanes))
+            if lane == len(lanes):
+                lanes.append(e)
+            lanes[lane] = e
+            placed.append((lane, a, b, e, est))
+        h = len(lanes) * (LANE_H + LANE_GAP) - LANE_GAP + 2 * ROW_PAD
+        layout.append((agent, y, h, placed))
+        y += h
+    return layout, y
+
+
+def _ticks(span: float, scale: float, x0: float, bottom: int) -> list[str]:
+    """The time axis: a grid line down to `bottom` and a label every tick step, from 0 to `span` seconds."""
+    out = []
+    step = _tick_step(span)
+    t = 0.0
+    while t <= span + 1e-9:
+        x = _f(x0 + t * scale)
+        out.append(
+            f'<line class="grid" x1="{x}" y1="{PAD + AXIS_H - 4}" x2="{x}" y2="{bottom}"/>'
+            f'<text class="tick" x="{x}" y="{PAD + 10}" text-anchor="middle">{fmt_duration(t)}</text>'
+        )
+        t += step
+    return out
 
 
 def _bar(a: dict, agent: str, b: float, e: float, est: float, x: float, y: int, scale: float) -> str:

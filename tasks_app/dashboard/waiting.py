@@ -45,6 +45,12 @@ def reasons_of(tasks) -> dict:
 
 
 def _reason(task: dict, run: dict | None, agents: list[dict], global_live: int, now) -> str:
+    return _held_back(task, run, global_live, now) or _no_agent_takes(task, run, agents, now)
+
+
+def _held_back(task: dict, run: dict | None, global_live: int, now) -> str:
+    """Why the scheduler holds the task back whatever the agents: its run paused or at max_parallel, its
+    retry delay, the global limit; "" when nothing does."""
     if run is not None and run["state"] == RunState.PAUSED:
         return PAUSED
     ready_at = task.get("ready_at")
@@ -55,6 +61,11 @@ def _reason(task: dict, run: dict | None, agents: list[dict], global_live: int, 
     limit = settings.CP_GLOBAL_MAX_LIVE
     if limit and global_live >= limit:
         return f"at the global limit of {limit} live attempts (CP_GLOBAL_MAX_LIVE)"
+    return ""
+
+
+def _no_agent_takes(task: dict, run: dict | None, agents: list[dict], now) -> str:
+    """Why no agent takes the task (labels, executor, rate limits, git, draining, full), or CLAIMABLE."""
     requires = set(task["requires"] or ())
     executor = task["executor"]
     online = [a for a in agents if a["online"]]

@@ -259,6 +259,38 @@ class RowIdField(forms.ModelChoiceField):
         return row
 
 
+def _rows_by_key(rows: list[WorkflowTaskForm]) -> dict[str, WorkflowTaskForm]:
+    """The rows by their key (as cleaned, else as typed); a key given twice is an error on its second row."""
+    by_key: dict[str, WorkflowTaskForm] = {}
+    for form in rows:
+        key = form.cleaned_data.get("key") or form.data.get(form.add_prefix("key"), "").strip()
+        if not key:
+            continue
+        if key in by_key:
+            form.add_error("key", f"duplicate key {key!r}: another task of this workflow has it")
+        else:
+            by_key[key] = form
+    return by_key
+
+
+def _dependency_graph(by_key: dict[str, WorkflowTaskForm]) -> dict[str, list[str]]:
+    """Each row's deps by its key, an unknown or repeated dep an error on its row (a row whose deps field
+    was refused is left out)."""
+    graph: dict[str, list[str]] = {}
+    for key, form in by_key.items():
+        deps = form.cleaned_data.get("deps_keys")
+        if deps is None:  # the field itself was refused
+            continue
+        unknown = [d for d in deps if d not in by_key]
+        twice = sorted({d for d in deps if deps.count(d) > 1})
+        if unknown:
+            form.add_error("deps_keys", f"unknown key(s): {', '.join(unknown)}")
+        if twice:
+            form.add_error("deps_keys", f"listed twice: {', '.join(twice)}")
+        graph[key] = deps
+    return graph
+
+
 class WorkflowTaskFormSet(forms.BaseInlineFormSet):
     """The workflow's tasks; `clean` validates the DAG they make as a whole."""
 
@@ -300,27 +332,8 @@ class WorkflowTaskFormSet(forms.BaseInlineFormSet):
         super().clean()
         rows = self.kept_forms()
         problems: list[str] = []
-        by_key: dict[str, WorkflowTaskForm] = {}
-        for form in rows:
-            key = form.cleaned_data.get("key") or form.data.get(form.add_prefix("key"), "").strip()
-            if not key:
-                continue
-            if key in by_key:
-                form.add_error("key", f"duplicate key {key!r}: another task of this workflow has it")
-            else:
-                by_key[key] = form
-        graph: dict[str, list[str]] = {}
-        for key, form in by_key.items():
-            deps = form.cleaned_data.get("deps_keys")
-            if deps is None:  # the field itself was refused
-                continue
-            unknown = [d for d in deps if d not in by_key]
-            twice = sorted({d for d in deps if deps.count(d) > 1})
-            if unknown:
-                form.add_error("deps_keys", f"unknown key(s): {', '.join(unknown)}")
-            if twice:
-                form.add_error("deps_keys", f"listed twice: {', '.join(twice)}")
-            graph[key] = deps
+        by_key = _rows_by_key(rows)
+        graph = _dependency_graph(by_key)
         if len(graph) == len(by_key) and not any(f.errors.get("deps_keys") or f.errors.get("key") for f in rows):
             try:
                 topological_order(graph)
@@ -329,19 +342,23 @@ class WorkflowTaskFormSet(forms.BaseInlineFormSet):
                 for key in dict.fromkeys(exc.keys):
                     by_key[key].add_error("deps_keys", f"{key} is on the {exc.detail}")
         if rows and not problems and not any(form.errors for form in rows):
-            # The catch-all: whatever else THE validator refuses, it refuses here too, templates included
-            # (against the parameters as the workflow's form posted them: it is cleaned first).
-            try:
-                tasks = [form.task_entry() for form in rows]
-                parse_document({"name": "workflow", "params": self.instance.params or {}, "tasks": tasks})
-            except DagError as exc:
-                form = by_key.get(exc.keys[0]) if exc.keys else None
-                if form is not None and _error_field(form, exc.field):
-                    form.add_error(_error_field(form, exc.field), exc.detail)
-                else:
-                    problems.append(exc.detail)
+            self._check_document(rows, by_key, problems)
         if problems:
             raise ValidationError(problems)
+
+    def _check_document(self, rows: list[WorkflowTaskForm], by_key: dict, problems: list[str]) -> None:
+        """The catch-all: whatever else THE validator refuses, it refuses here too, templates included
+        (against the parameters as the workflow's form posted them: it is cleaned first). The error goes on
+        the row and field it names, else into `problems`."""
+        try:
+            tasks = [form.task_entry() for form in rows]
+            parse_document({"name": "workflow", "params": self.instance.params or {}, "tasks": tasks})
+        except DagError as exc:
+            form = by_key.get(exc.keys[0]) if exc.keys else None
+            if form is not None and _error_field(form, exc.field):
+                form.add_error(_error_field(form, exc.field), exc.detail)
+            else:
+                problems.append(exc.detail)
 
     def free_keys(self) -> None:
         """Before `save()`: move the keys of renamed and deleted rows out of the way, so that rows may swap
