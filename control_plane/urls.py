@@ -42,6 +42,8 @@ urlpatterns = [
     path(f"{api}runs/<str:run_id>/cancel", run_api.cancel_run),
     path(f"{api}runs/<str:run_id>/pause", run_api.pause_run),
     path(f"{api}runs/<str:run_id>/resume", run_api.resume_run),
+    path(f"{api}runs/<str:run_id>/rerun", run_api.rerun),
+    path(f"{api}runs/<str:run_id>/retry-failed", run_api.retry_failed),
     path(f"{api}tasks/<str:task_id>/retry", run_api.retry_task),
     path(f"{api}tasks/<str:task_id>", run_api.task_detail),
     path(f"{api}tasks/<str:task_id>/log", run_api.task_log),

@@ -18,7 +18,7 @@ from django.utils import timezone
 from . import assignments, workspaces
 from . import queries as q
 from .audit import EventLog
-from .dag import Dag
+from .dag import Dag, DagError, check_templates, parse_task
 from .errors import ActionError, NotFound, StaleAttempt
 from .models import Run, Task, TaskDependency
 from .notify import CHANNEL, Changes
@@ -64,6 +64,7 @@ def submit_run(
     workflow=None,
     priority: int | None = None,
     max_parallel: int | None = None,
+    rerun_of: Run | None = None,
 ) -> Run:
     """Create a run from a validated DAG: tasks without dependencies start ready, the rest blocked. A
     workspace's base is resolved to a commit first (`git ls-remote`, DagError when it cannot be), and the
@@ -92,6 +93,7 @@ def submit_run(
             base_commit=base_commit,
             branch_prefix=ws.branch_prefix if ws else "",
             params=dag.params,
+            rerun_of=rerun_of,
         )
         tasks = [
             Task(
@@ -127,7 +129,11 @@ def submit_run(
             if t.state == TaskState.READY:
                 changes.task_ready(t.executor, t.requires)
         events = EventLog(actor)
-        events.add("run", "", run.state, run=run.id, detail={"tasks": len(tasks), **({"reason": held} if held else {})})
+        detail = {"tasks": len(tasks), **({"reason": held} if held else {})}
+        if rerun_of is not None:
+            detail["rerun_of"] = str(rerun_of.id)
+            events.add("rerun", "", "", run=rerun_of.id, detail={"rerun": str(run.id)})  # in the old run's trail
+        events.add("run", "", run.state, run=run.id, detail=detail)
         for t in tasks:
             if t.state == TaskState.AWAITING_APPROVAL:  # the audit trail (and webhooks) hear that it waits
                 events.add("task", "", t.state, run=run.id, task=t.id)
@@ -781,9 +787,11 @@ def cancel_run(run_id, actor: str) -> str:
     return RunState.CANCELED
 
 
-def retry_task(task_id, actor: str) -> str:
+def retry_task(task_id, actor: str, edits: dict | None = None) -> str:
     """An operator's retry of a failed or canceled task: it gets a fresh set of attempts, its skipped
-    descendants wait again, and a finished run reopens."""
+    descendants wait again, and a finished run reopens. `edits` ({"command", "prompt", "params"}, each
+    optional) change what the retry runs, checked as a DAG document's task is; the audit trail keeps the
+    old and new values."""
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(q.LOCK_TASK, {"task_id": task_id})
         row = cur.fetchone()
@@ -795,8 +803,11 @@ def retry_task(task_id, actor: str) -> str:
         events, changes = EventLog(actor), Changes(runs={run_id})
         target = waiting_state(executor)  # a rejected approval is asked again
         check_transition("task", state, target)
+        detail: dict = {"retry": True}
+        if edits:
+            detail["edited"] = edit_task(task_id, edits)
         cur.execute(q.RETRY_TASK, {"state": target, "task_id": task_id})  # a fresh budget of attempts
-        events.add("task", state, target, run=run_id, task=task_id, detail={"retry": True})
+        events.add("task", state, target, run=run_id, task=task_id, detail=detail)
         if target == TaskState.READY:
             changes.task_ready(executor, requires)
         cur.execute(q.UNSKIP_DOWNSTREAM, {"task_id": task_id})
@@ -810,6 +821,43 @@ def retry_task(task_id, actor: str) -> str:
             events.add("run", run_state, RunState.RUNNING, run=run_id, detail={"retry": str(task_id)})
         _commit(cur, events, changes)
     return target
+
+
+EDITABLE = ("command", "prompt", "params")
+
+
+def edit_task(task_id, edits: dict) -> dict:
+    """Change a task's command, prompt or params (the caller holds its row lock), checked as the task would
+    be in a document: its executor's rules, its templates against its deps and the run's params. Returns
+    {field: {"from", "to"}} for what changed; DagError (422) for a bad value."""
+    unknown = set(edits) - set(EDITABLE)
+    if unknown:
+        raise DagError(f"a retry may change only {', '.join(EDITABLE)}, not {', '.join(sorted(unknown))}")
+    task = Task.objects.select_related("run").get(pk=task_id)
+    deps = list(Task.objects.filter(downstream_links__task=task).values_list("key", flat=True))
+    raw = {"key": task.key, "executor": task.executor, "requires": task.requires, "command": task.command,
+           "prompt": task.prompt, "params": task.params, "deps": deps}  # fmt: skip
+    raw.update({k: v for k, v in edits.items() if k in EDITABLE})
+    spec = parse_task({k: v for k, v in raw.items() if v not in (None, [], {})})
+    check_templates([spec], task.run.params)
+    changed = {f: {"from": getattr(task, f), "to": getattr(spec, f)} for f in EDITABLE
+               if f in edits and getattr(task, f) != getattr(spec, f)}  # fmt: skip
+    if changed:
+        Task.objects.filter(pk=task_id).update(**{f: v["to"] for f, v in changed.items()})
+    return changed
+
+
+def retry_failed(run_id, actor: str) -> list[str]:
+    """Retry every failed or canceled task of the run, in one transaction (their skipped descendants wait
+    again); the ids retried, none when nothing had failed."""
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(q.LOCK_RETRYABLE_TASKS, {"run_id": run_id})  # lock order: tasks, then (in retry_task) the run
+        ids = [str(task_id) for (task_id,) in cur.fetchall()]
+        if not ids and not Run.objects.filter(pk=run_id).exists():
+            raise NotFound("no run with that id")
+        for task_id in ids:
+            retry_task(task_id, actor)
+    return ids
 
 
 # --- Approvals ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from control_plane.web import user_actor
 from . import actions
 from .dag import MAX_COST_USD, params_from_pairs, parse_document, with_overrides
 from .dashboard import panels, reports
-from .models import Artifact, Attempt, Task, Workflow
+from .models import Artifact, Attempt, Run, Task, Workflow
 from .states import AttemptState, RunState
 from .workflows import documents
 
@@ -155,14 +155,45 @@ resume_run = _run_action(actions.resume_run, lambda f: {"max_cost_usd": f.number
 
 @api_view
 async def retry_task(request, task_id: str):
+    """PROTOCOL.md's retry; an addition: the body may change what the retry runs, `{"command", "prompt",
+    "params"}` (each optional, checked as in a document: 422 naming the field)."""
     require_method(request, "POST")
     task_id = _uuid(task_id, "task")
+    edits = json_body(request, 64 * 1024)
 
     def act():
         user = _user(request, "tasks_app.change_task")
-        return {"task_id": task_id, "state": actions.retry_task(task_id, user_actor(user))}
+        return {"task_id": task_id, "state": actions.retry_task(task_id, user_actor(user), edits=edits or None)}
 
     return JsonResponse(await db_call(act)())
+
+
+@api_view
+async def retry_failed(request, run_id: str):
+    """An addition (README, "API"): retry every failed or canceled task of the run."""
+    require_method(request, "POST")
+    run_id = _uuid(run_id, "run")
+
+    def act():
+        user = _user(request, "tasks_app.change_task")
+        retried = actions.retry_failed(run_id, user_actor(user))
+        return {"run_id": run_id, "retried": retried, "state": Run.objects.get(pk=run_id).state}
+
+    return JsonResponse(await db_call(act)())
+
+
+@api_view
+async def rerun(request, run_id: str):
+    """An addition (README, "API"): a new run of the same document, linked to this one → 201."""
+    require_method(request, "POST")
+    run_id = _uuid(run_id, "run")
+
+    def act():
+        user = _user(request, "tasks_app.add_run")
+        run = documents.rerun(run_id, actor=user_actor(user), user=user)
+        return {"run_id": str(run.id), "rerun_of": run_id, "tasks": run.tasks.count()}
+
+    return JsonResponse(await db_call(act)(), status=201)
 
 
 def _decision(approve: bool):

@@ -260,9 +260,32 @@ def run_operation(name: str):
 
 
 def cmd_retry(api: Api, args) -> int:
-    answer = api.call("POST", f"tasks/{args.task}/retry", {})
+    """A task again (with --command, --prompt or --params changed), or with --failed every failed task of a
+    run."""
+    if args.failed:
+        if args.command is not None or args.prompt is not None or args.params is not None:
+            raise CliError("--failed retries tasks as they are: edit one task at a time", USAGE)
+        answer = api.call("POST", f"runs/{args.id}/retry-failed", {})
+        out(json.dumps(answer) if args.json else f"run {answer['run_id']}: {answer['state']}, "
+            f"{len(answer['retried'])} task(s) retried")  # fmt: skip
+        return OK
+    edits = {k: v for k, v in (("command", args.command), ("prompt", args.prompt)) if v is not None}
+    if args.params is not None:
+        try:
+            edits["params"] = json.loads(args.params)
+        except ValueError as exc:
+            raise CliError(f"--params must be a JSON object: {exc}", USAGE) from None
+    answer = api.call("POST", f"tasks/{args.id}/retry", edits)
     out(json.dumps(answer) if args.json else f"task {answer['task_id']}: {answer['state']}")
     return OK
+
+
+def cmd_rerun(api: Api, args) -> int:
+    answer = api.call("POST", f"runs/{args.run}/rerun", {})
+    if args.json and not args.wait:
+        return out(json.dumps(answer)) or OK
+    out(answer["run_id"])
+    return watch(api, answer["run_id"], args) if args.wait else OK
 
 
 def decision(name: str):
@@ -352,9 +375,19 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("run")
         s.set_defaults(fn=run_operation(name))
 
-    s = sub.add_parser("retry", help="retry a failed or canceled task")
-    s.add_argument("task")
+    s = sub.add_parser("retry", help="retry a failed or canceled task (or --failed: every one of a run)")
+    s.add_argument("id", metavar="TASK|RUN")
+    s.add_argument("--failed", action="store_true", help="ID is a run: retry each of its failed tasks")
+    s.add_argument("--command", help="run this command instead (a shell task)")
+    s.add_argument("--prompt", help="give the agent this prompt instead (claude, codex)")
+    s.add_argument("--params", metavar="JSON", help="the task's params instead, as a JSON object")
     s.set_defaults(fn=cmd_retry)
+
+    s = sub.add_parser("rerun", help="a new run of the same document as RUN")
+    s.add_argument("run")
+    s.add_argument("--wait", action="store_true", help="watch the new run; exit with its outcome")
+    s.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    s.set_defaults(fn=cmd_rerun)
 
     for name in ("approve", "reject"):
         s = sub.add_parser(name, help=f"{name} a task awaiting approval")

@@ -112,6 +112,8 @@ class Run(models.Model):
     # (a budget reached): the run page says so, and resuming clears it.
     max_cost_usd = models.FloatField(null=True, blank=True)
     pause_reason = models.CharField(max_length=300, blank=True, default="")
+    # A rerun: a new run of the same document as this one (tasks_app.workflows.documents.rerun).
+    rerun_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reruns")
 
     class Meta:
         ordering = ["-created_at"]

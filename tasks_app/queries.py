@@ -383,6 +383,11 @@ UPDATE tasks_app_task t SET state = '{TaskState.SKIPPED}', finished_at = now()
 RETURNING t.id
 """
 
+# Retry every failed task of a run: their rows locked first, in id order, before each retry locks the run.
+LOCK_RETRYABLE_TASKS = """
+SELECT id FROM tasks_app_task WHERE run_id = %(run_id)s AND state IN ('failed', 'canceled') ORDER BY id FOR UPDATE
+"""
+
 # A retried task's skipped descendants wait again.
 UNSKIP_DOWNSTREAM = """
 WITH RECURSIVE down(id) AS (

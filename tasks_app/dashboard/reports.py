@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from django.db.models import Max, Min, Sum
-from django.db.models.functions import Coalesce, Now
+from django.db.models import Sum
+from django.utils import timezone
 
 from .. import costs
 from ..errors import NotFound
@@ -112,17 +112,29 @@ def workspace_of(run) -> dict | None:
 
 
 def run_metrics(run_id) -> dict:
-    """The seed's headline numbers: makespan, the sum of task times (one agent's time) and the speed-up."""
-    attempts = Attempt.objects.filter(run_id=run_id, started_at__isnull=False)
-    span = attempts.aggregate(first=Min("assigned_at"), last=Max(Coalesce("finished_at", Now())))
-    busy = 0.0
-    for started, finished in attempts.filter(state=AttemptState.SUCCEEDED).values_list("started_at", "finished_at"):
-        busy += (finished - started).total_seconds()
-    makespan = (span["last"] - span["first"]).total_seconds() if span["first"] else 0.0
+    """The seed's headline numbers: makespan, the sum of task times (one agent's time) and the speed-up.
+
+    Each task counts by its final attempt: after an operator's retry, the time the run stood failed and the
+    attempts before the retry would make the makespan and the speed-up meaningless. `final_attempts_only`
+    says when some task had more than one attempt, so the page can say so."""
+    finals = list(
+        Attempt.objects.filter(run_id=run_id, started_at__isnull=False)
+        .order_by("task_id", "-number")
+        .distinct("task_id")
+        .values("number", "state", "assigned_at", "started_at", "finished_at")
+    )
+    now = timezone.now()
+    busy = sum(
+        (a["finished_at"] - a["started_at"]).total_seconds() for a in finals if a["state"] == AttemptState.SUCCEEDED
+    )
+    first = min((a["assigned_at"] for a in finals), default=None)
+    last = max((a["finished_at"] or now for a in finals), default=None)
+    makespan = (last - first).total_seconds() if first else 0.0
     estimate = Task.objects.filter(run_id=run_id).aggregate(total=Sum("estimate_s"))["total"] or 0.0
     return {
         "makespan_s": makespan,
         "task_time_s": busy,
         "speedup": busy / makespan if makespan > 0 else 0.0,
         "estimated_task_time_s": estimate,
+        "final_attempts_only": Attempt.objects.filter(run_id=run_id, number__gt=1).exists(),
     }

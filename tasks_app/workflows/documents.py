@@ -252,3 +252,19 @@ def start_run(
         detail = {"run": str(run.id), **({"overrides": overrides} if overrides else {})}
         record_workflow_change(workflow.name, "run started", actor, **detail)
     return run
+
+
+def rerun(run_id, *, actor: str, user=None) -> Run:
+    """A new run of the same document as `run_id` (its own copy, the start's overrides included), of the same
+    workflow, priority and parallelism, linked to it (`rerun_of`; the old run's trail says so)."""
+    old = Run.objects.filter(pk=run_id).first()
+    if old is None:
+        raise actions.NotFound("no run with that id")
+    with transaction.atomic():
+        run = actions.submit_run(
+            parse_document(old.document), old.document, actor=actor, user=user, workflow=old.workflow,
+            priority=old.priority, max_parallel=old.max_parallel, rerun_of=old,
+        )  # fmt: skip
+        if old.workflow is not None:
+            record_workflow_change(old.workflow.name, "run started", actor, run=str(run.id), rerun_of=str(old.id))
+    return run

@@ -506,3 +506,78 @@ def test_the_run_answer_lists_artifacts_and_the_fleet_needs_its_permission(api, 
     [worker] = ok(api.get("/api/v1/agents"))["agents"]
     assert worker["name"] == "worker-1" and worker["tasks"] == ["a"] and worker["status"] == "busy"
     assert_error(plain_user.get("/api/v1/agents"), 403, "forbidden")
+
+
+# --- reruns and retries as a team works with them ------------------------------------------------------
+
+
+def test_a_rerun_is_a_new_linked_run_of_the_same_document(api, agent):
+    from tasks_app.models import Event, Run
+
+    old = api.submit(doc({"key": "a"}, {"key": "b", "deps": ["a"]}, name="again", params={"who": "x"}))
+    again = ok(api.post(f"/api/v1/runs/{old}/rerun"), 201)
+    assert again["rerun_of"] == old and again["tasks"] == 2 and again["run_id"] != old
+    new = Run.objects.get(pk=again["run_id"])
+    assert new.rerun_of_id == uuid.UUID(old) and new.document == Run.objects.get(pk=old).document
+    assert api.states(again["run_id"]) == {"a": "ready", "b": "blocked"}
+    assert Event.objects.filter(run_id=old, kind="rerun", detail__rerun=again["run_id"]).exists()
+    assert_error(api.post(f"/api/v1/runs/{uuid.uuid4()}/rerun"), 404, "not_found")
+
+
+def test_retry_failed_retries_every_failed_task_of_the_run(api, agent):
+    run_id = api.submit(doc({"key": "a", "max_attempts": 1}, {"key": "b", "max_attempts": 1},
+                            {"key": "c", "deps": ["a"]}, {"key": "d"}))  # fmt: skip
+    claimed = claim_all(agent)
+    finish(agent, claimed["a"], "failed")
+    finish(agent, claimed["b"], "failed")
+    finish(agent, claimed["d"])
+    assert api.states(run_id) == {"a": "failed", "b": "failed", "c": "skipped", "d": "succeeded"}
+    answer = ok(api.post(f"/api/v1/runs/{run_id}/retry-failed"))
+    ids = {t["key"]: t["id"] for t in api.run(run_id)["tasks"]}
+    assert sorted(answer["retried"]) == sorted([ids["a"], ids["b"]]) and answer["state"] == "running"
+    assert api.states(run_id) == {"a": "ready", "b": "ready", "c": "blocked", "d": "succeeded"}
+    assert ok(api.post(f"/api/v1/runs/{run_id}/retry-failed"))["retried"] == []
+
+
+def test_a_retry_may_change_the_command_prompt_or_params_and_the_trail_keeps_both(api, agent):
+    from tasks_app.models import Event, Task
+
+    run_id = api.submit(doc({"key": "s", "executor": "shell", "command": "make tset", "max_attempts": 1}))
+    finish(agent, claim_all(agent)["s"], "failed")
+    task_id = api.run(run_id)["tasks"][0]["id"]
+    answer = ok(api.post(f"/api/v1/tasks/{task_id}/retry", {"command": "make test"}))
+    assert answer["state"] == "ready" and Task.objects.get(pk=task_id).command == "make test"
+    retry = Event.objects.filter(task_id=task_id, detail__retry=True).get()
+    assert retry.detail["edited"] == {"command": {"from": "make tset", "to": "make test"}}
+    assert retry.actor == "user:olivia"
+    again = claim_all(agent)["s"]
+    assert again["task"]["command"] == "make test"
+    finish(agent, again, "failed")
+    refused = api.post(f"/api/v1/tasks/{task_id}/retry", {"command": ""})
+    assert "needs a command" in assert_error(refused, 422)
+    assert "may change only" in assert_error(api.post(f"/api/v1/tasks/{task_id}/retry", {"key": "x"}), 422)
+    bad_template = api.post(f"/api/v1/tasks/{task_id}/retry", {"command": "echo ${params.nope}"})
+    assert "params.nope" in assert_error(bad_template, 422)
+    assert Task.objects.get(pk=task_id).command == "make test" and api.states(run_id) == {"s": "failed"}
+
+
+def test_figures_after_a_retry_count_each_tasks_final_attempt(api, agent):
+    from datetime import timedelta
+
+    from tasks_app.dashboard.reports import run_metrics
+    from tasks_app.models import Attempt
+
+    run_id = api.submit(doc({"key": "a", "max_attempts": 1}))
+    finish(agent, claim_all(agent)["a"], "failed")
+    task_id = api.run(run_id)["tasks"][0]["id"]
+    # The run stood failed for ten minutes before someone retried it.
+    first = Attempt.objects.get(task_id=task_id, number=1)
+    Attempt.objects.filter(pk=first.pk).update(assigned_at=first.assigned_at - timedelta(minutes=10),
+                                               started_at=first.started_at - timedelta(minutes=10))  # fmt: skip
+    ok(api.post(f"/api/v1/tasks/{task_id}/retry"))
+    second = claim_all(agent)["a"]
+    ok(agent.post(f"/api/v1/attempts/{second['attempt_id']}/progress", {"progress": 0.5}))
+    finish(agent, second)
+    metrics = run_metrics(run_id)
+    assert metrics["makespan_s"] < 60 and metrics["final_attempts_only"] is True
+    assert 0 < metrics["speedup"] <= 1.0

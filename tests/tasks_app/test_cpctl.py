@@ -196,3 +196,27 @@ def test_the_config_file_must_be_private(cpctl, live_server_proc, operator, tmp_
     assert code == 0 and out.startswith("RUN"), err
     code, _, err = cpctl("runs", env={"CP_URL": "", "CP_TOKEN": "", "CPCTL_CONFIG": str(tmp_path / "none")})
     assert code == 2 and "no server" in err
+
+
+def test_retry_failed_an_edited_retry_and_a_rerun(cpctl, shell_agent, tmp_path):
+    broken = write(tmp_path, doc(shell("t", "echo tset; exit 1"), shell("u", "exit 1"), name="typo"))
+    code, out, _ = cpctl("submit", broken, "--wait")
+    assert code == 1
+    run_id = out.splitlines()[0]
+    tasks = {t["key"]: t["id"] for t in json.loads(cpctl("--json", "status", run_id)[1])["tasks"]}
+    code, out, err = cpctl("retry", tasks["t"], "--command", "echo test")
+    assert code == 0 and "ready" in out, err
+    code, out, err = cpctl("retry", run_id, "--failed")
+    assert code == 0 and "1 task(s) retried" in out, err  # u; t is no longer failed
+    code, _, _ = cpctl("status", run_id, "--watch", "--interval", "0.2")
+    assert code == 1  # u fails again
+    assert "test" in cpctl("logs", tasks["t"])[1]
+    code, _, err = cpctl("retry", run_id, "--failed", "--command", "x")
+    assert code == 2 and "one task at a time" in err
+
+    code, out, err = cpctl("rerun", run_id)
+    assert code == 0, err
+    rerun_id = out.strip()
+    assert rerun_id != run_id
+    code, _, _ = cpctl("status", rerun_id, "--watch", "--interval", "0.2")
+    assert code == 1  # the same document: its typo again (the edit was that run's retry, not the document)

@@ -51,6 +51,7 @@ def summary_lines(run_id) -> list[str]:
         f"makespan          {m['makespan_s']:8.1f} s",
         f"sum of task times {m['task_time_s']:8.1f} s",
         f"speed-up          {m['speedup']:8.2f} x over one agent",
+        *(["(each task counted by its final attempt: some were retried)"] if m["final_attempts_only"] else []),
     ]
 
 
