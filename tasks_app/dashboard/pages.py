@@ -116,6 +116,18 @@ def page_context(page: str, obj_id: str | None = None, *, full: bool = True, wan
     raise NotFound(f"no page {page!r}")
 
 
+# The run page's context entries that need nothing but the run (its id, its summary), by name: a live push
+# computes those its panels need (Panel.needs).
+RUN_ENTRIES: dict[str, Callable[[str, dict], object]] = {
+    "active": lambda run_id, run: panels.active_attempts(run_id),
+    "recent": lambda run_id, run: panels.recently_completed(run_id, limit=10),
+    "queue": lambda run_id, run: panels.queue(run_id, limit=15),
+    "spend": lambda run_id, run: panels.run_spend(run),
+    "code": lambda run_id, run: panels.run_code(run_id),
+    "gantt_svg": lambda run_id, run: render_gantt_svg(panels.timeline(run_id)),
+}
+
+
 def _run_context(run_id: str, full: bool, wanted: set[str] | None = None) -> dict:
     summaries = panels.run_summaries([run_id], limit=1)
     if not summaries:
@@ -131,18 +143,9 @@ def _run_context(run_id: str, full: bool, wanted: set[str] | None = None) -> dic
     tasks, edges = panels.run_graph(run_id) if full or (finished and want("metrics")) else (None, None)
     if want("states"):
         context["states"] = state_map(tasks if tasks is not None else panels.task_states(run_id))
-    if want("active"):
-        context["active"] = panels.active_attempts(run_id)
-    if want("recent"):
-        context["recent"] = panels.recently_completed(run_id, limit=10)
-    if want("queue"):
-        context["queue"] = panels.queue(run_id, limit=15)
-    if want("spend"):
-        context["spend"] = panels.run_spend(run)
-    if want("code"):
-        context["code"] = panels.run_code(run_id)
-    if want("gantt_svg"):
-        context["gantt_svg"] = render_gantt_svg(panels.timeline(run_id))
+    for key, compute in RUN_ENTRIES.items():
+        if want(key):
+            context[key] = compute(run_id, run)
     if want("metrics"):
         context["metrics"] = run_metrics(run_id) if finished else None
         if context["metrics"]:
