@@ -704,13 +704,17 @@ def _lock_run(cur, run_id) -> str:
     return row[0]
 
 
+# For refusals: "it cannot be canceled" (not "canceld").
+PAST_TENSE = {"pause": "paused", "resume": "resumed", "cancel": "canceled"}
+
+
 def _operate_run(run_id, operation: str, actor: str) -> str:
     """Pause, resume or cancel a run (RUN_OPERATIONS says from which states). Returns the new state."""
     target, allowed_from = RUN_OPERATIONS[operation]
     with transaction.atomic(), connection.cursor() as cur:
         current = _lock_run(cur, run_id)
         if current not in allowed_from:
-            raise ActionError(f"the run is {current}: it cannot be {operation}d", "invalid_state")
+            raise ActionError(f"the run is {current}: it cannot be {PAST_TENSE[operation]}", "invalid_state")
         check_transition("run", current, target)
         cur.execute(q.SET_RUN_STATE, {"state": target, "run_id": run_id})
         events, changes = EventLog(actor), Changes(runs={run_id})

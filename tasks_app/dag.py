@@ -5,6 +5,7 @@ Pure functions over plain dicts, so the API, the admin, the CLI and the tests sh
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -116,11 +117,46 @@ AI_PARAMS: dict[str, dict[str, ParamRule]] = {
 
 
 class DagError(Exception):
-    """A document that is well-formed JSON but not a valid DAG (HTTP 422). `keys` names the culprits."""
+    """A document that is well-formed JSON but not a valid DAG (HTTP 422). `keys` names the culprits.
 
-    def __init__(self, detail: str, keys: list[str] | None = None, field: str | None = None):
+    `problems` is every problem found, each a DagError of its own task and field: a document with three bad
+    tasks is refused with all three (`DagError.of`), its detail naming each."""
+
+    def __init__(
+        self, detail: str, keys: list[str] | None = None, field: str | None = None,
+        problems: list[DagError] | None = None,
+    ):  # fmt: skip
         super().__init__(detail)
         self.detail, self.keys, self.field = detail, keys or [], field
+        self.problems: list[DagError] = problems or [self]
+
+    @classmethod
+    def of(cls, problems: list[DagError]) -> DagError:
+        """One error for all of `problems` (itself when there is one)."""
+        if len(problems) == 1:
+            return problems[0]
+        keys = list(dict.fromkeys(k for p in problems for k in p.keys))
+        detail = f"{len(problems)} problems: " + "; ".join(p.detail for p in problems)
+        return cls(detail, keys, problems[0].field, problems)
+
+
+class Problems:
+    """The problems of one document, gathered so that all are reported at once."""
+
+    def __init__(self) -> None:
+        self.found: list[DagError] = []
+
+    def take(self, check: Callable[[], Any], default: Any = None) -> Any:
+        """check()'s value, or `default` with its problems noted."""
+        try:
+            return check()
+        except DagError as exc:
+            self.found.extend(exc.problems)
+            return default
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise DagError.of(self.found)
 
 
 @dataclass
@@ -169,7 +205,8 @@ class Dag:
 def _int(value: Any, what: str, lo: int, hi: int | None = None, key: str | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
-        raise DagError(f"{what} must be an integer {bound}", [key] if key else [], what)
+        where = f"task {key!r}: " if key else ""
+        raise DagError(f"{where}{what} must be an integer {bound}", [key] if key else [], what)
     return value
 
 
@@ -213,27 +250,34 @@ def check_task_params(params: dict, executor: str, key: str) -> None:
 
 
 def parse_document(doc: Any) -> Dag:
-    """Validate a DAG document and return it in topological order, with depths and critical paths."""
+    """Validate a DAG document and return it in topological order, with depths and critical paths. Every
+    problem is reported at once (DagError.problems); the cycle check runs once the tasks themselves are
+    valid."""
     if not isinstance(doc, dict):
         raise DagError("the document must be a JSON object")
+    problems = Problems()
     unknown = set(doc) - DOC_FIELDS
     if unknown:
-        raise DagError(f"unknown document field(s): {', '.join(sorted(unknown))}")
+        problems.found.append(DagError(f"unknown document field(s): {', '.join(sorted(unknown))}"))
     name = doc.get("name")
     if not isinstance(name, str) or not 1 <= len(name) <= 128:
-        raise DagError("name must be a string of 1 to 128 characters", field="name")
+        problems.found.append(DagError("name must be a string of 1 to 128 characters", field="name"))
     max_parallel = doc.get("max_parallel")
     if max_parallel is not None:
-        _int(max_parallel, "max_parallel", 1, 100_000)
-    priority = _int(doc.get("priority", 0), "priority", -1_000_000, 1_000_000)
-    defaults = _parse_defaults(doc.get("defaults") or {})
-    specs = _parse_tasks(doc.get("tasks"), defaults)
+        problems.take(lambda: _int(max_parallel, "max_parallel", 1, 100_000))
+    priority = problems.take(lambda: _int(doc.get("priority", 0), "priority", -1_000_000, 1_000_000), 0)
+    defaults = problems.take(lambda: _parse_defaults(doc.get("defaults") or {}), dict(DEFAULTS))
+    specs = _parse_tasks(doc.get("tasks"), defaults, problems)
+    params = problems.take(lambda: parse_params(doc.get("params")), None)
+    if params is not None:
+        problems.take(lambda: check_templates(specs.values(), params))
+    max_cost = problems.take(lambda: parse_max_cost(doc.get("max_cost_usd")))
+    workspace = problems.take(lambda: parse_workspace(doc.get("workspace")))
+    problems.raise_any()
     order = topological_order({k: s.deps for k, s in specs.items()})
-    params = parse_params(doc.get("params"))
-    check_templates(specs.values(), params)
     dag = Dag(name=name, max_parallel=max_parallel, priority=priority, defaults=defaults, params=params,
-              max_cost_usd=parse_max_cost(doc.get("max_cost_usd")))  # fmt: skip
-    dag.workspace = parse_workspace(doc.get("workspace"))
+              max_cost_usd=max_cost)  # fmt: skip
+    dag.workspace = workspace
     dag.tasks = [specs[k] for k in order]
     _annotate(dag)
     return dag
@@ -249,37 +293,65 @@ def _parse_defaults(raw: Any) -> dict:
     return defaults
 
 
-def _parse_tasks(raw_tasks: Any, defaults: dict) -> dict[str, TaskSpec]:
-    """The document's tasks by key, in document order: each valid, keys unique, deps known and not repeated."""
+def _parse_tasks(raw_tasks: Any, defaults: dict, problems: Problems) -> dict[str, TaskSpec]:
+    """The document's valid tasks by key, in document order; the problems of the others, of repeated keys
+    and of unknown or repeated deps are noted (a dependency typo with a "did you mean")."""
     if not isinstance(raw_tasks, list) or not raw_tasks:
-        raise DagError("tasks must be a non-empty list", field="tasks")
+        problems.found.append(DagError("tasks must be a non-empty list", field="tasks"))
+        return {}
     if len(raw_tasks) > 20_000:
-        raise DagError("a document may hold at most 20000 tasks", field="tasks")
+        problems.found.append(DagError("a document may hold at most 20000 tasks", field="tasks"))
+        return {}
     specs: dict[str, TaskSpec] = {}
+    keys = {raw.get("key") for raw in raw_tasks if isinstance(raw, dict) and isinstance(raw.get("key"), str)}
     for raw in raw_tasks:
-        spec = _parse_task(raw, defaults)
+        spec = problems.take(lambda raw=raw: _parse_task(raw, defaults))
+        if spec is None:
+            continue
         if spec.key in specs:
-            raise DagError(f"duplicate task key {spec.key!r}", [spec.key], "key")
+            problems.found.append(DagError(f"duplicate task key {spec.key!r}", [spec.key], "key"))
+            continue
         specs[spec.key] = spec
-    for spec in specs.values():
-        missing = [d for d in spec.deps if d not in specs]
+    # Every task's deps, the invalid tasks' too (as far as they are a list of names).
+    for key, deps in _deps_of(raw_tasks):
+        missing = [d for d in deps if d not in keys]
         if missing:
-            raise DagError(
-                f"task {spec.key!r} depends on unknown key(s): {', '.join(missing)}", [spec.key, *missing], "deps"
-            )
-        if len(set(spec.deps)) != len(spec.deps):
-            raise DagError(f"task {spec.key!r} lists a dependency twice", [spec.key], "deps")
+            named = ", ".join(d + _did_you_mean(d, keys - {key}) for d in missing)
+            problems.found.append(DagError(f"task {key!r} depends on unknown key(s): {named}",
+                                           [key, *missing], "deps"))  # fmt: skip
+        if len(set(deps)) != len(deps):
+            problems.found.append(DagError(f"task {key!r} lists a dependency twice", [key], "deps"))
     return specs
 
 
+def _deps_of(raw_tasks: list) -> list[tuple[str, list[str]]]:
+    """(key, deps) of each task whose key is a string and deps a list of strings, once per key."""
+    seen: dict[str, list[str]] = {}
+    for raw in raw_tasks:
+        if not isinstance(raw, dict) or not isinstance(raw.get("key"), str) or raw["key"] in seen:
+            continue
+        deps = raw.get("deps") or []
+        if isinstance(deps, list) and all(isinstance(d, str) for d in deps):
+            seen[raw["key"]] = deps
+    return list(seen.items())
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_templates(specs: Iterable[TaskSpec], params: dict) -> None:
-    """Each task's prompt and command name only its deps' outputs and the run's params."""
+    """Each task's prompt and command name only its deps' outputs and the run's params (every one that
+    does not is reported)."""
+    problems = Problems()
     for spec in specs:
         for what in ("prompt", "command"):
             try:
                 check_template(getattr(spec, what), spec.deps, params)
             except TemplateError as exc:
-                raise DagError(f"task {spec.key!r}: {what}: {exc}", [spec.key], what) from None
+                problems.found.append(DagError(f"task {spec.key!r}: {what}: {exc}", [spec.key], what))
+    problems.raise_any()
 
 
 def parse_workspace(raw: Any) -> Workspace | None:
@@ -393,18 +465,48 @@ def parse_task(raw: Any, defaults: dict | None = None) -> TaskSpec:
 
 
 def _parse_task(raw: Any, defaults: dict) -> TaskSpec:
+    """One task, every problem of its fields reported at once (its key and shape first: without them there
+    is nothing to name the others by)."""
     if not isinstance(raw, dict):
         raise DagError("each task must be an object")
     key = raw.get("key")
     if not isinstance(key, str) or not NAME_RE.fullmatch(key):
         raise DagError(f"task key {key!r} must be 1-64 of [A-Za-z0-9._-]", [str(key)], "key")
+    problems = Problems()
     unknown = set(raw) - TASK_FIELDS
     if unknown:
-        raise DagError(f"task {key!r}: unknown field(s) {', '.join(sorted(unknown))}", [key])
+        problems.found.append(DagError(f"task {key!r}: unknown field(s) {', '.join(sorted(unknown))}", [key]))
     executor = raw.get("executor", "shell")
     if executor not in EXECUTORS:
-        raise DagError(f"task {key!r}: executor must be one of {', '.join(EXECUTORS)}", [key], "executor")
-    command, prompt = _text(raw.get("command"), "command", key), _text(raw.get("prompt"), "prompt", key)
+        problems.found.append(
+            DagError(f"task {key!r}: executor must be one of {', '.join(EXECUTORS)}", [key], "executor")
+        )
+    command = problems.take(lambda: _text(raw.get("command"), "command", key))
+    prompt = problems.take(lambda: _text(raw.get("prompt"), "prompt", key))
+    problems.take(lambda: _check_what_it_runs(raw, key, executor, command, prompt))
+    params = raw.get("params") or {}
+    if not isinstance(params, dict):
+        problems.found.append(DagError(f"task {key!r}: params must be an object", [key], "params"))
+    else:
+        problems.take(lambda: check_task_params(params, executor, key))
+    estimate = raw.get("estimate_s")
+    if estimate is not None and (isinstance(estimate, bool) or not isinstance(estimate, int | float) or estimate < 0):
+        problems.found.append(DagError(f"task {key!r}: estimate_s must be a number >= 0", [key], "estimate_s"))
+    title = problems.take(lambda: _text(raw.get("title"), "title", key)) or key
+    if len(title) > 200:
+        problems.found.append(DagError(f"task {key!r}: title is longer than 200 characters", [key], "title"))
+    deps = problems.take(lambda: _names(raw.get("deps"), "deps", key, limit=10_000), [])
+    requires = problems.take(lambda: _names(raw.get("requires"), "requires", key), [])
+    numbers = _task_numbers(raw, key, executor, defaults, problems)
+    problems.raise_any()
+    return TaskSpec(
+        key=key, title=title, deps=deps, requires=requires, executor=executor, command=command, prompt=prompt,
+        params=params, estimate_s=float(estimate) if estimate is not None else None, **numbers,
+    )  # fmt: skip
+
+
+def _check_what_it_runs(raw: dict, key: str, executor: str, command: str | None, prompt: str | None) -> None:
+    """A shell task's command, an AI task's prompt; nothing an agent would need on an approval task."""
     if executor == "shell" and not command:
         raise DagError(f"task {key!r}: a shell task needs a command", [key], "command")
     if executor in ("claude", "codex") and not prompt:
@@ -414,37 +516,21 @@ def _parse_task(raw: Any, defaults: dict) -> TaskSpec:
         given = sorted(f for f in ("command", "requires", "params") if raw.get(f))
         if given:
             raise DagError(f"task {key!r}: an approval task takes no {', '.join(given)}", [key], given[0])
-    params = raw.get("params") or {}
-    if not isinstance(params, dict):
-        raise DagError(f"task {key!r}: params must be an object", [key], "params")
-    check_task_params(params, executor, key)
-    estimate = raw.get("estimate_s")
-    if estimate is not None and (isinstance(estimate, bool) or not isinstance(estimate, int | float) or estimate < 0):
-        raise DagError(f"task {key!r}: estimate_s must be a number >= 0", [key], "estimate_s")
-    title = _text(raw.get("title"), "title", key) or key
-    if len(title) > 200:
-        raise DagError(f"task {key!r}: title is longer than 200 characters", [key], "title")
-    return TaskSpec(
-        key=key,
-        title=title,
-        deps=_names(raw.get("deps"), "deps", key, limit=10_000),
-        requires=_names(raw.get("requires"), "requires", key),
-        executor=executor,
-        command=command,
-        prompt=prompt,
-        params=params,
-        estimate_s=float(estimate) if estimate is not None else None,
-        priority=_int(raw.get("priority", 0), "priority", -1_000_000, 1_000_000, key),
-        max_attempts=_int(raw.get("max_attempts", defaults["max_attempts"]), "max_attempts", 1, 100, key),
-        timeout_s=_int(
-            raw.get("timeout_s", APPROVAL_TIMEOUT_S if executor == APPROVAL_EXECUTOR else defaults["timeout_s"]),
-            "timeout_s",
-            1,
-            7 * 86400,
-            key,
-        ),  # fmt: skip
-        retry_delay_s=_int(raw.get("retry_delay_s", defaults["retry_delay_s"]), "retry_delay_s", 0, 86400, key),
-    )
+
+
+def _task_numbers(raw: dict, key: str, executor: str, defaults: dict, problems: Problems) -> dict[str, int]:
+    """priority, max_attempts, timeout_s and retry_delay_s, each checked (a bad one noted, 0 in its place)."""
+    timeout = APPROVAL_TIMEOUT_S if executor == APPROVAL_EXECUTOR else defaults["timeout_s"]
+    bounds = {
+        "priority": (0, -1_000_000, 1_000_000),
+        "max_attempts": (defaults["max_attempts"], 1, 100),
+        "timeout_s": (timeout, 1, 7 * 86400),
+        "retry_delay_s": (defaults["retry_delay_s"], 0, 86400),
+    }
+    return {
+        name: problems.take(lambda name=name, d=d, lo=lo, hi=hi: _int(raw.get(name, d), name, lo, hi, key), 0)
+        for name, (d, lo, hi) in bounds.items()
+    }
 
 
 def topological_order(deps: dict[str, list[str]]) -> list[str]:

@@ -153,8 +153,10 @@ class WorkflowForm(forms.ModelForm):
         try:
             parse_document(probe)
         except DagError as exc:
-            field = workspace_field_of(exc.detail) if exc.field == "workspace" else _error_field(self, exc.field)
-            self.add_error(field, exc.detail)
+            for problem in exc.problems:
+                field = problem.field
+                field = workspace_field_of(problem.detail) if field == "workspace" else _error_field(self, field)
+                self.add_error(field, problem.detail)
             return data
         if self.check_stored_tasks and self.instance.pk:
             stored = documents.workflow_to_document(self.instance)
@@ -224,7 +226,8 @@ class WorkflowTaskForm(forms.ModelForm):
             try:  # the task's own fields, through THE validator; its deps and templates are the formset's business
                 parse_task(self.task_entry(with_deps=False))
             except DagError as exc:
-                self.add_error(_error_field(self, exc.field), exc.detail)
+                for problem in exc.problems:
+                    self.add_error(_error_field(self, problem.field), problem.detail)
         return data
 
     def task_entry(self, with_deps: bool = True) -> dict:
@@ -354,11 +357,12 @@ class WorkflowTaskFormSet(forms.BaseInlineFormSet):
             tasks = [form.task_entry() for form in rows]
             parse_document({"name": "workflow", "params": self.instance.params or {}, "tasks": tasks})
         except DagError as exc:
-            form = by_key.get(exc.keys[0]) if exc.keys else None
-            if form is not None and _error_field(form, exc.field):
-                form.add_error(_error_field(form, exc.field), exc.detail)
-            else:
-                problems.append(exc.detail)
+            for problem in exc.problems:
+                form = by_key.get(problem.keys[0]) if problem.keys else None
+                if form is not None and _error_field(form, problem.field):
+                    form.add_error(_error_field(form, problem.field), problem.detail)
+                else:
+                    problems.append(problem.detail)
 
     def free_keys(self) -> None:
         """Before `save()`: move the keys of renamed and deleted rows out of the way, so that rows may swap
@@ -433,8 +437,9 @@ class SingleTaskForm(WorkflowTaskForm):
         try:
             parse_document({**document, "tasks": tasks})
         except DagError as exc:
-            mine = exc.keys and exc.keys[0] == entry["key"]
-            self.add_error(_error_field(self, exc.field) if mine else None, exc.detail)
+            for problem in exc.problems:
+                mine = problem.keys and problem.keys[0] == entry["key"]
+                self.add_error(_error_field(self, problem.field) if mine else None, problem.detail)
         return data
 
     def save_dependencies(self, task: WorkflowTask) -> None:

@@ -581,3 +581,19 @@ def test_figures_after_a_retry_count_each_tasks_final_attempt(api, agent):
     metrics = run_metrics(run_id)
     assert metrics["makespan_s"] < 60 and metrics["final_attempts_only"] is True
     assert 0 < metrics["speedup"] <= 1.0
+
+
+def test_a_bad_document_is_refused_with_every_problem_and_refusals_are_spelled_right(api):
+    document = {
+        "name": "bad",
+        "tasks": [
+            {"key": "a", "executor": "shell"},
+            {"key": "b", "executor": "simulated", "deps": ["aa"], "max_attempts": 0},
+        ],
+    }
+    detail = assert_error(api.post("/api/v1/runs", document), 422)
+    assert detail.startswith("3 problems: ") and "task 'a'" in detail and "task 'b': max_attempts" in detail
+    assert "did you mean 'a'?" in detail
+    run_id = api.submit(doc({"key": "x"}))
+    ok(api.post(f"/api/v1/runs/{run_id}/cancel"))
+    assert "it cannot be canceled" in assert_error(api.post(f"/api/v1/runs/{run_id}/cancel"), 409)
