@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -284,10 +285,132 @@ def operator_client(django_user_model):
 def static_files():
     """Static files collected once, as in production: whitenoise serves them from STATIC_ROOT, to the
     in-process test client as to the live servers."""
+    import fcntl
+
+    from django.conf import settings
     from django.core.management import call_command
 
-    call_command("collectstatic", "--noinput", verbosity=0)
+    # One xdist worker at a time: collectstatic deletes and copies a changed file, and a server that another
+    # worker started may be serving it.
+    Path(settings.STATIC_ROOT).parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(settings.STATIC_ROOT).parent / "collectstatic.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        call_command("collectstatic", "--noinput", verbosity=0)
 
 
 def pytest_configure(config):
     os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
+
+
+# --- test layers (markers registered in pyproject.toml; `./run test` runs them fastest first) ---
+#
+# A test's layer comes from the fixtures it uses (its whole fixture closure, so `make_host` counts as `sshd`):
+# the heaviest wins. A test that starts processes without one of these fixtures says so with an explicit
+# mark (`pytestmark = pytest.mark.integration`); a test with neither is `unit`, and the guard below makes a
+# misfiled one fail loudly instead of quietly slowing the unit layer down.
+LAYERS = ("unit", "integration", "browser", "ssh")  # fastest first
+LAYER_FIXTURES = {
+    "ssh": {"sshd"},
+    "browser": {"browser", "people_browser", "page", "context", "browser_type"},
+    "integration": {
+        "live_server_proc", "server_tmp", "fleet", "qcluster", "pg", "pg_db", "cluster_factory", "two_servers",
+        "behind_proxy", "proxied", "tls_server", "https_server", "model_api", "fake_server", "input_server",
+        "suite",  # tests/faults: bench/faults.py's clusters, servers and agents
+    },
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(item.fixturenames)
+        derived = next((layer for layer in reversed(LAYERS) if LAYER_FIXTURES.get(layer, set()) & fixtures), "unit")
+        marked = {m.name for m in item.iter_markers() if m.name in LAYERS}
+        if len(marked) > 1:
+            raise pytest.UsageError(f"{item.nodeid} has more than one layer mark: {sorted(marked)}")
+        if marked and LAYERS.index(next(iter(marked))) < LAYERS.index(derived):
+            raise pytest.UsageError(f"{item.nodeid} is marked {next(iter(marked))} but uses {derived} fixtures")
+        if not marked:
+            item.add_marker(derived)
+        item.layer = next(iter(marked)) if marked else derived
+
+
+# What a unit test must not start: servers, daemons, browsers, databases, the real AI CLIs (the fake
+# claude/codex scripts of the daemon's unit tests, git, sh and ruff are fine).
+NOT_UNIT_PROGRAMS = {"sshd", "nginx", "chromium", "chrome", "headless_shell", "postgres", "pg_ctl", "initdb", "node",
+                     "uvicorn", "daphne"}  # fmt: skip
+
+
+def _not_unit(words: list[str]) -> str | None:
+    for word in words[:2]:
+        if os.path.basename(word) in NOT_UNIT_PROGRAMS:
+            return os.path.basename(word)
+    for word in words:
+        # the daemon's own helpers (a task's supervisor, the MCP permission relay) are no daemon
+        if word.endswith("cp_agent.py") and not {"--supervise", "--mcp-permissions"} & set(words):
+            return word
+        if "/node_modules/" in word or "/ms-playwright/" in word:
+            return word
+        if word in {"qcluster", "uvicorn", "daphne", "control_plane.launch"}:
+            return word
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _unit_starts_no_process(request, monkeypatch):
+    """A unit test that starts a server, an agent daemon, a browser or sshd fails with a message saying so."""
+    if getattr(request.node, "layer", "unit") != "unit":
+        return
+    # No server process checks what a unit test hashes: a fast hasher instead of PBKDF2's million rounds
+    # (a second of CPU per user made, the unit layer's largest cost).
+    from django.test import override_settings
+
+    fast_hashes = override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"])
+    fast_hashes.enable()
+    request.addfinalizer(fast_hashes.disable)
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            raise AssertionError(f"this test starts {what}: it is not a unit test (mark it, or use a fixture)")
+
+        return refused
+
+    monkeypatch.setattr(launch, "start_server", refuse("a server"))
+    monkeypatch.setattr(launch, "start_agent", refuse("an agent daemon"))
+    monkeypatch.setattr(launch, "start_qcluster", refuse("a django-q2 cluster"))
+    execute_child = subprocess.Popen._execute_child
+
+    def checked(self, args, executable, *rest, **kwargs):
+        argv = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
+        words = [os.fsdecode(a) if isinstance(a, bytes | os.PathLike) else str(a) for a in argv]
+        if executable:
+            words.insert(0, os.fsdecode(executable))
+        if len(words) == 1 and " " in words[0]:  # a shell string
+            words = words[0].split()
+        if _not_unit(words):
+            refuse(f"a process, {_not_unit(words)} ({' '.join(words)[:200]})")()
+        return execute_child(self, args, executable, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", checked)
+
+
+# Tests marked `alone` read state that PostgreSQL keeps for the whole cluster, not per database: the webhook
+# cursor settles once pg_current_snapshot()'s xmin passes the transactions that wrote what it read, and any
+# test's open transaction in any database of the cluster holds that xmin back. An `alone` test waits until no
+# other test runs (in any xdist worker or pytest process on this machine), and the others wait for it: a
+# reader/writer lock around each test's whole protocol, fixtures included, with a turnstile so that a waiting
+# `alone` test is not starved by the others' next tests.
+CLUSTER_LOCKS = Path(tempfile.gettempdir()) / f"control-plane-tests-{os.getuid()}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import fcntl
+
+    CLUSTER_LOCKS.mkdir(exist_ok=True)
+    alone = item.get_closest_marker("alone") is not None
+    with open(CLUSTER_LOCKS / "turnstile", "a") as turnstile, open(CLUSTER_LOCKS / "tests", "a") as tests:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(tests, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        return (yield)

@@ -177,6 +177,7 @@ def test_a_run_over_budget_resumes_only_with_a_higher_budget_and_then_goes_on(se
     assert Event.objects.filter(run=run, kind="run", to_state="paused", actor="system:budget").count() == 1
 
 
+@pytest.mark.integration  # a server of its own
 def test_the_daily_cap_pauses_every_running_run_and_holds_new_ones(tmp_path, transactional_db, enrollment_token,
                                                                     api_token, submit):  # fmt: skip
     capped = Server(tmp_path, {"CP_DAILY_MAX_COST_USD": "0.1"})

@@ -156,6 +156,7 @@ def test_module_imports_only_the_standard_library():
     assert "stdlib-only" in (ast.get_docstring(tree) or "")
 
 
+@pytest.mark.integration  # runs the daemon script itself
 def test_runs_as_a_script_and_as_a_module():
     for argv in ([str(AGENT_PY), "--help"], ["-m", "agents_app.cp_agent", "--help"]):
         proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -641,6 +642,7 @@ def test_failing_cli_fails_the_task_in_its_own_words(tmp_path):
     assert outcome.error == "codex exited with code 2: broken config" and outcome.exit_code == 2
 
 
+@pytest.mark.integration  # runs the daemon script itself
 def test_check_reports_the_cli_versions_and_an_unreachable_server(tmp_path, fake_clis):
     proc = subprocess.run(
         [sys.executable, str(AGENT_PY), "--check", "--server", f"http://127.0.0.1:{closed_port()}"],
@@ -695,6 +697,7 @@ def test_plain_http_to_a_remote_host_is_refused_without_insecure(tmp_path):
         assert Config.from_argv(["--server", url], environ={}).servers == [url]
 
 
+@pytest.mark.integration  # runs the daemon script itself
 def test_plain_http_refusal_exits_with_status_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(AGENT_PY), "--server", "http://10.1.2.3:8000", "--enrollment-token", "t"],

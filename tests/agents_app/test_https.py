@@ -92,6 +92,7 @@ def test_the_agent_refuses_a_plain_http_server_behind_an_https_url(live_server_p
     assert "does not speak TLS" in done.stderr
 
 
+@pytest.mark.integration  # starts the daemon
 @pytest.mark.parametrize("url", ["http://cp.example.com:8000", "http://10.1.2.3:8000", "http://[2001:db8::1]/"])
 def test_the_agent_refuses_plain_http_to_another_host(url, enrollment_token, tmp_path):
     done = run_agent(url, enrollment_token, tmp_path, "--name", "careful", timeout=10)
@@ -160,6 +161,7 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+@pytest.mark.integration  # runs the server's launcher
 def test_run_serve_refuses_a_certificate_without_its_key(pki):
     done = subprocess.run(
         [sys.executable, "-m", "control_plane.launch", "--cert", str(pki.cert_file)],

@@ -27,6 +27,8 @@ from tests.real_clis import (
     run_cli,
 )
 
+pytestmark = pytest.mark.integration  # the real CLIs, every one of them
+
 
 @pytest.fixture
 def workdir(tmp_path):
