@@ -9,6 +9,7 @@ import difflib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from .states import APPROVAL_EXECUTOR
@@ -274,6 +275,7 @@ def parse_document(doc: Any) -> Dag:
     max_cost = problems.take(lambda: parse_max_cost(doc.get("max_cost_usd")))
     workspace = problems.take(lambda: parse_workspace(doc.get("workspace")))
     problems.raise_any()
+    assert isinstance(name, str)  # raise_any() has refused any other
     order = topological_order({k: s.deps for k, s in specs.items()})
     dag = Dag(name=name, max_parallel=max_parallel, priority=priority, defaults=defaults, params=params,
               max_cost_usd=max_cost)  # fmt: skip
@@ -303,9 +305,9 @@ def _parse_tasks(raw_tasks: Any, defaults: dict, problems: Problems) -> dict[str
         problems.found.append(DagError("a document may hold at most 20000 tasks", field="tasks"))
         return {}
     specs: dict[str, TaskSpec] = {}
-    keys = {raw.get("key") for raw in raw_tasks if isinstance(raw, dict) and isinstance(raw.get("key"), str)}
+    keys = {raw["key"] for raw in raw_tasks if isinstance(raw, dict) and isinstance(raw.get("key"), str)}
     for raw in raw_tasks:
-        spec = problems.take(lambda raw=raw: _parse_task(raw, defaults))
+        spec = problems.take(partial(_parse_task, raw, defaults))
         if spec is None:
             continue
         if spec.key in specs:
@@ -528,7 +530,7 @@ def _task_numbers(raw: dict, key: str, executor: str, defaults: dict, problems: 
         "retry_delay_s": (defaults["retry_delay_s"], 0, 86400),
     }
     return {
-        name: problems.take(lambda name=name, d=d, lo=lo, hi=hi: _int(raw.get(name, d), name, lo, hi, key), 0)
+        name: problems.take(partial(_int, raw.get(name, d), name, lo, hi, key), 0)
         for name, (d, lo, hi) in bounds.items()
     }
 
