@@ -25,6 +25,7 @@ urlpatterns = [
     path("hosts/<int:host_id>/confirm-key/", host_views.confirm_host_key, name="confirm-host-key"),
     path("accounts/login/", login.ThrottledLoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("accounts/link/<str:uidb64>/<str:token>/", login.login_with_link, name="login-link"),
     path("admin/login/", login.admin_login),
     path("admin/", admin.site.urls),
     path(f"{api}health", run_api.health),

@@ -91,11 +91,13 @@ def result_task(dag: Dag) -> TaskSpec:
         key, n = f"{RESULT_KEY}-{n}", n + 1
     upstream = {d for t in dag.tasks for d in t.deps}
     sinks = [t.key for t in dag.tasks if t.key not in upstream]
+    # It runs where every task of the run could: the labels all of them require (the demo's own label).
+    run_on = [label for label in dag.tasks[0].requires if all(label in t.requires for t in dag.tasks)]
     return TaskSpec(
         key=key,
         title="Merge the result",
         deps=sinks,
-        requires=[],
+        requires=run_on,
         executor=RESULT_EXECUTOR,
         command=None,
         prompt=None,

@@ -14,6 +14,7 @@ document names its own `workspace`), or as it is with `--simulated`.
 """
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,14 +23,16 @@ import time
 from pathlib import Path
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from agents_app.registry import create_enrollment_token
 from control_plane import launch
+from control_plane.login import login_link
 from tasks_app.actions import submit_run
 from tasks_app.dag import DagError, parse_document
 from tasks_app.dashboard.reports import run_status
-from tasks_app.states import RunState
+from tasks_app.states import APPROVAL_EXECUTOR, RunState
 
 from .status import progress_line, summary_lines
 from .submit import load_document
@@ -134,28 +137,25 @@ class Command(BaseCommand):
         parser.add_argument("--agents-ccg", type=int, default=6)
         parser.add_argument("--agents-cg", type=int, default=4)
         parser.add_argument(
+            "--exit-when-done", action="store_true",
+            help="stop when the run ends (by default the server keeps serving the run's pages until Ctrl-C)",
+        )  # fmt: skip
+        parser.add_argument(
             "--time-scale", type=float, default=float(os.environ.get("CP_DEMO_TIME_SCALE", "0.005")),
             help="simulated seconds per estimated second (0.005: the seed's 90 minutes in about 30 s)",
         )  # fmt: skip
 
-    def handle(self, *args, file, simulated, fresh_repo, agents_ccg, agents_cg, time_scale, **options):
+    def handle(self, *args, file, simulated, fresh_repo, agents_ccg, agents_cg, time_scale, exit_when_done,
+               **options):  # fmt: skip
         host = os.environ.get("HOST", "127.0.0.1")
         port = int(os.environ.get("PORT", "8000"))
         logs = Path(settings.DATA_DIR) / "demo"
         logs.mkdir(parents=True, exist_ok=True)
         path = Path(file) if file else (SEED_DAG if simulated else PACKAGE_DAG)
-        document = load_document(path)
-        repo = None
-        if not simulated:
-            if shutil.which("git") is None:
-                raise CommandError(NO_GIT)
-            repo = logs / DEMO_REPO
-            if not document.get("workspace"):
-                base = create_repo(repo, fresh=fresh_repo)
-                document = {**document, "workspace": {"repo": repo.resolve().as_uri(), "base": BASE_BRANCH}}
-                self.stdout.write(f"==> repository {shown_path(repo)} ({BASE_BRANCH} at {base[:12]})")
-            else:
-                repo = None  # the document's own; the summary names it from the run
+        document, repo = self._document(load_document(path), simulated, fresh_repo, logs)
+        # Its own label, on its tasks and its agents: no other agent takes its work, nor its agents other work.
+        label = f"demo-{secrets.token_hex(3)}"
+        document = with_label(document, label)
         try:
             dag = parse_document(document)
         except DagError as exc:
@@ -169,39 +169,58 @@ class Command(BaseCommand):
             children.append(launch.start_qcluster(log=logs / "qcluster.log"))
             token, _ = create_enrollment_token(note="demo agents")
             server = f"http://{host}:{port}"
-            plan = [(f"ccg-{i}", ["ccg"]) for i in range(1, agents_ccg + 1)]
-            plan += [(f"cg-{i}", ["cg"]) for i in range(1, agents_cg + 1)]
+            plan = [(f"ccg-{i}", ["ccg", label]) for i in range(1, agents_ccg + 1)]
+            plan += [(f"cg-{i}", ["cg", label]) for i in range(1, agents_cg + 1)]
             for name, labels in plan:
                 children.append(
-                    launch.start_agent(
-                        server,
-                        token,
-                        name,
-                        labels,
-                        logs / "agents",
-                        executors=["simulated", "shell"],
-                        extra=["--time-scale", str(time_scale)],
-                        log=logs / f"agent-{name}.log",
-                    )  # fmt: skip
-                )
-            self.stdout.write(f"==> {len(plan)} agents: {', '.join(n for n, _ in plan)}")
+                    launch.start_agent(server, token, name, labels, logs / "agents", executors=["simulated", "shell"],
+                                       extra=["--time-scale", str(time_scale)], log=logs / f"agent-{name}.log")
+                )  # fmt: skip
+            self.stdout.write(f"==> {len(plan)} agents: {', '.join(n for n, _ in plan)} (label {label})")
             try:
                 run = submit_run(dag, document, actor="cli:demo")
             except DagError as exc:
                 raise CommandError(f"{path}: {exc.detail}") from None
+            user = demo_user()
             self.stdout.write(f"==> run {run.id} submitted: {run.name}")
-            self.stdout.write(f"    dashboard: {server}/runs/{run.id}/   API: {server}/api/v1/runs/{run.id}")
+            self.stdout.write(f"    dashboard: {server}{login_link(user, f'/runs/{run.id}/')}")
+            self.stdout.write(
+                f"    (a one-time login link as {user.get_username()}; API: {server}/api/v1/runs/{run.id})"
+            )
             status = self._watch(run.id)
             for line in summary_lines(run.id):
                 self.stdout.write(line)
             if status.get("workspace"):
                 for line in workspace_lines(status, repo, server):
                     self.stdout.write(line)
+            if not exit_when_done:
+                self._serve_until_interrupted(server, run.id)
         finally:
             for child in reversed(children):
                 launch.stop(child)
-        if status.get("workspace") and status["state"] != RunState.SUCCEEDED:
+        if status["state"] != RunState.SUCCEEDED:
             raise CommandError(f"the run ended {status['state']}")
+
+    def _document(self, document: dict, simulated: bool, fresh_repo: bool, logs: Path) -> tuple[dict, Path | None]:
+        """The document to run and the demo's repository (None when simulated or the document names its own)."""
+        if simulated:
+            return document, None
+        if shutil.which("git") is None:
+            raise CommandError(NO_GIT)
+        if document.get("workspace"):
+            return document, None  # the document's own; the summary names it from the run
+        repo = logs / DEMO_REPO
+        base = create_repo(repo, fresh=fresh_repo)
+        self.stdout.write(f"==> repository {shown_path(repo)} ({BASE_BRANCH} at {base[:12]})")
+        return {**document, "workspace": {"repo": repo.resolve().as_uri(), "base": BASE_BRANCH}}, repo
+
+    def _serve_until_interrupted(self, server: str, run_id) -> None:
+        self.stdout.write(f"==> still serving {server}/runs/{run_id}/ ; Ctrl-C stops the server and the agents")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            self.stdout.write("")
 
     def _watch(self, run_id) -> dict:
         tty = sys.stdout.isatty()
@@ -221,6 +240,26 @@ class Command(BaseCommand):
             status = run_status(run_id)
         self.stdout.write(("\r" if tty else "") + progress_line(status))
         return status
+
+
+def with_label(document: dict, label: str) -> dict:
+    """The document with `label` required by each of its tasks that an agent runs (approvals take none)."""
+    tasks = [
+        t if not isinstance(t, dict) or t.get("executor") == APPROVAL_EXECUTOR
+        else {**t, "requires": [*(t.get("requires") or []), label]}
+        for t in document.get("tasks") or []
+    ]  # fmt: skip
+    return {**document, "tasks": tasks}
+
+
+def demo_user():
+    """The person the demo logs in: the first superuser, or a `demo` superuser made for it (no password:
+    the login link is its way in; `./run manage changepassword demo` gives it one)."""
+    User = get_user_model()
+    user = User.objects.filter(is_superuser=True, is_active=True).order_by("pk").first()
+    if user is None:
+        user = User.objects.create_superuser("demo", email="", password=None)
+    return user
 
 
 def stalled(status: dict) -> str:
