@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -34,10 +38,17 @@ from .states import (
     waiting_state,
 )
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+    from .models import Artifact, Workflow
+
 log = logging.getLogger(__name__)
+# A row's id: a UUID from the database or a URL's converter, or its text from an agent's JSON.
+Id = UUID | str
 
 
-def _commit(cursor, events: EventLog, changes: Changes) -> None:
+def _commit(cursor: CursorWrapper, events: EventLog, changes: Changes) -> None:
     """Write the events and send the notification, in one round trip (both take effect at commit)."""
     insert, params = events.insert_sql()
     payload = changes.payload()
@@ -60,8 +71,8 @@ def submit_run(
     document: dict,
     *,
     actor: str,
-    user=None,
-    workflow=None,
+    user: User | None = None,
+    workflow: Workflow | None = None,
     priority: int | None = None,
     max_parallel: int | None = None,
     rerun_of: Run | None = None,
@@ -253,7 +264,7 @@ def _lock_limits(cur: CursorWrapper, choice: _Choice, rows: list[tuple]) -> None
 # --- Agent reports on an attempt ----------------------------------------------------------------------
 
 
-def _lock_attempt(cur, attempt_id) -> dict:
+def _lock_attempt(cur: CursorWrapper, attempt_id: Id) -> dict:
     """The attempt and what its transitions need of its task and run (queries.LOCK_ATTEMPT's columns, by
     name), attempt and task locked."""
     cur.execute(q.LOCK_ATTEMPT, {"attempt_id": attempt_id})
@@ -265,7 +276,7 @@ def _lock_attempt(cur, attempt_id) -> dict:
     return att
 
 
-def _require_live(att: dict, agent_id) -> None:
+def _require_live(att: dict, agent_id: Id) -> None:
     if att["agent_id"] != agent_id:
         raise StaleAttempt("that attempt is not this agent's")
     if att["state"] not in AttemptState.LIVE:
@@ -273,9 +284,9 @@ def _require_live(att: dict, agent_id) -> None:
 
 
 def record_progress(
-    agent: dict, attempt_id, progress: float | None, message: str | None, log_text: str | None,
+    agent: dict, attempt_id: Id, progress: float | None, message: str | None, log_text: str | None,
     usage: dict | None = None,
-):  # fmt: skip
+) -> dict:  # fmt: skip
     """Progress, message, log and usage so far from the agent; extends the lease. The first report marks the
     start. Usage that brings the run to its budget (or every run to the daily cap) pauses it and asks its live
     attempts to stop (enforce_budgets); the answer tells this one so at once."""
@@ -328,8 +339,9 @@ NOT_LOGGED_IN = "not_logged_in"
 
 
 def complete_attempt(
-    agent: dict, attempt_id, outcome: str, result, error: str, exit_code, commit: dict | None = None, *,
-    usage: dict | None = None, session_id: str | None = None, hold_until=None,
+    agent: dict, attempt_id: Id, outcome: str, result: Any, error: str, exit_code: int | None,
+    commit: dict | None = None, *,
+    usage: dict | None = None, session_id: str | None = None, hold_until: datetime | None = None,
 ) -> str:  # fmt: skip
     """The agent's final word on an attempt. The same completion again is accepted and changes nothing;
     any other completion of a finished or foreign attempt is stale. A success hands its output and commit
@@ -395,7 +407,7 @@ def _ending_of(att: dict, outcome: str, error: str) -> tuple[str, str, bool]:
     return outcome, error, False
 
 
-def _hold_executor(agent: dict, attempt_id, outcome: str, error: str, hold_until) -> None:
+def _hold_executor(agent: dict, attempt_id: Id, outcome: str, error: str, hold_until: datetime | None) -> None:
     """Hold back the attempt's executor on this agent: until `hold_until` for a usage limit, until the next
     passing pre-flight for a lost login. Only for the agent's own live attempt (anything else is refused as
     stale by the completion that follows)."""
@@ -408,6 +420,7 @@ def _hold_executor(agent: dict, attempt_id, outcome: str, error: str, hold_until
         events = EventLog(f"agent:{agent['name']}")
         reason = error[:300]
         if outcome == RATE_LIMITED:
+            assert hold_until is not None  # agents_app.api sets it for every rate_limited completion
             until = hold_until.isoformat()
             cur.execute(q.HOLD_EXECUTOR, {"agent_id": agent["id"], "executor": executor, "until": until,
                                           "reason": reason})  # fmt: skip
@@ -423,12 +436,12 @@ def _hold_executor(agent: dict, attempt_id, outcome: str, error: str, hold_until
 # --- Budgets --------------------------------------------------------------------------------------------
 
 
-def budgets_apply(run_max_cost_usd) -> bool:
+def budgets_apply(run_max_cost_usd: float | None) -> bool:
     """Whether an attempt's new usage can reach a cap: its run has one, or the daily cap is set."""
     return run_max_cost_usd is not None or settings.CP_DAILY_MAX_COST_USD > 0
 
 
-def enforce_budgets(run_id) -> dict:
+def enforce_budgets(run_id: Id) -> dict:
     """Pause the run when its cost has reached its `max_cost_usd`, or every running run when today's cost has
     reached CP_DAILY_MAX_COST_USD, and ask their live attempts to stop. Returns {attempt id: reason} of the
     attempts asked now. Each run is locked alone, then its attempts (the lock order)."""
@@ -451,7 +464,7 @@ def enforce_budgets(run_id) -> dict:
     return {}
 
 
-def _pause_for_budget(run_id, reason: str) -> dict:
+def _pause_for_budget(run_id: Id, reason: str) -> dict:
     with transaction.atomic(), connection.cursor() as cur:
         current = _lock_run(cur, run_id)
         if current != RunState.RUNNING:
@@ -472,7 +485,7 @@ def cost_today() -> float:
         return cur.fetchone()[0]
 
 
-def _handed_down(att: dict, result, commit: dict | None) -> dict:
+def _handed_down(att: dict, result: Any, commit: dict | None) -> dict:
     """What a succeeded attempt leaves its task for the dependents: output, commit, head commits."""
     merged = (att["workspace"] or {}).get("merge") or []
     return {
@@ -482,7 +495,7 @@ def _handed_down(att: dict, result, commit: dict | None) -> dict:
     }
 
 
-def _same_completion(att: dict, result, error: str, exit_code) -> bool:
+def _same_completion(att: dict, result: Any, error: str, exit_code: int | None) -> bool:
     stored = att["result"]
     if isinstance(stored, str):
         stored = json.loads(stored)
@@ -490,15 +503,15 @@ def _same_completion(att: dict, result, error: str, exit_code) -> bool:
 
 
 def _end_attempt(
-    cur,
+    cur: CursorWrapper,
     att: dict,
     attempt_state: str,
     events: EventLog,
     changes: Changes,
     statement: str,
     ending: dict,
-    agent_id=None,
-    detail=None,
+    agent_id: Id | None = None,
+    detail: dict | None = None,
     handed_down: dict | None = None,
     returned: bool = False,
 ) -> str:
@@ -548,7 +561,7 @@ def _end_attempt(
     return target
 
 
-def _hand_on(cur, run_id, task_id, target: str, events: EventLog, changes: Changes) -> None:
+def _hand_on(cur: CursorWrapper, run_id: Id, task_id: Id, target: str, events: EventLog, changes: Changes) -> None:
     """What a task's end does to its dependents: a success releases those whose dependencies have all
     succeeded (to ready, or an approval task to awaiting approval); anything else skips what is downstream."""
     if target != TaskState.SUCCEEDED:
@@ -563,14 +576,14 @@ def _hand_on(cur, run_id, task_id, target: str, events: EventLog, changes: Chang
             changes.task_ready(dep_executor, dep_requires)
 
 
-def _skip_downstream(cur, run_id, task_id, events: EventLog) -> None:
+def _skip_downstream(cur: CursorWrapper, run_id: Id, task_id: Id, events: EventLog) -> None:
     cur.execute(q.SKIP_DOWNSTREAM, {"task_id": task_id})
     for (skipped_id,) in cur.fetchall():
         events.add("task", TaskState.BLOCKED, TaskState.SKIPPED, run=run_id, task=skipped_id,
                    detail={"because": str(task_id)})  # fmt: skip
 
 
-def settle_run(run_id, actor: str = "system:scheduler") -> str | None:
+def settle_run(run_id: Id, actor: str = "system:scheduler") -> str | None:
     """End the run if nothing of it is pending; returns its new state, or None. Called after the commit of
     every change that can finish a run's last pending task (see queries.LOCK_RUN), and by the sweeper."""
     with connection.cursor() as cur:
@@ -584,6 +597,7 @@ def settle_run(run_id, actor: str = "system:scheduler") -> str | None:
             return None
         cur.execute(q.RUN_TASK_STATES, {"run_id": run_id})
         outcome = run_outcome(state for state, n in cur.fetchall())
+        assert outcome is not None  # nothing of the run is pending (checked under its lock)
         check_transition("run", run_state, outcome)
         cur.execute(q.END_RUN, {"state": outcome, "run_id": run_id})
         events = EventLog(actor)
@@ -620,7 +634,7 @@ def heartbeat(agent: dict, status: str, attempt_ids: list[str], first: bool = Fa
     return commands
 
 
-def lose_attempts(attempt_ids, reason: str, actor: str) -> int:
+def lose_attempts(attempt_ids: Iterable[Id], reason: str, actor: str) -> int:
     """Mark live attempts lost (lease expired, agent silent); their tasks go back to ready or fail."""
     lost = 0
     for attempt_id in attempt_ids:
@@ -696,7 +710,7 @@ def tick_sweep_clock(starting: bool = False) -> None:
 # --- Operators ----------------------------------------------------------------------------------------
 
 
-def _lock_run(cur, run_id) -> str:
+def _lock_run(cur: CursorWrapper, run_id: Id) -> str:
     cur.execute(q.LOCK_RUN, {"run_id": run_id})
     row = cur.fetchone()
     if row is None:
@@ -708,7 +722,7 @@ def _lock_run(cur, run_id) -> str:
 PAST_TENSE = {"pause": "paused", "resume": "resumed", "cancel": "canceled"}
 
 
-def _operate_run(run_id, operation: str, actor: str) -> str:
+def _operate_run(run_id: Id, operation: str, actor: str) -> str:
     """Pause, resume or cancel a run (RUN_OPERATIONS says from which states). Returns the new state."""
     target, allowed_from = RUN_OPERATIONS[operation]
     with transaction.atomic(), connection.cursor() as cur:
@@ -725,11 +739,11 @@ def _operate_run(run_id, operation: str, actor: str) -> str:
     return target
 
 
-def pause_run(run_id, actor: str) -> str:
+def pause_run(run_id: Id, actor: str) -> str:
     return _operate_run(run_id, "pause", actor)
 
 
-def resume_run(run_id, actor: str, max_cost_usd: float | None = None) -> str:
+def resume_run(run_id: Id, actor: str, max_cost_usd: float | None = None) -> str:
     """Resume a paused run, first raising its budget to `max_cost_usd` when given. A run whose cost has
     reached its budget is not resumed (it would pause again at its next report): raise the budget with it."""
     with transaction.atomic(), connection.cursor() as cur:
@@ -754,7 +768,7 @@ def resume_run(run_id, actor: str, max_cost_usd: float | None = None) -> str:
     return _operate_run(run_id, "resume", actor)
 
 
-def cancel_run(run_id, actor: str) -> str:
+def cancel_run(run_id: Id, actor: str) -> str:
     """Cancel the run at once, then its tasks: pending ones are canceled, live attempts too (their agents
     are told on their next heartbeat or progress report). Tasks are touched in later transactions than the
     run's, keeping the global lock order; claims in flight finish first (we wait on their task locks) and
@@ -791,7 +805,7 @@ def cancel_run(run_id, actor: str) -> str:
     return RunState.CANCELED
 
 
-def retry_task(task_id, actor: str, edits: dict | None = None) -> str:
+def retry_task(task_id: Id, actor: str, edits: dict | None = None) -> str:
     """An operator's retry of a failed or canceled task: it gets a fresh set of attempts, its skipped
     descendants wait again, and a finished run reopens. `edits` ({"command", "prompt", "params"}, each
     optional) change what the retry runs, checked as a DAG document's task is; the audit trail keeps the
@@ -830,7 +844,7 @@ def retry_task(task_id, actor: str, edits: dict | None = None) -> str:
 EDITABLE = ("command", "prompt", "params")
 
 
-def edit_task(task_id, edits: dict) -> dict:
+def edit_task(task_id: Id, edits: dict) -> dict:
     """Change a task's command, prompt or params (the caller holds its row lock), checked as the task would
     be in a document: its executor's rules, its templates against its deps and the run's params. Returns
     {field: {"from", "to"}} for what changed; DagError (422) for a bad value."""
@@ -851,7 +865,7 @@ def edit_task(task_id, edits: dict) -> dict:
     return changed
 
 
-def retry_failed(run_id, actor: str) -> list[str]:
+def retry_failed(run_id: Id, actor: str) -> list[str]:
     """Retry every failed or canceled task of the run, in one transaction (their skipped descendants wait
     again); the ids retried, none when nothing had failed."""
     with transaction.atomic(), connection.cursor() as cur:
@@ -867,7 +881,7 @@ def retry_failed(run_id, actor: str) -> list[str]:
 # --- Approvals ----------------------------------------------------------------------------------------
 
 
-def decide_approval(task_id, approve: bool, actor: str, message: str = "") -> str:
+def decide_approval(task_id: Id, approve: bool, actor: str, message: str = "") -> str:
     """An operator's answer to an approval task (PROTOCOL.md v1.1): approved, it succeeds and hands its
     dependencies' commits on (its output is the comment); rejected, it fails and what is downstream is
     skipped. Anything but a task awaiting approval is refused. Who decided, and why, go in the audit trail."""
@@ -917,7 +931,7 @@ def expire_approvals() -> int:
 # --- Input requests -----------------------------------------------------------------------------------
 
 
-def create_input_request(agent: dict, attempt_id, *, kind: str, tool: str, tool_input: dict, question: str,
+def create_input_request(agent: dict, attempt_id: Id, *, kind: str, tool: str, tool_input: dict, question: str,
                          timeout_s: float) -> str:  # fmt: skip
     """The agent's live attempt waits for a person (PROTOCOL.md v1.1): its task shows as awaiting input
     until someone answers, or `timeout_s` passes and the server answers deny."""
@@ -936,7 +950,7 @@ def create_input_request(agent: dict, attempt_id, *, kind: str, tool: str, tool_
     return str(request_id)
 
 
-def input_request_state(agent: dict, request_id) -> dict:
+def input_request_state(agent: dict, request_id: Id) -> dict:
     """What the waiting agent is told: {"state": "pending"} or {"state": "answered", "answer": {...}}. A
     request past its time is answered deny here and now, so the agent never waits for the sweeper."""
     with connection.cursor() as cur:
@@ -958,7 +972,7 @@ def input_request_state(agent: dict, request_id) -> dict:
     return {"state": "pending"}
 
 
-def answer_input_request(request_id, behavior: str, message: str, actor: str) -> dict:
+def answer_input_request(request_id: Id, behavior: str, message: str, actor: str) -> dict:
     """A person's (or the timeout's) answer to a pending input request: allow or deny, with a message for
     the agent. 409 once answered, or when its attempt has ended (the request is then moot)."""
     if actor == "system:timeout" and not message:
@@ -1005,7 +1019,7 @@ def settle_input_requests() -> int:
 # --- Artifacts ----------------------------------------------------------------------------------------
 
 
-def add_artifact(agent: dict, attempt_id, *, name: str, content: bytes, sha256: str, content_type: str):
+def add_artifact(agent: dict, attempt_id: Id, *, name: str, content: bytes, sha256: str, content_type: str) -> Artifact:
     """Store a file a live attempt produced (a stale attempt's upload is refused like its other calls)."""
     from .models import Artifact
 
