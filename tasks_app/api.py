@@ -14,7 +14,7 @@ from control_plane.web import user_actor
 
 from . import actions
 from .dag import MAX_COST_USD, params_from_pairs, parse_document, with_overrides
-from .dashboard import panels, reports
+from .dashboard import panels, reports, waiting
 from .models import Artifact, Attempt, Run, Task, Workflow
 from .states import AttemptState, RunState
 from .workflows import documents
@@ -56,7 +56,8 @@ async def runs(request):
         with_them = with_overrides(document, **overrides)
         dag = parse_document(with_them)
         run = actions.submit_run(dag, with_them, actor=user_actor(user), user=user)
-        return {"run_id": str(run.id), "tasks": len(dag.tasks)}
+        # An addition: what no online agent can run, so a submitter learns it now, not after a long wait.
+        return {"run_id": str(run.id), "tasks": len(dag.tasks), "warnings": waiting.run_warnings(run.id)}
 
     return JsonResponse(await db_call(submit)(), status=201)
 

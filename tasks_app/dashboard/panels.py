@@ -26,6 +26,8 @@ QUEUE_ORDER = claim_order_expressions()
 # without using up an attempt), and how the reason of a run the server paused for its budget begins.
 RETURNED_CODES = ("rate_limited", "not_logged_in", "budget_exceeded")
 BUDGET_EXCEEDED = "budget_exceeded"
+# Tasks that wait for an agent: a run's ETA is unknown while no online agent can run one of them.
+WAITS = (TaskState.BLOCKED, TaskState.READY)
 
 
 def _fraction(counts: dict, progress_sum: float) -> float:
@@ -62,6 +64,7 @@ def run_summaries(run_ids=None, limit: int = 50, state: str | None = None, workf
                 "total": sum(f["counts"].values()),
                 "fraction": _fraction(f["counts"], f["progress"]),
                 "eta": f["eta"] if r.state in RunState.ACTIVE else None,
+                "eta_unknown": f.get("eta_unknown", "") if r.state in RunState.ACTIVE else "",
                 "max_cost_usd": r.max_cost_usd,
                 "pause_reason": r.pause_reason,
                 # Paused by the server for a budget (tasks_app.actions.enforce_budgets): the page says why.
@@ -97,22 +100,25 @@ def _run_figures(run_ids) -> dict:
                    coalesce(sum(t.progress) FILTER (WHERE t.state = ANY(%s)), 0),
                    max(t.critical_path_s * (1 - t.progress)) FILTER (WHERE t.state = ANY(%s)),
                    sum(EXTRACT(EPOCH FROM (a.finished_at - a.started_at))),
-                   sum(t.estimate_s) FILTER (WHERE a.id IS NOT NULL)
+                   sum(t.estimate_s) FILTER (WHERE a.id IS NOT NULL),
+                   jsonb_agg(DISTINCT jsonb_build_array(t.executor, t.requires)) FILTER (WHERE t.state = ANY(%s)),
+                   ({waiting.ONLINE_AGENT_KINDS})
               FROM tasks_app_task t
               LEFT JOIN tasks_app_attempt a ON a.task_id = t.id AND a.state = 'succeeded'
              WHERE t.run_id = ANY(%s::uuid[])
              GROUP BY t.run_id
             """,
-            [*TaskState.ALL, list(TaskState.LIVE), list(TaskState.PENDING), list(run_ids)],
+            [*TaskState.ALL, list(TaskState.LIVE), list(TaskState.PENDING), list(WAITS), list(run_ids)],
         )
         rows = cur.fetchall()
     now = timezone.now()
     out = {}
     n = len(TaskState.ALL)
     for run_id, *values in rows:
-        progress, remaining, actual, estimated = values[n:]
-        eta = None
-        if remaining is not None:
+        progress, remaining, actual, estimated, kinds, agents = values[n:]
+        # Unknown, not "in 0.0s", while a task waits for an agent nothing online can stand in for.
+        eta, unknown = None, waiting.eta_unknown(kinds, agents)
+        if remaining is not None and not unknown:
             # EXTRACT(EPOCH ...) comes back as Decimal, estimates as float.
             ratio = (float(actual) / float(estimated)) if actual and estimated else 1.0
             eta = now + timedelta(seconds=float(remaining) * ratio)
@@ -120,6 +126,7 @@ def _run_figures(run_ids) -> dict:
             "counts": {s: c for s, c in zip(TaskState.ALL, values[:n], strict=True) if c},
             "progress": float(progress),
             "eta": eta,
+            "eta_unknown": unknown,
         }
     return out
 

@@ -153,7 +153,7 @@ def test_a_revoked_key_returns_the_task_and_claude_is_no_longer_offered_to_that_
                     what="the task returned to ready")  # fmt: skip
     assert task.attempts_used - task.attempt_base == 0
     reason = http("GET", f"{live_server_proc.url}/api/v1/runs/{run_id}", token=token)[1]["tasks"][0]["waiting"]
-    assert reason == "no online agent runs executor claude"
+    assert reason == "no agent has the claude executor"
 
 
 def test_codex_on_a_usage_limit_is_held_back_until_the_time_it_names(live_server_proc, operator, model_api, fleet,

@@ -106,7 +106,7 @@ def test_submit_answers_201_with_run_id_and_task_count(api):
                    {"key": "lint", "deps": ["core-1", "core-2"], "executor": "shell", "command": "make lint"},
                    name="webapp", max_parallel=2)  # fmt: skip
     body = ok(api.post("/api/v1/runs", document), 201)
-    assert set(body) == {"run_id", "tasks"} and body["tasks"] == 4
+    assert set(body) == {"run_id", "tasks", "warnings"} and body["tasks"] == 4
     run = Run.objects.get(pk=body["run_id"])
     assert (run.name, run.state, run.max_parallel, run.created_by.username) == ("webapp", "running", 2, "olivia")
     assert api.states(body["run_id"]) == {"plan": "ready", "core-1": "blocked", "core-2": "blocked",

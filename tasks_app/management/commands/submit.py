@@ -4,6 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from tasks_app.actions import submit_run
 from tasks_app.dag import DagError, params_from_pairs, parse_document, with_overrides
+from tasks_app.dashboard.waiting import run_warnings
 from tasks_app.models import Workflow
 from tasks_app.workflows import documents
 
@@ -68,6 +69,7 @@ class Command(BaseCommand):
             except DagError as exc:
                 raise not_started(f"workflow {file!r}", exc) from None
             self.stdout.write(str(run.id))
+            self.warn(run)
             return
         try:
             document = with_overrides(load_document(path), **overrides)
@@ -76,3 +78,9 @@ class Command(BaseCommand):
         except DagError as exc:
             raise not_started(str(path), exc) from None
         self.stdout.write(str(run.id))
+        self.warn(run)
+
+    def warn(self, run):
+        """What no online agent can run, on stderr: stdout stays the run's id alone, for scripts."""
+        for line in run_warnings(run.id):
+            self.stderr.write(f"warning: {line}")

@@ -8,6 +8,7 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from agents_app import registry
+from agents_app.models import Agent
 from tasks_app import actions
 from tasks_app.dashboard import waiting
 from tasks_app.models import Task
@@ -28,13 +29,15 @@ def test_no_online_agent_is_named_first(submit):
 def test_a_label_no_online_agent_has_is_named(submit, make_agent):
     make_agent("cpu-1", labels=["linux"])
     run = submit(doc({"key": "train", "requires": ["gpu", "linux"]}))
-    assert why(run, "train") == "no online agent has label gpu"
+    assert why(run, "train") == "no agent can run this: needs gpu"
 
 
 def test_an_executor_no_labelled_agent_runs_is_named(submit, make_agent):
     make_agent("cg-1", labels=["cg"], executors=["shell"])
+    away = make_agent("cg-2", labels=["cg"], executors=["codex"])
+    Agent.objects.filter(pk=away["id"]).update(status="offline")
     run = submit(doc({"key": "impl", "requires": ["cg"], "executor": "codex", "prompt": "go"}))
-    assert why(run, "impl") == "no online agent with label cg runs executor codex"
+    assert why(run, "impl") == "no online agent with label cg runs executor codex (an offline agent could run it)"
 
 
 def test_every_matching_agent_full(submit, make_agent):
@@ -101,11 +104,11 @@ def test_the_run_api_the_status_command_and_the_pages_say_why(submit, make_agent
     task = Task.objects.get(run=run)
     from tasks_app.dashboard.reports import run_status
 
-    assert run_status(run.id)["tasks"][0]["waiting"] == "no online agent has label gpu"
+    assert run_status(run.id)["tasks"][0]["waiting"] == "no agent can run this: needs gpu"
     call_command("status", str(run.id))
-    assert "(no online agent has label gpu)" in capsys.readouterr().out
+    assert "(no agent can run this: needs gpu)" in capsys.readouterr().out
     for url in (f"/runs/{run.id}/", f"/tasks/{task.id}/", "/"):
-        assert "no online agent has label gpu" in viewer.get(url).content.decode(), url
+        assert "no agent can run this: needs gpu" in viewer.get(url).content.decode(), url
 
 
 def test_a_workspace_task_needs_an_agent_with_git(submit, make_agent):
