@@ -1224,6 +1224,16 @@ class ShellExecutor(ProcessExecutor):
             raise TaskError("shell task has no command")
         return ["/bin/sh", "-c", command]
 
+    def run(self, ctx: TaskContext) -> ExecResult:
+        """As every program's, then a last report that says it finished ("exited 0", "exit 3", the timeout):
+        a shell command reports no progress of its own, so its task read 0% and "started" after its end."""
+        outcome = super().run(ctx)
+        if outcome.exit_code is None or outcome.error.startswith(("timeout", "canceled")):
+            ctx.report(None, outcome.error)  # stopped or never started: not 100%, but not "started" either
+        else:
+            ctx.report(1.0, "exited 0" if outcome.exit_code == 0 else f"exit {outcome.exit_code}")
+        return outcome
+
     def finish(self, outcome: ProcessOutcome) -> tuple[dict, str]:
         result = {
             "exit_code": outcome.returncode,
