@@ -9,7 +9,9 @@
    posted to data-preview-url, which answers the DAG picture as HTML (tasks_app/workflow_preview.py); the
    answer replaces the picture. Edits are debounced, and an answer older than the latest request is dropped,
    so a slow answer never overwrites a newer picture. Without data-preview-url (a read-only page, or a
-   workflow too big to edit in place) the saved picture (data-url) is shown once. Vanilla JS, no inline
+   workflow too big to edit in place) the saved picture (data-url) is shown once.
+
+   JSON fields (params, defaults) say as they are typed when they are not a JSON object. Vanilla JS, no inline
    handlers. */
 (function () {
   "use strict";
@@ -20,6 +22,8 @@
     var list = document.getElementById("workflow-keys");
     var box = document.getElementById("dag-preview");
     if (!form) { return; }
+
+    checkJsonFields(form);
 
     var saved = document.getElementById("workflow-key-list");
     var savedKeys = saved ? JSON.parse(saved.textContent) : [];
@@ -100,6 +104,32 @@
     document.addEventListener("formset:added", soon);
     document.addEventListener("formset:removed", soon);
     redraw();
+  }
+
+  // JSON object fields (JSONObjectWidget): a line beside the field says at once what JSON.parse says of it.
+  function checkJsonFields(form) {
+    function check(field) {
+      var note = field.nextElementSibling;
+      if (!note || !note.classList.contains("json-problem")) {
+        note = document.createElement("p");
+        note.className = "json-problem errornote";
+        field.insertAdjacentElement("afterend", note);
+      }
+      var text = field.value.trim(), problem = "";
+      if (text) {
+        try {
+          var value = JSON.parse(text);
+          if (value === null || typeof value !== "object" || Array.isArray(value)) { problem = "must be a JSON object, {…}"; }
+        } catch (err) {
+          problem = "not valid JSON: " + err.message;
+        }
+      }
+      note.textContent = problem;
+      note.hidden = !problem;
+    }
+    form.addEventListener("input", function (event) {
+      if (event.target.hasAttribute && event.target.hasAttribute("data-json-object")) { check(event.target); }
+    });
   }
 
   if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", start); } else { start(); }

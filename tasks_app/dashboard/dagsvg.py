@@ -247,9 +247,12 @@ def _legend() -> str:
     return f'<g class="legend" transform="translate({PAD},{PAD})">{"".join(items)}</g>'
 
 
-def render_svg(nodes: list[dict], edges, *, compact: bool | None = None, href: str | None = "/tasks/{id}/") -> str:
+def render_svg(
+    nodes: list[dict], edges, *, compact: bool | None = None, href: str | None = "/tasks/{id}/", legend: bool = True
+) -> str:
     """SVG markup, every text escaped, safe for `|safe`. `href` (with `{id}`) is where dag.js sends a click on
-    a node; None turns the click off (the admin's editor). Edges are drawn first, under the nodes."""
+    a node; None turns the click off (the admin's editor). Edges are drawn first, under the nodes. `legend`:
+    the run states' colours (a workflow's picture, a template, has no states to explain)."""
     lay = layout(nodes, edges, compact=compact)
     s, pos = lay.style, lay.pos
     compact = s is COMPACT
@@ -258,7 +261,7 @@ def render_svg(nodes: list[dict], edges, *, compact: bool | None = None, href: s
         f'<svg xmlns="{SVG_NS}" class="dag{" compact" if compact else ""}" viewBox="0 0 {lay.width} {lay.height}" '
         f'width="{lay.width}" height="{lay.height}" font-size="{s.font}" role="img" '
         f'aria-label="Task graph: {len(pos)} tasks" data-pbar="{s.pbar_inset} {s.pbar_h}"{attrs}>',
-        _legend(),
+        _legend() if legend else "",
         '<g class="edges" fill="none">',
     ]
     half = s.node_h // 2

@@ -7,6 +7,7 @@ and the import refuse; the forms only decide which field each refusal is shown o
 
 from __future__ import annotations
 
+import json
 import re
 
 from django import forms
@@ -27,6 +28,24 @@ def _error_field(form: forms.Form, field: str | None) -> str | None:
         return None
     field = {"deps": "deps_keys"}.get(field, field.split(".")[0])
     return field if field in form.fields else None
+
+
+class JSONObjectWidget(forms.Textarea):
+    """A JSON object, shown indented (one key a line) rather than as Django's one-line dump, and checked as
+    it is typed (static/js/workflow_editor.js: "not valid JSON" beside the field). `compact` keeps it on one
+    line, for the task rows."""
+
+    def __init__(self, attrs=None, compact: bool = False):
+        super().__init__({"spellcheck": "false", "data-json-object": "", **(attrs or {})})
+        self.compact = compact
+
+    def format_value(self, value):
+        if isinstance(value, str) and value and not self.compact:
+            try:
+                value = json.dumps(json.loads(value), indent=2, ensure_ascii=False)
+            except ValueError:
+                pass  # what the person typed, as typed: its error is shown beside it
+        return super().format_value(value)
 
 
 # The document's workspace fields and the editor's fields for them.
@@ -83,7 +102,8 @@ class WorkflowForm(forms.ModelForm):
                   *WORKSPACE_FORM_FIELDS.values(), "params"]  # fmt: skip
         widgets = {
             "description": forms.Textarea(attrs={"rows": 3, "cols": 80}),
-            "params": forms.Textarea(attrs={"rows": 3, "cols": 80, "spellcheck": "false"}),
+            "params": JSONObjectWidget(attrs={"rows": 4, "cols": 80}),
+            "defaults": JSONObjectWidget(attrs={"rows": 4, "cols": 80}),
         }
         labels = {"params": "Parameters", "max_cost_usd": "Budget (USD)"}
         help_texts = {
@@ -192,7 +212,7 @@ class WorkflowTaskForm(forms.ModelForm):
             "title": forms.TextInput(attrs={"size": 18}),
             "command": forms.Textarea(attrs={"rows": 1, "cols": 22}),
             "prompt": forms.Textarea(attrs={"rows": 1, "cols": 22}),
-            "params": forms.Textarea(attrs={"rows": 1, "cols": 14}),
+            "params": JSONObjectWidget(attrs={"rows": 1, "cols": 14}, compact=True),
             "estimate_s": forms.NumberInput(attrs={"style": "width: 6em"}),
             "priority": forms.NumberInput(attrs={"style": "width: 5em"}),
             "max_attempts": forms.NumberInput(attrs={"style": "width: 4em"}),

@@ -96,6 +96,11 @@ def picture(rows: list[Row]) -> SafeString:
     ]
     edges = [(d, k) for k, r in first.items() for d in r.deps if d in first]
     notes = format_html_join("", '<p class="errornote dag-problem">{}</p>', ((p,) for p in problems_of(rows)))
-    summary = format_html('<p class="help dag-summary">{} tasks, {} dependencies</p>', len(nodes), len(edges))
+    summary = format_html('<p class="help dag-summary">{}, {}</p>', _count(len(nodes), "task", "tasks"),
+                          _count(len(edges), "dependency", "dependencies"))  # fmt: skip
     # render_svg escapes every text it writes; href=None: a node of a template links to no task page.
-    return notes + summary + mark_safe(render_svg(nodes, edges, href=None))
+    return notes + summary + mark_safe(render_svg(nodes, edges, href=None, legend=False))
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"

@@ -117,3 +117,33 @@ def test_a_single_tasks_page_suggests_its_workflows_keys(editor, live_server_pro
     deps.fill("build, ")
     options = page.locator("#workflow-keys option").evaluate_all("els => els.map(e => e.value)")
     assert options == ["build, plan"]  # not its own key, not one it lists; after what is typed
+
+
+def test_the_editor_fits_a_1440_px_screen_and_the_json_fields_are_checked_as_typed(editor, live_server_proc,
+                                                                                    artifacts_dir):  # fmt: skip
+    page = editor
+    workflow = documents.import_document(
+        doc(
+            {"key": "plan", "executor": "claude", "prompt": "Plan it.", "params": {"model": "sonnet"}},
+            {"key": "build", "deps": ["plan"], "executor": "shell", "command": "make build"},
+            name="wide",
+            params={"who": "world"},
+            defaults={"max_attempts": 2},
+        )  # fmt: skip
+    )
+    page.set_viewport_size({"width": 1440, "height": 900})
+    page.goto(f"{live_server_proc.url}/admin/tasks_app/workflow/{workflow.pk}/change/")
+    expect(page.locator("#dag-preview svg.dag g.node")).to_have_count(2)
+    width = page.evaluate("document.scrollingElement.scrollWidth")
+    shoot(page, artifacts_dir, "workflow-editor-1440")
+    assert width <= 1440, f"the editor is {width} px wide at 1440"
+    # JSON fields are shown indented and say at once when what is typed is not a JSON object.
+    params = page.locator('[name="params"]')
+    assert '"who": "world"' in params.input_value()
+    params.fill('{"who": ')
+    expect(page.locator("#id_params + .json-problem, .json-problem").first).to_contain_text("not valid JSON")
+    params.fill('{"who": "you"}')
+    expect(page.locator(".json-problem:visible")).to_have_count(0)
+    # The preview's legend is a template's: no run states.
+    legend = page.locator("#dag-preview .legend").inner_text() if page.locator("#dag-preview .legend").count() else ""
+    assert "running" not in legend and "succeeded" not in legend
