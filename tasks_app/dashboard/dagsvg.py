@@ -58,6 +58,16 @@ class Layout:
     height: int
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(key) -> tuple:
+    """A task key's sort key for people: its runs of digits compare as numbers, so impl-2 comes before
+    impl-10 (a text sort puts impl-10 first). Each part is a (kind, value) pair, so a number never meets a
+    string in a comparison."""
+    return tuple((1, int(p), "") if p.isdigit() else (0, 0, p) for p in _DIGITS.split(str(key)) if p)
+
+
 def _esc(value) -> str:
     return html.escape(str(value), quote=True)
 
@@ -162,7 +172,9 @@ def layout(nodes: list[dict], edges, *, compact: bool | None = None) -> Layout:
     else:  # one missing depth and we compute them all, so that edges cannot point backwards
         depth = _depths(ids, ups, downs)
     by_depth: dict = defaultdict(list)
-    for n in ids:
+    # Within a depth, keys in natural order to start from (impl-2 above impl-10): the barycenter sweeps
+    # keep it where it does not cost crossings.
+    for n in sorted(ids, key=lambda n: natural_key(by_id[n].get("key") or n)):
         by_depth[depth[n]].append(n)
     cols = [by_depth[d] for d in sorted(by_depth)]
     s = (COMPACT if len(ids) > COMPACT_ABOVE else NORMAL) if compact is None else (COMPACT if compact else NORMAL)

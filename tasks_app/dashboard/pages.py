@@ -4,15 +4,17 @@ update can never drift from what a reload would show."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from django.template.loader import render_to_string
 
 from ..errors import NotFound
-from ..models import Artifact, Attempt, Event, Task
-from ..states import RunState
+from ..models import Artifact, Attempt, Event, Task, Workflow
+from ..states import RunState, TaskState
 from . import panels, waiting
 from .dagsvg import picture_size, render_svg, state_map
 from .gantt import render_gantt_svg
@@ -193,6 +195,7 @@ def _task_context(task_id: str) -> dict:
             "any": any(a.usage for a in attempts),
         },
         "change": panels.task_commit(task, attempts),
+        "retry_params": json.dumps(task.params or {}, indent=2, ensure_ascii=False),  # the retry form's
         "waiting": waiting.reasons_of([task]).get(task.id),
         "asking": panels.input_requests(task_id=task.id),
         "attempts": attempts,
@@ -204,6 +207,52 @@ def _task_context(task_id: str) -> dict:
         "trail": list(
             Event.objects.filter(task=task).select_related("agent").order_by("-id")[:200]
         ),  # the newest 200 changes
+    }
+
+
+# --- Plain (not live) pages: runs filtered and paginated, a workflow's runs, a run's task list ---------------
+
+RUNS_PER_PAGE = 50
+
+
+def _choice(value, allowed) -> str | None:
+    return value if value in allowed else None
+
+
+def runs_list_context(query, workflow: str | None = None) -> dict:
+    """The runs page: `?state=` (a run state), `?q=` (a part of the name), `?page=` (from 1), RUNS_PER_PAGE a
+    page, newest first; `workflow` limits it to that workflow's runs (NotFound when there is none)."""
+    if workflow is not None and not Workflow.objects.filter(name=workflow).exists():
+        raise NotFound(f"no workflow named {workflow!r}")
+    state = _choice(query.get("state"), RunState.ALL)
+    search = query.get("q", "").strip()[:200]
+    page = int(query["page"]) if query.get("page", "").isdigit() and int(query["page"]) >= 1 else 1
+    runs = panels.run_summaries(limit=RUNS_PER_PAGE + 1, offset=(page - 1) * RUNS_PER_PAGE, state=state,
+                                workflow=workflow, search=search)  # fmt: skip
+    more = len(runs) > RUNS_PER_PAGE
+    kept = {k: v for k, v in (("state", state), ("q", search)) if v}
+    return {
+        "runs": panels.with_costs(runs[:RUNS_PER_PAGE]),
+        "show_run": True,
+        "filters": {"state": state or "", "q": search, "states": RunState.ALL, "workflow": workflow},
+        "page_number": page,
+        "prev_query": urlencode({**kept, "page": page - 1}) if page > 1 else None,
+        "next_query": urlencode({**kept, "page": page + 1}) if more else None,
+    }
+
+
+def run_tasks_context(run_id: str, query) -> dict:
+    """A run's task list: `?state=` (a task state) and `?q=` (a part of the key), in natural key order."""
+    summaries = panels.run_summaries([run_id], limit=1)
+    if not summaries:
+        raise NotFound("no run with that id")
+    state = _choice(query.get("state"), TaskState.ALL)
+    search = query.get("q", "").strip()[:200]
+    return {
+        "run": summaries[0],
+        "tasks": panels.run_tasks(run_id, state=state, search=search),
+        "filters": {"state": state or "", "q": search, "states": TaskState.ALL},
+        "state_counts": [(s, summaries[0]["counts"][s]) for s in TaskState.ALL],
     }
 
 

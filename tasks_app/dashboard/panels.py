@@ -19,6 +19,7 @@ from .. import costs
 from ..models import Attempt, InputRequest, Run, Task, TaskDependency, claim_order_expressions
 from ..states import AttemptState, RunState, TaskState
 from . import waiting
+from .dagsvg import natural_key
 
 # The scheduler's order (tasks_app.queries.CLAIM_ORDER), for showing the queue as it will be served.
 QUEUE_ORDER = claim_order_expressions()
@@ -31,24 +32,47 @@ WAITS = (TaskState.BLOCKED, TaskState.READY)
 
 
 def _fraction(counts: dict, progress_sum: float) -> float:
+    """How far the run got: its succeeded tasks and the live tasks' progress, over all its tasks. A failed,
+    canceled or skipped task is not progress, so a failed run never reads 100%."""
     total = sum(counts.values())
     if not total:
         return 0.0
-    done = counts.get(TaskState.SUCCEEDED, 0) + counts.get(TaskState.SKIPPED, 0) + counts.get(TaskState.FAILED, 0)
-    done += counts.get(TaskState.CANCELED, 0)
-    return min(1.0, (done + progress_sum) / total)
+    return min(1.0, (counts.get(TaskState.SUCCEEDED, 0) + progress_sum) / total)
 
 
-def run_summaries(run_ids=None, limit: int = 50, state: str | None = None, workflow: str | None = None) -> list[dict]:
-    """Runs (newest first) with counts by state, progress, start, end and ETA: two queries in all."""
-    runs = Run.objects.order_by("-created_at")
+# The run bar's segments, left to right: what succeeded, how far live tasks are, then what ended otherwise.
+BAR_SEGMENTS = (TaskState.SUCCEEDED, "progress", TaskState.FAILED, TaskState.CANCELED, TaskState.SKIPPED)
+
+
+def _bar_segments(counts: dict, progress_sum: float) -> list[dict]:
+    """The run bar as its states' shares (percent of all tasks), each with a word for the tooltip: a failed
+    run shows its succeeded, failed and skipped parts rather than one full bar."""
+    total = sum(counts.values())
+    if not total:
+        return []
+    sizes = {s: counts.get(s, 0) for s in BAR_SEGMENTS if s != "progress"}
+    sizes["progress"] = progress_sum
+    return [
+        {"state": s, "share": round(100 * sizes[s] / total, 2), "n": sizes[s]} for s in BAR_SEGMENTS if sizes[s] > 0
+    ]
+
+
+def run_summaries(
+    run_ids=None, limit: int = 50, state: str | None = None, workflow: str | None = None,
+    search: str | None = None, offset: int = 0,
+) -> list[dict]:  # fmt: skip
+    """Runs (newest first; `search`: a part of the name, any case; from the `offset`-th) with counts by state,
+    progress, start, end and ETA: two queries in all."""
+    runs = Run.objects.select_related("workflow").order_by("-created_at", "-id")
     if workflow is not None:
         runs = runs.filter(workflow__name=workflow)
     if run_ids is not None:
         runs = runs.filter(pk__in=run_ids)
     if state is not None:
         runs = runs.filter(state=state)
-    runs = list(runs[:limit])
+    if search:
+        runs = runs.filter(name__icontains=search)
+    runs = list(runs[offset : offset + limit])
     figures = _run_figures([r.id for r in runs])
     out = []
     for r in runs:
@@ -58,11 +82,14 @@ def run_summaries(run_ids=None, limit: int = 50, state: str | None = None, workf
                 "id": r.id,
                 "name": r.name,
                 "state": r.state,
+                "workflow": r.workflow.name if r.workflow is not None else None,
+                "rerun_of": r.rerun_of_id,
                 "created_at": r.created_at,
                 "finished_at": r.finished_at,
                 "counts": {s: f["counts"].get(s, 0) for s in TaskState.ALL},
                 "total": sum(f["counts"].values()),
                 "fraction": _fraction(f["counts"], f["progress"]),
+                "segments": _bar_segments(f["counts"], f["progress"]),
                 "eta": f["eta"] if r.state in RunState.ACTIVE else None,
                 "eta_unknown": f.get("eta_unknown", "") if r.state in RunState.ACTIVE else "",
                 "max_cost_usd": r.max_cost_usd,
@@ -352,6 +379,35 @@ def display_status(agent: dict) -> str:
     if agent["draining"]:
         return "draining"
     return "busy" if agent.get("attempts") else "idle"
+
+
+def run_tasks(run_id, state: str | None = None, search: str | None = None) -> list[dict]:
+    """A run's task list (of one state, and/or whose key contains `search`, any case) in natural key order
+    (impl-2 before impl-10), each with its attempts, its latest attempt's agent and how long that attempt
+    ran (runs: so far). Two queries whatever the number of tasks."""
+    tasks = Task.objects.filter(run_id=run_id)
+    if state is not None:
+        tasks = tasks.filter(state=state)
+    if search:
+        tasks = tasks.filter(key__icontains=search)
+    rows = list(tasks.values("id", "key", "title", "state", "executor", "attempts_used", "max_attempts", "progress"))
+    latest: dict = {}
+    if rows:
+        attempts = Attempt.objects.filter(run_id=run_id).order_by("task_id", "number")
+        if state is not None or search:
+            attempts = attempts.filter(task_id__in=[r["id"] for r in rows])
+        fields = ("task_id", "number", "state", "agent__name", "assigned_at", "started_at", "finished_at")
+        for a in attempts.values(*fields):
+            latest[a["task_id"]] = a  # ordered by number: the last one wins
+    now = timezone.now()
+    for row in rows:
+        a = latest.get(row["id"])
+        row["attempt"] = a
+        row["agent"] = a["agent__name"] if a else None
+        start = a and (a["started_at"] or a["assigned_at"])
+        row["duration_s"] = max(0.0, ((a["finished_at"] or now) - start).total_seconds()) if start else None
+    rows.sort(key=lambda r: natural_key(r["key"]))
+    return rows
 
 
 def run_graph(run_id) -> tuple[list[dict], list[tuple]]:

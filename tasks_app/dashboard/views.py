@@ -4,18 +4,21 @@ new state to every open page)."""
 
 from __future__ import annotations
 
+import json
 import math
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404
-from django.shortcuts import render
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
 
 from agents_app import registry
 from control_plane.web import OPERATE, actor_of, answer, operator_only
 
 from .. import actions, costs
-from ..dag import MAX_COST_USD  # the largest budget the resume form takes, as a DAG document and the API
-from .pages import PAGES, page_context, parse_id
+from ..dag import MAX_COST_USD, DagError  # MAX_COST_USD: the largest budget the resume form takes, as the API
+from ..workflows import documents
+from .pages import PAGES, page_context, parse_id, run_tasks_context, runs_list_context
 
 
 def _page(request, page: str, template: str, obj_id=None):
@@ -48,6 +51,33 @@ def run_page(request, run_id):
 @login_required
 def task_page(request, task_id):
     return _page(request, "task", "dashboard/task.html", str(task_id))
+
+
+@login_required
+def runs_page(request):
+    """Every run, filtered by state, searched by name, 50 a page. A plain page: the overview is the live one."""
+    return _plain_page(request, "dashboard/runs.html", runs_list_context, request.GET)
+
+
+@login_required
+def workflow_runs_page(request, name: str):
+    """One workflow's run history: the runs page limited to it."""
+    return _plain_page(request, "dashboard/runs.html", runs_list_context, request.GET, workflow=name)
+
+
+@login_required
+def run_tasks_page(request, run_id):
+    """A run's tasks, filtered by state and searched by key, in natural key order."""
+    return _plain_page(request, "dashboard/run_tasks.html", run_tasks_context, str(run_id), request.GET)
+
+
+def _plain_page(request, template: str, context_of, *args, **kwargs):
+    try:
+        context = context_of(*args, **kwargs)
+    except actions.NotFound:
+        raise Http404 from None
+    context["perms_operate"] = request.user.has_perm(OPERATE)
+    return render(request, template, context)
 
 
 @login_required
@@ -92,9 +122,52 @@ def _budget(raw: str) -> float | None:
 
 
 @operator_only
+def rerun(request, run_id):
+    """A new run of the same document (tasks_app.workflows.documents.rerun); the answer opens its page."""
+    run = documents.rerun(str(run_id), actor=actor_of(request), user=request.user)
+    messages.success(request, f"Rerun started: {run.name}.")
+    if request.headers.get("HX-Request"):
+        return HttpResponse(status=204, headers={"HX-Redirect": f"/runs/{run.id}/"})
+    return redirect(f"/runs/{run.id}/")
+
+
+@operator_only
+def retry_failed(request, run_id):
+    retried = actions.retry_failed(str(run_id), actor_of(request))
+    said = f"{len(retried)} task{'' if len(retried) == 1 else 's'} queued again." if retried else "Nothing had failed."
+    return answer(request, said, back=f"/runs/{run_id}/")
+
+
+# What the task page's *Retry with changes* form may change (actions.edit_task checks the values).
+RETRY_FIELDS = ("command", "prompt", "params")
+
+
+@operator_only
 def retry_task(request, task_id):
-    actions.retry_task(str(task_id), actor_of(request))
-    return answer(request, "Task queued again.", back=f"/tasks/{task_id}/")
+    """Retry a failed or canceled task; with the form's command, prompt or params (JSON), retry it changed.
+    A bad value is refused with a flash naming the field, and nothing is retried."""
+    back = f"/tasks/{task_id}/"
+    try:
+        edits = _retry_edits(request.POST)
+        actions.retry_task(str(task_id), actor_of(request), edits=edits or None)
+    except DagError as exc:
+        field = f"{exc.field}: " if exc.field and exc.field not in exc.detail else ""
+        return answer(request, f"Not retried: {field}{exc.detail.rstrip('.')}.", ok=False, status=422, back=back)
+    return answer(request, "Task queued again with your changes." if edits else "Task queued again.", back=back)
+
+
+def _retry_edits(form) -> dict:
+    """The fields the form sent, params parsed from JSON (DagError naming `params` when it is not an object)."""
+    edits = {f: form[f].replace("\r\n", "\n") for f in RETRY_FIELDS if f in form}
+    if "params" in edits:
+        text = edits["params"].strip() or "{}"
+        try:
+            edits["params"] = json.loads(text)
+        except ValueError as exc:
+            raise DagError(f"params must be JSON ({exc.msg} at line {exc.lineno})", field="params") from None
+        if not isinstance(edits["params"], dict):
+            raise DagError("params must be a JSON object ({...})", field="params")
+    return edits
 
 
 @operator_only
