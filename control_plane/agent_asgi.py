@@ -18,6 +18,8 @@ from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
 
+from control_plane import metrics
+
 AGENT_PATHS = ("/api/v1/agents/", "/api/v1/attempts/")
 # An agent's long poll for a person's answer (PROTOCOL.md v1.1); the answer itself is a person's call.
 INPUT_WAIT_PREFIX, INPUT_WAIT_SUFFIX = "/api/v1/input-requests/", "/wait"
@@ -51,6 +53,7 @@ class AgentApiHandler(ASGIHandler):
                 response = await self._respond_unless_gone(request, receive)
                 if response is None:
                     return
+                metrics.observe_request(request, response)
             await self.send_response(response, send)
             # Closing a JSON response only sends request_finished (see above): cheap, no thread needed.
             response.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -54,6 +55,18 @@ def server_command(
     ]  # fmt: skip
 
 
+def metrics_env(port: int, env: dict | None = None) -> dict:
+    """PROMETHEUS_MULTIPROC_DIR for a server on `port` (unless `env` or this process names one): a folder made
+    empty now, where each of the server's worker processes keeps its counts (control_plane/metrics.py)."""
+    given = (env or {}).get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        return {"PROMETHEUS_MULTIPROC_DIR": given}
+    folder = Path(os.environ.get("CP_DATA_DIR") or ROOT / ".data") / "metrics" / str(port)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return {"PROMETHEUS_MULTIPROC_DIR": str(folder)}
+
+
 def start_server(
     port: int,
     env: dict | None = None,
@@ -70,7 +83,7 @@ def start_server(
     proc = subprocess.Popen(
         server_command(port, kind, workers=workers, tls=tls),
         cwd=ROOT,
-        env={**os.environ, **tls_env, **(env or {})},
+        env={**os.environ, **tls_env, **metrics_env(port, env), **(env or {})},
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -194,6 +207,7 @@ def serve(argv: list[str] | None = None) -> None:
         p.error(str(exc))
     if tls:  # the settings of the server process see TLS (secure cookies) however it was asked for
         os.environ.update({"CP_TLS_CERT": tls[0], "CP_TLS_KEY": tls[1]})
+    os.environ.update(metrics_env(args.port))
     cmd = server_command(args.port, args.server, args.host, args.workers, tls, log_level="info")
     print(f"==> serving on {'https' if tls else 'http'}://{args.host}:{args.port}/ ({args.server})", file=sys.stderr)
     os.chdir(ROOT)

@@ -114,6 +114,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Requests by route and status, for /metrics (control_plane/metrics.py).
+    "control_plane.metrics.request_metrics",
 ]
 
 ROOT_URLCONF = "control_plane.urls"
@@ -303,3 +305,8 @@ LOGGING = {
         "psycopg.pool": {"level": "ERROR"},
     },
 }
+
+# Prometheus metrics at /metrics (control_plane/metrics.py): a scrape needs this bearer token, or comes from an
+# address or network in CP_METRICS_ALLOW (comma-separated; default: this machine only; empty: none).
+CP_METRICS_TOKEN = env_str("CP_METRICS_TOKEN")
+CP_METRICS_ALLOW = [a.strip() for a in env_str("CP_METRICS_ALLOW", "127.0.0.1,::1").split(",") if a.strip()]

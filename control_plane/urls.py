@@ -4,7 +4,7 @@ from django.urls import path
 
 from agents_app import api as agent_api
 from agents_app.hosts import views as host_views
-from control_plane import login
+from control_plane import login, metrics
 from tasks_app import api as run_api
 from tasks_app.dashboard import views
 
@@ -33,6 +33,7 @@ urlpatterns = [
     path("accounts/link/<str:uidb64>/<str:token>/", login.login_with_link, name="login-link"),
     path("admin/login/", login.admin_login),
     path("admin/", admin.site.urls),
+    path("metrics", metrics.metrics_view),
     path(f"{api}health", run_api.health),
     path(f"{api}agents/register", agent_api.register),
     path(f"{api}agents/claim", agent_api.claim),

@@ -19,6 +19,8 @@ from django.db import connection, transaction
 from django.db.backends.utils import CursorWrapper
 from django.utils import timezone
 
+from control_plane import metrics
+
 from . import assignments, workspaces
 from . import queries as q
 from .audit import EventLog
@@ -187,7 +189,11 @@ def claim_ready_tasks(agent: dict, capacity: int) -> list[dict]:
                 "payload": Changes(runs=choice.chosen_runs).payload(),
             },
         )
-        return assignments.build(cur, q.rows_by_name(cur), agent["id"])
+        rows = q.rows_by_name(cur)
+        built = assignments.build(cur, rows, agent["id"])
+    for row in rows:
+        metrics.READY_TO_ASSIGNED.observe(float(row["waited_s"]))
+    return built
 
 
 @dataclass
@@ -354,6 +360,7 @@ def complete_attempt(
     actor = f"agent:{agent['name']}"
     if outcome == RATE_LIMITED or _error_code(error) == NOT_LOGGED_IN:
         _hold_executor(agent, attempt_id, outcome, error, hold_until)  # the agent row first: its own transaction
+    ended = False
     with transaction.atomic(), connection.cursor() as cur:
         att = _lock_attempt(cur, attempt_id)
         attempt_state, stored_error, returned = _ending_of(att, outcome, error or "")
@@ -371,6 +378,7 @@ def complete_attempt(
                       "commit": json.dumps(commit) if commit is not None else None,
                       **{k.removeprefix("a_"): v for k, v in _usage_params(usage, session_id).items()}}  # fmt: skip
             handed_down = _handed_down(att, result, commit) if attempt_state == AttemptState.SUCCEEDED else None
+            ended = True
             task_state = _end_attempt(
                 cur, att, attempt_state, events, changes, q.END_ATTEMPT_COMPLETED, ending, agent["id"],
                 handed_down=handed_down, returned=returned,
@@ -382,6 +390,8 @@ def complete_attempt(
                 cur.execute(q.SET_RUN_RESULT, {"run_id": att["run_id"], "branch": att["workspace"].get("branch", ""),
                                                "sha": sha or att["workspace"].get("base_commit", "")})  # fmt: skip
             _commit(cur, events, changes)
+    if ended:
+        metrics.attempt_ended(att["executor"], attempt_state, att["elapsed_s"])
     settle_run(att["run_id"], actor)
     if usage is not None and budgets_apply(att["max_cost_usd"]):
         enforce_budgets(att["run_id"])  # the last figures may be the ones that reach a cap
@@ -650,6 +660,8 @@ def lose_attempts(attempt_ids: Iterable[Id], reason: str, actor: str) -> int:
                 returned=bool(att["cancel_reason"]),
             )  # fmt: skip
             _commit(cur, events, changes)
+        metrics.attempt_ended(att["executor"], AttemptState.LOST, att["elapsed_s"])
+        metrics.ATTEMPTS_LOST.labels(reason).inc()
         settle_run(att["run_id"], actor)  # a task that failed for good may have been the run's last
         lost += 1
     return lost

@@ -146,7 +146,8 @@ WITH upd AS (
        SET state = 'assigned', attempts_used = attempts_used + 1, progress = 0, message = '',
            started_at = COALESCE(started_at, now())
      WHERE id = ANY(%(task_ids)s::uuid[]) AND state = 'ready'
- RETURNING id, run_id, key, title, executor, command, prompt, params, timeout_s, attempts_used
+ RETURNING id, run_id, key, title, executor, command, prompt, params, timeout_s, attempts_used,
+           EXTRACT(EPOCH FROM now() - COALESCE(ready_at, created_at)) AS waited_s
 ), ins AS (
     INSERT INTO tasks_app_attempt
            (id, task_id, run_id, agent_id, number, state, lease_expires_at, progress, message, log, error,
@@ -164,7 +165,7 @@ WITH upd AS (
 SELECT ins.id AS attempt_id, ins.lease_expires_at, upd.id AS task_id, upd.run_id, upd.key, upd.title,
        upd.executor, upd.command, upd.prompt, upd.params, upd.timeout_s, upd.attempts_used,
        EXISTS (SELECT 1 FROM tasks_app_taskdependency d WHERE d.task_id = upd.id) AS has_deps, r.repo,
-       r.base_commit, r.branch_prefix, r.params AS run_params
+       r.base_commit, r.branch_prefix, r.params AS run_params, upd.waited_s
   FROM upd JOIN ins ON ins.task_id = upd.id JOIN tasks_app_run r ON r.id = upd.run_id,
        (SELECT pg_notify(%(channel)s, %(payload)s)) AS announce
 """
