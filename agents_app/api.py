@@ -68,6 +68,7 @@ heartbeat_as_agent = _as_agent(_heartbeat_now)
 progress_as_agent = _as_agent(actions.record_progress)
 complete_as_agent = _as_agent(actions.complete_attempt)
 create_input_as_agent = _as_agent(actions.create_input_request)
+goodbye_as_agent = _as_agent(registry.say_goodbye)
 
 
 @api_view
@@ -177,6 +178,15 @@ async def report_preflight(request):
     agent = await _agent(request)
     passed = await db_call(registry.record_preflight)(agent["id"], report)
     return JsonResponse({"executors": passed})
+
+
+@api_view
+async def goodbye(request):
+    """An extra endpoint (README, "API"): a daemon stopping cleanly says so, and is offline at once rather
+    than after 3 heartbeat intervals of silence; attempts it still holds are lost. Body: {} (ignored)."""
+    require_method(request, "POST")
+    json_body(request, JSON_LIMIT)
+    return JsonResponse(await goodbye_as_agent(request))
 
 
 @api_view

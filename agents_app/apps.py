@@ -1,5 +1,7 @@
 from django.apps import AppConfig
 
+FORGET_CHECK_S = 60.0
+
 
 class AgentsAppConfig(AppConfig):
     name = "agents_app"
@@ -12,6 +14,7 @@ class AgentsAppConfig(AppConfig):
         from control_plane import q_workers
         from tasks_app import hub
 
+        from . import registry
         from .hosts import jobs, views
         from .hosts import signals as host_signals
 
@@ -23,3 +26,6 @@ class AgentsAppConfig(AppConfig):
         views.add_live_page()
         hub.add_sweep(jobs.abandon_stale_operations, settings.CP_HOST_STALE_CHECK_S)
         post_migrate.connect(jobs.ensure_schedule, sender=self)
+        # Agents offline for CP_AGENT_FORGET_DAYS are forgotten by the same sweepers (a minute is plenty for
+        # a threshold in days; tasks_app.jobs.sweep_job is the cluster's backstop).
+        hub.add_sweep(registry.forget_absent_agents, FORGET_CHECK_S)

@@ -22,6 +22,7 @@ from tasks_app import queries as q
 from tasks_app.actions import lose_attempts
 from tasks_app.audit import EventLog
 from tasks_app.errors import ActionError, NotFound
+from tasks_app.models import Event
 from tasks_app.notify import CHANNEL, Changes
 from tasks_app.states import AttemptState, check_transition
 
@@ -85,11 +86,15 @@ def _refusal_of(token_hash: str) -> AuthError:
     """Why a token no longer works, so the agent can tell "stop" from "register again": a revoked or
     replaced identity must stop (registering again would undo the operator's revocation or fight the
     newer registration), while an unknown token (a server with a new database) may enroll again."""
-    retired = Agent.objects.filter(token_hash=token_hash).values("revoked_at").first()
+    retired = Agent.objects.filter(token_hash=token_hash).values("id", "revoked_at").first()
     if retired is None:
         return AuthError("unknown agent token")
     if retired["revoked_at"] is not None:
         return AuthError("this agent's token was revoked by an operator", "agent_revoked")
+    if _was_forgotten(retired["id"]):
+        # Forgotten after a long silence, not taken over: as unknown, so a daemon with an enrollment token
+        # enrolls again as a new agent rather than stopping for good.
+        return AuthError("this agent was forgotten after a long time offline; register again")
     return AuthError("this agent identity was replaced: its name was registered again", "agent_replaced")
 
 
@@ -183,6 +188,83 @@ def _retire(agent: Agent, now, events: EventLog, reason: str, **fields) -> list:
     events.add("agent", agent.status, AgentStatus.RETIRED, agent=agent.id, detail={"reason": reason})
     Agent.objects.filter(pk=agent.pk).update(status=AgentStatus.RETIRED, retired_at=now, **fields)
     return live
+
+
+def _was_forgotten(agent_id) -> bool:
+    return Event.objects.filter(
+        agent_id=agent_id, kind="agent", to_state=AgentStatus.RETIRED, detail__reason=FORGOTTEN
+    ).exists()
+
+
+# --- Forgetting, and an agent's goodbye ----------------------------------------------------------------
+
+FORGOTTEN = "forgotten"
+
+
+def forget_agent(agent_id, actor: str) -> Agent:
+    """Forget an offline agent: it is retired (its row, token hash and name kept, so its attempts and the
+    audit trail still name it; the agents page and the fleet counts show current agents only) and its name
+    is free. An online agent is refused (409): drain or disable it first and let it go offline."""
+    with transaction.atomic():
+        agent = Agent.objects.select_for_update().filter(pk=agent_id, retired_at__isnull=True).first()
+        if agent is None:
+            raise NotFound("no current agent with that id")
+        if agent.status != AgentStatus.OFFLINE:
+            raise ActionError(f"agent {agent.name} is {agent.status}: only an offline agent can be forgotten")
+        events = EventLog(actor)
+        live = _retire(agent, timezone.now(), events, FORGOTTEN)
+        with connection.cursor() as cur:
+            events.write(cur)
+            Changes(agents=True).send(cur)
+    if live:  # none in practice: an offline agent's attempts were lost when it went offline
+        lose_attempts(live, "agent forgotten", actor)
+    return agent
+
+
+FORGETTER = "system:forgetter"
+
+
+def forget_absent_agents() -> int:
+    """The sweep's part: forget every offline agent not seen for CP_AGENT_FORGET_DAYS (0: never), each with
+    its own Event (actor system:forgetter). Returns how many were forgotten."""
+    days = settings.CP_AGENT_FORGET_DAYS
+    if days <= 0:
+        return 0
+    cutoff = timezone.now() - timedelta(days=days)
+    absent = Agent.objects.filter(retired_at__isnull=True, status=AgentStatus.OFFLINE).filter(
+        Q(last_seen_at__lt=cutoff) | Q(last_seen_at__isnull=True, registered_at__lt=cutoff)
+    )
+    forgotten = 0
+    for agent_id in absent.values_list("id", flat=True):
+        try:
+            forget_agent(agent_id, FORGETTER)
+        except ActionError:  # came back meanwhile, or forgotten by someone else
+            continue
+        forgotten += 1
+    return forgotten
+
+
+def say_goodbye(agent: dict) -> dict:
+    """A daemon stopping cleanly (README, "API": POST /api/v1/agents/goodbye): the agent is offline at once,
+    not a silence later (Event online -> offline, actor agent:NAME, reason goodbye), and whatever attempts
+    it still holds are lost as the sweep would lose them. A later call brings it back online as after any
+    silence. Returns {"lost": n}."""
+    actor = f"agent:{agent['name']}"
+    with transaction.atomic():
+        row = Agent.objects.select_for_update().filter(pk=agent["id"], retired_at__isnull=True).first()
+        if row is None:
+            raise NotFound("no current agent with that id")
+        live = list(row.attempts.filter(state__in=AttemptState.LIVE).values_list("id", flat=True))
+        if row.status == AgentStatus.ONLINE:
+            check_transition("agent", row.status, AgentStatus.OFFLINE)
+            events = EventLog(actor)
+            events.add("agent", row.status, AgentStatus.OFFLINE, agent=row.id, detail={"reason": "goodbye"})
+            Agent.objects.filter(pk=row.pk).update(status=AgentStatus.OFFLINE, reported_status="")
+            with connection.cursor() as cur:
+                events.write(cur)
+                Changes(agents=True).send(cur)
+    lost = lose_attempts(live, "agent said goodbye", actor) if live else 0
+    return {"lost": lost}
 
 
 def revoke_agent(agent_id, actor: str) -> Agent:

@@ -231,6 +231,12 @@ CP_UNLISTED_GRACE_S = env_float("CP_UNLISTED_GRACE_S", 5.0)
 CP_GIT_TIMEOUT_S = env_float("CP_GIT_TIMEOUT_S", 15.0)
 # How often each server process sweeps for expired leases and silent agents.
 CP_SWEEP_INTERVAL_S = env_float("CP_SWEEP_INTERVAL_S", 2.0)
+# An offline agent not seen for this many days is forgotten: retired, off the agents page and the fleet
+# counts, its attempts and audit trail kept (agents_app.registry.forget_absent_agents); 0: never.
+CP_AGENT_FORGET_DAYS = env_float("CP_AGENT_FORGET_DAYS", 7.0)
+# Artifacts and attempt logs older than this many days are pruned by a django-q2 job (tasks_app.jobs
+# .prune_old_outputs); 0: kept forever.
+CP_RETENTION_DAYS = env_float("CP_RETENTION_DAYS", 30.0)
 # Live attempts across all runs; 0 means no global limit.
 CP_GLOBAL_MAX_LIVE = env_int("CP_GLOBAL_MAX_LIVE", 0)
 # The fleet's daily spend cap in US dollars (0: none): when the cost of every run since midnight UTC reaches

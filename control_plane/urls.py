@@ -39,6 +39,7 @@ urlpatterns = [
     path(f"{api}agents/claim", agent_api.claim),
     path(f"{api}agents/heartbeat", agent_api.heartbeat),
     path(f"{api}agents/preflight", agent_api.report_preflight),
+    path(f"{api}agents/goodbye", agent_api.goodbye),
     path(f"{api}attempts/<str:attempt_id>/progress", agent_api.progress),
     path(f"{api}attempts/<str:attempt_id>/complete", agent_api.complete),
     path(f"{api}attempts/<str:attempt_id>/artifacts", agent_api.upload_artifact),

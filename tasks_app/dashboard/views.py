@@ -207,6 +207,7 @@ AGENT_OPERATIONS = {
 AGENT_ACTIONS = {
     "preflight": (registry.request_preflight, "pre-flight requested; it runs at the next heartbeat"),
     "revoke": (registry.revoke_agent, "token revoked; the agent stops at its next call"),
+    "forget": (registry.forget_agent, "forgotten; its attempts and audit trail are kept"),
 }
 
 
