@@ -88,3 +88,19 @@ def test_in_one_process_the_scrape_has_that_processs_counts_and_the_databases(cl
     text = answer.content.decode()
     assert 'cp_tasks{state="ready"}' in text and "cp_ready_to_assigned_seconds_bucket" in text
     assert client.get("/metrics", REMOTE_ADDR="192.0.2.7").status_code == 403
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_server_exports(client):
+    import json
+    import re
+
+    from django.conf import settings
+
+    dashboard = json.loads((settings.BASE_DIR / "docs" / "grafana-dashboard.json").read_text())
+    families = {f.name for f in text_string_to_metric_families(client.get("/metrics").content.decode())}
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            names = {
+                re.sub(r"_(total|bucket|count|sum)$", "", n) for n in re.findall(r"\b(cp_[a-z_]+)", target["expr"])
+            }
+            assert names and names <= families, (panel["title"], names - families)
