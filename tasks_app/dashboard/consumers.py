@@ -16,6 +16,7 @@ from importlib import import_module
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth.signals import user_logged_out
+from django.http import QueryDict
 
 from control_plane.db import db_call
 from control_plane.web import same_origin
@@ -74,6 +75,8 @@ class LivePageConsumer(AsyncWebsocketConsumer):
             await self.close(code=4404)
             return
         self.user = user
+        # The runs page's filters and page number (state, q, page, workflow), as its URL had them.
+        self.query = QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
         self.dirty = False
         self.last_sent = 0.0
         self.panel_sent: dict[str, float] = {}
@@ -132,7 +135,7 @@ class LivePageConsumer(AsyncWebsocketConsumer):
         return
 
     def concerns_me(self, event: dict) -> bool:
-        if self.page in ("overview", "agents"):
+        if self.page in ("overview", "agents", "runs"):
             return True
         if self.page in ADDED_PAGES:
             return ADDED_PAGES[self.page].concerns(event)
@@ -214,7 +217,9 @@ class LivePageConsumer(AsyncWebsocketConsumer):
             await self.send(text_data="".join(changed))
 
     def _render(self, due: set[str]):
-        fragments = render_panels(self.page, self.obj_id, self.user, only=due, shown_states=self.shown_states)
+        fragments = render_panels(
+            self.page, self.obj_id, self.user, only=due, shown_states=self.shown_states, query=self.query
+        )
         run_id = None
         if self.page == "task":
             from ..models import Task

@@ -61,6 +61,9 @@ PAGES: dict[str, list[Panel]] = {
         Panel("panel-artifacts", "dashboard/panels/artifacts.html"),
         Panel("panel-trail", "dashboard/panels/trail.html"),
     ],
+    # The runs page (/runs/, a workflow's /workflows/<name>/runs/): its filters and page number reach the live
+    # push through the websocket URL's query string, so a push re-renders the page the person is on.
+    "runs": [Panel("panel-runs", "dashboard/panels/runs.html")],
     "agents": [
         Panel("panel-fleet", "dashboard/panels/fleet.html"),
         Panel("panel-agents", "dashboard/panels/agents.html"),
@@ -93,9 +96,15 @@ def parse_id(value) -> str:
         raise NotFound("no such object") from None
 
 
-def page_context(page: str, obj_id: str | None = None, *, full: bool = True, wanted: set[str] | None = None) -> dict:
+def page_context(
+    page: str, obj_id: str | None = None, *, full: bool = True, wanted: set[str] | None = None, query=None
+) -> dict:
     """Everything the page's panels show. `full` adds what only the first render needs (the DAG picture);
-    `wanted` limits the run page to those context entries (None: all)."""
+    `wanted` limits the run page to those context entries (None: all); `query` is the runs page's filters
+    (a QueryDict or dict: state, q, page, workflow)."""
+    if page == "runs":
+        query = query or {}
+        return runs_list_context(query, workflow=query.get("workflow") or None)
     if page == "overview":
         return {
             "waiting_for_you": panels.waiting_for_people(),
@@ -257,8 +266,9 @@ def run_tasks_context(run_id: str, query) -> dict:
 
 
 def render_panels(
-    page: str, obj_id: str | None, user, only: set[str] | None = None, shown_states: dict | None = None
-) -> dict[str, str]:
+    page: str, obj_id: str | None, user, only: set[str] | None = None, shown_states: dict | None = None,
+    query=None,
+) -> dict[str, str]:  # fmt: skip
     """The page's panels as out-of-band fragments for the websocket, by panel id.
 
     `shown_states`, when given, is the DAG states the page shows already (the caller keeps it, starting
@@ -266,7 +276,7 @@ def render_panels(
     none do, and `shown_states` is brought up to date. At 1,000 tasks the whole map is ~60 KiB a push."""
     chosen = [p for p in PAGES[page] if only is None or p.id in only]
     wanted = {need for p in chosen for need in p.needs}
-    context = page_context(page, obj_id, full=False, wanted=wanted)
+    context = page_context(page, obj_id, full=False, wanted=wanted, query=query)
     if shown_states is not None and "states" in context:
         current = context["states"]
         context["states"] = {k: v for k, v in current.items() if shown_states.get(k) != v}

@@ -18,12 +18,12 @@ from control_plane.web import OPERATE, actor_of, answer, operator_only
 from .. import actions, costs
 from ..dag import MAX_COST_USD, DagError  # MAX_COST_USD: the largest budget the resume form takes, as the API
 from ..workflows import documents
-from .pages import PAGES, page_context, parse_id, run_tasks_context, runs_list_context
+from .pages import PAGES, page_context, parse_id, run_tasks_context
 
 
-def _page(request, page: str, template: str, obj_id=None):
+def _page(request, page: str, template: str, obj_id=None, query=None):
     try:
-        context = page_context(page, obj_id)
+        context = page_context(page, obj_id, query=query)
     except actions.NotFound:
         raise Http404 from None
     context.update(
@@ -32,7 +32,8 @@ def _page(request, page: str, template: str, obj_id=None):
             "obj_id": obj_id,
             "panels": PAGES[page],
             "perms_operate": request.user.has_perm(OPERATE),
-            "ws_path": f"/ws/{page}/" + (f"{obj_id}/" if obj_id else ""),
+            # The query (the runs page's filters) goes to the socket too: its pushes show the same runs.
+            "ws_path": f"/ws/{page}/" + (f"{obj_id}/" if obj_id else "") + (f"?{query.urlencode()}" if query else ""),
         }
     )
     return render(request, template, context)
@@ -55,29 +56,27 @@ def task_page(request, task_id):
 
 @login_required
 def runs_page(request):
-    """Every run, filtered by state, searched by name, 50 a page. A plain page: the overview is the live one."""
-    return _plain_page(request, "dashboard/runs.html", runs_list_context, request.GET)
+    """Every run, filtered by state, searched by name, 50 a page, live (the overview shows the newest 50)."""
+    return _page(request, "runs", "dashboard/runs.html", query=request.GET)
 
 
 @login_required
 def workflow_runs_page(request, name: str):
     """One workflow's run history: the runs page limited to it."""
-    return _plain_page(request, "dashboard/runs.html", runs_list_context, request.GET, workflow=name)
+    query = request.GET.copy()
+    query["workflow"] = name
+    return _page(request, "runs", "dashboard/runs.html", query=query)
 
 
 @login_required
 def run_tasks_page(request, run_id):
-    """A run's tasks, filtered by state and searched by key, in natural key order."""
-    return _plain_page(request, "dashboard/run_tasks.html", run_tasks_context, str(run_id), request.GET)
-
-
-def _plain_page(request, template: str, context_of, *args, **kwargs):
+    """A run's tasks, filtered by state and searched by key, in natural key order (not live: reload it)."""
     try:
-        context = context_of(*args, **kwargs)
+        context = run_tasks_context(str(run_id), request.GET)
     except actions.NotFound:
         raise Http404 from None
     context["perms_operate"] = request.user.has_perm(OPERATE)
-    return render(request, template, context)
+    return render(request, "dashboard/run_tasks.html", context)
 
 
 @login_required

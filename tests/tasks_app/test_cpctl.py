@@ -220,3 +220,32 @@ def test_retry_failed_an_edited_retry_and_a_rerun(cpctl, shell_agent, tmp_path):
     assert rerun_id != run_id
     code, _, _ = cpctl("status", rerun_id, "--watch", "--interval", "0.2")
     assert code == 1  # the same document: its typo again (the edit was that run's retry, not the document)
+
+
+def test_a_watch_waits_out_a_server_restart(operator, server_tmp, tmp_path, submit):
+    from control_plane import launch
+    from tasks_app.actions import cancel_run
+    from tests.conftest import FAST_TIMINGS, test_database_url
+
+    _user, token = operator
+    run = submit(doc({"key": "x"}, name="restarted"))
+    port = launch.free_port()
+    env = {"DATABASE_URL": test_database_url(), **FAST_TIMINGS}
+    server = launch.start_server(port, env=env, log=server_tmp / f"restart-{port}.log")
+    watch = subprocess.Popen(
+        [sys.executable, str(CPCTL), "status", str(run.id), "--watch", "--interval", "0.2"],
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CP_URL": f"http://127.0.0.1:{port}",
+             "CP_TOKEN": token}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: watch.poll() is None and server.poll() is None, 5, what="the watch")
+        launch.stop(server)  # the connection drops; the watch says so once and keeps trying
+        server = launch.start_server(port, env=env, log=server_tmp / f"restart-{port}.log")
+        cancel_run(run.id, "test")
+        out, err = watch.communicate(timeout=60)
+    finally:
+        watch.kill()
+        launch.stop(server)
+    assert watch.returncode == 3, (out, err)
+    assert "cannot reach" in err and err.count("retrying") == 1 and "Traceback" not in err
+    assert "canceled" in out.splitlines()[-1]

@@ -246,3 +246,21 @@ def test_a_workflows_run_history_lists_its_runs_only(viewer, submit):
     assert 'href="/workflows/nightly%20build/runs/"' in run_page
     assert "/workflows/" not in viewer.get(f"/runs/{other.id}/").content.decode()
     assert viewer.get("/workflows/nope/runs/").status_code == 404
+
+
+def test_the_runs_pages_live_push_keeps_its_filters_and_page(viewer, submit, django_user_model):
+    from django.http import QueryDict
+
+    from tasks_app.dashboard.pages import render_panels
+
+    for i in range(55):
+        submit(doc({"key": "a"}, name=f"batch-{i:02d}"))
+    submit(doc({"key": "a"}, name="other"))
+    page = viewer.get("/runs/?q=batch&page=2").content.decode()
+    assert 'ws-connect="/ws/runs/?q=batch&amp;page=2"' in page  # the socket is told which page this is
+    user = django_user_model.objects.get(username="vera")
+    pushed = render_panels("runs", None, user, query=QueryDict("q=batch&page=2"))["panel-runs"]
+    assert "batch-04" in pushed and "batch-54" not in pushed and "other" not in pushed
+    assert 'hx-swap-oob="true"' in pushed
+    history = viewer.get("/workflows/nope/runs/")
+    assert history.status_code == 404
