@@ -76,13 +76,41 @@
   document.addEventListener("htmx:oobAfterSwap", function (e) {
     if (e.target && e.target.id === "panel-waiting") notifyNew();
   });
-  // Keep a streaming log scrolled to its end, unless the reader scrolled up.
-  document.addEventListener("htmx:oobBeforeSwap", function (e) {
-    var log = document.querySelector("pre.log");
-    if (log) { window.cpLogAtEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8; }
+  // The task page's log: a tab per attempt (the latest shown first), each opening at its end (a failure's
+  // error is at the bottom), and a streaming log following its end unless the reader scrolled up. A push
+  // replaces the panel: the chosen tab and the reader's place are carried over.
+  var logTab = null, logPlace = null;
+  function shownLog() { return document.querySelector("[data-log-panel] pre.log:not([hidden])"); }
+  function toEnd(log) { if (log) { log.scrollTop = log.scrollHeight; } }
+  function showLog(number) {
+    var panel = document.querySelector("[data-log-panel]");
+    if (!panel || !panel.querySelector('pre.log[data-attempt="' + number + '"]')) return false;
+    panel.querySelectorAll("pre.log").forEach(function (pre) { pre.hidden = pre.dataset.attempt !== number; });
+    panel.querySelectorAll("[data-log-tab]").forEach(function (tab) {
+      tab.setAttribute("aria-selected", tab.dataset.logTab === number ? "true" : "false");
+    });
+    return true;
+  }
+  document.addEventListener("click", function (e) {
+    var tab = e.target.closest && e.target.closest("[data-log-tab]");
+    if (!tab) return;
+    var first = document.querySelector("[data-log-panel] [data-log-tab]");
+    logTab = tab === first ? null : tab.dataset.logTab;  // the latest tab follows a new attempt
+    if (showLog(tab.dataset.logTab)) toEnd(shownLog());
   });
-  document.addEventListener("htmx:oobAfterSwap", function () {
-    var log = document.querySelector("pre.log");
-    if (log && window.cpLogAtEnd !== false) { log.scrollTop = log.scrollHeight; }
+  document.addEventListener("DOMContentLoaded", function () { toEnd(shownLog()); });
+  document.addEventListener("htmx:oobBeforeSwap", function (e) {
+    var log = shownLog();
+    if (!log || !e.target || !e.target.hasAttribute("data-log-panel")) return;
+    var atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
+    logPlace = { attempt: log.dataset.attempt, atEnd: atEnd, top: log.scrollTop };
+  });
+  document.addEventListener("htmx:oobAfterSwap", function (e) {
+    if (!e.target || !e.target.hasAttribute("data-log-panel")) return;
+    if (logTab !== null && !showLog(logTab)) logTab = null;
+    var log = shownLog(), place = logPlace;
+    logPlace = null;
+    if (!log) return;
+    if (place && place.attempt === log.dataset.attempt && !place.atEnd) { log.scrollTop = place.top; } else { toEnd(log); }
   });
 })();

@@ -209,6 +209,7 @@ def _task_context(task_id: str) -> dict:
         "asking": panels.input_requests(task_id=task.id),
         "attempts": attempts,
         "latest": latest,
+        "result": _shown_result(task.executor, latest.result if latest else None),
         "deps": list(Task.objects.filter(downstream_links__task=task).values("id", "key", "state")),
         "artifacts": list(
             Artifact.objects.filter(task=task).order_by("name").values("id", "name", "size", "sha256", "attempt_id")
@@ -217,6 +218,24 @@ def _task_context(task_id: str) -> dict:
             Event.objects.filter(task=task).select_related("agent").order_by("-id")[:200]
         ),  # the newest 200 changes
     }
+
+
+# Result keys that repeat what the log shows already, left out of the Result panel.
+RESULT_IN_THE_LOG = ("stdout_tail",)
+
+
+def _shown_result(executor: str, result) -> dict | None:
+    """The latest attempt's result as a person reads it: `text`, an AI CLI's final message (claude, codex);
+    `json`, the rest pretty-printed (the template escapes it); `omitted`, the keys the log shows already."""
+    if result is None:
+        return None
+    shown, text = result, ""
+    if isinstance(result, dict):
+        shown = {k: v for k, v in result.items() if k not in RESULT_IN_THE_LOG}
+        if executor in ("claude", "codex") and isinstance(shown.get("output"), str):
+            text = shown.pop("output")
+    omitted = [k for k in RESULT_IN_THE_LOG if isinstance(result, dict) and k in result]
+    return {"text": text, "json": json.dumps(shown, indent=2, ensure_ascii=False, default=str), "omitted": omitted}
 
 
 # --- Plain (not live) pages: runs filtered and paginated, a workflow's runs, a run's task list ---------------
