@@ -103,6 +103,7 @@ GIT_NETWORK_TIMEOUT_S = 300.0  # one fetch or push; a repository that answers sl
 GIT_LOCAL_TIMEOUT_S = 120.0  # worktree, merge, commit: local work, bounded all the same
 DIFF_MAX_BYTES = 10 * 1024 * 1024  # of a task's patch, uploaded for the dashboard
 KEEP_FAILED_HOURS = 24.0
+GOODBYE_TIMEOUT_S = 3.0  # the goodbye at a clean stop is one try this long: it never holds up an exit
 # A task's environment is an allow-list, never the daemon's whole environment (its CP_* variables hold the
 # enrollment token and the server's address). These pass when set; --pass-env adds names.
 TASK_ENV_BASE = ("PATH", "HOME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "USER", "LOGNAME",
@@ -253,6 +254,7 @@ class Config:
     once: bool = False
     log_level: str = "INFO"
     keep_failed_hours: float = KEEP_FAILED_HOURS
+    keep_task_folders: bool = False
     pass_env: list[str] = field(default_factory=list)  # more variables a task gets (TASK_ENV_BASE and _PROVIDERS pass)
     sandboxed_host: bool = False
     claude_config_dir: str | None = None  # this agent's own CLAUDE_CONFIG_DIR (several agents on one host)
@@ -366,7 +368,12 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--keep-failed", type=float, default=KEEP_FAILED_HOURS, dest="keep_failed_hours", metavar="HOURS",
-        help="keep a failed attempt's git worktree this long (0: remove at once)",
+        help="keep a failed attempt's folder (and its git worktree) this long (0: remove at once)",
+    )  # fmt: skip
+    p.add_argument(
+        "--keep-task-folders", action="store_true",
+        help="keep every attempt's folder under WORK_DIR (default: a succeeded attempt's is removed once it is "
+        "reported, a failed one's after --keep-failed hours)",
     )  # fmt: skip
     p.add_argument(
         "--pass-env", default=environ.get("CP_PASS_ENV", ""), metavar="NAMES",
@@ -2486,15 +2493,27 @@ class Worktree:
                 self._slot = None
 
 
-def prune_kept_worktrees(work_dir: Path, keep_hours: float) -> int:
-    """At start: remove failed attempts' worktrees kept longer than `keep_hours`, and forget worktrees that
-    are gone (a SIGKILLed daemon's), in every cache. Returns how many were removed."""
+# An attempt's folder under WORK_DIR: KEY-<first 8 hex of the attempt id> (TaskRun.work_dir), with inputs/.
+ATTEMPT_FOLDER_RE = re.compile(r".+-[0-9a-f]{8}")
+
+
+def is_attempt_folder(path: Path) -> bool:
+    return bool(ATTEMPT_FOLDER_RE.fullmatch(path.name)) and (path / "inputs").is_dir()
+
+
+def prune_kept_worktrees(work_dir: Path, keep_hours: float, keep_task_folders: bool = False) -> int:
+    """At start: remove failed attempts' folders and worktrees kept longer than `keep_hours` (every attempt
+    folder that old unless `keep_task_folders`: a killed daemon's too), and forget worktrees that are gone
+    (a SIGKILLed daemon's), in every cache. Returns how many were removed."""
     removed = 0
     cutoff = time.time() - keep_hours * 3600
-    for attempt_dir in work_dir.glob("*/repo"):
+    found = {p.parent for p in work_dir.glob("*/repo") if p.is_dir()}
+    if not keep_task_folders:
+        found |= {p for p in work_dir.iterdir() if p.is_dir() and is_attempt_folder(p)}
+    for attempt_dir in found:
         try:
-            if attempt_dir.is_dir() and attempt_dir.stat().st_mtime < cutoff:
-                shutil.rmtree(attempt_dir.parent, ignore_errors=True)
+            if attempt_dir.stat().st_mtime < cutoff:
+                shutil.rmtree(attempt_dir, ignore_errors=True)
                 removed += 1
         except OSError:
             continue
@@ -2655,6 +2674,7 @@ class TaskRun:
         self.canceled = threading.Event()
         self.cancel_reason = ""
         self.stale = False
+        self.succeeded = False  # reported as succeeded: its folder can go at once
         self._lock = threading.Lock()
         self.stream = ProgressStream(self._send_progress, self.key)
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"task-{self.key}")
@@ -2707,7 +2727,17 @@ class TaskRun:
             if not self.stale:
                 self._complete(ExecResult({}, None, f"agent error: {exc}"))
         finally:
+            self._remove_folder()
             self.agent.run_finished(self)
+
+    def _remove_folder(self) -> None:
+        """Retention on the agent: a succeeded attempt's folder goes once it is reported; a failed one's stays
+        for --keep-failed hours for a person to look at (removed at a later start: prune_kept_worktrees);
+        --keep-task-folders keeps them all."""
+        config = self.agent.config
+        if config.keep_task_folders or (not self.succeeded and config.keep_failed_hours > 0):
+            return
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def _execute_and_complete(self) -> None:
         executor_name = str(self.task.get("executor"))
@@ -2742,6 +2772,7 @@ class TaskRun:
             self._upload_artifacts()
             if not self.stale:
                 self._complete(outcome, commit)
+                self.succeeded = not outcome.error and not self.stale
         finally:
             self.stream.close()
             if worktree is not None:
@@ -2999,7 +3030,7 @@ class Agent:
         self._install_signal_handlers()
         self._stop_leftovers()
         with contextlib.suppress(GitError, OSError):
-            prune_kept_worktrees(self.config.work_dir, self.config.keep_failed_hours)
+            prune_kept_worktrees(self.config.work_dir, self.config.keep_failed_hours, self.config.keep_task_folders)
         report = self.preflight()
         if not [name for name in self.usable if name != GitExecutor.name]:
             log.error("stopped: no executor passed its pre-flight")
@@ -3031,8 +3062,18 @@ class Agent:
         if self.fatal:
             log.error("stopped: %s", self.fatal)
             return 1
+        self._say_goodbye()
         log.info("stopped")
         return 0
+
+    def _say_goodbye(self) -> None:
+        """Tell the server we stopped cleanly, so the fleet counts us offline now rather than after three
+        heartbeat intervals of silence (an extra endpoint, README "API"). One short try after the last
+        heartbeat; a server too old to know it (404) or unreachable changes nothing but that."""
+        try:
+            self.api.request("/agents/goodbye", {}, token=self.token, timeout=GOODBYE_TIMEOUT_S)
+        except (ApiError, TransientError, FatalError) as exc:
+            log.info("goodbye not delivered: %s", exc)
 
     def _stop_leftovers(self) -> None:
         """Kill what a previous life of this agent left running (before the server hears from us, so no task

@@ -180,7 +180,11 @@ def test_re_enrolling_rotates_the_token_at_once_and_the_old_one_answers_401(live
     old_token = json.loads(state_file.read_text())["token"]
     first.terminate()
     assert first.wait(15) == 0
-    assert current("rotor").is_online  # it still counts as online: a stranger could not take the name now
+    # Its clean stop said goodbye (offline at once); one call with its token and it is online again, as a
+    # daemon restarting within the offline threshold would be: a stranger could not take the name now.
+    heartbeat = f"{live_server_proc.url}/api/v1/agents/heartbeat"
+    assert http("POST", heartbeat, {"status": "idle"}, token=old_token)[0] == 200
+    assert current("rotor").is_online
 
     fleet("rotor", ["x"], extra=["--re-enroll"])
     new = wait_for(lambda: (a := current("rotor")) and a.pk != old.pk and a, 30, what="the new identity")
@@ -188,7 +192,6 @@ def test_re_enrolling_rotates_the_token_at_once_and_the_old_one_answers_401(live
     assert new_token != old_token
     # It proved it held the old token, so it did not wait for its old identity to go offline.
     assert "is online on the server" not in log_of(tmp_path, "rotor")
-    heartbeat = f"{live_server_proc.url}/api/v1/agents/heartbeat"
     status, body = http("POST", heartbeat, {"status": "idle"}, token=old_token)
     assert (status, body["error"]) == (401, "agent_replaced")
     assert http("POST", heartbeat, {"status": "idle"}, token=new_token)[0] == 200
