@@ -246,6 +246,10 @@ def test_a_workflows_run_history_lists_its_runs_only(viewer, submit):
     assert 'href="/workflows/nightly%20build/runs/"' in run_page
     assert "/workflows/" not in viewer.get(f"/runs/{other.id}/").content.decode()
     assert viewer.get("/workflows/nope/runs/").status_code == 404
+    slashed = documents.import_document(doc({"key": "a"}, name="team/nightly"), actor="test")
+    theirs = documents.start_run(slashed, actor="test")
+    assert 'href="/workflows/team%2Fnightly/runs/"' in viewer.get(f"/runs/{theirs.id}/").content.decode()
+    assert f"/runs/{theirs.id}/" in viewer.get("/workflows/team%2Fnightly/runs/").content.decode()
 
 
 def test_the_runs_pages_live_push_keeps_its_filters_and_page(viewer, submit, django_user_model):
@@ -264,3 +268,12 @@ def test_the_runs_pages_live_push_keeps_its_filters_and_page(viewer, submit, dja
     assert 'hx-swap-oob="true"' in pushed
     history = viewer.get("/workflows/nope/runs/")
     assert history.status_code == 404
+
+
+def test_the_admins_workflow_page_links_to_its_runs(client, django_user_model):
+    from tasks_app.workflows import documents
+
+    workflow = documents.import_document(doc({"key": "a"}, name="nightly build"), actor="test")
+    client.force_login(django_user_model.objects.create_superuser("root", password="pw-root-12345"))
+    page = client.get(f"/admin/tasks_app/workflow/{workflow.pk}/change/").content.decode()
+    assert 'href="/workflows/nightly%20build/runs/"' in page
