@@ -49,6 +49,10 @@ params.input_timeout_s).
 Started again with its saved identity, it heartbeats at once, listing no attempts, so the server can let go
 of the attempts of its previous life at once rather than when their leases run out.
 
+SIGTERM or SIGINT drains (a second one cancels running tasks); once drained it says goodbye, one short try,
+so the server counts it offline at once. A succeeded attempt's folder is removed once reported; a failed
+one's stays for --keep-failed hours (--keep-task-folders keeps them all).
+
 Exit status: 0 after a clean stop, 1 when the agent cannot go on (or --check failed), 2 for bad options.
 """
 

@@ -1046,7 +1046,8 @@ def test_agent_registers_runs_a_task_uploads_its_output_and_completes(fake_serve
     assert fake_server.paths().index("/attempts/a1b2c3d4-0000/artifacts") < fake_server.paths().index(
         "/attempts/a1b2c3d4-0000/complete"
     )
-    assert (tmp_path / "work" / "core-1-a1b2c3d4" / "out" / "core-1_result.json").exists()
+    # Uploaded and reported, the succeeded attempt's folder is gone (--keep-task-folders would keep it).
+    assert not (tmp_path / "work" / "core-1-a1b2c3d4").exists()
     state = tmp_path / "work" / "unit-1.state.json"
     assert stat.S_IMODE(state.stat().st_mode) == 0o600
     assert json.loads(state.read_text())["token"] == "agent-token-1"
@@ -1608,7 +1609,8 @@ def run_prompting_claude(server: InputServer, tmp_path: Path, attempt: str, **pa
     claude.write_text(f"#!{sys.executable}\n{FAKE_PROMPTING_CLAUDE}")
     claude.chmod(0o755)
     server.assign(attempt, executor="claude", prompt="clean up", params=params)
-    code, err = finish(start_agent(server, tmp_path, "--once", "--executors", "claude",
+    # --keep-task-folders: the tests read what the fake claude wrote into the attempt's folder.
+    code, err = finish(start_agent(server, tmp_path, "--once", "--executors", "claude", "--keep-task-folders",
                                    env={"CP_CLAUDE_BIN": str(claude)}), timeout=20)  # fmt: skip
     assert code == 0, err
     return server.body(f"/attempts/{attempt}/complete")
