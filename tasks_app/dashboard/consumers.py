@@ -144,7 +144,7 @@ class LivePageConsumer(AsyncWebsocketConsumer):
         return self.run_id() in event.get("runs", ())
 
     def run_id(self) -> str | None:
-        if self.page == "run":
+        if self.page in ("run", "run-tasks"):
             return self.obj_id
         return getattr(self, "task_run_id", None)
 

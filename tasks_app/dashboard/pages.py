@@ -64,6 +64,8 @@ PAGES: dict[str, list[Panel]] = {
     # The runs page (/runs/, a workflow's /workflows/<name>/runs/): its filters and page number reach the live
     # push through the websocket URL's query string, so a push re-renders the page the person is on.
     "runs": [Panel("panel-runs", "dashboard/panels/runs.html")],
+    # A run's task list (/runs/<id>/tasks/), its state and key filters passed the same way.
+    "run-tasks": [Panel("panel-run-tasks", "dashboard/panels/run_tasks.html")],
     "agents": [
         Panel("panel-fleet", "dashboard/panels/fleet.html"),
         Panel("panel-agents", "dashboard/panels/agents.html"),
@@ -124,6 +126,8 @@ def page_context(
         return _run_context(parse_id(obj_id), full, wanted)
     if page == "task":
         return _task_context(parse_id(obj_id))
+    if page == "run-tasks":
+        return run_tasks_context(parse_id(obj_id), query or {})
     raise NotFound(f"no page {page!r}")
 
 

@@ -18,7 +18,7 @@ from control_plane.web import OPERATE, actor_of, answer, operator_only
 from .. import actions, costs
 from ..dag import MAX_COST_USD, DagError  # MAX_COST_USD: the largest budget the resume form takes, as the API
 from ..workflows import documents
-from .pages import PAGES, page_context, parse_id, run_tasks_context
+from .pages import PAGES, page_context, parse_id
 
 
 def _page(request, page: str, template: str, obj_id=None, query=None):
@@ -70,13 +70,8 @@ def workflow_runs_page(request, name: str):
 
 @login_required
 def run_tasks_page(request, run_id):
-    """A run's tasks, filtered by state and searched by key, in natural key order (not live: reload it)."""
-    try:
-        context = run_tasks_context(str(run_id), request.GET)
-    except actions.NotFound:
-        raise Http404 from None
-    context["perms_operate"] = request.user.has_perm(OPERATE)
-    return render(request, "dashboard/run_tasks.html", context)
+    """A run's tasks, filtered by state and searched by key, in natural key order, live."""
+    return _page(request, "run-tasks", "dashboard/run_tasks.html", str(run_id), query=request.GET)
 
 
 @login_required

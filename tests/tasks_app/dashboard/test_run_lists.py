@@ -277,3 +277,23 @@ def test_the_admins_workflow_page_links_to_its_runs(client, django_user_model):
     client.force_login(django_user_model.objects.create_superuser("root", password="pw-root-12345"))
     page = client.get(f"/admin/tasks_app/workflow/{workflow.pk}/change/").content.decode()
     assert 'href="/workflows/nightly%20build/runs/"' in page
+
+
+def test_the_task_lists_live_push_keeps_its_filter(viewer, submit, make_agent, django_user_model):
+    from django.http import QueryDict
+
+    from tasks_app.dashboard.pages import render_panels
+
+    run = submit(doc({"key": "impl-1", "max_attempts": 1}, {"key": "impl-10"}, {"key": "impl-2", "deps": ["impl-1"]},
+                     {"key": "docs"}))  # fmt: skip
+    page = viewer.get(f"/runs/{run.id}/tasks/?state=ready&q=impl").content.decode()
+    assert f'ws-connect="/ws/run-tasks/{run.id}/?state=ready&amp;q=impl"' in page
+    user = django_user_model.objects.get(username="vera")
+    pushed = render_panels("run-tasks", str(run.id), user, query=QueryDict("state=ready&q=impl"))["panel-run-tasks"]
+    assert ">impl-1<" in pushed and ">impl-10<" in pushed and ">impl-2<" not in pushed and ">docs<" not in pushed
+    impl_1 = Task.objects.get(run=run, key="impl-1")
+    Task.objects.filter(run=run).exclude(pk=impl_1.pk).update(priority=-1)  # impl-1 is claimed first
+    finish(make_agent("w1", labels=[]), "failed")
+    assert Task.objects.get(pk=impl_1.pk).state == "failed"
+    pushed = render_panels("run-tasks", str(run.id), user, query=QueryDict("state=ready&q=impl"))["panel-run-tasks"]
+    assert ">impl-1<" not in pushed and ">impl-10<" in pushed
