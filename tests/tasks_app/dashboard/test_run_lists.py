@@ -147,7 +147,7 @@ def test_a_failed_tasks_page_offers_a_retry_with_changes(operator_client, submit
     finish(make_agent("w1", labels=[], executors=("shell",)), "failed")
     task = Task.objects.get(run=run)
     page = operator_client.get(f"/tasks/{task.id}/").content.decode()
-    assert 'name="command"' in page and "exit 1" in page and 'name="params"' in page
+    assert 'name="command"' in page and "exit 1" in page and 'name="params"' in page and 'name="prompt"' not in page
     answer = hx_post(operator_client, f"/tasks/{task.id}/retry/", {"command": "echo fixed", "params": '{"n": 2}'})
     assert answer.status_code == 200 and "with your changes" in answer.content.decode()
     task.refresh_from_db()
@@ -297,3 +297,10 @@ def test_the_task_lists_live_push_keeps_its_filter(viewer, submit, make_agent, d
     assert Task.objects.get(pk=impl_1.pk).state == "failed"
     pushed = render_panels("run-tasks", str(run.id), user, query=QueryDict("state=ready&q=impl"))["panel-run-tasks"]
     assert ">impl-1<" not in pushed and ">impl-10<" in pushed
+
+
+def test_a_simulated_tasks_retry_form_offers_params_only(operator_client, submit, make_agent):
+    run = submit(doc({"key": "sim", "max_attempts": 1}))
+    finish(make_agent("w1", labels=[]), "failed")
+    page = operator_client.get(f"/tasks/{Task.objects.get(run=run).id}/").content.decode()
+    assert 'name="params"' in page and 'name="command"' not in page and "None" not in page
