@@ -21,14 +21,15 @@ AT_END = "el => el.scrollTop + el.clientHeight >= el.scrollHeight - 8"
 
 
 @contextlib.contextmanager
-def beating(agent, attempt_id):
-    """The agent's heartbeats while the browser looks: the test server calls an agent silent for 3 s offline."""
+def beating(agent, live: list):
+    """The agent's heartbeats (listing the attempt ids in `live`) while the test goes on: the test server calls an
+    agent silent for 3 s offline and loses its attempts."""
     stop = threading.Event()
 
     def beat():
         try:
             while not stop.wait(0.5):
-                actions.heartbeat(agent, "busy", [attempt_id])
+                actions.heartbeat(agent, "busy", list(live))
         finally:
             connection.close()
 
@@ -48,11 +49,14 @@ def lines(what: str, n: int = 300) -> str:
 def test_attempt_tabs_open_at_the_end_and_the_live_log_follows(browser, live_server_proc, people, make_agent):  # noqa: F811
     agent = make_agent("sh-1", labels=["logs"])
     run = submit_run(doc({"key": "flaky", "requires": ["logs"], "max_attempts": 3, "retry_delay_s": 0}))
-    (first,) = actions.claim_ready_tasks(agent, 1)
-    actions.record_progress(agent, first["attempt_id"], 0.5, "working", lines("first") + "ERROR: first failure\n")
-    actions.complete_attempt(agent, first["attempt_id"], "failed", {}, "first failure", 1)
-    (second,) = actions.claim_ready_tasks(agent, 1)
-    with beating(agent, second["attempt_id"]):
+    live: list = []
+    with beating(agent, live):
+        (first,) = actions.claim_ready_tasks(agent, 1)
+        live[:] = [first["attempt_id"]]
+        actions.record_progress(agent, first["attempt_id"], 0.5, "working", lines("first") + "ERROR: first failure\n")
+        actions.complete_attempt(agent, first["attempt_id"], "failed", {}, "first failure", 1)
+        (second,) = actions.claim_ready_tasks(agent, 1)
+        live[:] = [second["attempt_id"]]
         actions.record_progress(agent, second["attempt_id"], 0.2, "working", lines("second"))
         page = login(browser, live_server_proc, people["viewer"])
         page.goto(f"{live_server_proc.url}/tasks/{Task.objects.get(run=run).id}/")
