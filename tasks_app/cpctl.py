@@ -176,6 +176,8 @@ def cmd_submit(api: Api, args) -> int:
             **({"base": args.base} if args.base else {}),
         }
         answer = api.call("POST", f"workflows/{urllib.parse.quote(args.target, safe='')}/runs", body)
+    for warning in answer.get("warnings") or ():
+        print(f"cpctl: warning: {warning}", file=sys.stderr)
     if args.json and not args.wait:
         return out(json.dumps(answer)) or OK
     out(answer["run_id"])

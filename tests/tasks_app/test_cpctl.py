@@ -249,3 +249,11 @@ def test_a_watch_waits_out_a_server_restart(operator, server_tmp, tmp_path, subm
     assert watch.returncode == 3, (out, err)
     assert "cannot reach" in err and err.count("retrying") == 1 and "Traceback" not in err
     assert "canceled" in out.splitlines()[-1]
+
+
+def test_submit_warns_of_a_task_no_agent_can_run(cpctl, shell_agent, tmp_path):
+    wait_for(lambda: "cli-1" in cpctl("agents")[1], 30, what="the agent to be online")
+    needy = write(tmp_path, doc(shell("train", "true", requires=["cli", "gpu"]), name="needy"))
+    code, out, err = cpctl("submit", needy)
+    assert code == 0 and len(out.split()) == 1  # stdout stays the run id alone
+    assert "cpctl: warning: 1 task (train): no agent can run this" in err and "gpu" in err
