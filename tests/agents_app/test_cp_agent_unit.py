@@ -243,7 +243,8 @@ def test_cp_progress_lines_report_progress(tmp_path):
         "echo; echo 'CP_PROGRESS 1 all done'; echo 'not CP_PROGRESS 0.9'",
     )
     ShellExecutor().run(ctx)
-    assert rec.progress == [(0.25, "compiling"), (0.5, None), (1.0, "all done")]
+    # The command's own reports, then the daemon's last one: a finished shell task says so.
+    assert rec.progress == [(0.25, "compiling"), (0.5, None), (1.0, "all done"), (1.0, "exited 0")]
 
 
 def test_output_streams_before_the_process_ends(tmp_path):
