@@ -211,7 +211,7 @@ def header(snap: Snapshot) -> Panel:
         top.append_text(state_text(run["state"]))
         top.append("  ")
         top.append_text(bar(run["fraction"], width=30))
-        done = sum(run["counts"][s] for s in TaskState.TERMINAL)
+        done = run["counts"][TaskState.SUCCEEDED]  # "done" is succeeded, as on the dashboard
         top.append(f"  {done}/{run['total']} done")
         lines.append(top)
         lines.append(counts_line(run["counts"]))
@@ -262,7 +262,7 @@ def _task_summary(snap: Snapshot, priced: bool) -> Table | Group:
     table = section("Task summary", columns)
     for r in snap.runs:
         c = r["counts"]
-        done = sum(c[s] for s in TaskState.TERMINAL)
+        done = c[TaskState.SUCCEEDED]
         cells = [
             plain(r["name"]),
             state_text(r["state"]),

@@ -17,7 +17,7 @@ def bar(fraction: float, width: int = 30) -> str:
 def progress_line(status: dict) -> str:
     counts = status["counts"]
     total = sum(counts.values()) or 1
-    done = counts["succeeded"] + counts["failed"] + counts["canceled"] + counts["skipped"]
+    done = counts["succeeded"]  # "done" is succeeded: a failed or skipped task is not done
     partial = sum(t["progress"] for t in status["tasks"] if t["state"] in ("assigned", "running"))
     fraction = min(1.0, (counts["succeeded"] + partial) / total)
     live = counts["assigned"] + counts["running"]
