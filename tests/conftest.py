@@ -396,19 +396,30 @@ def _unit_starts_no_process(request, monkeypatch):
 # Tests marked `alone` read state that PostgreSQL keeps for the whole cluster, not per database: the webhook
 # cursor settles once pg_current_snapshot()'s xmin passes the transactions that wrote what it read, and any
 # test's open transaction in any database of the cluster holds that xmin back. An `alone` test waits until no
-# other test runs (in any xdist worker or pytest process on this machine), and the others wait for it: a
+# other test runs on the cluster (in any xdist worker or pytest process), and the others wait for it: a
 # reader/writer lock around each test's whole protocol, fixtures included, with a turnstile so that a waiting
 # `alone` test is not starved by the others' next tests.
-CLUSTER_LOCKS = Path(tempfile.gettempdir()) / f"control-plane-tests-{os.getuid()}"
+def cluster_locks() -> Path:
+    """The lock folder of this run's PostgreSQL cluster: the embedded one's data folder, or one per host:port."""
+    import hashlib
+
+    s = connection.settings_dict
+    if s.get("EMBEDDED"):
+        folder = Path(s["EMBEDDED"]["DATA_DIR"]) / "test-locks"
+    else:
+        where = hashlib.sha256(f"{s['HOST']}:{s['PORT']}".encode()).hexdigest()[:12]
+        folder = Path(tempfile.gettempdir()) / f"control-plane-tests-{os.getuid()}-{where}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     import fcntl
 
-    CLUSTER_LOCKS.mkdir(exist_ok=True)
+    locks = cluster_locks()
     alone = item.get_closest_marker("alone") is not None
-    with open(CLUSTER_LOCKS / "turnstile", "a") as turnstile, open(CLUSTER_LOCKS / "tests", "a") as tests:
+    with open(locks / "turnstile", "a") as turnstile, open(locks / "tests", "a") as tests:
         fcntl.flock(turnstile, fcntl.LOCK_EX)
         fcntl.flock(tests, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
         if not alone:
