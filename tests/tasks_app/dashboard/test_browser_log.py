@@ -9,8 +9,10 @@ import threading
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 from playwright.sync_api import expect
 
+from agents_app.models import Agent
 from tasks_app import actions
 from tasks_app.models import Task
 from tests.conftest import doc
@@ -28,11 +30,16 @@ def beating(agent, live: list):
 
     def beat():
         try:
-            while not stop.wait(0.5):
+            while True:
+                # What an agent's call does: contact recorded (the sweeper reads last_seen_at), leases extended.
+                Agent.objects.filter(pk=agent["id"]).update(last_seen_at=timezone.now())
                 actions.heartbeat(agent, "busy", list(live))
+                if stop.wait(0.5):
+                    return
         finally:
             connection.close()
 
+    Agent.objects.filter(pk=agent["id"]).update(last_seen_at=timezone.now())  # before the first claim
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
     try:
