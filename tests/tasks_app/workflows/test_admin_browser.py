@@ -9,10 +9,20 @@ from playwright.sync_api import expect
 
 from tasks_app.models import Workflow
 from tasks_app.workflows import documents
-from tests.conftest import doc
+from tests.conftest import Server, doc
 from tests.tasks_app.dashboard.test_browser import browser, shoot  # noqa: F401  (browser: a fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def live_server_proc(transactional_db, server_tmp):
+    """A server of each test's own, not the session's: a server process caches ContentType ids, which every
+    transactional test's flush renumbers, so after another test's admin save the admin's change log would name a
+    stale one (a django_admin_log foreign key error, a 500), depending on the order the tests ran in."""
+    server = Server(server_tmp)
+    yield server
+    server.stop()
 
 
 @pytest.fixture
