@@ -300,6 +300,31 @@ def static_files():
 
 def pytest_configure(config):
     os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
+    _retry_flush_on_deadlock()
+
+
+def _retry_flush_on_deadlock():
+    """A transactional test's flush (one TRUNCATE of every table) runs while the session's server processes
+    are still sweeping, or finishing a stopped daemon's goodbye; PostgreSQL may then pick the flush as a
+    deadlock's victim, which failed that test's teardown and the next test's setup. The flush is tried again
+    (the server's short statements are done by then); any other failure is raised as it was."""
+    from django.core.management.base import CommandError
+    from django.test import TransactionTestCase
+    from psycopg.errors import DeadlockDetected
+
+    original = TransactionTestCase._fixture_teardown
+
+    def teardown(self):
+        for attempt in range(5):
+            try:
+                return original(self)
+            except CommandError as exc:
+                cause = getattr(exc.__cause__, "__cause__", None) or exc.__cause__
+                if attempt == 4 or not isinstance(cause, DeadlockDetected):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    TransactionTestCase._fixture_teardown = teardown
 
 
 # --- test layers (markers registered in pyproject.toml; `./run test` runs them fastest first) ---
