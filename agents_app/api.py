@@ -15,7 +15,29 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
 from django.utils import timezone
 
-from control_plane.http_api import ApiError, Fields, api_view, db_call, json_body, require_method
+from control_plane.api_spec import (
+    AGENT,
+    BOOL,
+    ENROLLMENT,
+    INT,
+    STR,
+    TIME,
+    UUID,
+    Body,
+    Bool,
+    Int,
+    Number,
+    Obj,
+    ObjList,
+    Str,
+    StrList,
+    array,
+    endpoint,
+    enum,
+    nullable,
+    obj,
+)
+from control_plane.http_api import ApiError, db_call
 from tasks_app import actions
 from tasks_app.dag import NAME_RE
 from tasks_app.hub import EventHub
@@ -25,6 +47,7 @@ from . import preflight, registry, tokens
 from .preflight import EXECUTOR_RE
 
 JSON_LIMIT = 64 * 1024  # agent calls other than complete/progress carry small bodies
+TAG = "agents"
 
 
 def _attempt_id(value: str) -> str:
@@ -71,25 +94,34 @@ create_input_as_agent = _as_agent(actions.create_input_request)
 goodbye_as_agent = _as_agent(registry.say_goodbye)
 
 
-@api_view
-async def register(request):
-    require_method(request, "POST")
-    f = Fields(json_body(request, JSON_LIMIT))
-    info = {
-        "name": f.str("name", 64, required=True),
-        "labels": f.str_list("labels", 32, NAME_RE),
-        "executors": f.str_list("executors", 16, EXECUTOR_RE, default=["shell"]),
-        "capacity": f.int("capacity", 1, 64, default=1),
-        "hostname": f.str("hostname", 255, default=""),
-        "version": f.str("version", 64, default=""),
-        "executor_versions": f.obj("executor_versions", default={}),
-        # Extras to PROTOCOL.md (README, "API"): the daemon's pre-flight of every executor it was configured
-        # with, and the current token of the identity it re-enrolls (so it may take its own online name).
-        "preflight": preflight.parse_report(f.obj("preflight", default={})),
-        "replaces_token": f.str("replaces_token", 128),
-    }
-    if not NAME_RE.fullmatch(info["name"]):
-        raise ApiError(400, "bad_request", "'name' must be 1-64 of [A-Za-z0-9._-]")
+TIMINGS = {"heartbeat_interval_s": INT, "lease_s": INT, "max_wait_s": INT}
+REGISTER = Body(
+    Str("name", 64, required=True, pattern=NAME_RE, shape="1-64 of [A-Za-z0-9._-]"),
+    StrList("labels", 32, NAME_RE),
+    StrList("executors", 16, EXECUTOR_RE, default=["shell"]),
+    Int("capacity", 1, 64, default=1, doc="tasks at once"),
+    Str("hostname", 255, default=""),
+    Str("version", 64, default=""),
+    Obj("executor_versions", default={}),
+    # Extras to PROTOCOL.md (README, "API"): the daemon's pre-flight of every executor it was configured
+    # with, and the current token of the identity it re-enrolls (so it may take its own online name).
+    Obj("preflight", default={}, doc="an addition: {executor: {ok, version, error}} of the daemon's checks"),
+    Str("replaces_token", 128, doc="an addition: the token of the identity this daemon re-enrolls"),
+)
+
+
+@endpoint(
+    "POST",
+    "agents/register",
+    auth=ENROLLMENT,
+    tag=TAG,
+    body=REGISTER,
+    errors=(403, 409),
+    answers={201: obj({"agent_id": UUID, "token": STR, **TIMINGS})},
+)
+async def register(request, body):
+    """Enroll an agent (enrollment token): its identity and token, once."""
+    info = {**body, "preflight": preflight.parse_report(body["preflight"])}
     token = tokens.bearer(request.headers.get("Authorization"))
     agent, agent_token = await db_call(registry.register_agent)(token, info)
     return JsonResponse({"agent_id": str(agent.id), "token": agent_token, **_timings()}, status=201)
@@ -103,16 +135,38 @@ def _timings() -> dict:
     }
 
 
-@api_view
-async def claim(request):
-    """The long poll. In the waiting loop the waiter is registered before each claim query, so a task made
+TASK = obj(
+    {"id": UUID, "run_id": UUID, "key": STR, "title": STR, "executor": STR, "command": nullable(STR),
+     "prompt": nullable(STR), "params": {"type": "object"}, "timeout_s": INT, "attempt": INT},
+    {"inputs": {"type": "object"}, "workspace": obj({"repo": STR, "base_commit": nullable(STR),
+     "merge": array(STR), "branch": STR}), "prices": {"type": "object"}, "resume_session": STR,
+     "resume_unavailable": STR},
+)  # fmt: skip
+ASSIGNMENTS = obj({"assignments": array(obj({"attempt_id": UUID, "lease_expires_at": TIME, "task": TASK}))})
+
+
+@endpoint(
+    "POST",
+    "agents/claim",
+    auth=AGENT,
+    tag=TAG,
+    answers={200: ASSIGNMENTS},
+    errors=(403,),
+    body=Body(
+        Int("capacity", 1, 64, default=1),
+        Number(
+            "wait_s", 0, lambda: settings.CP_MAX_WAIT_S, default=0, doc="how long to hold the request open for work"
+        ),
+    ),
+)
+async def claim(request, body):
+    """Claim ready tasks: the long poll.
+
+    In the waiting loop the waiter is registered before each claim query, so a task made
     ready while the query runs still wakes us: no notification can fall between "nothing for you" and "wait".
     The first query, before any waiter exists, only serves work already waiting; finding none, the loop
     registers and looks again."""
-    require_method(request, "POST")
-    f = Fields(json_body(request, JSON_LIMIT))
-    capacity = f.int("capacity", 1, 64, default=1)
-    wait_s = f.number("wait_s", 0, settings.CP_MAX_WAIT_S, default=0)
+    capacity, wait_s = body["capacity"], body["wait_s"]
     deadline = time.monotonic() + wait_s
     # The busy fleet's case first: work is waiting, so authenticate and claim in one go.
     agent, assignments = await claim_as_agent(request, capacity)
@@ -150,108 +204,184 @@ async def claim(request):
         woken_for = waiter.woken_for
 
 
-@api_view
-async def heartbeat(request):
-    require_method(request, "POST")
-    f = Fields(json_body(request, JSON_LIMIT))
-    status = f.str("status", 16, default="idle", choices=("idle", "busy", "draining"))
-    attempt_ids = f.str_list("attempts", 256)
+COMMAND = obj({"type": enum("cancel", "drain", "shutdown", "preflight")}, {"attempt_id": UUID})
+HEARTBEAT = Body(
+    Str("status", 16, default="idle", choices=("idle", "busy", "draining")),
+    StrList("attempts", 256, doc="the attempts this agent is running"),
+    # An extra (README, "API"): `first`, the first heartbeat of a daemon's life, sent before its first claim.
+    Bool("first", doc="an addition: the first heartbeat of a daemon's life"),
+)
+
+
+@endpoint(
+    "POST",
+    "agents/heartbeat",
+    auth=AGENT,
+    tag=TAG,
+    body=HEARTBEAT,
+    errors=(403,),
+    answers={200: obj({"commands": array(COMMAND), **TIMINGS})},
+)
+async def heartbeat(request, body):
+    """Extend the leases of this agent's attempts; answer with commands for it."""
     try:
-        attempt_ids = [str(uuid.UUID(a)) for a in attempt_ids]
+        attempt_ids = [str(uuid.UUID(a)) for a in body["attempts"]]
     except ValueError:
         raise ApiError(400, "bad_request", "'attempts' must list attempt ids") from None
-    # An extra (README, "API"): `first`, the first heartbeat of a daemon's life, sent before its first claim.
-    first = f.bool("first")
-    commands = await heartbeat_as_agent(request, status, attempt_ids, first)
+    commands = await heartbeat_as_agent(request, body["status"], attempt_ids, body["first"])
     # The timings ride along (an extra to PROTOCOL.md) so an agent that re-used its identity after a restart
     # learns them without registering again.
     return JsonResponse({"commands": commands, **_timings()})
 
 
-@api_view
-async def report_preflight(request):
-    """An extra endpoint (README, "API"): the agent's new pre-flight, sent at start-up with a saved identity
-    and after a `preflight` command. Its offered executors become those that passed."""
-    require_method(request, "POST")
-    f = Fields(json_body(request, JSON_LIMIT))
-    report = preflight.parse_report(f.obj("preflight", required=True))
+@endpoint(
+    "POST",
+    "agents/preflight",
+    auth=AGENT,
+    tag=TAG,
+    body=Body(Obj("preflight", required=True)),
+    errors=(403,),
+    answers={200: obj({"executors": array(STR)})},
+)
+async def report_preflight(request, body):
+    """An addition: the agent's new pre-flight, its offered executors become those that passed.
+
+    Sent at start-up with a saved identity and after a `preflight` command."""
+    report = preflight.parse_report(body["preflight"])
     agent = await _agent(request)
     passed = await db_call(registry.record_preflight)(agent["id"], report)
     return JsonResponse({"executors": passed})
 
 
-@api_view
+@endpoint("POST", "agents/goodbye", auth=AGENT, tag=TAG, errors=(400, 403, 413), answers={200: obj({"lost": INT})})
 async def goodbye(request):
-    """An extra endpoint (README, "API"): a daemon stopping cleanly says so, and is offline at once rather
-    than after 3 heartbeat intervals of silence; attempts it still holds are lost. Body: {} (ignored)."""
-    require_method(request, "POST")
-    json_body(request, JSON_LIMIT)
+    """An addition: a daemon stopping cleanly goes offline at once.
+
+    Rather than after 3 heartbeat intervals of silence; attempts it still holds are lost. Body: {} (ignored)."""
     return JsonResponse(await goodbye_as_agent(request))
 
 
-@api_view
-async def progress(request, attempt_id: str):
-    require_method(request, "POST")
-    body_limit = settings.CP_LOG_MAX_BYTES * 4 + 8192
-    f = Fields(json_body(request, body_limit))
-    value = f.number("progress", 0, 1)
-    message = f.str("message", 1000)
-    # Only the type here: a log over the limit is "too large" (413, below), not a malformed field (400).
-    log_text = f.str("log", body_limit)
-    if log_text is not None and len(log_text.encode("utf-8", "surrogatepass")) > settings.CP_LOG_MAX_BYTES:
-        raise ApiError(413, "too_large", f"'log' may be at most {settings.CP_LOG_MAX_BYTES} bytes a call")
-    usage = _usage_report(f.obj("usage"))
-    answer = await progress_as_agent(request, _attempt_id(attempt_id), value, message, log_text, usage)
-    return JsonResponse(answer)
-
-
-@api_view
-async def complete(request, attempt_id: str):
-    require_method(request, "POST")
-    f = Fields(json_body(request, settings.CP_RESULT_MAX_BYTES + 128 * 1024))
-    outcome = f.str("outcome", 16, required=True, choices=("succeeded", "failed", actions.RATE_LIMITED))
-    result = f.obj("result")
-    if result is not None and _json_size(result) > settings.CP_RESULT_MAX_BYTES:
-        raise ApiError(413, "too_large", f"'result' may be at most {settings.CP_RESULT_MAX_BYTES} bytes")
-    error = f.str("error", 100_000, default="")
-    exit_code = f.int("exit_code", -(2**31), 2**31 - 1)
-    commit = _commit_report(f.obj("commit"))
-    usage = _usage_report(f.obj("usage"))
-    session_id = f.str("session_id", 128)
-    hold_until = _hold_until(f) if outcome == actions.RATE_LIMITED else None
-    task_state = await complete_as_agent(
-        request, _attempt_id(attempt_id), outcome, result, error or "", exit_code, commit,
-        usage=usage, session_id=session_id, hold_until=hold_until,
-    )  # fmt: skip
-    return JsonResponse({"task_state": task_state})
+def _progress_limit() -> int:
+    return settings.CP_LOG_MAX_BYTES * 4 + 8192
 
 
 USAGE_TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+# PROTOCOL.md v1.1's `usage`, cumulative for the attempt; what is missing counts 0.
+USAGE = Obj(
+    "usage",
+    Body(
+        Str("model", 200, default=""),
+        *(Int(name, 0, 10**13, default=0) for name in USAGE_TOKENS),
+        Number("cost_usd", 0, 10**7, default=0),
+        Bool("cost_estimated"),
+    ),
+)
+PROGRESS = Body(
+    Number("progress", 0, 1),
+    Str("message", 1000),
+    # Only the type here: a log over the limit is "too large" (413, below), not a malformed field (400).
+    Str("log", _progress_limit, doc="text to append, at most CP_LOG_MAX_BYTES (64 KiB) a call"),
+    USAGE,
+)
 
 
-def _usage_report(value: dict | None) -> dict | None:
-    """PROTOCOL.md v1.1's `usage`: {model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
-    reasoning_tokens, cost_usd, cost_estimated}, cumulative for the attempt; what is missing counts 0."""
-    if value is None:
-        return None
-    u = Fields(value, "usage.")
-    report = {"model": u.str("model", 200, default="")}
-    for name in USAGE_TOKENS:
-        report[name] = u.int(name, 0, 10**13, default=0)
-    report["cost_usd"] = float(u.number("cost_usd", 0, 10**7, default=0))
-    report["cost_estimated"] = u.bool("cost_estimated")
-    return report
+@endpoint(
+    "POST",
+    "attempts/<str:attempt_id>/progress",
+    auth=AGENT,
+    tag=TAG,
+    body=PROGRESS,
+    limit=_progress_limit,
+    errors=(403, 404, 409),
+    answers={200: obj({"lease_expires_at": TIME, "cancel": BOOL}, {"cancel_reason": STR})},
+)
+async def progress(request, attempt_id: str, body):
+    """Report progress, a message and log text; extends the lease."""
+    log_text = body["log"]
+    if log_text is not None and len(log_text.encode("utf-8", "surrogatepass")) > settings.CP_LOG_MAX_BYTES:
+        raise ApiError(413, "too_large", f"'log' may be at most {settings.CP_LOG_MAX_BYTES} bytes a call")
+    usage = _usage_report(body["usage"])
+    answer = await progress_as_agent(request, _attempt_id(attempt_id), body["progress"], body["message"], log_text,
+                                     usage)  # fmt: skip
+    return JsonResponse(answer)
+
+
+def _result_limit() -> int:
+    return settings.CP_RESULT_MAX_BYTES + 128 * 1024
 
 
 # A provider's reset is honoured up to a week ahead: a later one is more likely a misread date than a limit.
 MAX_HOLD_S = 7 * 86400
+SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
-def _hold_until(f: Fields):
+def _uuid_text(value: str) -> str:
+    return str(uuid.UUID(value))
+
+
+# PROTOCOL.md v1.1 complete's `commit`, and as additions `files` and `diff_artifact` (README, "API").
+COMMIT = Obj(
+    "commit",
+    Body(
+        Str("sha", 64, pattern=SHA_RE, shape="a full commit sha or null", doc="null when the task changed nothing"),
+        Str("branch", 400, default=""),
+        Int("files_changed", 0, 10**9, default=0),
+        Int("insertions", 0, 10**12, default=0),
+        Int("deletions", 0, 10**12, default=0),
+        Str("diff_artifact", 64, convert=_uuid_text, shape="an artifact id", format="uuid",
+            doc="an addition: the artifact this attempt uploaded holding the whole patch"),
+        ObjList("files", Body(Str("path", 4096, required=True), Int("insertions", 0, 10**12, default=0),
+                              Int("deletions", 0, 10**12, default=0)), 10_000, doc="an addition: per file"),
+    ),
+)  # fmt: skip
+COMPLETE = Body(
+    Str("outcome", 16, required=True, choices=("succeeded", "failed", actions.RATE_LIMITED)),
+    Obj("result", doc="at most CP_RESULT_MAX_BYTES (1 MiB) as compact JSON"),
+    Str("error", 100_000, default=""),
+    Int("exit_code", -(2**31), 2**31 - 1),
+    COMMIT,
+    USAGE,
+    Str("session_id", 128, doc="the CLI's session or thread id"),
+    Str("resets_at", 64, doc="outcome rate_limited: when the provider's limit resets (ISO-8601 with a zone)"),
+    Number("retry_after_s", 0, MAX_HOLD_S, doc="outcome rate_limited: else, seconds from now"),
+)
+
+
+@endpoint(
+    "POST",
+    "attempts/<str:attempt_id>/complete",
+    auth=AGENT,
+    tag=TAG,
+    body=COMPLETE,
+    limit=_result_limit,
+    errors=(403, 404, 409),
+    answers={200: obj({"task_state": STR})},
+)
+async def complete(request, attempt_id: str, body):
+    """Report an attempt's outcome; the same completion sent again changes nothing."""
+    result = body["result"]
+    if result is not None and _json_size(result) > settings.CP_RESULT_MAX_BYTES:
+        raise ApiError(413, "too_large", f"'result' may be at most {settings.CP_RESULT_MAX_BYTES} bytes")
+    rate_limited = body["outcome"] == actions.RATE_LIMITED
+    hold_until = _hold_until(body["resets_at"], body["retry_after_s"]) if rate_limited else None
+    task_state = await complete_as_agent(
+        request, _attempt_id(attempt_id), body["outcome"], result, body["error"] or "", body["exit_code"],
+        _commit_report(body["commit"]), usage=_usage_report(body["usage"]), session_id=body["session_id"],
+        hold_until=hold_until,
+    )  # fmt: skip
+    return JsonResponse({"task_state": task_state})
+
+
+def _usage_report(report: dict | None) -> dict | None:
+    if report is not None:
+        report["cost_usd"] = float(report["cost_usd"])
+    return report
+
+
+def _hold_until(resets_at: str | None, after: float | None):
     """Until when outcome rate_limited holds the executor back: `resets_at`, else `retry_after_s` from now,
     else CP_RATE_LIMIT_HOLD_S; never in the past, at most MAX_HOLD_S ahead."""
     now = timezone.now()
-    resets_at, after = f.str("resets_at", 64), f.number("retry_after_s", 0, MAX_HOLD_S)
     if resets_at is not None:
         try:
             until = datetime.fromisoformat(resets_at)
@@ -264,44 +394,13 @@ def _hold_until(f: Fields):
     return min(max(until, now + timedelta(seconds=1)), now + timedelta(seconds=MAX_HOLD_S))
 
 
-SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
-
-
-def _commit_report(value: dict | None) -> dict | None:
-    """PROTOCOL.md v1.1 complete's `commit`: {sha (null when the task changed nothing), branch, files_changed,
-    insertions, deletions}, and as additions `files`: [{path, insertions, deletions}] and `diff_artifact`
-    (README, "API")."""
-    if value is None:
+def _commit_report(report: dict | None) -> dict | None:
+    """The checked `commit`, keeping only the additions it was sent (files, diff_artifact)."""
+    if report is None:
         return None
-    c = Fields(value)
-    sha = c.str("sha", 64)
-    if sha is not None and not SHA_RE.fullmatch(sha):
-        raise ApiError(400, "bad_request", "'commit.sha' must be a full commit sha or null")
-    report = {
-        "sha": sha,
-        "branch": c.str("branch", 400, default=""),
-        "files_changed": c.int("files_changed", 0, 10**9, default=0),
-        "insertions": c.int("insertions", 0, 10**12, default=0),
-        "deletions": c.int("deletions", 0, 10**12, default=0),
-    }
-    # An addition (README, "API"): the artifact this attempt uploaded holding the whole patch.
-    diff_artifact = c.str("diff_artifact", 64)
-    if diff_artifact is not None:
-        try:
-            report["diff_artifact"] = str(uuid.UUID(diff_artifact))
-        except ValueError:
-            raise ApiError(400, "bad_request", "'commit.diff_artifact' must be an artifact id") from None
-    files = value.get("files")
-    if files is not None:
-        if not isinstance(files, list) or len(files) > 10_000:
-            raise ApiError(400, "bad_request", "'commit.files' must be a list of at most 10000 files")
-        report["files"] = []
-        for entry in files:
-            e = Fields(entry if isinstance(entry, dict) else {"path": None})
-            report["files"].append(
-                {"path": e.str("path", 4096, required=True), "insertions": e.int("insertions", 0, 10**12, default=0),
-                 "deletions": e.int("deletions", 0, 10**12, default=0)}
-            )  # fmt: skip
+    for addition in ("diff_artifact", "files"):
+        if report[addition] is None:
+            del report[addition]
     return report
 
 
@@ -317,31 +416,53 @@ INPUT_TIMEOUT_MAX_S = 7 * 86400
 INPUT_POLL_S = 0.2
 
 
-@api_view
-async def create_input_request(request, attempt_id: str):
-    require_method(request, "POST")
-    f = Fields(json_body(request, 256 * 1024))
-    kind = f.str("kind", 32, default="permission", choices=("permission", "question"))
-    tool = f.str("tool", 200, default="")
-    tool_input = f.obj("input", default={})
-    question = f.str("question", 10_000, default="")
+INPUT_REQUEST = Body(
+    Str("kind", 32, default="permission", choices=("permission", "question")),
+    Str("tool", 200, default="", doc="a permission's tool (required for kind permission)"),
+    Obj("input", default={}, doc="the tool's input"),
+    Str("question", 10_000, default=""),
     # An addition (README, "API"): after this long unanswered, the server answers deny (params.input_timeout_s).
-    timeout_s = f.number("timeout_s", 1, INPUT_TIMEOUT_MAX_S, default=3600)
-    if kind == "permission" and not tool:
+    Number("timeout_s", 1, INPUT_TIMEOUT_MAX_S, default=3600, doc="an addition: answered deny after this long"),
+)
+
+
+@endpoint(
+    "POST",
+    "attempts/<str:attempt_id>/input-requests",
+    auth=AGENT,
+    tag=TAG,
+    body=INPUT_REQUEST,
+    limit=256 * 1024,
+    errors=(403, 404, 409),
+    answers={201: obj({"request_id": UUID})},
+)
+async def create_input_request(request, attempt_id: str, body):
+    """Ask a person: a permission for a tool, or a question."""
+    if body["kind"] == "permission" and not body["tool"]:
         raise ApiError(400, "bad_request", "a permission request names its 'tool'")
     request_id = await create_input_as_agent(
-        request, _attempt_id(attempt_id), kind=kind, tool=tool, tool_input=tool_input, question=question,
-        timeout_s=timeout_s,
+        request, _attempt_id(attempt_id), kind=body["kind"], tool=body["tool"], tool_input=body["input"],
+        question=body["question"], timeout_s=body["timeout_s"],
     )  # fmt: skip
     return JsonResponse({"request_id": request_id}, status=201)
 
 
-@api_view
-async def wait_input_request(request, request_id: str):
+ANSWER = obj({"behavior": enum("allow", "deny"), "message": STR})
+INPUT_STATE = obj({"state": enum("pending", "answered")}, {"answer": ANSWER})
+
+
+@endpoint(
+    "POST",
+    "input-requests/<str:request_id>/wait",
+    auth=AGENT,
+    tag=TAG,
+    errors=(403, 404, 409),
+    body=Body(Number("wait_s", 0, lambda: settings.CP_MAX_WAIT_S, default=0)),
+    answers={200: INPUT_STATE},
+)
+async def wait_input_request(request, request_id: str, body):
     """The long poll for a person's answer: {"state": "pending"} after `wait_s`, or the answer at once."""
-    require_method(request, "POST")
-    f = Fields(json_body(request, JSON_LIMIT))
-    wait_s = f.number("wait_s", 0, settings.CP_MAX_WAIT_S, default=0)
+    wait_s = body["wait_s"]
     request_id = _uuid_or_404(request_id, "input request")
     agent = await _agent(request)
     look = db_call(actions.input_request_state)
@@ -360,9 +481,26 @@ def _uuid_or_404(value: str, what: str) -> str:
         raise ApiError(404, "not_found", f"no {what} with that id") from None
 
 
-@api_view
+ARTIFACT_FORM = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string", "maxLength": 512}},
+}
+
+
+@endpoint(
+    "POST",
+    "attempts/<str:attempt_id>/artifacts",
+    auth=AGENT,
+    tag=TAG,
+    limit=None,
+    body_kind="multipart",
+    body_schema=ARTIFACT_FORM,
+    errors=(400, 403, 404, 409, 413),
+    answers={201: obj({"artifact_id": UUID, "name": STR, "size": INT, "sha256": STR})},
+)
 async def upload_artifact(request, attempt_id: str):
-    require_method(request, "POST")
+    """Upload a file of the attempt (multipart field `file`, optional `name`)."""
     limit = settings.CP_ARTIFACT_MAX_BYTES
     length = request.META.get("CONTENT_LENGTH") or "0"
     if length.isdigit() and int(length) > limit + 64 * 1024:

@@ -1,4 +1,4 @@
-"""What every JSON endpoint shares: PROTOCOL.md's error shape, body parsing and field checks (the database
+"""What every JSON endpoint shares: PROTOCOL.md's error shape and body parsing (fields: api_spec.py; the database
 calls of async views are control_plane/db.py's)."""
 
 from __future__ import annotations
@@ -83,11 +83,6 @@ async def _authentication_failed(request, exc) -> JsonResponse:
     return error_response(exc.status, exc.code, exc.detail)
 
 
-def require_method(request, method: str) -> None:
-    if request.method != method:
-        raise ApiError(405, "method_not_allowed", f"use {method}")
-
-
 def json_body(request, max_bytes: int | None = None) -> dict:
     """The request's JSON object; 413 past the size limit, 400 for anything but a JSON object."""
     length = request.META.get("CONTENT_LENGTH") or "0"
@@ -138,56 +133,3 @@ def _storable(value, raw: bytes):
             if isinstance(item, dict | list):
                 stack.append(item)
     return root[0]
-
-
-class Fields:
-    """Typed access to a JSON object's fields; every mismatch is a 400 naming the field."""
-
-    def __init__(self, data: dict, prefix: str = ""):
-        # `prefix` names a nested object in messages: Fields(body["usage"], "usage.") says 'usage.model'.
-        self.data, self.prefix = data, prefix
-
-    def _get(self, name, types, required, default, what):
-        if name not in self.data or self.data[name] is None:
-            if required:
-                raise ApiError(400, "bad_request", f"'{self.prefix}{name}' is required")
-            return default
-        value = self.data[name]
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-            raise ApiError(400, "bad_request", f"'{self.prefix}{name}' must be {what}")
-        return value
-
-    def int(self, name, lo, hi, default=None, required=False) -> int:
-        value = self._get(name, (int,), required, default, "an integer")
-        if value is not None and not lo <= value <= hi:
-            raise ApiError(400, "bad_request", f"'{self.prefix}{name}' must be from {lo} to {hi}")
-        return value
-
-    def number(self, name, lo, hi, default=None, required=False) -> float:
-        value = self._get(name, (int, float), required, default, "a number")
-        if value is not None and not lo <= value <= hi:
-            raise ApiError(400, "bad_request", f"'{self.prefix}{name}' must be from {lo} to {hi}")
-        return value
-
-    def bool(self, name, default=False) -> bool:
-        return self._get(name, (bool,), False, default, "true or false")
-
-    def str(self, name, max_len, default=None, required=False, choices=None) -> str:
-        value = self._get(name, (str,), required, default, "a string")
-        if value is not None and len(value) > max_len:
-            raise ApiError(400, "bad_request", f"'{self.prefix}{name}' may be at most {max_len} characters")
-        if value is not None and choices is not None and value not in choices:
-            raise ApiError(400, "bad_request", f"'{self.prefix}{name}' must be one of {', '.join(choices)}")
-        return value
-
-    def str_list(self, name, max_items, pattern=None, default=None) -> list:
-        value = self._get(name, (list,), False, default if default is not None else [], "a list of strings")
-        if len(value) > max_items:
-            raise ApiError(400, "bad_request", f"'{name}' may hold at most {max_items} items")
-        for item in value:
-            if not isinstance(item, str) or (pattern is not None and not pattern.fullmatch(item)):
-                raise ApiError(400, "bad_request", f"'{name}' holds an invalid entry: {item!r}")
-        return value
-
-    def obj(self, name, default=None, required=False):
-        return self._get(name, (dict,), required, default, "an object")

@@ -2,13 +2,12 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from agents_app import api as agent_api
+from agents_app import api as agent_api  # noqa: F401  (declares the agents' endpoints)
 from agents_app.hosts import views as host_views
-from control_plane import login, metrics
-from tasks_app import api as run_api
+from control_plane import api_docs, api_spec, login, metrics
+from tasks_app import api as run_api  # noqa: F401  (declares the run endpoints)
 from tasks_app.dashboard import views
 
-api = "api/v1/"
 urlpatterns = [
     path("", views.overview, name="overview"),
     path("runs/<uuid:run_id>/", views.run_page, name="run"),
@@ -34,33 +33,9 @@ urlpatterns = [
     path("admin/login/", login.admin_login),
     path("admin/", admin.site.urls),
     path("metrics", metrics.metrics_view),
-    path(f"{api}health", run_api.health),
-    path(f"{api}agents/register", agent_api.register),
-    path(f"{api}agents/claim", agent_api.claim),
-    path(f"{api}agents/heartbeat", agent_api.heartbeat),
-    path(f"{api}agents/preflight", agent_api.report_preflight),
-    path(f"{api}agents/goodbye", agent_api.goodbye),
-    path(f"{api}attempts/<str:attempt_id>/progress", agent_api.progress),
-    path(f"{api}attempts/<str:attempt_id>/complete", agent_api.complete),
-    path(f"{api}attempts/<str:attempt_id>/artifacts", agent_api.upload_artifact),
-    path(f"{api}attempts/<str:attempt_id>/input-requests", agent_api.create_input_request),
-    path(f"{api}input-requests/<str:request_id>/wait", agent_api.wait_input_request),
-    path(f"{api}runs", run_api.runs),
-    path(f"{api}runs/<str:run_id>", run_api.run_detail),
-    path(f"{api}runs/<str:run_id>/cancel", run_api.cancel_run),
-    path(f"{api}runs/<str:run_id>/pause", run_api.pause_run),
-    path(f"{api}runs/<str:run_id>/resume", run_api.resume_run),
-    path(f"{api}runs/<str:run_id>/rerun", run_api.rerun),
-    path(f"{api}runs/<str:run_id>/retry-failed", run_api.retry_failed),
-    path(f"{api}tasks/<str:task_id>/retry", run_api.retry_task),
-    path(f"{api}tasks/<str:task_id>", run_api.task_detail),
-    path(f"{api}tasks/<str:task_id>/log", run_api.task_log),
-    path(f"{api}workflows/<str:name>/runs", run_api.start_workflow),
-    path(f"{api}agents", run_api.agents),
-    path(f"{api}tasks/<str:task_id>/approve", run_api.approve_task),
-    path(f"{api}input-requests/<str:request_id>/answer", run_api.answer_input_request),
-    path(f"{api}tasks/<str:task_id>/reject", run_api.reject_task),
-    path(f"{api}artifacts/<str:artifact_id>", run_api.artifact),
+    path("docs/api/", api_docs.api_page, name="api-docs"),  # not under /api/: every answer there is JSON
+    # Every /api/v1/ route, from the endpoints the two API modules declare (control_plane/api_spec.py).
+    *api_spec.url_patterns(),
 ]
 
 handler404 = "control_plane.errors.not_found"

@@ -8,18 +8,44 @@ from django.db.models.functions import Length
 from django.http import HttpResponse, JsonResponse
 
 from agents_app import registry, tokens
+from control_plane import openapi
+from control_plane.api_spec import (
+    BOOL,
+    INT,
+    NUM,
+    OBJECT,
+    PUBLIC,
+    STR,
+    TIME,
+    USER,
+    UUID,
+    Body,
+    Int,
+    Number,
+    Query,
+    QueryChoice,
+    QueryInt,
+    Str,
+    StrMap,
+    array,
+    endpoint,
+    enum,
+    nullable,
+    obj,
+)
 from control_plane.db_outage import check_database
-from control_plane.http_api import ApiError, Fields, api_view, db_call, json_body, require_method
+from control_plane.http_api import ApiError, db_call, json_body
 from control_plane.web import user_actor
 
 from . import actions
-from .dag import MAX_COST_USD, params_from_pairs, parse_document, with_overrides
+from .dag import MAX_COST_USD, document_schema, params_from_pairs, parse_document, with_overrides
 from .dashboard import panels, reports, waiting
 from .models import Artifact, Attempt, Run, Task, Workflow
-from .states import AttemptState, RunState
+from .states import AttemptState, RunState, TaskState
 from .workflows import documents
 
 DOCUMENT_LIMIT = 16 * 1024 * 1024
+RUNS, TASKS, FLEET = "runs", "tasks", "fleet"
 
 
 def _uuid(value: str, what: str) -> str:
@@ -36,20 +62,29 @@ def _user(request, permission: str | None = None):
     return user
 
 
-@api_view
+@endpoint("GET", "health", auth=PUBLIC, tag="service", limit=None, answers={200: obj({"status": enum("ok")})})
 async def health(request):
-    """200 while this process can reach the database (one round trip), 503 while it cannot."""
+    """Health: 200 while this process can reach the database (one round trip), 503 while it cannot."""
     await db_call(check_database)()
     return JsonResponse({"status": "ok"})
 
 
-@api_view
-async def runs(request):
-    if request.method == "GET":
-        return await _list_runs(request)
-    require_method(request, "POST")
+START_QUERY = (
+    Query("repo", "an addition: the repository, overriding the document's workspace.repo"),
+    Query("base", "an addition: the base branch, tag or commit, overriding workspace.base"),
+    Query("param", "an addition: NAME=VALUE, overriding the document's params (repeatable)", repeat=True),
+)
+SUBMITTED = obj({"run_id": UUID, "tasks": INT}, {"warnings": array(STR)})
+
+
+@endpoint("POST", "runs", auth=USER, tag=RUNS, limit=None, body_kind="document", body_schema=document_schema(),
+          query=START_QUERY, errors=(400, 403, 413, 422), answers={201: SUBMITTED})  # fmt: skip
+async def submit_run(request, query):
+    """Submit a DAG document (JSON, or YAML with Content-Type application/yaml): a new run.
+
+    The answer's `warnings` (an addition) name the tasks no online agent can run."""
     document = _document_body(request)
-    overrides = _overrides(request.GET.get("repo"), request.GET.get("base"), request.GET.getlist("param"))
+    overrides = _overrides(query["repo"], query["base"], query["param"])
 
     def submit():
         user = _user(request, "tasks_app.add_run")
@@ -84,16 +119,20 @@ def _overrides(repo, base, pairs) -> dict:
     return {"repo": repo or None, "base": base or None, "params": params_from_pairs(pairs)}
 
 
-async def _list_runs(request):
-    """An addition to PROTOCOL.md (README, "API"): the newest runs, `?state=`, `?workflow=NAME` and `?limit=`
-    (1-500, 50)."""
-    state = request.GET.get("state") or None
-    if state is not None and state not in RunState.ALL:
-        raise ApiError(400, "bad_request", f"'state' must be one of {', '.join(RunState.ALL)}")
-    limit = request.GET.get("limit", "50")
-    if not limit.isdigit() or not 1 <= int(limit) <= 500:
-        raise ApiError(400, "bad_request", "'limit' must be from 1 to 500")
-    workflow = request.GET.get("workflow") or None
+COUNTS = {"type": "object", "properties": {state: INT for state in TaskState.ALL}}
+RUN_SUMMARY = obj(
+    {"run_id": UUID, "name": STR, "state": enum(*RunState.ALL), "tasks": INT, "counts": COUNTS, "progress": NUM,
+     "created_at": TIME, "finished_at": nullable(TIME), "eta": nullable(TIME)}
+)  # fmt: skip
+
+
+@endpoint("GET", "runs", auth=USER, tag=RUNS, limit=None, errors=(400, 403, 404),
+          query=(QueryChoice("state", RunState.ALL), Query("workflow", "a workflow's name"),
+                 QueryInt("limit", 1, 500, default=50)),
+          answers={200: obj({"runs": array(RUN_SUMMARY)})})  # fmt: skip
+async def list_runs(request, query):
+    """An addition: the newest runs, filtered by state or workflow."""
+    state, workflow, limit = query["state"], query["workflow"], query["limit"]
 
     def load():
         _user(request, "tasks_app.view_run")
@@ -111,15 +150,32 @@ async def _list_runs(request):
                 "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
                 "eta": r["eta"].isoformat() if r["eta"] else None,
             }  # fmt: skip
-            for r in panels.run_summaries(limit=int(limit), state=state, workflow=workflow)
+            for r in panels.run_summaries(limit=limit, state=state, workflow=workflow)
         ]
 
     return JsonResponse({"runs": await db_call(load)()})
 
 
-@api_view
+RUN_TASK = obj(
+    {"id": UUID, "key": STR, "state": enum(*TaskState.ALL), "attempt": INT, "progress": NUM, "agent": nullable(STR),
+     "started_at": nullable(TIME), "finished_at": nullable(TIME)},
+    {"waiting": nullable(STR), "commit": nullable(STR), "awaiting": enum(None, "input", "approval"),
+     "cost_usd": nullable(NUM), "session_id": nullable(STR), "usage": nullable(OBJECT)},
+)  # fmt: skip
+ARTIFACT = obj({"id": UUID, "name": STR, "size": INT, "sha256": STR}, {"task_id": UUID, "task": STR, "attempt": INT})
+RUN = obj(
+    {"run_id": UUID, "name": STR, "state": enum(*RunState.ALL), "tasks": array(RUN_TASK), "counts": COUNTS},
+    {"created_at": TIME, "finished_at": nullable(TIME), "params": OBJECT, "cost_usd": NUM, "usage": OBJECT,
+     "max_cost_usd": nullable(NUM), "pause_reason": STR, "artifacts": array(ARTIFACT),
+     "workspace": nullable(obj({"repo": STR}, {"base": nullable(STR), "base_commit": nullable(STR),
+                                               "branch_prefix": STR, "result_branch": nullable(STR),
+                                               "result_commit": nullable(STR)}))},
+)  # fmt: skip
+
+
+@endpoint("GET", "runs/<str:run_id>", auth=USER, tag=RUNS, limit=None, errors=(403, 404), answers={200: RUN})
 async def run_detail(request, run_id: str):
-    require_method(request, "GET")
+    """A run: its state, its tasks, their counts, cost and artifacts."""
     run_id = _uuid(run_id, "run")
 
     def load():
@@ -129,36 +185,52 @@ async def run_detail(request, run_id: str):
     return JsonResponse(await db_call(load)())
 
 
-def _run_action(action, options=None):
-    """A run operation's view; `options(Fields of the body)` gives the action's keyword arguments."""
+RUN_STATE = obj({"run_id": UUID, "state": enum(*RunState.ALL)})
 
-    @api_view
-    async def view(request, run_id: str):
-        require_method(request, "POST")
+
+def _run_action(action, verb: str, doc: str, body: Body | None = None):
+    """A run operation's endpoint; the checked `body` gives the action's keyword arguments."""
+
+    async def view(request, run_id: str, body=None):
         run_id_ = _uuid(run_id, "run")
-        kwargs = options(Fields(json_body(request, 4096))) if options else {}
 
         def act():
             user = _user(request, "tasks_app.change_run")
-            return {"run_id": run_id_, "state": action(run_id_, user_actor(user), **kwargs)}
+            return {"run_id": run_id_, "state": action(run_id_, user_actor(user), **(body or {}))}
 
         return JsonResponse(await db_call(act)())
 
-    view.__name__ = action.__name__
-    return view
+    view.__name__, view.__doc__ = f"{verb}_run", doc
+    return endpoint("POST", f"runs/<str:run_id>/{verb}", auth=USER, tag=RUNS, body=body, limit=4096,
+                    errors=(400, 403, 404, 409, 413), answers={200: RUN_STATE})(view)  # fmt: skip
 
 
-cancel_run = _run_action(actions.cancel_run)
-pause_run = _run_action(actions.pause_run)
+cancel_run = _run_action(actions.cancel_run, "cancel", "Cancel a run: its live attempts are told to stop.")
+pause_run = _run_action(actions.pause_run, "pause", "Pause a run: nothing new is assigned; live attempts finish.")
 # An addition (README, "API"): resume's body may raise the run's budget, {"max_cost_usd": N}.
-resume_run = _run_action(actions.resume_run, lambda f: {"max_cost_usd": f.number("max_cost_usd", 0, MAX_COST_USD)})
+resume_run = _run_action(
+    actions.resume_run, "resume", "Resume a paused run (an addition: the body may raise its budget).",
+    Body(Number("max_cost_usd", 0, MAX_COST_USD, doc="an addition: the run's new budget in US dollars")),
+)  # fmt: skip
 
 
-@api_view
+TASK_STATE = obj({"task_id": UUID, "state": enum(*TaskState.ALL)})
+# Checked by actions.edit_task as a document's task is (a 422 naming the field): described from its list.
+RETRY_EDITS = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {k: v for k, v in document_schema()["properties"]["tasks"]["items"]["properties"].items()
+                   if k in actions.EDITABLE},
+}  # fmt: skip
+
+
+@endpoint("POST", "tasks/<str:task_id>/retry", auth=USER, tag=TASKS, limit=None, body_kind="json",
+          body_schema=RETRY_EDITS, errors=(400, 403, 404, 409, 413, 422), answers={200: TASK_STATE})  # fmt: skip
 async def retry_task(request, task_id: str):
-    """PROTOCOL.md's retry; an addition: the body may change what the retry runs, `{"command", "prompt",
-    "params"}` (each optional, checked as in a document: 422 naming the field)."""
-    require_method(request, "POST")
+    """Retry a failed or canceled task; an addition: the body may change its command, prompt or params.
+
+    Each edit is checked as in a document (a 422 naming the field) and audited; downstream tasks that were
+    skipped wait again."""
     task_id = _uuid(task_id, "task")
     edits = json_body(request, 64 * 1024)
 
@@ -169,10 +241,10 @@ async def retry_task(request, task_id: str):
     return JsonResponse(await db_call(act)())
 
 
-@api_view
+@endpoint("POST", "runs/<str:run_id>/retry-failed", auth=USER, tag=RUNS, limit=4096, errors=(400, 403, 404, 413),
+          answers={200: obj({"run_id": UUID, "retried": array(STR), "state": enum(*RunState.ALL)})})  # fmt: skip
 async def retry_failed(request, run_id: str):
-    """An addition (README, "API"): retry every failed or canceled task of the run."""
-    require_method(request, "POST")
+    """An addition: retry every failed or canceled task of the run."""
     run_id = _uuid(run_id, "run")
 
     def act():
@@ -183,10 +255,10 @@ async def retry_failed(request, run_id: str):
     return JsonResponse(await db_call(act)())
 
 
-@api_view
+@endpoint("POST", "runs/<str:run_id>/rerun", auth=USER, tag=RUNS, limit=4096, errors=(400, 403, 404, 413, 422),
+          answers={201: obj({"run_id": UUID, "rerun_of": UUID, "tasks": INT})})  # fmt: skip
 async def rerun(request, run_id: str):
-    """An addition (README, "API"): a new run of the same document, linked to this one → 201."""
-    require_method(request, "POST")
+    """An addition: a new run of the same document, linked to this one."""
     run_id = _uuid(run_id, "run")
 
     def act():
@@ -197,33 +269,40 @@ async def rerun(request, run_id: str):
     return JsonResponse(await db_call(act)(), status=201)
 
 
+MESSAGE = Body(Str("message", 10_000, default=""))
+
+
 def _decision(approve: bool):
     """PROTOCOL.md v1.1's approve / reject: 200 for a task awaiting approval, 409 otherwise; operators only."""
 
-    @api_view
-    async def view(request, task_id: str):
-        require_method(request, "POST")
+    async def view(request, task_id: str, body):
         task_id_ = _uuid(task_id, "task")
-        message = Fields(json_body(request, 64 * 1024)).str("message", 10_000, default="")
 
         def act():
             user = _user(request, "tasks_app.operate_run")
-            return {"task_id": task_id_, "state": actions.decide_approval(task_id_, approve, user_actor(user), message)}
+            state = actions.decide_approval(task_id_, approve, user_actor(user), body["message"])
+            return {"task_id": task_id_, "state": state}
 
         return JsonResponse(await db_call(act)())
 
-    view.__name__ = "approve_task" if approve else "reject_task"
-    return view
+    verb = "approve" if approve else "reject"
+    view.__name__ = f"{verb}_task"
+    view.__doc__ = f"{verb.capitalize()} a task awaiting approval (it then {'succeeds' if approve else 'fails'})."
+    return endpoint("POST", f"tasks/<str:task_id>/{verb}", auth=USER, tag=TASKS, body=MESSAGE,
+                    errors=(403, 404, 409), answers={200: TASK_STATE})(view)  # fmt: skip
 
 
-@api_view
-async def answer_input_request(request, request_id: str):
-    """PROTOCOL.md v1.1: a person's answer to an agent's input request; 409 once answered."""
-    require_method(request, "POST")
+ANSWER_BODY = Body(Str("behavior", 8, required=True, choices=("allow", "deny")), Str("message", 10_000, default=""))
+
+
+@endpoint("POST", "input-requests/<str:request_id>/answer", auth=USER, tag=TASKS, body=ANSWER_BODY,
+          errors=(403, 404, 409),
+          answers={200: obj({"request_id": UUID, "state": enum("answered"),
+                             "answer": obj({"behavior": enum("allow", "deny"), "message": STR})})})  # fmt: skip
+async def answer_input_request(request, request_id: str, body):
+    """A person's answer to an agent's input request; 409 once answered."""
     request_id_ = _uuid(request_id, "input request")
-    f = Fields(json_body(request, 64 * 1024))
-    behavior = f.str("behavior", 8, required=True, choices=("allow", "deny"))
-    message = f.str("message", 10_000, default="")
+    behavior, message = body["behavior"], body["message"]
 
     def act():
         user = _user(request, "tasks_app.operate_run")
@@ -237,9 +316,10 @@ approve_task = _decision(True)
 reject_task = _decision(False)
 
 
-@api_view
+@endpoint("GET", "artifacts/<str:artifact_id>", auth=USER, tag=TASKS, limit=None, errors=(403, 404),
+          answers={200: {"content": "application/octet-stream", "description": "the file"}})  # fmt: skip
 async def artifact(request, artifact_id: str):
-    require_method(request, "GET")
+    """Download an artifact (an API token with view_artifact, or a signed-in person's session)."""
     artifact_id = _uuid(artifact_id, "artifact")
 
     def load():
@@ -260,19 +340,22 @@ async def artifact(request, artifact_id: str):
     return response
 
 
-@api_view
-async def start_workflow(request, name: str):
-    """An addition (README, "API"): a run of the workflow NAME, with a start's overrides in the body:
-    `{"params": {...}, "repo", "base", "priority", "max_parallel"}` (all optional) → 201 as `POST /runs`."""
-    require_method(request, "POST")
-    f = Fields(json_body(request, 64 * 1024))
-    params = f.obj("params", default={})
-    pairs = [f"{k}={v}" for k, v in params.items()] if isinstance(params, dict) else None
-    if pairs is None or not all(isinstance(v, str) for v in params.values()):
-        raise ApiError(400, "bad_request", "'params' must be an object of strings")
-    overrides = _overrides(f.str("repo", 2000, default=""), f.str("base", 255, default=""), pairs)
-    priority = f.int("priority", -1_000_000, 1_000_000) if "priority" in f.data else None
-    max_parallel = f.int("max_parallel", 1, 100_000) if "max_parallel" in f.data else None
+START = Body(
+    StrMap("params", default={}, doc="run parameters overriding the workflow's defaults"),
+    Str("repo", 2000, default=""),
+    Str("base", 255, default=""),
+    Int("priority", -1_000_000, 1_000_000),
+    Int("max_parallel", 1, 100_000),
+)
+
+
+@endpoint("POST", "workflows/<str:name>/runs", auth=USER, tag=RUNS, body=START, errors=(403, 404, 422),
+          answers={201: obj({"run_id": UUID, "tasks": INT})})  # fmt: skip
+async def start_workflow(request, name: str, body):
+    """An addition: a run of the workflow NAME, with a start's overrides (all optional), as `POST /runs`."""
+    pairs = [f"{k}={v}" for k, v in body["params"].items()]
+    overrides = _overrides(body["repo"], body["base"], pairs)
+    priority, max_parallel = body["priority"], body["max_parallel"]
 
     def start():
         user = _user(request, "tasks_app.add_run")
@@ -287,10 +370,18 @@ async def start_workflow(request, name: str):
     return JsonResponse(await db_call(start)(), status=201)
 
 
-@api_view
+TASK = obj(
+    {"id": UUID, "key": STR, "run_id": UUID, "state": enum(*TaskState.ALL), "executor": STR,
+     "attempts": array(obj({"number": INT, "state": STR, "agent": nullable(STR), "started_at": nullable(TIME),
+                            "finished_at": nullable(TIME), "exit_code": nullable(INT), "error": STR,
+                            "log_chars": INT})),
+     "artifacts": array(ARTIFACT)}
+)  # fmt: skip
+
+
+@endpoint("GET", "tasks/<str:task_id>", auth=USER, tag=TASKS, limit=None, errors=(403, 404), answers={200: TASK})
 async def task_detail(request, task_id: str):
-    """An addition (README, "API"): one task with every attempt and its artifacts."""
-    require_method(request, "GET")
+    """An addition: one task with every attempt and its artifacts."""
     task_id = _uuid(task_id, "task")
 
     def load():
@@ -348,16 +439,22 @@ async def task_detail(request, task_id: str):
 LOG_PAGE_CHARS = 1_000_000
 
 
-@api_view
-async def task_log(request, task_id: str):
-    """An addition (README, "API"): one attempt's log from a character offset. `?attempt=N` (default: the
-    latest), `?offset=C` (default 0) → `{"task_id", "attempt", "attempts", "state", "done", "offset",
-    "next_offset", "log"}`; `done` once the attempt has ended and `next_offset` is the end of its log."""
-    require_method(request, "GET")
+LOG_PAGE = obj(
+    {"task_id": UUID, "attempt": INT, "attempts": INT, "state": STR, "done": BOOL, "offset": INT,
+     "next_offset": INT, "log": STR}
+)  # fmt: skip
+
+
+@endpoint("GET", "tasks/<str:task_id>/log", auth=USER, tag=TASKS, limit=None, errors=(400, 403, 404),
+          query=(QueryInt("attempt", 1, 2**31 - 1, doc="the attempt's number (default: the latest)"),
+                 QueryInt("offset", 0, None, default=0, doc="the first character to read")),
+          answers={200: LOG_PAGE})  # fmt: skip
+async def task_log(request, task_id: str, query):
+    """An addition: one attempt's log from a character offset, a page at a time.
+
+    `done` once the attempt has ended and `next_offset` is the end of its log."""
     task_id = _uuid(task_id, "task")
-    number, offset = request.GET.get("attempt", ""), request.GET.get("offset", "0")
-    if number and not number.isdigit() or not offset.isdigit():
-        raise ApiError(400, "bad_request", "'attempt' and 'offset' must be whole numbers")
+    number, offset = query["attempt"], query["offset"]
 
     def load():
         _user(request, "tasks_app.view_run")
@@ -385,10 +482,17 @@ async def task_log(request, task_id: str):
     return JsonResponse(await db_call(load)())
 
 
-@api_view
+AGENT_ENTRY = obj(
+    {"id": UUID, "name": STR, "status": enum("disabled", "offline", "draining", "busy", "idle"), "labels": array(STR),
+     "executors": array(STR), "capacity": INT, "tasks": array(STR), "last_seen_at": nullable(TIME),
+     "version": STR}
+)  # fmt: skip
+
+
+@endpoint("GET", "agents", auth=USER, tag=FLEET, limit=None, errors=(403,),
+          answers={200: obj({"agents": array(AGENT_ENTRY)})})  # fmt: skip
 async def agents(request):
-    """An addition (README, "API"): the fleet, for `cpctl agents` (API token, `view_agent`)."""
-    require_method(request, "GET")
+    """An addition: the fleet (the view_agent permission)."""
 
     def load():
         _user(request, "agents_app.view_agent")
@@ -409,3 +513,9 @@ def _agent_entry(a: dict) -> dict:
         "last_seen_at": a["last_seen_at"].isoformat() if a["last_seen_at"] else None,
         "version": a["version"],
     }
+
+
+@endpoint("GET", "openapi.json", auth=PUBLIC, tag="service", limit=None, answers={200: OBJECT})
+async def openapi_description(request):
+    """This description: OpenAPI 3.1, built from the code that checks the requests."""
+    return JsonResponse(openapi.document(), json_dumps_params={"indent": 1})

@@ -24,6 +24,13 @@ EXECUTORS = ("shell", "claude", "codex", "simulated", APPROVAL_EXECUTOR)
 # How long an approval waits for an answer unless its task says (timeout_s): a week, the longest timeout.
 APPROVAL_TIMEOUT_S = 7 * 86400
 DEFAULTS = {"max_attempts": 3, "timeout_s": 1800, "retry_delay_s": 10}
+# A task's whole-number fields and their bounds.
+TASK_NUMBERS = {
+    "priority": (-1_000_000, 1_000_000),
+    "max_attempts": (1, 100),
+    "timeout_s": (1, 7 * 86400),
+    "retry_delay_s": (0, 86400),
+}
 TASK_FIELDS = {
     "key", "title", "deps", "requires", "executor", "command", "prompt", "params", "estimate_s", "priority",
     "max_attempts", "timeout_s", "retry_delay_s",
@@ -50,6 +57,7 @@ BRANCH_PREFIX_RE = re.compile(r"(?![-/])(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{0,64}"
 class ParamRule:
     test: Callable[[Any], bool]
     allowed: str
+    schema: dict = field(default_factory=dict)  # the same rule as JSON Schema, for the OpenAPI description
 
 
 def _number(value: Any) -> bool:
@@ -67,26 +75,32 @@ def _tools(value: Any) -> bool:
 
 def _is_text(lo: int, hi: int) -> ParamRule:
     allowed = f"a string of {lo} to {hi} characters" if lo else f"a string of at most {hi} characters"
-    return ParamRule(lambda v: isinstance(v, str) and lo <= len(v) <= hi, allowed)
+    return ParamRule(lambda v: isinstance(v, str) and lo <= len(v) <= hi, allowed,
+                     {"type": "string", "minLength": lo, "maxLength": hi})  # fmt: skip
 
 
 def _is_one_of(*choices: str) -> ParamRule:
-    return ParamRule(lambda v: isinstance(v, str) and v in choices, f"one of {', '.join(choices)}")
+    return ParamRule(lambda v: isinstance(v, str) and v in choices, f"one of {', '.join(choices)}",
+                     {"enum": list(choices)})  # fmt: skip
 
 
 def _is_positive(hi: float) -> ParamRule:
-    return ParamRule(lambda v: _number(v) and 0 < v <= hi, f"a number > 0 and <= {hi:g}")  # NaN and inf fail too
+    # NaN and inf fail too
+    return ParamRule(lambda v: _number(v) and 0 < v <= hi, f"a number > 0 and <= {hi:g}",
+                     {"type": "number", "exclusiveMinimum": 0, "maximum": hi})  # fmt: skip
 
 
 def _is_int(lo: int, hi: int) -> ParamRule:
     allowed = f"an integer from {lo} to {hi}"
-    return ParamRule(lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, allowed)
+    return ParamRule(lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, allowed,
+                     {"type": "integer", "minimum": lo, "maximum": hi})  # fmt: skip
 
 
-IS_BOOL = ParamRule(lambda v: isinstance(v, bool), "true or false")
+IS_BOOL = ParamRule(lambda v: isinstance(v, bool), "true or false", {"type": "boolean"})
 IS_TOOL_LIST = ParamRule(
     _tools,
     "a list of at most 100 tool patterns, each a non-blank string of at most 500 characters",
+    {"type": "array", "maxItems": 100, "items": {"type": "string", "minLength": 1, "maxLength": 500}},
 )
 _SHARED_PARAMS = {
     "model": _is_text(1, 200),
@@ -523,15 +537,10 @@ def _check_what_it_runs(raw: dict, key: str, executor: str, command: str | None,
 def _task_numbers(raw: dict, key: str, executor: str, defaults: dict, problems: Problems) -> dict[str, int]:
     """priority, max_attempts, timeout_s and retry_delay_s, each checked (a bad one noted, 0 in its place)."""
     timeout = APPROVAL_TIMEOUT_S if executor == APPROVAL_EXECUTOR else defaults["timeout_s"]
-    bounds = {
-        "priority": (0, -1_000_000, 1_000_000),
-        "max_attempts": (defaults["max_attempts"], 1, 100),
-        "timeout_s": (timeout, 1, 7 * 86400),
-        "retry_delay_s": (defaults["retry_delay_s"], 0, 86400),
-    }
+    given = {"priority": 0, **defaults, "timeout_s": timeout}
     return {
-        name: problems.take(partial(_int, raw.get(name, d), name, lo, hi, key), 0)
-        for name, (d, lo, hi) in bounds.items()
+        name: problems.take(partial(_int, raw.get(name, given[name]), name, lo, hi, key), 0)
+        for name, (lo, hi) in TASK_NUMBERS.items()
     }
 
 
@@ -604,3 +613,71 @@ def critical_path(dag: Dag) -> tuple[float, list[str]]:
         node = max((by_key[c] for c in dependents[node.key]), key=lambda t: t.critical_path_s)
         chain.append(node.key)
     return total, chain
+
+
+def document_schema() -> dict:
+    """The document as JSON Schema (the OpenAPI description of `POST /api/v1/runs`), from the tables the
+    checks above use. It describes shapes; what only the whole document can tell (a cycle, an unknown
+    dependency, a shell task without a command, a template's reference) is a 422 naming the task."""
+    name = {"type": "string", "pattern": f"^(?:{NAME_RE.pattern})$"}
+    names = {"type": "array", "items": name, "maxItems": 32}
+    ai_params = {
+        "type": "object",
+        "description": "free-form for shell and simulated tasks; for claude and codex, one of these",
+        "properties": {k: rule.schema for rules in AI_PARAMS.values() for k, rule in rules.items()},
+    }
+    numbers = {k: {"type": "integer", "minimum": lo, "maximum": hi} for k, (lo, hi) in TASK_NUMBERS.items()}
+    task_properties = {
+        "key": name,
+        "title": {"type": "string", "maxLength": 200},
+        "deps": {**names, "maxItems": 10_000},
+        "requires": names,
+        "executor": {"enum": list(EXECUTORS), "default": "shell"},
+        "command": {"type": ["string", "null"]},
+        "prompt": {"type": ["string", "null"]},
+        "params": ai_params,
+        "estimate_s": {"type": ["number", "null"], "minimum": 0},
+        **numbers,
+    }
+    assert set(task_properties) == TASK_FIELDS  # one list of fields: a new one is described or this fails
+    # What each executor needs (_check_what_it_runs): a shell task a command, an AI task a prompt.
+    needs = [
+        {"if": {"properties": {"executor": {"const": executor}}, **({"required": ["executor"]} if executor != "shell"
+                                                                    else {})},
+         "then": {"required": [what], "properties": {what: {"type": "string", "minLength": 1}}}}
+        for executor, what in (("shell", "command"), ("claude", "prompt"), ("codex", "prompt"))
+    ]  # fmt: skip
+    task = {"type": "object", "required": ["key"], "additionalProperties": False, "properties": task_properties,
+            "allOf": needs}  # fmt: skip
+    param_value = {"type": ["string", "number", "boolean", "null"]}
+    properties = {
+        "name": {"type": "string", "minLength": 1, "maxLength": 128},
+        "description": {},
+        "max_parallel": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000},
+        "priority": numbers["priority"],
+        "defaults": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {k: {**numbers[k], "default": v} for k, v in DEFAULTS.items()},
+        },
+        "tasks": {"type": "array", "items": task, "minItems": 1, "maxItems": 20_000},
+        "workspace": {
+            "type": ["object", "null"],
+            "required": ["repo"],
+            "additionalProperties": False,
+            "properties": {
+                "repo": {"type": "string", "minLength": 1, "maxLength": 2000},
+                "base": {"type": "string", "pattern": f"^(?:{REF_RE.pattern})$"},
+                "branch_prefix": {"type": "string", "pattern": f"^(?:{BRANCH_PREFIX_RE.pattern})$"},
+            },
+        },
+        "params": {"type": ["object", "null"], "maxProperties": 100, "additionalProperties": param_value},
+        "max_cost_usd": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_COST_USD},
+    }
+    assert set(properties) == DOC_FIELDS
+    return {
+        "type": "object",
+        "required": ["name", "tasks"],
+        "additionalProperties": False,
+        "properties": properties,
+    }
