@@ -3,15 +3,24 @@ server as plain HTML: no script, no third-party renderer, the Content-Security-P
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
+from django.utils.html import escape
+from django.utils.safestring import SafeString, mark_safe
 
 from control_plane import openapi
 
 TAG_ORDER = ("runs", "tasks", "agents", "fleet", "service")
 MAX_DEPTH = 4  # nested objects listed as `usage.model`; deeper ones are named, not expanded
+
+
+def inline(text: str) -> SafeString:
+    """A description's `code` as <code>, everything else escaped."""
+    return mark_safe(re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(text)))  # escaped first: safe
 
 
 def describe(schema: dict) -> str:
@@ -41,7 +50,7 @@ def describe(schema: dict) -> str:
     if "format" in schema:
         rules.append(schema["format"])
     if "default" in schema:
-        rules.append(f"default {schema['default']!r}")
+        rules.append(f"default {json.dumps(schema['default'])}")
     return ", ".join([words, *rules]) if words != "any" or rules else "any JSON"
 
 
@@ -54,9 +63,9 @@ def fields(schema: dict, prefix: str = "", depth: int = 0) -> list[dict[str, Any
     rows = []
     for name, sub in schema.get("properties", {}).items():
         rows.append({"name": prefix + name, "kind": describe(sub), "required": name in required,
-                     "doc": sub.get("description", "")})  # fmt: skip
+                     "doc": inline(sub.get("description", ""))})  # fmt: skip
         if depth < MAX_DEPTH:
-            items = sub.get("items") if sub.get("type") == "array" else None
+            items = sub.get("items")
             if items is not None and _object_of(items):
                 rows += fields(items, f"{prefix}{name}[].", depth + 1)
             elif _object_of(sub):
@@ -81,16 +90,16 @@ def operations(doc: dict) -> list[dict]:
             for status, answer in op["responses"].items():
                 if "$ref" in answer:
                     answer = doc["components"]["responses"][status]
-                    answers.append({"status": status, "doc": answer["description"], "fields": []})
+                    answers.append({"status": status, "doc": inline(answer["description"]), "fields": []})
                     continue
                 content = next(iter(answer["content"].values()))
                 answers.append({"status": status, "doc": answer["description"], "fields": fields(content["schema"])})
             out.append({
                 "id": op["operationId"], "method": method.upper(), "path": path, "tag": op["tags"][0],
-                "summary": op["summary"], "description": op.get("description", ""),
+                "summary": inline(op["summary"]), "description": inline(op.get("description", "")),
                 "auth": ", ".join(k for s in op["security"] for k in s) or "none",
                 "parameters": [{"name": p["name"], "in": p["in"], "kind": describe(p["schema"]),
-                                "doc": p.get("description", "")} for p in op["parameters"]],
+                                "doc": inline(p.get("description", ""))} for p in op["parameters"]],
                 "media": ", ".join(body) if body else "", "body": fields(body_schema["schema"]),
                 "answers": answers,
             })  # fmt: skip
@@ -103,6 +112,8 @@ def api_page(request):
     ops = operations(doc)
     tags = sorted({op["tag"] for op in ops}, key=lambda t: TAG_ORDER.index(t) if t in TAG_ORDER else len(TAG_ORDER))
     sections = [{"tag": tag, "operations": [op for op in ops if op["tag"] == tag]} for tag in tags]
-    context = {"page": "api", "info": doc["info"], "sections": sections,
-               "schemes": doc["components"]["securitySchemes"], "errors": doc["components"]["responses"]}  # fmt: skip
+    info = {**doc["info"], "description": inline(doc["info"]["description"])}
+    schemes = {name: inline(scheme["description"]) for name, scheme in doc["components"]["securitySchemes"].items()}
+    errors = {status: inline(error["description"]) for status, error in doc["components"]["responses"].items()}
+    context = {"page": "api", "info": info, "sections": sections, "schemes": schemes, "errors": errors}
     return render(request, "api/reference.html", context)

@@ -47,6 +47,7 @@ def test_no_page_breaks_the_content_security_policy(browser, live_server_proc, d
         "task": f"/tasks/{task.pk}/",
         "agents": "/agents/",
         "hosts": "/hosts/",
+        "api reference": "/docs/api/",
         "admin index": "/admin/",
         "workflows": "/admin/tasks_app/workflow/",
         "workflow form": "/admin/tasks_app/workflow/add/",
