@@ -37,11 +37,12 @@ from control_plane import launch  # noqa: E402
 
 LATENCY_TARGET_MS = 50.0
 THROUGHPUT_TARGET = 300.0
-SERVERS = [("uvicorn", 1), ("uvicorn", 2), ("daphne", 1)]
+SERVERS = [("uvicorn", 1, ""), ("uvicorn", 2, ""), ("daphne", 1, "")]
 
 
-def label(kind: str, workers: int) -> str:
-    return f"uvicorn --workers {workers}" if kind == "uvicorn" else kind
+def label(kind: str, workers: int, setting: str = "") -> str:
+    name = f"uvicorn --workers {workers}" if kind == "uvicorn" else kind
+    return f"{name} {setting}" if setting else name
 
 
 def run_async(coro):
@@ -112,11 +113,14 @@ async def measure_server(args, db: dict, port: int, server_pid: int, tag: str, w
     return out
 
 
-def bench_server(args, db: dict, kind: str, workers: int, logdir: Path, with_polling: bool) -> dict:
+def bench_server(args, db: dict, kind: str, workers: int, setting: str, logdir: Path, with_polling: bool) -> dict:
     port = launch.free_port()
-    log = logdir / f"server-{kind}-{workers}.log"
+    log = logdir / f"server-{kind}-{workers}-{len(setting)}.log"
     env = {"DATABASE_URL": db["url"], "LOG_LEVEL": "WARNING"}
-    say(f"{label(kind, workers)} on 127.0.0.1:{port} (log: {log})")
+    if setting:  # a variant of the same server: one setting changed (kind:workers:NAME=VALUE)
+        name, _, value = setting.partition("=")
+        env[name] = value
+    say(f"{label(kind, workers, setting)} on 127.0.0.1:{port} (log: {log})")
     proc = launch.start_server(port, env=env, kind=kind, workers=workers, log=log)
     try:
         if workers > 1:
@@ -202,8 +206,9 @@ def parse_args():
     parser.add_argument("--time-limit", type=float, default=45.0, help="seconds at most per throughput run")
     parser.add_argument(
         "--servers",
-        default=",".join(f"{k}:{w}" for k, w in SERVERS),
-        help="comma-separated kind:workers (default %(default)s); figure 3 runs on the first",
+        default=",".join(f"{k}:{w}" for k, w, _ in SERVERS),
+        help="comma-separated kind:workers[:SETTING=VALUE] (default %(default)s; a setting makes a variant, e.g. "
+        "uvicorn:1:CP_DB_SERVER_SIDE_BINDING=0); figure 3 runs on the first",
     )
     parser.add_argument("--output", type=Path, default=BENCH / "results.json")
     return parser.parse_args()
@@ -213,8 +218,9 @@ def main() -> int:
     args = parse_args()
     servers = []
     for item in filter(None, args.servers.split(",")):
-        kind, _, workers = item.partition(":")
-        servers.append((kind, int(workers or 1)))
+        kind, _, rest = item.partition(":")
+        workers, _, setting = rest.partition(":")
+        servers.append((kind, int(workers or 1), setting))
 
     started = time.monotonic()
     os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
@@ -235,9 +241,9 @@ def main() -> int:
         "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "servers": {},
     }
-    for i, (kind, workers) in enumerate(servers):
-        name = label(kind, workers)
-        res = bench_server(args, db, kind, workers, logdir, with_polling=i == 0)
+    for i, (kind, workers, setting) in enumerate(servers):
+        name = label(kind, workers, setting)
+        res = bench_server(args, db, kind, workers, setting, logdir, with_polling=i == 0)
         if "polling" in res:
             results["polling"] = {**res.pop("polling"), "server": name}
             fig2, fig3 = res["throughput"]["tasks_per_s"], results["polling"]["tasks_per_s"]

@@ -171,6 +171,11 @@ if not RUNS_Q_CLUSTER:
         "max_lifetime": CP_DB_POOL_MAX_LIFETIME_S,
     }
 _db["CONN_MAX_AGE"] = 0
+# Server-side binding (CP_DB_SERVER_SIDE_BINDING=1): parameters travel apart from the statement and psycopg
+# prepares a statement on a connection once it has run it 5 times. Off until the scheduler bench shows it pays
+# (bench/run_all.py --servers uvicorn:1,uvicorn:1:CP_DB_SERVER_SIDE_BINDING=1); every named statement is
+# checked to prepare (tests/tasks_app/test_queries_prepare.py).
+_db["OPTIONS"]["server_side_binding"] = env_bool("CP_DB_SERVER_SIDE_BINDING", False)
 # Threads per process that run the async views' database work (control_plane/db.py).
 CP_DB_THREADS = env_int("CP_DB_THREADS", 16)
 _db["TEST"] = {"NAME": env_str("CP_TEST_DB_NAME", "") or None}

@@ -234,10 +234,10 @@ SELECT a.id, a.state, a.agent_id, a.task_id, a.run_id, a.number, a.result, a.err
 # Ending an attempt: the SET list of its UPDATE, which runs in the same statement as its task's update
 # (actions._end_attempt), with parameters prefixed a_. The agent's completion...
 ATTEMPT_COMPLETED = """
-state = %(a_state)s, result = %(a_result)s::jsonb, error = %(a_error)s, exit_code = %(a_exit_code)s,
+state = %(a_state)s::varchar, result = %(a_result)s::jsonb, error = %(a_error)s, exit_code = %(a_exit_code)s,
 commit = %(a_commit)s::jsonb,
 finished_at = now(), started_at = COALESCE(started_at, now()),
-progress = CASE WHEN %(a_state)s = 'succeeded' THEN 1 ELSE progress END
+progress = CASE WHEN %(a_state)s::varchar = 'succeeded' THEN 1 ELSE progress END
 """
 # ... and the server's (lost, canceled).
 ATTEMPT_ENDED = "state = %(a_state)s, error = %(a_error)s, finished_at = now()"
@@ -256,10 +256,12 @@ ATTEMPT_COMPLETED += "," + ATTEMPT_USAGE
 _END_ATTEMPT = """
 WITH ended AS (UPDATE tasks_app_attempt SET {attempt_set} WHERE id = %(attempt_id)s)
 UPDATE tasks_app_task
-   SET state = %(state)s, attempt_base = attempt_base + %(returned)s::int,
-       progress = CASE WHEN %(state)s = 'succeeded' THEN 1 WHEN %(state)s = 'ready' THEN 0 ELSE progress END,
-       ready_at = CASE WHEN %(state)s = 'ready' THEN now() + make_interval(secs => %(delay)s) ELSE ready_at END,
-       finished_at = CASE WHEN %(state)s = 'ready' THEN NULL ELSE now() END,
+   SET state = %(state)s::varchar, attempt_base = attempt_base + %(returned)s::int,
+       progress = CASE WHEN %(state)s::varchar = 'succeeded' THEN 1 WHEN %(state)s::varchar = 'ready' THEN 0
+                       ELSE progress END,
+       ready_at = CASE WHEN %(state)s::varchar = 'ready' THEN now() + make_interval(secs => %(delay)s)
+                       ELSE ready_at END,
+       finished_at = CASE WHEN %(state)s::varchar = 'ready' THEN NULL ELSE now() END,
        output = CASE WHEN %(handed)s THEN %(output)s ELSE output END,
        commit = CASE WHEN %(handed)s THEN %(commit)s::jsonb ELSE commit END,
        head_commits = CASE WHEN %(handed)s THEN %(heads)s::varchar[] ELSE head_commits END
@@ -516,8 +518,8 @@ SELECT executor, requires, EXTRACT(EPOCH FROM (ready_at - now())) FROM tasks_app
 # --- Operators (actions: pause, resume, cancel, retry), each after LOCK_RUN or its task's lock. ---
 # Pause, resume or cancel: a run that ends (canceled) has finished now; one that goes on has not finished.
 SET_RUN_STATE = """
-UPDATE tasks_app_run SET state = %(state)s, pause_reason = '',
-       finished_at = CASE WHEN %(state)s IN ('succeeded', 'failed', 'canceled') THEN now() ELSE NULL END
+UPDATE tasks_app_run SET state = %(state)s::varchar, pause_reason = '',
+       finished_at = CASE WHEN %(state)s::varchar IN ('succeeded', 'failed', 'canceled') THEN now() ELSE NULL END
  WHERE id = %(run_id)s
 """
 SET_RUN_BUDGET = "UPDATE tasks_app_run SET max_cost_usd = %(max_cost_usd)s WHERE id = %(run_id)s"
