@@ -188,8 +188,13 @@ def test_re_enrolling_rotates_the_token_at_once_and_the_old_one_answers_401(live
 
     fleet("rotor", ["x"], extra=["--re-enroll"])
     new = wait_for(lambda: (a := current("rotor")) and a.pk != old.pk and a, 30, what="the new identity")
-    new_token = json.loads(state_file.read_text())["token"]
-    assert new_token != old_token
+
+    # The server has the new identity a moment before the daemon has saved it (its state file is replaced whole).
+    def saved():
+        token = json.loads(state_file.read_text())["token"]
+        return token != old_token and token
+
+    new_token = wait_for(saved, 10, 0.02, "the daemon to save its new token")
     # It proved it held the old token, so it did not wait for its old identity to go offline.
     assert "is online on the server" not in log_of(tmp_path, "rotor")
     status, body = http("POST", heartbeat, {"status": "idle"}, token=old_token)
