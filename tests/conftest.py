@@ -401,6 +401,43 @@ def _not_unit(words: list[str]) -> str | None:
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _passwords_hashed_once():
+    """PBKDF2's million rounds cost half a second of CPU for each user a test makes (and each password this
+    process checks), and the tests make the same few users again and again (olivia, otto, vera...): in this
+    process each password is hashed once, and each (password, salt, rounds) computed once. The hashes are
+    real PBKDF2 ones, which the server processes (where the logins are checked) verify as before."""
+    from django.conf import settings
+    from django.contrib.auth import base_user, hashers
+    from django.contrib.auth import models as auth_models
+
+    make_password, encode = hashers.make_password, hashers.PBKDF2PasswordHasher.encode
+    made, encoded = {}, {}
+
+    def make_once(password, salt=None, hasher="default"):
+        if not isinstance(password, str) or salt is not None:  # unusable passwords stay random
+            return make_password(password, salt, hasher)
+        key = (password, hasher, tuple(settings.PASSWORD_HASHERS))
+        if key not in made:
+            made[key] = make_password(password, salt, hasher)
+        return made[key]
+
+    def encode_once(self, password, salt, iterations=None):
+        key = (type(self), password, salt, iterations)
+        if key not in encoded:
+            encoded[key] = encode(self, password, salt, iterations)
+        return encoded[key]
+
+    patched = [(hashers, "make_password"), (base_user, "make_password"), (auth_models, "make_password")]
+    for module, name in patched:
+        setattr(module, name, make_once)
+    hashers.PBKDF2PasswordHasher.encode = encode_once
+    yield
+    for module, name in patched:
+        setattr(module, name, make_password)
+    hashers.PBKDF2PasswordHasher.encode = encode
+
+
 @pytest.fixture(autouse=True)
 def _unit_starts_no_process(request, monkeypatch):
     """A unit test that starts a server, an agent daemon, a browser or sshd fails with a message saying so."""
