@@ -322,6 +322,24 @@ def static_files():
 def pytest_configure(config):
     os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
     _retry_flush_on_deadlock()
+    # One migrated template for every throwaway PostgreSQL of this run (tests/pg_instance.py), xdist's
+    # workers included (they inherit the variable): the first cluster migrates, the others restore its dump.
+    from tests.pg_instance import TEMPLATE_CACHE_ENV
+
+    if not hasattr(config, "workerinput") and not os.environ.get(TEMPLATE_CACHE_ENV):
+        config._pg_template_cache = tempfile.mkdtemp(prefix="cp-test-pg-template-")
+        os.environ[TEMPLATE_CACHE_ENV] = config._pg_template_cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    from tests.pg_instance import TEMPLATE_CACHE_ENV
+
+    folder = getattr(config, "_pg_template_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(TEMPLATE_CACHE_ENV, None)
 
 
 def _retry_flush_on_deadlock():
