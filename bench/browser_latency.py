@@ -7,8 +7,9 @@ Debian's Chromium (Playwright) open on the run page. Two state changes of every 
 (the agent's first progress call) and `succeeded` (its completion). The change's time is its Event row's
 `created_at`, PostgreSQL's `now()`: the start of the transaction that committed it, a few milliseconds before
 the commit, so the figure errs on the slow side. As a bound from the other side, the bench also measures from
-the moment the agent received the call's answer (after the commit). In the page a MutationObserver on the
-DAG's nodes stamps `performance.timeOrigin + performance.now()` when a node's `data-state` changes; browser,
+the moment the agent received the call's answer (after the commit). In the page the DAG's canvas drawing
+(static/js/dag.js) fires `cp:dag-drawn` at the end of each frame that repainted changed nodes, and the bench
+stamps `performance.timeOrigin + performance.now()` there for each of them; browser,
 server and PostgreSQL share the machine's clock, and the offset between the page's clock and the bench's is
 measured (round trips to the page) and corrected.
 
@@ -62,10 +63,10 @@ WAVES = (0.001, 0.04, 0.2, 0.3, 0.25, 0.15, 0.05, 0.008)
 OBSERVE_JS = r"""() => {
   const now = () => performance.timeOrigin + performance.now();
   window.cpSeen = []; window.cpPushes = []; window.cpLong = [];
-  new MutationObserver(records => {
+  document.addEventListener('cp:dag-drawn', e => {
     const t = now();
-    for (const r of records) window.cpSeen.push([r.target.id.slice(2), r.target.getAttribute('data-state'), t]);
-  }).observe(document.querySelector('svg.dag'), {attributes: true, attributeFilter: ['data-state'], subtree: true});
+    for (const [key, state] of e.detail.changed) window.cpSeen.push([key, state, t]);
+  });
   // Before any other listener (capture) and after the page's own (registered later; the page may swap the
   // panels itself and stop htmx, which then fires no htmx:wsAfterMessage).
   let started = null;
@@ -83,11 +84,11 @@ OBSERVE_JS = r"""() => {
 LOAD_JS = """() => {
   const nav = performance.getEntriesByType('navigation')[0];
   const paint = Object.fromEntries(performance.getEntriesByType('paint').map(p => [p.name, p.startTime]));
-  const svg = document.querySelector('svg.dag'), box = svg.querySelector('g.node rect.box').getBoundingClientRect();
+  const view = window.cpDag.views[0];
   return {html_bytes: nav.transferSize, server_ms: nav.responseStart - nav.requestStart,
           dom_content_loaded_ms: nav.domContentLoadedEventEnd, load_ms: nav.loadEventEnd,
-          first_contentful_paint_ms: paint['first-contentful-paint'] ?? null,
-          nodes: svg.querySelectorAll('g.node').length, node_box_px: [box.width, box.height]};
+          first_contentful_paint_ms: paint['first-contentful-paint'] ?? null, dag_drawn_ms: view.firstPaintMs,
+          nodes: view.n, node_box_px: [view.data.style.nw * view.k, view.data.style.nh * view.k]};
 }"""
 
 
@@ -184,8 +185,9 @@ def summary(seconds: list[float]) -> dict:
     return out
 
 
-def committed_at(db_url: str, run_id: str) -> dict:
-    """{(task id, state): the epoch time of the transaction that made it} from the run's audit trail."""
+def committed_at(db_url: str, run_id: str) -> tuple[dict, dict]:
+    """{(task id, state): the epoch time of the transaction that made it} from the run's audit trail, and
+    {task key: task id} (the page names its nodes by key)."""
     import psycopg
 
     with psycopg.connect(db_url) as conn:
@@ -194,15 +196,16 @@ def committed_at(db_url: str, run_id: str) -> dict:
             " WHERE run_id = %s AND kind = 'task' AND to_state IN ('running', 'succeeded')",
             [run_id],
         ).fetchall()
-    return {(task_id, state): t for task_id, state, t in rows}
+        ids = dict(conn.execute("SELECT key, id::text FROM tasks_app_task WHERE run_id = %s", [run_id]).fetchall())
+    return {(task_id, state): t for task_id, state, t in rows}, ids
 
 
-def match(seen: list, committed: dict, stamps: Stamps, offset_s: float, pushes: list) -> dict:
-    """Pair each committed state change with the first time its node showed that state in the DOM, and
+def match(seen: list, committed: dict, ids: dict, stamps: Stamps, offset_s: float, pushes: list) -> dict:
+    """Pair each committed state change with the first time its node showed that state in the picture, and
     split the time at the moment the page began handling the push that carried it."""
     first: dict = {}
-    for task_id, state, t_ms in seen:
-        first.setdefault((task_id, state), t_ms / 1000 - offset_s)
+    for key, state, t_ms in seen:
+        first.setdefault((ids.get(key), state), t_ms / 1000 - offset_s)
     starts = sorted(p[0] / 1000 - offset_s for p in pushes)
     before_page, in_page = [], []
     for key, shown in first.items():
@@ -317,7 +320,7 @@ async def one_round(args, db: dict, port: int, server_pid: int, browser, round_n
     api.close()
     await context.close()
 
-    latency = match(seen, committed_at(db["url"], run["run_id"]), stamps, offset, pushes)
+    latency = match(seen, *committed_at(db["url"], run["run_id"]), stamps, offset, pushes)
     sizes = [p[2] for p in pushes]
     with_gantt = [p[1] / 1000 for p in pushes if "panel-gantt" in p[3]]
     without = [p[1] / 1000 for p in pushes if "panel-gantt" not in p[3]]
@@ -435,7 +438,8 @@ def print_round(i: int, r: dict) -> None:
     say(f"    page main thread, % of the time: {', '.join(f'{k} {v:g}' for k, v in r['page_main_thread_pct'].items())}")
     say(f"    page load: {load['nodes']} nodes ({load['node_box_px'][0]:.0f}x{load['node_box_px'][1]:.0f} px each), "
         f"{load['html_bytes'] / 1024:.0f} KiB HTML, server {load['server_ms']:.0f} ms, first paint "
-        f"{_ms(load['first_contentful_paint_ms'])}, load event {load['load_ms']:.0f} ms, live after "
+        f"{_ms(load['first_contentful_paint_ms'])}, DAG drawn {_ms(load['dag_drawn_ms'])}, load event "
+        f"{load['load_ms']:.0f} ms, live after "
         f"{load['to_live_ms']:.0f} ms")  # fmt: skip
     g, ng = pushes["apply_ms_with_gantt"], pushes["apply_ms_without_gantt"]
     say(f"    pushes: {pushes['count']} ({pushes['per_s']}/s), mean {pushes['bytes_mean'] / 1024:.1f} KiB, max "

@@ -1,89 +1,33 @@
-/* The DAG and Gantt pictures (tasks_app/dagsvg.py, tasks_app/gantt.py): live states, pan & zoom, click-through.
-   Vanilla JS, no dependencies, no inline handlers.
+/* The DAG and Gantt pictures: the run page's DAG drawn on a canvas from compact data, and pan & zoom for the
+   server-drawn SVG pictures (the Gantt chart, tasks_app/dashboard/gantt.py; the admin's workflow preview,
+   tasks_app/dashboard/dagsvg.render_svg). Vanilla JS, no dependencies, no inline handlers.
 
-   Live updates. The page carries the latest states as a JSON script element with id "dag-states":
-       {{ states|json_script:"dag-states" }}       (states = tasks_app.dagsvg.state_codes(tasks))
-   which renders <script id="dag-states" type="application/json">{"<task id>": ["running", 0.42], ...}</script>,
-   node id -> [state, progress 0..1]. An element with id "dag-states" wrapping such a script (an htmx
-   out-of-band panel) works too, as does <div id="dag-states" data-states='{...}'>. Once on load and whenever
-   htmx swaps in content holding it (htmx:afterSwap; htmx:oobAfterSwap, which the ws extension fires too), the
-   map is applied to every svg.dag on the page: each node's st-<state> class, data-state, state word, tooltip state
-   line and progress bar. Ids not in the picture are ignored. window.cpDag.apply(svgEl, states) does it by hand.
+   The run page's DAG. A JSON data island (<script type="application/json" id="dag-data">, never executed, so
+   the 'self'-only CSP allows it) holds the laid-out graph, tasks_app/dashboard/dagsvg.picture_data plus
+   picture_states: per node its key, sub-column and row, its state (an index into `states`), the live ones'
+   progress, and the edges as index pairs. The element `.dag-wrap[data-dag-source=<island id>]` gets a canvas
+   drawing of it: edges, boxes coloured by state (the palette of static/css/dag.css, so the theme applies),
+   progress bars, and keys (and, in the normal style, state words and diffstats) once they are legible. Only
+   what is in view is drawn: 10,000 tasks cost a few milliseconds a frame. Drag pans, the wheel and the +/-
+   buttons zoom, a double-click resets, "Fit" shows everything; the find form (`[data-dag-find]`) centres and
+   rings the node whose key matches (exactly, else the first containing the text); a click on a node opens its
+   data's `href` with {key} replaced; hovering shows a node's key, title, estimate and state as a tooltip.
+
+   Live updates. The states panel (id "dag-states", an htmx out-of-band panel) wraps a JSON script with
+   {key: state} or {key: [state, progress 0..1]} for the tasks whose state changed (the whole map on a
+   socket's connect). Once on load and whenever htmx swaps it in, the map is applied to every drawing and the
+   changed nodes repainted in the next frame; then a "cp:dag-drawn" event (detail: {changed: [[key, state],
+   ...], at: the frame's time}) tells observers (the browser bench, tests) that the picture shows them.
+   Keys not in the picture are ignored. window.cpDag.views lists the drawings; each has find(key),
+   stateOf(key), labelsOf(key) (the words drawn on the node), screenOf(key) (its centre in client pixels),
+   painted (frames drawn) and firstPaintMs (when the first was, on the page's performance.now() clock).
 
    Pan & zoom (svg.dag, svg.gantt): the wheel zooms around the cursor, dragging pans, a double-click resets;
-   all by rewriting the viewBox. A click on a DAG node (g.node, id "n-<id>") opens the svg's data-node-href
-   with {id} replaced (dagsvg's default: /tasks/{id}/); without that attribute clicks do nothing. */
+   all by rewriting the viewBox. A click on an SVG DAG node (g.node, id "n-<id>") opens the svg's
+   data-node-href with {id} replaced; without that attribute clicks do nothing. */
 (function () {
   "use strict";
   var LIVE = { assigned: true, running: true };
-  var NS = "http://www.w3.org/2000/svg";
-
-  function nodesOf(svg) {  // id -> g.node, built once per svg element (a re-rendered svg is a new element)
-    if (!svg._cpNodes) {
-      svg._cpNodes = {};
-      svg.querySelectorAll("g.node").forEach(function (g) { svg._cpNodes[g.id.slice(2)] = g; });
-    }
-    return svg._cpNodes;
-  }
-
-  function stateLine(state, progress) {  // the same words as dagsvg.state_line
-    return "state: " + state + (LIVE[state] ? " · " + Math.round(progress * 100) + "%" : "");
-  }
-
-  function setBar(svg, g, state, progress) {
-    var bar = g.querySelector("rect.pbar"), box = g.querySelector("rect.box");
-    if (!LIVE[state] || !box) { if (bar) bar.remove(); return; }
-    var p = (svg.getAttribute("data-pbar") || "4 3").split(" ").map(Number);  // inset, height
-    if (!bar) {
-      bar = document.createElementNS(NS, "rect");
-      bar.setAttribute("class", "pbar");
-      bar.setAttribute("x", +box.getAttribute("x") + p[0]);
-      bar.setAttribute("y", +box.getAttribute("y") + +box.getAttribute("height") - p[0] - p[1]);
-      bar.setAttribute("height", p[1]);
-      box.after(bar);
-    }
-    bar.setAttribute("width", Math.round((+box.getAttribute("width") - 2 * p[0]) * progress));
-  }
-
-  function apply(svg, states) {
-    var nodes = nodesOf(svg);
-    Object.keys(states).forEach(function (id) {
-      var g = nodes[id], v = states[id];
-      if (!g) return;
-      var state = String(Array.isArray(v) ? v[0] : v);
-      var progress = Math.min(1, Math.max(0, Number(Array.isArray(v) ? v[1] : 0) || 0));
-      if (g._cp === state + progress) return;  // unchanged since the last update: touch nothing
-      g._cp = state + progress;
-      var old = g.getAttribute("data-state");
-      if (old !== state) {
-        g.classList.remove("st-" + old);
-        g.classList.add("st-" + state);
-        g.setAttribute("data-state", state);
-        var word = g.querySelector("text.st");
-        if (word) word.textContent = state;
-      }
-      setBar(svg, g, state, progress);
-      var tip = g.querySelector("title");
-      if (tip) {
-        var lines = tip.textContent.split("\n");
-        lines[lines.length - 1] = stateLine(state, progress);
-        tip.textContent = lines.join("\n");
-      }
-    });
-  }
-
-  var applied = null;  // the states element applied last: each one is applied once (see initSwapped)
-
-  function applyFromPage(force) {
-    var el = document.getElementById("dag-states");
-    if (el && el.tagName !== "SCRIPT") el = el.querySelector('script[type="application/json"]') || el;
-    if (!el || (el === applied && !force)) return;
-    applied = el;
-    var states;
-    try { states = JSON.parse(el.tagName === "SCRIPT" ? el.textContent : el.getAttribute("data-states")); }
-    catch (e) { return; }
-    document.querySelectorAll("svg.dag").forEach(function (svg) { apply(svg, states); });
-  }
 
   function initView(svg) {
     if (svg._cpView || !svg.getAttribute("viewBox")) return;
@@ -135,15 +79,378 @@
     });
   }
 
+
+  // --- The run page's DAG on a canvas -------------------------------------------------------------------
+
+  function stateLine(state, progress) {  // the same words as dagsvg.state_line
+    return "state: " + state + (LIVE[state] ? " · " + Math.round(progress * 100) + "%" : "");
+  }
+
+  function fmtDuration(s) {  // the same as gantt.fmt_duration
+    if (s < 10 && s !== Math.floor(s)) return s.toFixed(1) + "s";
+    s = Math.round(s);
+    if (s < 60) return s + "s";
+    if (s < 3600) { var m = Math.floor(s / 60), sec = s % 60; return m + "m" + (sec ? (sec < 10 ? "0" : "") + sec + "s" : ""); }
+    var h = Math.floor(s / 3600), rest = s % 3600;
+    return h + "h" + (rest >= 60 ? (rest < 600 ? "0" : "") + Math.floor(rest / 60) + "m" : "");
+  }
+
+  function trunc(text, n) { return text.length <= n ? text : text.slice(0, n - 1) + "…"; }
+
+  function DagView(wrap, data) {
+    var self = this, st = data.style;
+    this.wrap = wrap;
+    this.data = data;
+    this.canvas = wrap.querySelector("canvas") || wrap.appendChild(document.createElement("canvas"));
+    this.ctx = this.canvas.getContext("2d");
+    var n = this.n = data.keys.length;
+    this.x = new Float64Array(n);
+    this.y = new Float64Array(n);
+    this.s = new Uint8Array(n);
+    this.p = new Float32Array(n);
+    this.index = new Map();
+    this.code = {};
+    data.states.forEach(function (name, i) { self.code[name] = i; });
+    for (var i = 0; i < n; i++) {
+      this.x[i] = data.cx[data.col[i]];
+      this.y[i] = st.top + data.row[i] * st.pitch / 2;
+      this.s[i] = data.s[i];
+      this.index.set(data.keys[i], i);
+    }
+    Object.keys(data.p || {}).forEach(function (i) { self.p[+i] = data.p[i]; });
+    this.found = -1;
+    this.changed = [];
+    this.frame = 0;
+    this.readColours();
+    this.resize();
+    this.home();
+    this.listen();
+    if (window.ResizeObserver) new ResizeObserver(function () { self.resize(); self.draw(); }).observe(wrap);
+    if (window.matchMedia) {
+      window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", function () {
+        self.readColours(); self.draw();
+      });
+    }
+  }
+
+  DagView.prototype.readColours = function () {
+    // Each state's pair from the stylesheet (.st-<state> sets --fill and --stroke), read off a probe element.
+    var probe = document.createElement("span"), wrap = this.wrap, colours = [];
+    probe.hidden = true;
+    wrap.appendChild(probe);
+    this.data.states.forEach(function (state) {
+      probe.className = "st-" + state;
+      var cs = getComputedStyle(probe);
+      colours.push({ fill: cs.getPropertyValue("--fill").trim() || "#ddd", stroke: cs.getPropertyValue("--stroke").trim() || "#888" });
+    });
+    var cs = getComputedStyle(wrap);
+    this.ink = {
+      text: cs.getPropertyValue("--text").trim() || "#222", muted: cs.getPropertyValue("--muted").trim() || "#666",
+      edge: cs.getPropertyValue("--edge").trim() || "#999", ring: cs.getPropertyValue("--now").trim() || "#d00",
+      add: "#2e7d32", del: "#c62828",
+    };
+    probe.remove();
+    this.colours = colours;
+  };
+
+  DagView.prototype.resize = function () {
+    var r = this.wrap.getBoundingClientRect(), dpr = window.devicePixelRatio || 1;
+    this.W = Math.max(1, r.width);
+    this.H = Math.max(1, r.height);
+    this.canvas.width = Math.round(this.W * dpr);
+    this.canvas.height = Math.round(this.H * dpr);
+    this.canvas.style.width = this.W + "px";
+    this.canvas.style.height = this.H + "px";
+    this.dpr = dpr;
+  };
+
+  DagView.prototype.fitScale = function () { return Math.min(this.W / this.data.w, this.H / this.data.h); };
+
+  DagView.prototype.home = function () {
+    // Everything in view, unless that makes boxes under 4 px wide (a 10,000-task chain): then that scale,
+    // from the left.
+    var fit = this.fitScale(), k = Math.max(fit, Math.min(4 / this.data.style.nw, this.H / this.data.h));
+    this.k = k;
+    this.tx = k === fit ? (this.W - this.data.w * k) / 2 : 0;
+    this.ty = (this.H - this.data.h * k) / 2;
+    this.draw();
+  };
+
+  DagView.prototype.zoomAt = function (f, sx, sy) {
+    var fit = this.fitScale(), k = Math.min(4, Math.max(Math.min(fit, 0.02) / 2, this.k * f));
+    f = k / this.k;
+    this.tx = sx - (sx - this.tx) * f;
+    this.ty = sy - (sy - this.ty) * f;
+    this.k = k;
+    this.draw();
+  };
+
+  DagView.prototype.centreOn = function (i, k) {
+    var st = this.data.style;
+    this.k = k || this.k;
+    this.tx = this.W / 2 - (this.x[i] + st.nw / 2) * this.k;
+    this.ty = this.H / 2 - (this.y[i] + st.nh / 2) * this.k;
+    this.draw();
+  };
+
+  DagView.prototype.find = function (text) {
+    text = String(text || "").trim();
+    if (!text) return null;
+    var i = this.index.has(text) ? this.index.get(text) : -1, low = text.toLowerCase();
+    for (var j = 0; i < 0 && j < this.n; j++) if (this.data.keys[j].toLowerCase().indexOf(low) >= 0) i = j;
+    if (i < 0) return null;
+    this.found = i;
+    this.centreOn(i, Math.max(this.k, 1));
+    return this.data.keys[i];
+  };
+
+  DagView.prototype.at = function (sx, sy) {  // the node under a point in the canvas's CSS pixels, or -1
+    var st = this.data.style, wx = (sx - this.tx) / this.k, wy = (sy - this.ty) / this.k;
+    for (var i = 0; i < this.n; i++) {
+      if (wx >= this.x[i] && wx <= this.x[i] + st.nw && wy >= this.y[i] && wy <= this.y[i] + st.nh) return i;
+    }
+    return -1;
+  };
+
+  DagView.prototype.stateOf = function (key) {
+    var i = this.index.get(key);
+    return i === undefined ? null : this.data.states[this.s[i]];
+  };
+
+  DagView.prototype.labelsOf = function (key) {  // the words drawn on the node once legible, as drawn
+    var i = this.index.get(key), st = this.data.style;
+    if (i === undefined) return null;
+    var out = [trunc(key, st.chars)];
+    if (!this.data.compact) out.push(this.data.states[this.s[i]]);
+    return out;
+  };
+
+  DagView.prototype.screenOf = function (key) {
+    var i = this.index.get(key), st = this.data.style, r = this.canvas.getBoundingClientRect();
+    if (i === undefined) return null;
+    return { x: r.left + this.tx + (this.x[i] + st.nw / 2) * this.k, y: r.top + this.ty + (this.y[i] + st.nh / 2) * this.k };
+  };
+
+  DagView.prototype.tooltip = function (i) {
+    var d = this.data, lines = [d.keys[i]];
+    if (d.titles && d.titles[i]) lines.push(d.titles[i]);
+    if (d.estimates && d.estimates[i]) lines.push("estimate: " + fmtDuration(d.estimates[i]));
+    lines.push(stateLine(d.states[this.s[i]], this.p[i]));
+    return lines.join("\n");
+  };
+
+  DagView.prototype.apply = function (states) {
+    var self = this;
+    Object.keys(states).forEach(function (key) {
+      var i = self.index.get(key), v = states[key];
+      if (i === undefined) return;
+      var state = String(Array.isArray(v) ? v[0] : v), c = self.code[state];
+      var progress = Math.min(1, Math.max(0, Number(Array.isArray(v) ? v[1] : 0) || 0));
+      if (c === undefined || (self.s[i] === c && self.p[i] === Math.fround(progress))) return;
+      self.s[i] = c;
+      self.p[i] = progress;
+      self.changed.push([key, state]);
+    });
+    if (this.changed.length) this.draw();
+  };
+
+  DagView.prototype.draw = function () {
+    var self = this;
+    if (this.frame) return;
+    this.frame = requestAnimationFrame(function (t) { self.frame = 0; self.paint(t); });
+  };
+
+  DagView.prototype.paint = function (t) {
+    var ctx = this.ctx, d = this.data, st = d.style, k = this.k, n = this.n, X = this.x, Y = this.y, S = this.s;
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.clearRect(0, 0, this.canvas.width, this.canvas.height);
+    ctx.setTransform(this.dpr * k, 0, 0, this.dpr * k, this.dpr * this.tx, this.dpr * this.ty);
+    // The world rectangle in view, a box's size wider so boxes cut by an edge of the view are drawn.
+    var x0 = -this.tx / k - st.nw, y0 = -this.ty / k - st.nh, x1 = (this.W - this.tx) / k, y1 = (this.H - this.ty) / k;
+    var seen = new Uint8Array(n), visible = [], i;
+    for (i = 0; i < n; i++) {
+      if (X[i] >= x0 && X[i] <= x1 && Y[i] >= y0 && Y[i] <= y1) { seen[i] = 1; visible.push(i); }
+    }
+    // Edges: an S from the right of the upstream box to the left of the downstream one, when either end is in
+    // view or the edge spans it.
+    var e = d.e, half = st.nh / 2;
+    ctx.beginPath();
+    for (var j = 0; j < e.length; j += 2) {
+      var u = e[j], v = e[j + 1];
+      if (!seen[u] && !seen[v]) {
+        var lx = X[u] + st.nw, rx = X[v], ty = Math.min(Y[u], Y[v]), by = Math.max(Y[u], Y[v]);
+        if (rx < x0 || lx > x1 || by < y0 || ty > y1) continue;
+      }
+      var ax = X[u] + st.nw, ay = Y[u] + half, bx = X[v], by2 = Y[v] + half, dx = Math.max(12, (bx - ax) / 2);
+      ctx.moveTo(ax, ay);
+      ctx.bezierCurveTo(ax + dx, ay, bx - dx, by2, bx, by2);
+    }
+    ctx.strokeStyle = this.ink.edge;
+    ctx.globalAlpha = d.compact ? 0.4 : 0.6;
+    ctx.lineWidth = Math.max(d.compact ? 0.8 : 1.2, 0.5 / k);
+    ctx.stroke();
+    ctx.globalAlpha = 1;
+    // Boxes, one path per state: fill, then outline (failed thicker, canceled and skipped dashed, as in dag.css).
+    var round = k * st.nw > 12 && ctx.roundRect, groups = d.states.map(function () { return []; });
+    visible.forEach(function (i) { groups[S[i]].push(i); });
+    var self = this;
+    groups.forEach(function (list, c) {
+      if (!list.length) return;
+      var state = d.states[c];
+      ctx.beginPath();
+      list.forEach(function (i) {
+        if (round) ctx.roundRect(X[i], Y[i], st.nw, st.nh, st.rx); else ctx.rect(X[i], Y[i], st.nw, st.nh);
+      });
+      ctx.fillStyle = self.colours[c].fill;
+      ctx.fill();
+      ctx.strokeStyle = self.colours[c].stroke;
+      ctx.lineWidth = Math.max(state === "failed" ? 2.5 : 1.5, 0.6 / k);
+      ctx.setLineDash(state === "canceled" ? [5, 3] : state === "skipped" ? [2, 3] : []);
+      ctx.stroke();
+      ctx.setLineDash([]);
+      if (LIVE[state]) {  // progress bars
+        ctx.fillStyle = self.colours[c].stroke;
+        list.forEach(function (i) {
+          ctx.fillRect(X[i] + st.inset, Y[i] + st.nh - st.inset - st.bar, (st.nw - 2 * st.inset) * self.p[i], st.bar);
+        });
+      }
+    });
+    if (this.found >= 0) {
+      var f = this.found;
+      ctx.strokeStyle = this.ink.ring;
+      ctx.lineWidth = Math.max(3, 2 / k);
+      ctx.strokeRect(X[f] - 4 / Math.min(k, 1), Y[f] - 4 / Math.min(k, 1), st.nw + 8 / Math.min(k, 1), st.nh + 8 / Math.min(k, 1));
+    }
+    // Words, once a line of them is at least 7 px high on screen.
+    if (st.font * k >= 7) {
+      var pad = d.compact ? 5 : 8, diff = d.diff || {};
+      ctx.textBaseline = "alphabetic";
+      visible.forEach(function (i) {
+        var state = d.states[S[i]];
+        ctx.font = "600 " + st.font + "px system-ui, sans-serif";
+        ctx.fillStyle = state === "skipped" ? self.ink.muted : self.ink.text;
+        ctx.fillText(trunc(d.keys[i], st.chars), X[i] + pad, Y[i] + st.font + (d.compact ? 3 : 6));
+        if (d.compact) return;
+        ctx.font = "10px system-ui, sans-serif";
+        ctx.fillStyle = self.ink.muted;
+        ctx.fillText(state, X[i] + pad, Y[i] + 32);
+        if (diff[i]) {
+          ctx.textAlign = "end";
+          ctx.fillStyle = self.ink.del;
+          var minus = "−" + diff[i][1], right = X[i] + st.nw - pad;
+          ctx.fillText(minus, right, Y[i] + 32);
+          ctx.fillStyle = self.ink.add;
+          ctx.fillText("+" + diff[i][0] + " ", right - ctx.measureText(minus).width, Y[i] + 32);
+          ctx.textAlign = "start";
+        }
+      });
+    }
+    this.painted = (this.painted || 0) + 1;
+    if (!this.firstPaintMs) this.firstPaintMs = performance.now();  // since the page's navigation began
+    if (this.changed.length) {
+      var changed = this.changed;
+      this.changed = [];
+      this.wrap.dispatchEvent(new CustomEvent("cp:dag-drawn", { bubbles: true, detail: { changed: changed, at: t } }));
+    }
+  };
+
+  DagView.prototype.listen = function () {
+    var self = this, c = this.canvas, drag = null, dragged = false;
+    var local = function (e) { var r = c.getBoundingClientRect(); return [e.clientX - r.left, e.clientY - r.top]; };
+    c.addEventListener("wheel", function (e) {
+      e.preventDefault();
+      var p = local(e);
+      self.zoomAt(Math.exp(-e.deltaY * (e.deltaMode ? 0.05 : 0.0015)), p[0], p[1]);  // deltaMode 1: lines
+    }, { passive: false });
+    c.addEventListener("pointerdown", function (e) {
+      if (e.button !== 0) return;
+      dragged = false;  // a pan's own click may never come (pointer capture): it must not swallow this one
+      drag = { x: e.clientX, y: e.clientY, tx: self.tx, ty: self.ty, id: e.pointerId, moved: false };
+    });
+    c.addEventListener("pointermove", function (e) {
+      if (!drag) {
+        var p = local(e), i = self.at(p[0], p[1]);
+        c.style.cursor = i >= 0 ? "pointer" : "grab";
+        c.title = i >= 0 ? self.tooltip(i) : "";
+        return;
+      }
+      var dx = e.clientX - drag.x, dy = e.clientY - drag.y;
+      if (!drag.moved && Math.abs(dx) + Math.abs(dy) < 4) return;  // a click's jitter is not a pan
+      if (!drag.moved) { drag.moved = true; c.setPointerCapture(drag.id); c.style.cursor = "grabbing"; }
+      self.tx = drag.tx + dx;
+      self.ty = drag.ty + dy;
+      self.draw();
+    });
+    var end = function () { dragged = !!(drag && drag.moved); drag = null; c.style.cursor = "grab"; };
+    c.addEventListener("pointerup", end);
+    c.addEventListener("pointercancel", end);
+    c.addEventListener("dblclick", function (e) { e.preventDefault(); self.home(); });
+    c.addEventListener("click", function (e) {
+      if (dragged) { dragged = false; return; }
+      var p = local(e), i = self.at(p[0], p[1]);
+      if (i < 0 || !self.data.href) return;
+      var url = self.data.href.replace("{key}", encodeURIComponent(self.data.keys[i]));
+      if (e.ctrlKey || e.metaKey) window.open(url, "_blank", "noopener"); else window.location.href = url;
+    });
+  };
+
+  function wireTools(form, view) {
+    var out = form.querySelector("[data-dag-found]");
+    form.addEventListener("submit", function (e) {
+      e.preventDefault();
+      var text = form.elements.key.value, key = view.find(text);
+      if (out) out.textContent = key ? "found " + key : "no task with a key like “" + text.trim() + "”";
+    });
+    form.querySelectorAll("[data-dag-zoom]").forEach(function (b) {
+      b.addEventListener("click", function () { view.zoomAt(Number(b.dataset.dagZoom), view.W / 2, view.H / 2); });
+    });
+    var fit = form.querySelector("[data-dag-fit]");
+    if (fit) fit.addEventListener("click", function () {
+      var k = view.fitScale();
+      view.k = k;
+      view.tx = (view.W - view.data.w * k) / 2;
+      view.ty = (view.H - view.data.h * k) / 2;
+      view.draw();
+    });
+  }
+
+  var views = [];
+
+  function initDrawings() {
+    document.querySelectorAll(".dag-wrap[data-dag-source]").forEach(function (wrap) {
+      if (wrap._cpView) return;
+      var island = document.getElementById(wrap.dataset.dagSource), data;
+      try { data = JSON.parse(island.textContent); } catch (e) { return; }
+      var view = wrap._cpView = new DagView(wrap, data);
+      views.push(view);
+      var form = document.querySelector('[data-dag-find="' + wrap.id + '"]');
+      if (form) wireTools(form, view);
+    });
+  }
+
+  var applied = null;  // the states element applied last: each one is applied once (see initSwapped)
+
+  function applyFromPage(force) {
+    var el = document.getElementById("dag-states");
+    if (el && el.tagName !== "SCRIPT") el = el.querySelector('script[type="application/json"]') || el;
+    if (!el || (el === applied && !force)) return;
+    applied = el;
+    var states;
+    try { states = JSON.parse(el.tagName === "SCRIPT" ? el.textContent : el.getAttribute("data-states")); }
+    catch (e) { return; }
+    views.forEach(function (view) { view.apply(states); });
+  }
+
   function init() {
     document.querySelectorAll("svg.dag, svg.gantt").forEach(initView);
+    initDrawings();
     applyFromPage(true);
   }
 
   // One live push swaps several panels, and htmx fires an out-of-band after-swap event for every element
   // swapped so far (and for the socket's own element) after each of them: a dozen events a push. Each such
-  // element is looked into once, and each states map applied once: scanning and applying a 1,000-task page
-  // for every event was most of the page's script time. (A regular swap may fill a lasting element anew.)
+  // element is looked into once, and each states map applied once. (A regular swap may fill a lasting element
+  // anew.)
   function initSwapped(e) {
     var root = e.target;
     if (!root || root.nodeType !== 1) return;
@@ -159,5 +466,5 @@
   document.addEventListener("htmx:afterSwap", initSwapped);
   document.addEventListener("htmx:oobAfterSwap", initSwapped);
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init); else init();
-  window.cpDag = { apply: apply, applyFromPage: function () { applyFromPage(true); }, init: init };
+  window.cpDag = { views: views, applyFromPage: function () { applyFromPage(true); }, init: init };
 })();

@@ -10,13 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
+from django.core.cache import cache
 from django.template.loader import render_to_string
 
 from ..errors import NotFound
 from ..models import Artifact, Attempt, Event, Task, Workflow
 from ..states import RunState, TaskState
 from . import panels, waiting
-from .dagsvg import picture_size, render_svg, state_map
+from .dagsvg import picture_data, picture_states, state_map
 from .gantt import render_gantt_svg
 from .reports import run_metrics
 
@@ -51,7 +52,7 @@ PAGES: dict[str, list[Panel]] = {
         Panel("panel-recent", "dashboard/panels/recent.html", needs=("recent",)),
         Panel("panel-queue", "dashboard/panels/queue.html", needs=("queue",)),
         Panel("panel-code", "dashboard/panels/code.html", needs=("code",)),
-        Panel("panel-gantt", "dashboard/panels/gantt.html", needs=("gantt_svg",), min_interval_s=2.0),
+        Panel("panel-gantt", "dashboard/panels/gantt.html", needs=("gantt",), min_interval_s=2.0),
     ],
     "task": [
         Panel("panel-task-head", "dashboard/panels/task_head.html"),
@@ -139,8 +140,33 @@ RUN_ENTRIES: dict[str, Callable[[str, dict], object]] = {
     "queue": lambda run_id, run: panels.queue(run_id, limit=15),
     "spend": lambda run_id, run: panels.run_spend(run),
     "code": lambda run_id, run: panels.run_code(run_id),
-    "gantt_svg": lambda run_id, run: render_gantt_svg(panels.timeline(run_id)),
+    "gantt": lambda run_id, run: gantt_chart(run_id, limit=GANTT_MAX_BARS),
 }
+# The run page's Gantt chart draws the attempts assigned last, this many at most (~450 bytes of SVG each):
+# a 10,000-task run's whole chart is 4 MB. Its full timeline is a page of its own (/runs/<id>/timeline/).
+GANTT_MAX_BARS = 300
+# Titles and estimates (the tooltips) travel with the picture's data up to this many tasks (~30 KB at 1,000).
+DAG_DETAILS_UP_TO = 1000
+# A laid-out picture is cached this long: a run's graph does not change, only its states (sent apart).
+DAG_PICTURE_CACHE_S = 3600
+
+
+def gantt_chart(run_id: str, limit: int | None = None) -> dict:
+    """The Gantt chart's SVG, with how many attempts it shows of how many the run has."""
+    attempts, total = panels.timeline(run_id, limit=limit)
+    return {"svg": render_gantt_svg(attempts), "shown": len(attempts), "total": total}
+
+
+def dag_picture(run_id: str, task_count: int) -> dict:
+    """The run's laid-out graph (`dagsvg.picture_data`), cached per run and task count: laying out 10,000
+    tasks takes ~0.3 s, a cached picture nothing, and its graph is the same on every load."""
+    key = f"dashboard:dag-picture:{run_id}:{task_count}"
+    picture = cache.get(key)
+    if picture is None:
+        tasks, edges = panels.run_graph(run_id)
+        picture = picture_data(tasks, edges, details=len(tasks) <= DAG_DETAILS_UP_TO)
+        cache.set(key, picture, DAG_PICTURE_CACHE_S)
+    return picture
 
 
 def _run_context(run_id: str, full: bool, wanted: set[str] | None = None) -> dict:
@@ -154,9 +180,18 @@ def _run_context(run_id: str, full: bool, wanted: set[str] | None = None) -> dic
         return wanted is None or key in wanted
 
     context = {"run": run, "show_run": False}
-    # The whole graph only for the picture and the critical path; live pushes need states alone.
-    tasks, edges = panels.run_graph(run_id) if full or (finished and want("metrics")) else (None, None)
-    if want("states"):
+    # The whole graph only for a finished run's critical path (the picture's layout is cached, `dag_picture`);
+    # the picture and live pushes need states alone.
+    tasks, edges = panels.run_graph(run_id) if finished and want("metrics") else (None, None)
+    if full:  # the picture carries the states it is drawn with: the states panel starts empty
+        data = dag_picture(run_id, sum(run["counts"].values()))
+        rows = tasks if tasks is not None else panels.task_states(run_id, commits=not data["compact"])
+        context["dag_data"] = {**data, **picture_states(data["keys"], rows), "href": f"/runs/{run_id}/tasks/{{key}}/"}
+        context["dag_size"] = (data["w"], data["h"])
+        context["task_count"] = len(data["keys"])
+        context["states"] = {}
+        context["dag_legend"] = [(state, state.replace("_", " ")) for state in data["states"]]
+    elif want("states"):
         context["states"] = state_map(tasks if tasks is not None else panels.task_states(run_id))
     for key, compute in RUN_ENTRIES.items():
         if want(key):
@@ -165,10 +200,6 @@ def _run_context(run_id: str, full: bool, wanted: set[str] | None = None) -> dic
         context["metrics"] = run_metrics(run_id) if finished else None
         if context["metrics"]:
             context["critical_path"] = _critical_chain({t["id"]: t for t in tasks}, edges)
-    if full:
-        context["dag_svg"] = render_svg(tasks, edges)
-        context["dag_size"] = picture_size(context["dag_svg"])
-        context["task_count"] = len(tasks)
     return context
 
 

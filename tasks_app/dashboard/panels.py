@@ -9,7 +9,7 @@ from collections import defaultdict
 from datetime import UTC, timedelta
 
 from django.db import connection
-from django.db.models import Count, F, Q
+from django.db.models import Count, F, Q, Window
 from django.utils import timezone
 
 from agents_app import preflight
@@ -63,7 +63,23 @@ def run_summaries(
 ) -> list[dict]:  # fmt: skip
     """Runs (newest first; `search`: a part of the name, any case; from the `offset`-th) with counts by state,
     progress, start, end and ETA: two queries in all."""
-    runs = Run.objects.select_related("workflow").order_by("-created_at", "-id")
+    # Only the fields shown: a run's document (its tasks as submitted) is ~1 MB of JSON at 10,000 tasks, and
+    # parsing it took most of the run page's time.
+    runs = (
+        Run.objects.select_related("workflow")
+        .only(
+            "id",
+            "name",
+            "state",
+            "workflow__name",
+            "rerun_of",
+            "created_at",
+            "finished_at",
+            "max_cost_usd",
+            "pause_reason",
+        )  # fmt: skip
+        .order_by("-created_at", "-id")
+    )
     if workflow is not None:
         runs = runs.filter(workflow__name=workflow)
     if run_ids is not None:
@@ -174,13 +190,13 @@ def fleet_summary() -> dict:
     return row
 
 
-def _attempt_rows(qs) -> list[dict]:
+def _attempt_rows(qs, *extra: str) -> list[dict]:
     now = timezone.now()
     rows = []
     for a in qs.values(
         "id", "state", "progress", "message", "assigned_at", "started_at", "finished_at", "number", "error",
         "cost_usd", "agent__name", "agent_id", "task_id", "task__key", "task__title", "task__estimate_s", "run_id",
-        "run__name",
+        "run__name", *extra,
     ):  # fmt: skip
         start = a["started_at"] or a["assigned_at"]
         end = a["finished_at"] or now
@@ -421,14 +437,25 @@ def run_graph(run_id) -> tuple[list[dict], list[tuple]]:
     return tasks, edges
 
 
-def task_states(run_id) -> list[dict]:
-    """Each task's id, state and progress: what a live update of the DAG picture needs (one query)."""
-    return list(Task.objects.filter(run_id=run_id).values("id", "state", "progress"))
+def task_states(run_id, commits: bool = False) -> list[dict]:
+    """Each task's key, state and progress: what a live update of the DAG picture needs (one query; no ids:
+    parsing 10,000 UUIDs costs more than the rest of the rows); `commits` adds each task's commit (a workspace
+    run's diffstat, drawn in the normal style only)."""
+    fields = ("key", "state", "progress") + (("commit",) if commits else ())
+    return list(Task.objects.filter(run_id=run_id).values(*fields))
 
 
-def timeline(run_id) -> list[dict]:
-    """Every attempt of the run with its agent, times and the task's estimate (the Gantt chart)."""
-    return _attempt_rows(Attempt.objects.filter(run_id=run_id).order_by("agent__name", "assigned_at"))
+def task_id_by_key(run_id, key: str):
+    """The id of the run's task with that key, or None (keys are unique in a run)."""
+    return Task.objects.filter(run_id=run_id, key=key).values_list("id", flat=True).first()
+
+
+def timeline(run_id, limit: int | None = None) -> tuple[list[dict], int]:
+    """The run's attempts with their agent, times and the task's estimate (the Gantt chart), and how many the
+    run has: every one, or the `limit` assigned last (one query either way: the total is a window count)."""
+    qs = Attempt.objects.filter(run_id=run_id).annotate(total=Window(Count("id")))
+    rows = _attempt_rows(qs.order_by("-assigned_at", "-id")[:limit] if limit else qs, "total")
+    return rows, (rows[0]["total"] if rows else 0)
 
 
 # --- The code a workspace run wrote (issue 9) -------------------------------------------------------------

@@ -18,7 +18,8 @@ from control_plane.web import OPERATE, actor_of, answer, operator_only
 from .. import actions, costs
 from ..dag import MAX_COST_USD, DagError  # MAX_COST_USD: the largest budget the resume form takes, as the API
 from ..workflows import documents
-from .pages import PAGES, page_context, parse_id
+from . import panels
+from .pages import PAGES, gantt_chart, page_context, parse_id
 
 
 def _page(request, page: str, template: str, obj_id=None, query=None):
@@ -72,6 +73,24 @@ def workflow_runs_page(request, name: str):
 def run_tasks_page(request, run_id):
     """A run's tasks, filtered by state and searched by key, in natural key order, live."""
     return _page(request, "run-tasks", "dashboard/run_tasks.html", str(run_id), query=request.GET)
+
+
+@login_required
+def run_task_by_key(request, run_id, key: str):
+    """A task of a run named by its key (the DAG picture's nodes link here: keys are what it carries)."""
+    task_id = panels.task_id_by_key(run_id, key)
+    if task_id is None:
+        raise Http404("no task with that key in this run")
+    return redirect("task", task_id=task_id)
+
+
+@login_required
+def run_timeline_page(request, run_id):
+    """A run's whole Gantt chart, every attempt (the run page's shows the last GANTT_MAX_BARS); not live."""
+    summaries = panels.run_summaries([str(run_id)], limit=1)
+    if not summaries:
+        raise Http404("no run with that id")
+    return render(request, "dashboard/run_timeline.html", {"run": summaries[0], "gantt": gantt_chart(str(run_id))})
 
 
 @login_required

@@ -25,6 +25,18 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 XSS = "<script>alert(1)</script>"
+# How many of the run page's DAG nodes (drawn on a canvas by static/js/dag.js) are in a state: at least `n`
+# (`exact` false) or exactly `n`.
+DAG_COUNT_JS = """([state, n, exact]) => {
+  const v = window.cpDag && cpDag.views[0];
+  if (!v || !v.painted) return false;
+  const count = v.data.keys.filter(k => v.stateOf(k) === state).length;
+  return exact ? count === n : count >= n;
+}"""
+
+
+def expect_dag_count(page, state: str, n: int, exact: bool = True, timeout: float = 10_000) -> None:
+    page.wait_for_function(DAG_COUNT_JS, arg=[state, n, exact], timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +126,18 @@ def test_watch_a_run_progress_without_reloading(browser, live_server_proc, peopl
     expect(page.locator("#live-status")).to_have_text("live", timeout=10_000)
     expect(page.locator("[data-testid=run-state]")).to_have_text("running")
     loaded_at = page.evaluate("performance.timeOrigin")
-    # Count DOM changes the websocket makes to the DAG picture, without any reload.
+    # Count the nodes the websocket's pushes recolour in the DAG picture, without any reload.
     page.evaluate(
-        """() => { window.cpChanges = 0; new MutationObserver(m => { window.cpChanges += m.length; })
-           .observe(document.querySelector('svg.dag'), {attributes: true, subtree: true}); }"""
+        """() => { window.cpChanges = 0;
+           document.addEventListener('cp:dag-drawn', e => { window.cpChanges += e.detail.changed.length; }); }"""
     )
     agents("w-1", "w-2")
-    expect(page.locator("g.node.st-running").first).to_be_visible(timeout=20_000)
+    expect_dag_count(page, "running", 1, exact=False, timeout=20_000)
     shoot(page, artifacts_dir, "run-running")
     expect(page.locator("[data-testid=run-state]")).to_have_text("succeeded", timeout=60_000)
     assert page.evaluate("performance.timeOrigin") == loaded_at  # the same document all along
     assert page.evaluate("window.cpChanges") > 5
-    expect(page.locator("g.node.st-succeeded")).to_have_count(5)
+    expect_dag_count(page, "succeeded", 5)
     expect(page.locator("[data-testid=speedup]")).to_be_visible()
     shoot(page, artifacts_dir, "run-finished")
     task = Task.objects.get(run=run, key="side")
@@ -153,7 +165,7 @@ def test_operator_cancels_a_run_and_the_trail_names_them(browser, live_server_pr
     agents("w-9")
     page = login(browser, live_server_proc, people["operator"])
     page.goto(f"{live_server_proc.url}/runs/{run.id}/")
-    expect(page.locator("g.node.st-running")).to_have_count(1, timeout=20_000)
+    expect_dag_count(page, "running", 1, timeout=20_000)
     page.get_by_role("button", name="Cancel run").click()
     expect(page.locator("[data-testid=run-state]")).to_have_text("canceled", timeout=10_000)
     assert page.dialogs and "Cancel run to-cancel?" in page.dialogs[0]
@@ -356,7 +368,7 @@ def test_a_page_resyncs_by_itself_after_a_server_restart(browser, people, server
         server.proc = launch.start_server(server.port, env=env, log=server.log)
         expect(page.locator("#live-status")).to_have_text("live", timeout=20_000)
         expect(page.locator("[data-testid=run-state]")).to_have_text("canceled", timeout=10_000)
-        expect(page.locator("g.node.st-canceled")).to_have_count(1)
+        expect_dag_count(page, "canceled", 1)
         assert page.evaluate("performance.timeOrigin") == loaded_at  # no reload: the page resynced itself
     finally:
         server.stop()
@@ -398,9 +410,12 @@ def test_every_page_fits_the_screen_follows_the_theme_and_names_states(
     # The picture's box fits the screen too (panels clip: the page would not scroll, the picture be cut).
     assert page.evaluate("document.querySelector('.dag-wrap').getBoundingClientRect().right <= innerWidth")
     # State in words, not colour alone: on each node, in the legend and on the run's badge.
-    expect(page.locator("g.node[data-key=first] text.st")).to_have_text("ready")
-    expect(page.locator("g.node[data-key=then] text.st")).to_have_text("blocked")
-    expect(page.locator("g.legend")).to_contain_text("succeeded")
+    page.wait_for_function("() => window.cpDag && cpDag.views[0] && cpDag.views[0].painted")
+    assert page.evaluate("cpDag.views[0].labelsOf('first')") == ["first", "ready"]
+    assert page.evaluate("cpDag.views[0].labelsOf('then')") == ["then", "blocked"]
+    assert page.evaluate("cpDag.views[0].k * cpDag.views[0].data.style.font") >= 7  # legible: the words are drawn
+    expect(page.locator(".dag-legend")).to_contain_text("succeeded")
+    expect(page.locator(".dag-legend")).to_contain_text("awaiting approval")
     expect(page.locator("[data-testid=run-state]")).to_have_text("running")
 
 

@@ -5,7 +5,16 @@ import random
 import xml.etree.ElementTree as ET
 from itertools import combinations
 
-from tasks_app.dashboard.dagsvg import COMPACT, NORMAL, layout, render_svg, state_codes
+from tasks_app.dashboard.dagsvg import (
+    COMPACT,
+    NORMAL,
+    layout,
+    picture_data,
+    picture_states,
+    render_svg,
+    state_codes,
+    state_map,
+)
 from tasks_app.states import TaskState
 
 NS = {"s": "http://www.w3.org/2000/svg"}
@@ -199,3 +208,32 @@ def test_state_codes_map_each_id_as_a_string_to_state_and_clamped_progress():
     nodes = [node(1, state="running", progress=0.4567), node("b", state="succeeded", progress=None)]
     nodes.append(node(3, state="running", progress=7))
     assert state_codes(nodes) == {"1": ["running", 0.457], "b": ["succeeded", 0.0], "3": ["running", 1.0]}
+
+
+def test_picture_data_carries_the_layout_as_indexes_and_numbers_not_markup():
+    nodes, edges = random_dag(200, 300)
+    lay = layout(nodes, edges)
+    data = picture_data(nodes, edges)
+    ids = [int(key.removeprefix("task-")) for key in data["keys"]]
+    assert sorted(ids) == list(range(200))
+    s = data["style"]
+    for i, n in enumerate(ids):  # the page's arithmetic puts every box where the layout did
+        x, y = lay.pos[n]
+        assert data["cx"][data["col"][i]] == x and abs(s["top"] + data["row"][i] * s["pitch"] / 2 - y) <= 0.5
+    pairs = list(zip(data["e"][::2], data["e"][1::2], strict=True))
+    assert {(ids[u], ids[v]) for u, v in pairs} == set(edges)
+    assert (data["w"], data["h"], data["compact"]) == (lay.width, lay.height, True)
+    assert len(data["titles"]) == 200 and "titles" not in picture_data(nodes, edges, details=False)
+
+
+def test_picture_states_are_state_indexes_with_the_progress_of_live_tasks_only():
+    nodes = [node(0, 0, state="running", progress=0.25), node(1, 0, state="succeeded", progress=1.0)]
+    nodes.append(node(2, 0, state="ready", commit={"sha": "abc", "insertions": 3, "deletions": 1}))
+    got = picture_states(["task-2", "task-0", "task-1"], nodes)
+    assert [TaskState.ALL[i] for i in got["s"]] == ["ready", "running", "succeeded"]
+    assert got["p"] == {1: 0.25} and got["diff"] == {0: [3, 1]}
+
+
+def test_the_run_pages_state_map_is_by_key_with_progress_only_for_live_tasks():
+    nodes = [node(1, state="running", progress=0.4567), node(2, state="blocked")]
+    assert state_map(nodes) == {"task-1": ["running", 0.457], "task-2": "blocked"}

@@ -1,6 +1,9 @@
 """The dashboard's pages and actions through Django's test client: login, permissions, CSRF, escaping,
 and query counts that do not grow with the size of a run."""
 
+import json
+import re
+
 import pytest
 
 from tasks_app import actions
@@ -43,9 +46,28 @@ def test_pages_render_for_a_viewer(viewer, submit, make_agent):
         response = viewer.get(url)
         assert response.status_code == 200, url
     page = viewer.get(f"/runs/{run.id}/").content.decode()
-    assert "halfway there" in page and "ccg-1" in page and "<svg" in page
+    assert "halfway there" in page and "ccg-1" in page and '<canvas class="dag-canvas"' in page
+    picture = dag_data(page)
+    assert picture["keys"] == ["a", "b"] and picture["e"] == [0, 1]  # the graph as data: b depends on a
+    states = [picture["states"][i] for i in picture["s"]]
+    assert states == ["running", "blocked"] and picture["p"] == {"0": 0.4}
     task_page = viewer.get(f"/tasks/{task.id}/").content.decode()
     assert "line one" in task_page
+
+
+def dag_data(page: str) -> dict:
+    """The DAG picture's data island on a run page."""
+    island = re.search(r'<script id="dag-data" type="application/json">(.*?)</script>', page, re.S)
+    assert island, "the run page carries its DAG as data"
+    return json.loads(island[1])
+
+
+def test_a_node_links_to_its_task_page_by_key(viewer, submit):
+    run = submit(doc({"key": "a"}, {"key": "b", "deps": ["a"]}))
+    href = dag_data(viewer.get(f"/runs/{run.id}/").content.decode())["href"]
+    response = viewer.get(href.replace("{key}", "b"))
+    assert response.status_code == 302 and response["Location"] == f"/tasks/{Task.objects.get(run=run, key='b').id}/"
+    assert viewer.get(href.replace("{key}", "nope")).status_code == 404
 
 
 def test_unknown_run_or_task_is_404(viewer):
@@ -121,8 +143,38 @@ def test_a_live_push_carries_only_the_states_that_changed(submit, make_agent, dj
     agent = make_agent("solo", labels=[])
     got = actions.claim_ready_tasks(agent, 1)[0]
     changed = render_panels("run", str(run.id), user, shown_states=shown)["dag-states"]
-    assert got["task"]["id"] in changed and '"assigned"' in changed
+    assert f'"{got["task"]["key"]}": ["assigned", 0.0]' in changed
     assert changed.count('"blocked"') + changed.count('"ready"') == 0  # the 29 others are not sent again
+
+
+def test_a_10000_task_run_page_is_under_500_kb_and_reads_as_many_queries_as_a_10_task_one(viewer, submit, make_agent):
+    """Speed, item 4: the page carries the DAG as compact data (no markup per task), the Gantt chart its
+    last GANTT_MAX_BARS attempts, every list a bounded number of rows; the queries do not grow either."""
+    from tasks_app.dashboard.pages import GANTT_MAX_BARS
+
+    large, small = big_run(submit, 10_000), big_run(submit, 10)
+    agent = make_agent("wide", labels=[], capacity=64)
+    for _ in range(5):  # 320 finished attempts: more than the chart draws
+        for got in actions.claim_ready_tasks(agent, 64):
+            actions.complete_attempt(agent, got["attempt_id"], "succeeded", {}, "", 0)
+    actions.claim_ready_tasks(agent, 5)
+    sizes, counts = {}, {}
+    for run in (small, large):
+        for attempt in ("cold", "cached"):  # the first load lays the graph out, the next ones reuse it
+            body = []
+            counts[run.id, attempt] = _queries(lambda run=run, body=body: body.append(viewer.get(f"/runs/{run.id}/")))
+            assert body[0].status_code == 200
+            sizes[run.id] = len(body[0].content)
+    assert counts[small.id, "cold"] == counts[large.id, "cold"] <= 25, counts
+    assert counts[small.id, "cached"] == counts[large.id, "cached"] < counts[large.id, "cold"], counts
+    assert sizes[large.id] <= 500_000, sizes
+    page = viewer.get(f"/runs/{large.id}/").content.decode()
+    picture = dag_data(page)
+    assert len(picture["keys"]) == 10_000 and len(picture["e"]) == 2 * 9_000 and "titles" not in picture
+    assert page.count('class="bar att-') == GANTT_MAX_BARS
+    assert f"of {5 * 64 + 5} attempts" in page and f'href="/runs/{large.id}/timeline/"' in page
+    timeline = viewer.get(f"/runs/{large.id}/timeline/").content.decode()
+    assert timeline.count('class="bar att-') == 5 * 64 + 5  # "show all": every attempt
 
 
 @pytest.mark.parametrize("page", ["/", "/agents/"])
