@@ -118,6 +118,15 @@
       this.index.set(data.keys[i], i);
     }
     Object.keys(data.p || {}).forEach(function (i) { self.p[+i] = data.p[i]; });
+    // The nodes' bounding box, with a margin: what "fit" shows (the laid-out width also makes room for the
+    // SVG's legend, which this drawing leaves to the page).
+    var minX = Infinity, minY = Infinity, maxX = -Infinity, maxY = -Infinity;
+    for (i = 0; i < n; i++) {
+      minX = Math.min(minX, this.x[i]); minY = Math.min(minY, this.y[i]);
+      maxX = Math.max(maxX, this.x[i] + st.nw); maxY = Math.max(maxY, this.y[i] + st.nh);
+    }
+    if (!n) { minX = minY = 0; maxX = maxY = 1; }
+    this.box = { x: minX - 10, y: minY - 10, w: maxX - minX + 20, h: maxY - minY + 20 };
     this.found = -1;
     this.changed = [];
     this.frame = 0;
@@ -164,16 +173,20 @@
     this.dpr = dpr;
   };
 
-  DagView.prototype.fitScale = function () { return Math.min(this.W / this.data.w, this.H / this.data.h); };
+  DagView.prototype.fitScale = function () { return Math.min(this.W / this.box.w, this.H / this.box.h); };
+
+  DagView.prototype.fit = function (k) {  // at scale k, centred (from the left when wider than the view)
+    var b = this.box;
+    this.k = k;
+    this.tx = b.w * k <= this.W ? (this.W - b.w * k) / 2 - b.x * k : -b.x * k;
+    this.ty = (this.H - b.h * k) / 2 - b.y * k;
+    this.draw();
+  };
 
   DagView.prototype.home = function () {
     // Everything in view, unless that makes boxes under 4 px wide (a 10,000-task chain): then that scale,
     // from the left.
-    var fit = this.fitScale(), k = Math.max(fit, Math.min(4 / this.data.style.nw, this.H / this.data.h));
-    this.k = k;
-    this.tx = k === fit ? (this.W - this.data.w * k) / 2 : 0;
-    this.ty = (this.H - this.data.h * k) / 2;
-    this.draw();
+    this.fit(Math.max(this.fitScale(), Math.min(4 / this.data.style.nw, this.H / this.box.h)));
   };
 
   DagView.prototype.zoomAt = function (f, sx, sy) {
@@ -405,13 +418,7 @@
       b.addEventListener("click", function () { view.zoomAt(Number(b.dataset.dagZoom), view.W / 2, view.H / 2); });
     });
     var fit = form.querySelector("[data-dag-fit]");
-    if (fit) fit.addEventListener("click", function () {
-      var k = view.fitScale();
-      view.k = k;
-      view.tx = (view.W - view.data.w * k) / 2;
-      view.ty = (view.H - view.data.h * k) / 2;
-      view.draw();
-    });
+    if (fit) fit.addEventListener("click", function () { view.fit(view.fitScale()); });
   }
 
   var views = [];
