@@ -10,6 +10,7 @@ from tasks_app import actions
 from tasks_app.dashboard import diffs
 from tasks_app.models import Task
 from tests.conftest import doc
+from tests.tasks_app.dashboard.test_views import dag_data
 
 pytestmark = pytest.mark.django_db
 BASE = "c" * 40
@@ -56,7 +57,8 @@ def test_the_run_page_shows_repository_base_files_per_task_and_overlaps(code_run
     overlaps = page[page.index('data-testid="overlaps"') :]
     assert "app/routes.py</code> by api, ui" in overlaps
     assert "app/models.py</code> by" not in overlaps  # only one task changed it
-    assert 'class="diffstat"' in page and "+3" in page  # the DAG's nodes carry their counts
+    picture = dag_data(page)  # the DAG's nodes carry their counts, drawn on them in the normal style
+    assert picture["diff"][str(picture["keys"].index("api"))][0] == 3 and not picture["compact"]
 
 
 def test_tasks_in_a_chain_changing_one_file_are_no_overlap(submit, make_agent, viewer):
