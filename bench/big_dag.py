@@ -44,7 +44,14 @@ def chain(n: int) -> dict:
 
 async def submit_with_parked_agent(port: int, api: str, agent: scenarios.SimAgent, document: dict) -> dict:
     """Submit while the agent is parked in a long poll: the answer's time, and the assignment's after it."""
-    claim = asyncio.ensure_future(agent.claim(scenarios.LONG_POLL_S))
+    held_at: list[float] = []
+
+    async def parked() -> list:
+        got = await agent.claim(scenarios.LONG_POLL_S)
+        held_at.append(now())
+        return got
+
+    claim = asyncio.ensure_future(parked())
     await asyncio.sleep(0.3)  # parked
     client = Connection("127.0.0.1", port, token=api)
     body = json.dumps(document).encode()
@@ -52,13 +59,15 @@ async def submit_with_parked_agent(port: int, api: str, agent: scenarios.SimAgen
     answer = await client.json("POST", f"{scenarios.API}/runs", document, expect=201, timeout=120)
     answered = now()
     assignments = await claim
-    assigned = now()
+    assigned = held_at[0]
     client.close()
     assert assignments, "the parked agent got nothing"
     return {
         "tasks": answer["tasks"],
         "body_kb": round(len(body) / 1024),
         "submit_ms": round((answered - started) * 1000, 1),
+        # Negative when the parked agent held the task before the submit's answer arrived.
+        # Negative: the parked agent held the first task before the submit's answer arrived.
         "first_assigned_after_answer_ms": round((assigned - answered) * 1000, 1),
         "first_attempt": assignments[0]["attempt_id"],
     }

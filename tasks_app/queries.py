@@ -22,6 +22,43 @@ def row_by_name(cur: "CursorWrapper") -> dict[str, Any] | None:
     return None if row is None else dict(zip([c.name for c in cur.description], row, strict=True))
 
 
+def copy_insert(cur: "CursorWrapper", model: Any, rows: list[dict[str, Any]]) -> None:
+    """INSERT rows ({attname: value}, each with the same keys) of `model` with COPY: a 10,000-task submit is
+    one stream instead of statements of 20,000 parameters each, which Django spent seconds building and
+    psycopg parsing. A field a row leaves out gets its default (the primary key's, such as uuid4, per row);
+    what the database makes itself (an auto id, a db_default) is left to it."""
+    from django.db import connection
+    from django.db.models import JSONField
+    from django.db.models.fields import NOT_PROVIDED, AutoFieldMixin
+    from django.utils import timezone
+    from psycopg.types.json import Jsonb
+
+    if not rows:
+        return
+    given = rows[0].keys()
+    fields, fixed = [], {}
+    for f in model._meta.concrete_fields:
+        if f.attname in given:
+            fields.append(f)
+        elif not isinstance(f, AutoFieldMixin) and f.db_default is NOT_PROVIDED:
+            fields.append(f)
+            if not f.primary_key:
+                fixed[f.attname] = timezone.now() if getattr(f, "auto_now_add", False) else f.get_default()
+    json = {f.attname for f in fields if isinstance(f, JSONField)}
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    with cur.cursor.copy(f"COPY {connection.ops.quote_name(model._meta.db_table)} ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            values = []
+            for f in fields:
+                name = f.attname
+                value = row[name] if name in row else fixed[name] if name in fixed else f.get_default()
+                values.append(Jsonb(value) if name in json and value is not None else value)
+            copy.write_row(values)
+
+
+ANALYZE_TASKS = "ANALYZE tasks_app_task, tasks_app_taskdependency"
+
+
 def rows_by_name(cur: "CursorWrapper") -> list[dict[str, Any]]:
     """The remaining rows of the cursor's last statement as {column name: value} each."""
     names = [c.name for c in cur.description]
