@@ -70,6 +70,7 @@ async def submit_with_parked_agent(port: int, api: str, agent: scenarios.SimAgen
         # Negative: the parked agent held the first task before the submit's answer arrived.
         "first_assigned_after_answer_ms": round((assigned - answered) * 1000, 1),
         "first_attempt": assignments[0]["attempt_id"],
+        "run_id": answer["run_id"],
     }
 
 
@@ -94,7 +95,12 @@ async def measure(args, db: dict, port: int) -> dict:
                   f"first task assigned {result['first_assigned_after_answer_ms']} ms after the answer")  # fmt: skip
             if name == "fan_out":
                 await agent.complete(result.pop("first_attempt"))
+                # Its other 9,999 tasks stay ready: canceled, so that the chain's claims get the chain's.
+                client = Connection("127.0.0.1", port, token=db["api"])
+                await client.json("POST", f"{scenarios.API}/runs/{result.pop('run_id')}/cancel", {})
+                client.close()
             else:
+                result.pop("run_id")
                 first = result.pop("first_attempt")
                 result["hand_off"] = await hand_off(agent, first, min(args.chain_tasks, args.tasks - 1))
                 h = result["hand_off"]

@@ -68,10 +68,6 @@ def _commit(cursor: CursorWrapper, events: EventLog, changes: Changes) -> None:
 # --- Submitting ---------------------------------------------------------------------------------------
 
 
-# A submit of this many tasks or more refreshes the tasks' planner statistics at once (tens of milliseconds).
-ANALYZE_AFTER_TASKS = 1000
-
-
 def submit_run(
     dag: Dag,
     document: dict,
@@ -157,11 +153,6 @@ def submit_run(
                 events.add("task", "", t["state"], run=run.id, task=t["id"])
         with connection.cursor() as cur:
             _commit(cur, events, changes)
-    if len(tasks) >= ANALYZE_AFTER_TASKS:
-        # The planner's statistics would otherwise predate thousands of rows until autovacuum's analyze: a
-        # chain handed its tasks off at 17 ms a hop on plans made for an empty table (the speed issue).
-        with connection.cursor() as cur:
-            cur.execute(q.ANALYZE_TASKS)
     return run
 
 

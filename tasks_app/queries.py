@@ -56,9 +56,6 @@ def copy_insert(cur: "CursorWrapper", model: Any, rows: list[dict[str, Any]]) ->
             copy.write_row(values)
 
 
-ANALYZE_TASKS = "ANALYZE tasks_app_task, tasks_app_taskdependency"
-
-
 def rows_by_name(cur: "CursorWrapper") -> list[dict[str, Any]]:
     """The remaining rows of the cursor's last statement as {column name: value} each."""
     names = [c.name for c in cur.description]
