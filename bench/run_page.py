@@ -31,6 +31,7 @@ ROOT = BENCH.parent
 sys.path[:0] = [str(BENCH), str(ROOT)]
 
 import benchdb  # noqa: E402
+from browser_latency import load_text, say  # noqa: E402
 from scenarios import percentile  # noqa: E402
 
 from control_plane import launch  # noqa: E402
@@ -45,15 +46,6 @@ DRAWN_JS = """() => {
   const nav = performance.getEntriesByType('navigation')[0];
   return document.querySelector('svg.dag') && nav.loadEventEnd ? nav.loadEventEnd : null;
 }"""
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def load_text() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
 
 def documents(n: int) -> dict[str, dict]:
