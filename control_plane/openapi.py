@@ -78,7 +78,8 @@ def _operation(e: Endpoint) -> dict[str, Any]:
         "operationId": e.name,
         "tags": [e.tag],
         "summary": summary.strip() or e.name.replace("_", " "),
-        "parameters": [_path_parameter(name) for name in _PARAM.findall(e.route)] + [q.parameter() for q in e.query],
+        "parameters": [_path_parameter(name) for _converter, name in _PARAM.findall(e.route)]
+        + [q.parameter() for q in e.query],
         "responses": {str(status): _answer(status, schema) for status, schema in e.answers.items()},
         "security": [{e.auth: []}] if e.auth else [],
     }
@@ -95,8 +96,7 @@ def _operation(e: Endpoint) -> dict[str, Any]:
     return op
 
 
-def _path_parameter(match: tuple[str, str]) -> dict:
-    converter, name = match
+def _path_parameter(name: str) -> dict:
     schema: dict[str, Any] = {"type": "string", "pattern": "^[^/]+$"}
     if name.endswith("_id"):
         schema = {"type": "string", "format": "uuid"}
