@@ -185,6 +185,27 @@ class TaskError(Exception):
     """The task document cannot be run as given (no command, bad timeout...); the attempt fails."""
 
 
+_PROGRAMS: dict[str, str] = {}
+
+
+def part_program(part: str, imports: str, constants: Iterable[str], entry: str) -> str:
+    """The source of a small program made of one part of this file: the lines between `# ==== PART: a program
+    of its own` and `# ==== end of PART`, after `imports` (statements) and the values of the `constants` named, then
+    `entry`. The daemon starts a supervisor for every task, and claude an MCP relay for every claude task: run
+    as this whole file, each would cost ~170 ms of CPU to compile and import it; its part alone costs ~40 ms.
+    So a part uses only what its program gives it (tests/agents_app/test_cp_agent_unit.py checks each with
+    ruff and runs it). The file is read once: a daemon whose file is replaced while it runs goes on with the
+    parts it started with."""
+    if part not in _PROGRAMS:
+        text = Path(AGENT_FILE).read_text(encoding="utf-8")
+        begin, end = f"\n# ==== {part}: a program of its own (see part_program)\n", f"\n# ==== end of {part}\n"
+        body = text[text.index(begin) + len(begin) : text.index(end)].strip("\n")
+        values = "".join(f"{name} = {globals()[name]!r}\n" for name in constants)
+        _PROGRAMS[part] = (f"# cp-agent's {part} (agents_app/cp_agent.py)\nfrom __future__ import annotations\n"
+                           f"{imports}\n{values}\n\n{body}\n\n\n{entry}\n")  # fmt: skip
+    return _PROGRAMS[part]
+
+
 def safe_name(text: str) -> str:
     """`text` reduced to the protocol's name alphabet, so it can never escape a directory."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:64] or "task"
@@ -801,11 +822,6 @@ class ProcessOutcome:
     stopped: str = ""  # why the daemon stopped it early (a `watch` reason: budget, stall)
 
 
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
-        os.killpg(pgid, sig)
-
-
 def progress_lines(ctx: TaskContext) -> Callable[[str], None]:
     """The default handler of a task's stdout lines: CP_PROGRESS FRACTION [MESSAGE] reports progress."""
 
@@ -857,7 +873,24 @@ def _pump_output(
 
 def supervisor_command(lifeline_fd: int, argv: list[str]) -> list[str]:
     # -I -S: the standard library is all it needs, and PYTHON* variables are meant for the task, not for it.
-    return [sys.executable or "python3", "-I", "-S", AGENT_FILE, SUPERVISE_FLAG, str(lifeline_fd), "--", *argv]
+    program = part_program(
+        "supervisor",
+        "import contextlib, os, signal, socket, subprocess, sys, threading",
+        ("ORPHAN_GRACE_S", "SUPERVISE_FLAG"),
+        "sys.exit(supervise_main(sys.argv[1:]))",
+    )
+    return [sys.executable or "python3", "-I", "-S", "-c", program, SUPERVISE_FLAG, str(lifeline_fd), "--", *argv]
+
+
+# ==== supervisor: a program of its own (see part_program)
+
+
+def supervise_main(argv: list[str]) -> int:
+    """`--supervise FD -- ARGV`: argv[1:] of a supervisor."""
+    if len(argv) < 4 or argv[0] != SUPERVISE_FLAG or argv[2] != "--" or not argv[1].isdigit():
+        print(f"cp_agent: usage: {SUPERVISE_FLAG} FD -- ARGV", file=sys.stderr)
+        return 2
+    return supervise(int(argv[1]), argv[3:])
 
 
 def supervise(lifeline_fd: int, argv: list[str]) -> int:
@@ -910,6 +943,14 @@ def _stop_group_when_daemon_dies(lifeline: socket.socket, leader_gone: threading
     _signal_group(group, signal.SIGTERM)
     leader_gone.wait(ORPHAN_GRACE_S)
     _signal_group(group, signal.SIGKILL)  # ourselves included
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+        os.killpg(pgid, sig)
+
+
+# ==== end of supervisor
 
 
 class TaskGroup:
@@ -1967,18 +2008,6 @@ def permission_policy(params: dict) -> tuple[str, float]:
     return mode, timeout_s
 
 
-def _on_unix_path(action: Callable[[str], Any], path: Path) -> Any:
-    """bind or connect to a Unix socket at `path`, also when it is longer than sun_path's ~108 bytes (a deep
-    work dir): through the directory's /proc/self/fd link then (Linux, like the rest of the daemon)."""
-    if len(os.fsencode(str(path))) < 100:
-        return action(str(path))
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return action(f"/proc/self/fd/{fd}/{path.name}")
-    finally:
-        os.close(fd)
-
-
 def _read_line(conn: socket.socket, limit: int = 1 << 20) -> bytes:
     """One newline-ended line from `conn` (b"" at EOF before one); ValueError past `limit`."""
     data = bytearray()
@@ -1999,10 +2028,6 @@ def _peer_gone(conn: socket.socket) -> bool:
         return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
-
-
-def _deny(message: str) -> dict:
-    return {"behavior": "deny", "message": message}
 
 
 class PermissionRelay:
@@ -2036,7 +2061,11 @@ class PermissionRelay:
         """claude's --mcp-config: this file as a stdio server, started with the task's environment (no token)
         and allowed to wait longer than any person may take."""
         timeout_ms = min(2**31 - 1, int((self.timeout_s + 120) * 1000))
-        argv = ["-I", "-S", AGENT_FILE, MCP_FLAG, str(self.path)]
+        imports = ("import json, os, socket, sys, threading\nfrom collections.abc import Callable\n"
+                   "from pathlib import Path\nfrom typing import Any")  # fmt: skip
+        constants = ("VERSION", "MCP_SERVER_NAME", "MCP_TOOL_NAME", "MCP_PROTOCOL_VERSION")
+        program = part_program("MCP relay", imports, constants, "sys.exit(serve_mcp_permissions(sys.argv[2]))")
+        argv = ["-I", "-S", "-c", program, MCP_FLAG, str(self.path)]
         server = {"type": "stdio", "command": sys.executable or "python3", "args": argv, "timeout": timeout_ms}
         return {"mcpServers": {MCP_SERVER_NAME: server}}
 
@@ -2089,6 +2118,25 @@ class PermissionRelay:
         self._closed.set()
         self._sock.close()
         self.path.unlink(missing_ok=True)
+
+
+# ==== MCP relay: a program of its own (see part_program)
+
+
+def _on_unix_path(action: Callable[[str], Any], path: Path) -> Any:
+    """bind or connect to a Unix socket at `path`, also when it is longer than sun_path's ~108 bytes (a deep
+    work dir): through the directory's /proc/self/fd link then (Linux, like the rest of the daemon)."""
+    if len(os.fsencode(str(path))) < 100:
+        return action(str(path))
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return action(f"/proc/self/fd/{fd}/{path.name}")
+    finally:
+        os.close(fd)
+
+
+def _deny(message: str) -> dict:
+    return {"behavior": "deny", "message": message}
 
 
 class McpPermissionServer:
@@ -2255,6 +2303,9 @@ def serve_mcp_permissions(socket_path: str) -> int:
     for raw in sys.stdin.buffer:
         server.feed(raw.decode("utf-8", "replace"))
     return 0
+
+
+# ==== end of MCP relay
 
 
 # --------------------------------------------------------------------------------------------- git workspaces
@@ -3452,11 +3503,8 @@ def run_check(config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == [SUPERVISE_FLAG]:  # started by the daemon for a task: --supervise FD -- ARGV
-        if len(argv) < 4 or argv[2] != "--" or not argv[1].isdigit():
-            print(f"cp_agent: usage: {SUPERVISE_FLAG} FD -- ARGV", file=sys.stderr)
-            return 2
-        return supervise(int(argv[1]), argv[3:])
+    if argv[:1] == [SUPERVISE_FLAG]:  # what the supervisor's own program runs (supervisor_command)
+        return supervise_main(argv)
     if argv[:1] == [MCP_FLAG]:  # started by claude for a task: --mcp-permissions SOCKET
         if len(argv) != 2:
             print(f"cp_agent: usage: {MCP_FLAG} SOCKET", file=sys.stderr)

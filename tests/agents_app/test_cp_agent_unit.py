@@ -306,8 +306,9 @@ def test_a_task_runs_under_a_supervisor_that_leads_its_session_and_is_recorded_u
     task = pid_in(ctx.work_dir / "sh.pid")
     supervisor = int(stat_of(task)[1])
     argv = Path(f"/proc/{supervisor}/cmdline").read_bytes().decode().split("\0")[:-1]
-    assert argv[3:5] == [str(AGENT_PY), "--supervise"]  # after python -I -S
-    assert argv[6:] == ["--", "/bin/sh", "-c", ctx.task["command"]]
+    # python -I -S -c PROGRAM: the supervisor's part of this file alone, which starts in a fraction of the time
+    assert argv[1:4] == ["-I", "-S", "-c"] and argv[4].startswith("# cp-agent's supervisor")
+    assert argv[5] == "--supervise" and argv[7:] == ["--", "/bin/sh", "-c", ctx.task["command"]]
     assert (int(stat_of(task)[2]), int(stat_of(task)[3])) == (supervisor, supervisor)  # its group and session
     record = json.loads((records.directory / "attempt-uuid-1234.json").read_text())
     assert record == {
@@ -321,6 +322,24 @@ def test_a_task_runs_under_a_supervisor_that_leads_its_session_and_is_recorded_u
     assert (outcomes[0].error, outcomes[0].exit_code) == ("canceled", -signal.SIGTERM)
     assert process_gone(task) and process_gone(supervisor)
     assert not list(records.directory.glob("*.json"))
+
+
+@pytest.mark.parametrize("part", ["supervisor", "MCP relay"])
+def test_a_part_run_as_a_program_of_its_own_names_nothing_it_does_not_define(part, tmp_path):
+    """Each is checked by ruff's pyflakes rules as the file it is: an unknown name would fail only when that
+    line ran, in a task's supervisor or in claude's relay."""
+    if part == "supervisor":
+        program = cp_agent.supervisor_command(3, ["true"])[4]
+    else:
+        relay = cp_agent.PermissionRelay(tmp_path / ".cp-agent", lambda request, gone: {}, 1.0)
+        program = relay.mcp_config()["mcpServers"]["cp_agent"]["args"][3]
+        relay.close()
+    assert program.startswith(f"# cp-agent's {part} (agents_app/cp_agent.py)\n")
+    ruff = Path(sys.executable).with_name("ruff")
+    done = subprocess.run([str(ruff), "check", "--isolated", "--select", "F", "--stdin-filename", "part.py", "-"],
+                          input=program, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(program) < 20_000  # a part, not the whole file
 
 
 def test_a_supervisor_whose_daemon_is_gone_stops_the_task_group(tmp_path):
