@@ -35,6 +35,9 @@ def claim_order_expressions() -> list:
 EXECUTORS = ("shell", "claude", "codex", "simulated", "approval")
 # Executors of tasks the server adds itself: `git` merges a workspace run's sinks into its result branch.
 SYSTEM_EXECUTORS = ("git",)
+# What an agent may offer: every executor but a person's approval, and the server's own. The daemon's list
+# (cp_agent.KNOWN_EXECUTORS) is the same; tests/agents_app/test_executor_names.py ties the two.
+AGENT_EXECUTORS = tuple(name for name in (*EXECUTORS, *SYSTEM_EXECUTORS) if name != "approval")
 
 
 class Workflow(models.Model):

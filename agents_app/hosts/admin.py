@@ -19,8 +19,8 @@ from django.utils.html import format_html
 
 from control_plane.web import actor_of
 from tasks_app.errors import ActionError
+from tasks_app.models import AGENT_EXECUTORS
 
-from ..cp_agent import KNOWN_EXECUTORS
 from .jobs import start_operations
 from .keys import UnusableKey, check_private_key, normalize_host_key
 from .models import NAME_VALIDATOR, Host, HostOperation, HostOperationKind
@@ -52,7 +52,7 @@ class HostForm(forms.ModelForm):
         help_texts = {
             "host_key": "The host's public key (e.g. its /etc/ssh/ssh_host_ed25519_key.pub) to pin it now; or leave "
             "empty, scan the host and confirm the fingerprint it presents.",
-            "agent_executors": f"comma-separated, of {', '.join(KNOWN_EXECUTORS)}; empty: what the host has",
+            "agent_executors": f"comma-separated, of {', '.join(AGENT_EXECUTORS)}; empty: what the host has",
         }
 
     def clean_private_key(self):
@@ -101,9 +101,9 @@ class HostForm(forms.ModelForm):
 
     def clean_agent_executors(self):
         executors = self.cleaned_data["agent_executors"]
-        unknown = sorted(set(executors) - set(KNOWN_EXECUTORS))
+        unknown = sorted(set(executors) - set(AGENT_EXECUTORS))
         if unknown:
-            known = ", ".join(KNOWN_EXECUTORS)
+            known = ", ".join(AGENT_EXECUTORS)
             raise forms.ValidationError(f"unknown executor(s) {', '.join(unknown)}; known: {known}")
         return executors
 

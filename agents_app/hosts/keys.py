@@ -3,7 +3,13 @@ before they are stored. asyncssh parses them, so what passes here is what a conn
 
 from __future__ import annotations
 
-import asyncssh
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncssh
+
+# asyncssh is imported where a key is read, not here: models import this module, so every process of the
+# server would pay its ~130 ms import (with cryptography's) at start, and only the hosts' pages and jobs use it.
 
 
 class UnusableKey(ValueError):
@@ -17,6 +23,8 @@ def parse_host_key(text: str) -> asyncssh.SSHKey:
     # A known_hosts line starts with the host pattern: skip to the key type.
     while parts and not (parts[0].startswith(("ssh-", "ecdsa-", "sk-"))):
         parts = parts[1:]
+    import asyncssh
+
     try:
         return asyncssh.import_public_key(" ".join(parts[:2]))
     except (asyncssh.KeyImportError, ValueError):
@@ -41,6 +49,8 @@ def fingerprint(text: str) -> str:
 def check_private_key(text: str) -> asyncssh.SSHKey:
     """The private key, or UnusableKey saying why it cannot be used (passphrase-protected keys are refused:
     nobody is there to type the passphrase when a background job connects)."""
+    import asyncssh
+
     try:
         return asyncssh.import_private_key(text)
     except asyncssh.KeyEncryptionError:

@@ -15,8 +15,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 from django.db.models import Q
 
+from .install_dir import remote_dir_problem
 from .keys import fingerprint
-from .provision import remote_dir_problem
 
 # The protocol's name rule; a prefix leaves room for "-NN".
 NAME_VALIDATOR = RegexValidator(r"^[A-Za-z0-9._-]{1,64}\Z", "1-64 of letters, digits, '.', '_' and '-'")

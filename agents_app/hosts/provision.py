@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import asyncssh
 
+from .install_dir import remote_dir_problem
 from .keys import fingerprint
 
 Report = Callable[..., Awaitable[None]]
@@ -179,20 +180,6 @@ async def sh(conn, script: str, *, stdin: str | None = None, timeout: float = 60
         return await conn.run("/bin/sh -c " + shlex.quote(script), input=stdin, check=False, timeout=timeout)
     except asyncssh.TimeoutError:
         raise ProvisionError(f"a remote command took longer than {timeout:.0f} s") from None
-
-
-def remote_dir_problem(path: str) -> str:
-    """Why `path` cannot be an install folder ("" when it can): it must be a folder of its own, never the
-    login's home or one holding it, whose files uninstall would then go through."""
-    rest = path.removeprefix("~/")
-    parts = [p for p in rest.split("/") if p]
-    if not parts or rest in ("~",):
-        return "name a folder of its own (e.g. cp-agent), not the home folder itself"
-    if any(p in (".", "..") for p in parts):
-        return "'.' and '..' are not folder names here: name a folder of its own (e.g. cp-agent)"
-    if rest.startswith("/") and (len(parts) < 2 or parts[0] in ("home", "Users") and len(parts) == 2):
-        return f"{path} is a system folder or a home folder: name a folder of its own (e.g. /opt/cp-agent)"
-    return ""
 
 
 def _cd(target: Target) -> str:

@@ -11,7 +11,7 @@ from tasks_app.states import APPROVAL_EXECUTOR
 
 def test_the_daemon_runs_every_executor_the_server_hands_agents_and_no_other():
     handed_to_agents = (set(dag.EXECUTORS) - {APPROVAL_EXECUTOR}) | set(models.SYSTEM_EXECUTORS)
-    assert set(cp_agent.KNOWN_EXECUTORS) == handed_to_agents
+    assert set(cp_agent.KNOWN_EXECUTORS) == handed_to_agents == set(models.AGENT_EXECUTORS)
     assert APPROVAL_EXECUTOR not in cp_agent.KNOWN_EXECUTORS  # a person runs it, never an agent
 
 
