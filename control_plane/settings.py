@@ -86,8 +86,11 @@ SECURE_HSTS_SECONDS = env_int("CP_HSTS_SECONDS", 365 * 24 * 3600 if _served_over
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("CP_HSTS_INCLUDE_SUBDOMAINS", _served_over_tls)
 SECURE_HSTS_PRELOAD = env_bool("CP_HSTS_PRELOAD", _served_over_tls)
 
+# daphne's app does one thing: `manage.py runserver` serves ASGI (the websocket too) with daphne. Loading it
+# imports Twisted and installs its reactor, ~280 ms at the start of every process (server, q cluster, command),
+# so it is installed for that command alone.
 INSTALLED_APPS = [
-    "daphne",
+    *(["daphne"] if sys.argv[1:2] == ["runserver"] else []),
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
