@@ -224,7 +224,8 @@ def test_on_permission_deny_refuses_at_once_as_before(live_server_proc, operator
     assert refusal["is_error"] is True
 
 
-ANSWERS = int(os.environ.get("CP_BENCH_ANSWERS", "20"))
+# 8 in the suite, enough for the bound to fail; bench/input_latency.py asks for 20 and reports the figures.
+ANSWERS = int(os.environ.get("CP_BENCH_ANSWERS", "8"))
 
 
 def percentiles(seconds: list[float]) -> dict:
