@@ -89,7 +89,20 @@ def _heartbeat_now(agent: dict, status: str, attempt_ids: list[str], first: bool
 claim_as_agent = _as_agent(_claim_now)
 heartbeat_as_agent = _as_agent(_heartbeat_now)
 progress_as_agent = _as_agent(actions.record_progress)
-complete_as_agent = _as_agent(actions.complete_attempt)
+
+
+def _complete_now(agent: dict, attempt_id: str, *args, claim: int | None = None, **kwargs) -> tuple[str, list | None]:
+    """Complete, then (with `claim`, a capacity) claim the agent's next tasks in the same trip: a busy agent
+    makes one request per task instead of two. No claim after a completion that held an executor back on this
+    agent (a usage limit, a lost login): `agent` predates the hold, and the agent's next claim reads it."""
+    task_state = actions.complete_attempt(agent, attempt_id, *args, **kwargs)
+    if claim is None:
+        return task_state, None
+    outcome, _, error = args[:3]
+    return task_state, [] if actions.holds_executor(outcome, error) else actions.claim_ready_tasks(agent, claim)
+
+
+complete_as_agent = _as_agent(_complete_now)
 create_input_as_agent = _as_agent(actions.create_input_request)
 goodbye_as_agent = _as_agent(registry.say_goodbye)
 
@@ -142,7 +155,8 @@ TASK = obj(
      "merge": array(STR), "branch": STR}), "prices": {"type": "object"}, "resume_session": STR,
      "resume_unavailable": STR},
 )  # fmt: skip
-ASSIGNMENTS = obj({"assignments": array(obj({"attempt_id": UUID, "lease_expires_at": TIME, "task": TASK}))})
+ASSIGNMENT_LIST = array(obj({"attempt_id": UUID, "lease_expires_at": TIME, "task": TASK}))
+ASSIGNMENTS = obj({"assignments": ASSIGNMENT_LIST})
 
 
 @endpoint(
@@ -344,7 +358,10 @@ COMPLETE = Body(
     Str("session_id", 128, doc="the CLI's session or thread id"),
     Str("resets_at", 64, doc="outcome rate_limited: when the provider's limit resets (ISO-8601 with a zone)"),
     Number("retry_after_s", 0, MAX_HOLD_S, doc="outcome rate_limited: else, seconds from now"),
-)
+    # An addition (README, "API"): complete and claim the next tasks in one request.
+    Obj("claim", Body(Int("capacity", 1, 64, default=1)),
+        doc="an addition: claim up to `capacity` tasks in the same request, answered as `assignments`"),
+)  # fmt: skip
 
 
 @endpoint(
@@ -355,7 +372,7 @@ COMPLETE = Body(
     body=COMPLETE,
     limit=_result_limit,
     errors=(403, 404, 409),
-    answers={200: obj({"task_state": STR})},
+    answers={200: obj({"task_state": STR}, {"assignments": ASSIGNMENT_LIST})},
 )
 async def complete(request, attempt_id: str, body):
     """Report an attempt's outcome; the same completion sent again changes nothing."""
@@ -364,12 +381,15 @@ async def complete(request, attempt_id: str, body):
         raise ApiError(413, "too_large", f"'result' may be at most {settings.CP_RESULT_MAX_BYTES} bytes")
     rate_limited = body["outcome"] == actions.RATE_LIMITED
     hold_until = _hold_until(body["resets_at"], body["retry_after_s"]) if rate_limited else None
-    task_state = await complete_as_agent(
+    claim = body["claim"]["capacity"] if body["claim"] is not None else None
+    task_state, assignments = await complete_as_agent(
         request, _attempt_id(attempt_id), body["outcome"], result, body["error"] or "", body["exit_code"],
         _commit_report(body["commit"]), usage=_usage_report(body["usage"]), session_id=body["session_id"],
-        hold_until=hold_until,
+        hold_until=hold_until, claim=claim,
     )  # fmt: skip
-    return JsonResponse({"task_state": task_state})
+    if assignments is None:
+        return JsonResponse({"task_state": task_state})
+    return JsonResponse({"task_state": task_state, "assignments": assignments})
 
 
 def _usage_report(report: dict | None) -> dict | None:

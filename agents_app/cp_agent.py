@@ -3046,8 +3046,17 @@ class TaskRun:
             payload["exit_code"] = outcome.exit_code
         if commit is not None:
             payload["commit"] = commit
-        if self._call("complete", payload) is not None:
+        claims = self.agent.may_claim_more()
+        if claims:
+            # The README's complete-and-claim: this slot's next task comes back in the same answer, one
+            # request per task for a busy agent. A server that does not know `claim` ignores it.
+            payload["claim"] = {"capacity": 1}
+        answer = self._call("complete", payload)
+        if answer is not None:
             log.info("%s %s%s", self.key, payload["outcome"], f": {outcome.error}" if outcome.error else "")
+            assignments = answer.get("assignments") if claims else None
+            for assignment in assignments if isinstance(assignments, list) else []:
+                self.agent.start_run(assignment)
 
 
 class Agent:
@@ -3375,11 +3384,17 @@ class Agent:
                 continue
             assignments = answer.get("assignments") or []
             for assignment in assignments:
-                self._start_run(assignment)
+                self.start_run(assignment)
             if not assignments and time.monotonic() - started < 1.0:
                 self._draining.wait(1.0)  # a server answering empty at once must not make us spin
 
-    def _start_run(self, assignment: Any) -> None:
+    def may_claim_more(self) -> bool:
+        """Whether a task ending now may claim the next in its completion: not while draining (nor with
+        --once, which drains after one task)."""
+        return not (self._draining.is_set() or self.config.once)
+
+    def start_run(self, assignment: Any) -> None:
+        """Run an assignment from a claim (or a completion's claim) in a TaskRun thread of its own."""
         if not (
             isinstance(assignment, dict)
             and isinstance(assignment.get("attempt_id"), str)

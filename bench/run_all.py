@@ -92,8 +92,9 @@ async def measure_server(args, db: dict, port: int, server_pid: int, tag: str, w
         n_agents=args.agents,
         n_tasks=args.tasks,
         time_limit_s=args.time_limit,
+        complete_and_claim=not args.claim_separately,
     )
-    say(f"    {tp['tasks_per_s']} tasks/s ({tp['completed']} in {tp['seconds']} s)")
+    say(f"    {tp['mode']}: {tp['tasks_per_s']} tasks/s ({tp['completed']} in {tp['seconds']} s)")
     say(f"    CPU, % of one core: {cpu_text(tp['cpu_pct_of_one_core'])}")
     say(f"    CPU ms per task: {per_task_text(tp['cpu_ms_per_task'])}")
 
@@ -202,6 +203,8 @@ def parse_args():
     parser.add_argument("--agents", type=int, default=50, help="simulated agents (figures 2 and 3)")
     parser.add_argument("--samples", type=int, default=200, help="latency samples (figure 1)")
     parser.add_argument("--parked", type=int, default=3, help="agents parked in a long poll (figure 1)")
+    parser.add_argument("--claim-separately", action="store_true",
+                        help="figure 2's agents claim after each completion, not in it")  # fmt: skip
     parser.add_argument("--poll-tasks", type=int, default=600, help="tasks of the 2-second polling run (figure 3)")
     parser.add_argument("--time-limit", type=float, default=45.0, help="seconds at most per throughput run")
     parser.add_argument(

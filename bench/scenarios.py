@@ -44,8 +44,12 @@ class SimAgent:
             self.claim_sent_at = None
         return answer["assignments"]
 
-    async def complete(self, attempt_id: str) -> None:
-        await self.conn.json("POST", f"{API}/attempts/{attempt_id}/complete", {"outcome": "succeeded", "exit_code": 0})
+    async def complete(self, attempt_id: str, claim: bool = False) -> list:
+        """Complete; with `claim`, claim the next task in the same request (README, "API": complete and
+        claim), returning its assignments."""
+        body = {"outcome": "succeeded", "exit_code": 0, **({"claim": {"capacity": 1}} if claim else {})}
+        answer = await self.conn.json("POST", f"{API}/attempts/{attempt_id}/complete", body)
+        return answer.get("assignments") or []
 
     def close(self) -> None:
         self.conn.close()
@@ -181,28 +185,34 @@ class Tally:
 async def throughput(
     host: str, port: int, enrollment: str, api_token: str, tag: str, *, server_pid: int, postgres: PostgresCpu | None,
     n_agents: int = 50, n_tasks: int = 3000, poll_every_s: float | None = None, time_limit_s: float = 60.0,
+    complete_and_claim: bool = True,
 ) -> dict:  # fmt: skip
     """One run of `n_tasks` independent no-op tasks through `n_agents` agents. With poll_every_s None the
-    agents long-poll (claim again at once); otherwise each claims with wait_s 0 every poll_every_s seconds
-    (phases spread at random), completing what it got in between. tasks/s counts from the first assignment
-    to the last completion."""
+    agents long-poll: each completion claims the next task in the same request (complete_and_claim, as the
+    daemon does; off: a claim after each completion), and an agent given none long-polls again. Otherwise
+    each claims with wait_s 0 every poll_every_s seconds (phases spread at random), completing what it got in
+    between. tasks/s counts from the first assignment to the last completion."""
     agents = await register_all(host, port, enrollment, f"{tag}-tp", n_agents)
     tally = Tally(n_tasks)
     rng = random.Random(7)
 
-    async def work(agent: SimAgent, assignments: list) -> None:
+    async def work(agent: SimAgent, assignments: list, claim: bool = False) -> list:
+        """Complete the assignments; the next ones when the last completion claimed them (`claim`)."""
         tally.claims += 1
         if not assignments:
             tally.empty_claims += 1
-            return
+            return []
         tally.assigned()
-        for a in assignments:
-            await agent.complete(a["attempt_id"])
+        following: list = []
+        for i, a in enumerate(assignments):
+            following = await agent.complete(a["attempt_id"], claim=claim and i == len(assignments) - 1)
             tally.finished_one()
+        return following
 
     async def long_poller(agent: SimAgent):
+        following: list = []
         while not tally.done.is_set():
-            await work(agent, await agent.claim(LONG_POLL_S))
+            following = await work(agent, following or await agent.claim(LONG_POLL_S), claim=complete_and_claim)
 
     async def interval_poller(agent: SimAgent):
         next_at = now() + rng.uniform(0, poll_every_s)
@@ -247,7 +257,13 @@ async def throughput(
     return {
         "agents": n_agents,
         "tasks": n_tasks,
-        "mode": "long poll (wait_s 25)" if poll_every_s is None else f"poll wait_s 0 every {poll_every_s:g} s",
+        "mode": (
+            f"poll wait_s 0 every {poll_every_s:g} s"
+            if poll_every_s is not None
+            else "long poll (wait_s 25), complete and claim"
+            if complete_and_claim
+            else "long poll (wait_s 25), a claim after each completion"
+        ),  # fmt: skip
         "completed": tally.completed,
         "finished": tally.completed >= n_tasks,
         "seconds": round(span, 3) if span else None,

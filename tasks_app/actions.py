@@ -359,7 +359,7 @@ def complete_attempt(
     `hold_until`), a lost login (`not_logged_in: …`: the executor is no longer offered to this agent until
     its next pre-flight passes), or the server's request to stop it (a budget reached)."""
     actor = f"agent:{agent['name']}"
-    if outcome == RATE_LIMITED or _error_code(error) == NOT_LOGGED_IN:
+    if holds_executor(outcome, error):
         _hold_executor(agent, attempt_id, outcome, error, hold_until)  # the agent row first: its own transaction
     ended = False
     with transaction.atomic(), connection.cursor() as cur:
@@ -397,6 +397,12 @@ def complete_attempt(
     if usage is not None and budgets_apply(att["max_cost_usd"]):
         enforce_budgets(att["run_id"])  # the last figures may be the ones that reach a cap
     return task_state
+
+
+def holds_executor(outcome: str, error: str) -> bool:
+    """Whether this completion holds its executor back on the agent: a usage limit until its reset, a lost
+    login until the next pre-flight passes."""
+    return outcome == RATE_LIMITED or _error_code(error) == NOT_LOGGED_IN
 
 
 def _error_code(error: str) -> str:

@@ -847,6 +847,7 @@ class FakeServer:
         self.timings = {"heartbeat_interval_s": 0.2, "lease_s": 60, "max_wait_s": 2}  # what register answers
         self.changed = threading.Condition()
         self.registrations = 0
+        self.complete_claims = False  # a completion's `claim` is ignored, as a server before it did
         self._listeners: dict[str, tuple[ThreadingHTTPServer, set[socket.socket]]] = {}
         self.url = self.listen()
 
@@ -960,7 +961,12 @@ class FakeServer:
         if path.endswith("/complete"):
             if body["outcome"] not in self.outcomes:
                 return 400, {"error": "bad_request", "detail": f"'outcome' must be one of {', '.join(self.outcomes)}"}
-            return 200, {"task_state": body["outcome"]}
+            answer = {"task_state": body["outcome"]}
+            if self.complete_claims and isinstance(body.get("claim"), dict):  # the README's complete-and-claim
+                with self.changed:
+                    n = body["claim"]["capacity"]
+                    answer["assignments"], self.assignments = self.assignments[:n], self.assignments[n:]
+            return 200, answer
         return 404, {"error": "not_found", "detail": path}
 
     def claim(self, body, gone):
@@ -1063,6 +1069,7 @@ def test_agent_registers_runs_a_task_uploads_its_output_and_completes(fake_serve
     ]
     complete = fake_server.body("/attempts/a1b2c3d4-0000/complete")
     assert complete["outcome"] == "succeeded" and complete["result"]["simulated"] is True
+    assert "claim" not in complete  # --once: no next task
     assert fake_server.paths().index("/attempts/a1b2c3d4-0000/artifacts") < fake_server.paths().index(
         "/attempts/a1b2c3d4-0000/complete"
     )
@@ -1071,6 +1078,34 @@ def test_agent_registers_runs_a_task_uploads_its_output_and_completes(fake_serve
     state = tmp_path / "work" / "unit-1.state.json"
     assert stat.S_IMODE(state.stat().st_mode) == 0o600
     assert json.loads(state.read_text())["token"] == "agent-token-1"
+
+
+def test_a_busy_agent_takes_its_next_task_from_its_completions_answer(fake_server, tmp_path):
+    """The README's complete-and-claim: while work is waiting, one request per task, no claim between."""
+    fake_server.complete_claims = True
+    for n in range(3):
+        fake_server.assign(f"0000000{n}", executor="shell", command=f"echo {n}")
+    agent = start_agent(fake_server, tmp_path)
+    fake_server.wait_for(lambda server: "/attempts/00000002/complete" in server.paths(), timeout=10)
+    agent.send_signal(signal.SIGTERM)
+    code, err = finish(agent)
+    assert code == 0, err
+    paths = fake_server.paths()
+    assert paths[: paths.index("/attempts/00000002/complete")].count("/agents/claim") == 1, paths
+    for n in range(3):
+        complete = fake_server.body(f"/attempts/0000000{n}/complete")
+        assert complete["claim"] == {"capacity": 1} and complete["outcome"] == "succeeded", complete
+
+
+def test_an_agent_whose_server_ignores_a_completions_claim_claims_as_before(fake_server, tmp_path):
+    for n in range(2):
+        fake_server.assign(f"0000000{n}", executor="shell", command="true")
+    agent = start_agent(fake_server, tmp_path)
+    fake_server.wait_for(lambda server: "/attempts/00000001/complete" in server.paths(), timeout=10)
+    agent.send_signal(signal.SIGTERM)
+    assert finish(agent)[0] == 0
+    paths = fake_server.paths()
+    assert paths[: paths.index("/attempts/00000001/complete")].count("/agents/claim") >= 2, paths
 
 
 def test_a_restarted_agent_reuses_its_identity(fake_server, tmp_path):

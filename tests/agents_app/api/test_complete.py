@@ -112,3 +112,58 @@ def test_complete_with_a_result_over_1_mib_is_413(server, enroll, run_of):
     assert_error(agent.complete(attempt["attempt_id"], result={"blob": "a" * (3 * MIB // 2)}), 413, "too_large")
     assert Attempt.objects.get(pk=attempt["attempt_id"]).state == "assigned"
     assert ok(agent.complete(attempt["attempt_id"], result={"blob": "a" * (MIB - 64)})) == {"task_state": "succeeded"}
+
+
+# --- complete and claim the next (an addition, README "API") ---
+
+
+def test_a_completion_with_claim_carries_the_next_assignment_and_the_agent_needs_no_claim(server, enroll, run_of):
+    from tasks_app.models import Attempt
+
+    run_of({"key": "a"}, {"key": "b", "deps": ["a"]}, {"key": "c"})
+    agent = enroll(capacity=1)
+    first = agent.claim_one()
+    answer = ok(agent.complete(first["attempt_id"], exit_code=0, claim={"capacity": 1}))
+    assert answer["task_state"] == "succeeded" and len(answer["assignments"]) == 1
+    [second] = answer["assignments"]
+    assert second["task"]["key"] in {"b", "c"} and second["task"]["key"] != first["task"]["key"]
+    assert Attempt.objects.get(pk=second["attempt_id"]).agent_id == uuid.UUID(agent.id)
+    third = ok(agent.complete(second["attempt_id"], exit_code=0, claim={"capacity": 1}))["assignments"]
+    assert {first["task"]["key"], second["task"]["key"], third[0]["task"]["key"]} == {"a", "b", "c"}
+    # Nothing left: the answer says so with an empty list, and without `claim` it is the answer it always was.
+    assert ok(agent.complete(third[0]["attempt_id"], exit_code=0, claim={"capacity": 1}))["assignments"] == []
+
+
+def test_a_completions_claim_takes_no_more_than_the_agents_free_slots(server, enroll, run_of):
+    run_of(*[{"key": f"t{i}"} for i in range(6)])
+    agent = enroll(capacity=3)
+    running = agent.claim(capacity=2)
+    assert len(running) == 2
+    answer = ok(agent.complete(running[0]["attempt_id"], exit_code=0, claim={"capacity": 64}))
+    assert len(answer["assignments"]) == 2  # capacity 3, one still running
+    assert "claim.capacity" in assert_error(agent.complete(running[1]["attempt_id"], claim={"capacity": 0}), 400)
+
+
+def test_a_refused_completion_claims_nothing(server, enroll, run_of):
+    from tasks_app.models import Task
+
+    run_of({"key": "a"}, {"key": "b"})
+    agent = enroll()
+    attempt = agent.claim_one()
+    ok(agent.complete(attempt["attempt_id"], result={"v": 1}, exit_code=0))
+    assert_error(agent.complete(attempt["attempt_id"], result={"v": 2}, exit_code=0, claim={"capacity": 1}), 409)
+    assert Task.objects.exclude(key=attempt["task"]["key"]).get().state == "ready"
+
+
+def test_a_usage_limit_claims_nothing_in_the_same_request(server, enroll, run_of):
+    """The hold on that executor is written by the completion; the agent's next claim respects it."""
+    from tasks_app.models import Task
+
+    run_of({"key": "a", "max_attempts": 3}, {"key": "b"})
+    agent = enroll()
+    attempt = agent.claim_one()
+    answer = ok(agent.complete(attempt["attempt_id"], "rate_limited", error="429", retry_after_s=60,
+                               claim={"capacity": 1}))  # fmt: skip
+    assert answer == {"task_state": "ready", "assignments": []}
+    assert set(Task.objects.values_list("state", flat=True)) == {"ready"}
+    assert agent.claim() == []  # both tasks are simulated: held on this agent until the reset
