@@ -34,7 +34,12 @@ class AgentApiHandler(ASGIHandler):
         self._view_middleware = []
         self._template_response_middleware = []
         self._exception_middleware = []
-        self._middleware_chain = convert_exception_to_response(self._get_response_async)
+        self._middleware_chain = convert_exception_to_response(self._host_checked)
+
+    async def _host_checked(self, request):
+        # ALLOWED_HOSTS, as the full stack's CommonMiddleware applies it: DisallowedHost is a 400 (handler400).
+        request.get_host()
+        return await self._get_response_async(request)
 
     async def __call__(self, scope, receive, send):
         # As ASGIHandler.__call__, minus the ThreadSensitiveContext (see the module's docstring).

@@ -40,5 +40,7 @@ urlpatterns = [
     *api_spec.url_patterns(),
 ]
 
+handler400 = "control_plane.errors.bad_request"
+handler403 = "control_plane.errors.permission_denied"
 handler404 = "control_plane.errors.not_found"
 handler500 = "control_plane.errors.server_error"

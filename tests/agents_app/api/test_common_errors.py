@@ -69,3 +69,16 @@ def test_an_unknown_api_path_is_404_json(server):
                          ("GET", "/api/v1/agents/claim/"), ("POST", "/api/v1/agents/claim/")):  # fmt: skip
         answer = http(method, server + path, {} if method == "POST" else None)
         assert_error(answer, 404, "not_found", f"{method} {path}")
+
+
+def test_a_host_header_this_server_does_not_serve_is_400_json_under_api_and_html_elsewhere(server, enroll):
+    """Django refuses a Host outside ALLOWED_HOSTS before any view; schemathesis found it answered its HTML page
+    under /api/ too. The agents' lean handler and the run API both answer in PROTOCOL.md's shape."""
+    agent = enroll()
+    evil = {"Host": "evil.example"}
+    for path, token in (("/api/v1/agents/claim", agent.token), ("/api/v1/runs", None)):
+        detail = assert_error(http("POST", server + path, {}, token=token, headers=evil), 400, "bad_request", path)
+        assert detail == "the Host header names no host this server answers to"
+    status, page = http("GET", server + "/runs/", headers=evil)
+    assert status == 400 and b"<html" in page.lower() and b"ALLOWED_HOSTS" not in page
+    assert ok(agent.post("/api/v1/agents/claim", {"wait_s": 0})) == {"assignments": []}  # the right Host still
