@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A 10,000-task DAG through a real server: how long `POST /api/v1/runs` takes to answer (fan-out and chain),
 how soon a parked agent holds the first task after the answer, and how fast one agent hands a chain's tasks
-off one after the other (claim, complete, claim the next: each needs the one before).
+off one after the other (complete and claim the next: each needs the one before).
 
     .venv/bin/python bench/big_dag.py [--tasks 10000] [--chain-tasks 2000]
 
@@ -74,15 +74,18 @@ async def submit_with_parked_agent(port: int, api: str, agent: scenarios.SimAgen
     }
 
 
-async def hand_off(agent: scenarios.SimAgent, first_attempt: str, n: int) -> dict:
-    """Complete, claim the next, for n tasks of the chain: tasks/s."""
+async def hand_off(agent: scenarios.SimAgent, first_attempt: str, n: int, complete_and_claim: bool) -> dict:
+    """Complete and claim the next, for n tasks of the chain: tasks/s. The completion releases the next task
+    and, with complete_and_claim (as the daemon does), claims it in the same request; else a claim follows."""
     attempt, started = first_attempt, now()
     for _ in range(n):
-        await agent.complete(attempt)
-        got = await agent.claim(scenarios.LONG_POLL_S)
+        got = await agent.complete(attempt, claim=complete_and_claim)
+        if not got:
+            got = await agent.claim(scenarios.LONG_POLL_S)
         attempt = got[0]["attempt_id"]
     seconds = now() - started
-    return {"tasks": n, "seconds": round(seconds, 2), "tasks_per_s": round(n / seconds, 1)}
+    return {"tasks": n, "seconds": round(seconds, 2), "tasks_per_s": round(n / seconds, 1),
+            "requests_per_task": 1 if complete_and_claim else 2}  # fmt: skip
 
 
 async def measure(args, db: dict, port: int) -> dict:
@@ -102,7 +105,8 @@ async def measure(args, db: dict, port: int) -> dict:
             else:
                 result.pop("run_id")
                 first = result.pop("first_attempt")
-                result["hand_off"] = await hand_off(agent, first, min(args.chain_tasks, args.tasks - 1))
+                hops = min(args.chain_tasks, args.tasks - 1)
+                result["hand_off"] = await hand_off(agent, first, hops, not args.claim_separately)
                 h = result["hand_off"]
                 print(f"  chain hand-off: {h['tasks']} tasks in {h['seconds']} s, {h['tasks_per_s']} tasks/s")
             out[name] = result
@@ -115,6 +119,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--chain-tasks", type=int, default=2000, help="hand-offs to time along the chain")
+    parser.add_argument("--claim-separately", action="store_true", help="a claim after each completion")
     parser.add_argument("--output", type=Path, default=BENCH / "big_dag_results.json")
     args = parser.parse_args()
     load = os.getloadavg()
