@@ -122,71 +122,33 @@ def per_task_counters(before: dict, after: dict, completed: int) -> dict:
     }
 
 
-@contextlib.contextmanager
-def watching_ours(record: dict):
-    """Times of our throughput run that scenarios.throughput does not keep: when the submit of the run came
-    back (the tasks committed) and when each assignment reached its agent: in a claim's answer, or in a
-    completion's (complete and claim)."""
-    claim, complete, json_call = scenarios.SimAgent.claim, scenarios.SimAgent.complete, scenarios.Connection.json
-
-    def arrived(assignments):
-        if assignments:
-            record["starts"].extend([now()] * len(assignments))
-        return assignments
-
-    async def timed_claim(self, *args, **kwargs):
-        return arrived(await claim(self, *args, **kwargs))
-
-    async def timed_complete(self, *args, **kwargs):
-        return arrived(await complete(self, *args, **kwargs))
-
-    async def timed_json(self, method, path, *args, **kwargs):
-        sent = now()
-        answer = await json_call(self, method, path, *args, **kwargs)
-        if method == "POST" and path == f"{scenarios.API}/runs":
-            record["sent"], record["acked"] = sent, now()
-        return answer
-
-    scenarios.SimAgent.claim, scenarios.SimAgent.complete = timed_claim, timed_complete
-    scenarios.Connection.json = timed_json
-    try:
-        yield record
-    finally:
-        scenarios.SimAgent.claim, scenarios.SimAgent.complete, scenarios.Connection.json = claim, complete, json_call
-
-
 def run_ours(args, db: dict, port: int, server_pid: int, repeat: int) -> dict:
     postgres = PostgresCpu(db["admin"], benchdb.BENCH_DB) if db["local"] else None
     common = {"host": "127.0.0.1", "port": port, "enrollment": db["enrollment"], "api_token": db["api"]}
     counted = db_counters(db["admin"], benchdb.BENCH_DB)
-    with watching_ours({"starts": []}) as seen:
-        tp = run_all.run_async(
-            scenarios.throughput(
-                **common,
-                tag=f"peers{repeat}",
-                server_pid=server_pid,
-                postgres=postgres,
-                n_agents=args.concurrency,
-                n_tasks=args.tasks,
-                time_limit_s=args.time_limit,
-            )
+    tp = run_all.run_async(
+        scenarios.throughput(
+            **common,
+            tag=f"peers{repeat}",
+            server_pid=server_pid,
+            postgres=postgres,
+            n_agents=args.concurrency,
+            n_tasks=args.tasks,
+            time_limit_s=args.time_limit,
         )
+    )
     time.sleep(STATS_IDLE_FLUSH_S)
     pg_work = per_task_counters(counted, db_counters(db["admin"], benchdb.BENCH_DB), tp["completed"])
     ms = tp["cpu_ms_per_task"]
-    if len(seen["starts"]) != tp["completed"]:  # scenarios' agents got work some other way: say so
-        say(f"    (saw {len(seen['starts'])} assignments arrive for {tp['completed']} completions)")
     return {
         "tasks_per_s": tp["tasks_per_s"],
         "completed": tp["completed"],
         "finished": tp["finished"],
         "seconds": tp["seconds"],
-        "enqueue_s": round(seen["acked"] - seen["sent"], 3) if seen.get("acked") else None,
+        "enqueue_s": tp["submit_s"],
         "cpu_pct_of_one_core": tp["cpu_pct_of_one_core"],
         "cpu_ms_per_task": {"worker": ms.get("server"), "postgres": ms.get("postgres"), "total": ms.get("total")},
-        "enqueue_to_start": scenarios.ms_summary([t - seen["acked"] for t in seen["starts"]])
-        if seen.get("acked")
-        else None,
+        "enqueue_to_start": tp["enqueue_to_start"],
         "postgres_per_task": pg_work,
         "mode": tp.get("mode"),
     }

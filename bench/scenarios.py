@@ -165,15 +165,17 @@ async def latency(
 class Tally:
     target: int
     first_claim: float | None = None
+    arrivals: list = field(default_factory=list)  # when each assignment reached its agent
     last_done: float | None = None
     completed: int = 0
     claims: int = 0
     empty_claims: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def assigned(self) -> None:
+    def assigned(self, n: int) -> None:
         if self.first_claim is None:
             self.first_claim = now()
+        self.arrivals.extend([now()] * n)
 
     def finished_one(self) -> None:
         self.completed += 1
@@ -202,7 +204,7 @@ async def throughput(
         if not assignments:
             tally.empty_claims += 1
             return []
-        tally.assigned()
+        tally.assigned(len(assignments))
         following: list = []
         for i, a in enumerate(assignments):
             following = await agent.complete(a["attempt_id"], claim=claim and i == len(assignments) - 1)
@@ -228,7 +230,8 @@ async def throughput(
         await asyncio.sleep(1.0)  # agents parked (or polling) before the work arrives
         t0 = now()
         run = await api.json("POST", f"{API}/runs", noop_run(f"{tag}-tp", n_tasks), expect=201, timeout=60)
-        submit_s = now() - t0
+        acked = now()
+        submit_s = acked - t0
         meter.start(now())  # the work has begun (agents were woken when the submit committed)
         try:
             async with asyncio.timeout(time_limit_s):
@@ -269,6 +272,8 @@ async def throughput(
         "seconds": round(span, 3) if span else None,
         "tasks_per_s": round(tally.completed / span, 1) if span else 0.0,
         "submit_s": round(submit_s, 3),
+        # From the submit's answer (every task committed) to each assignment reaching its agent.
+        "enqueue_to_start": ms_summary([t - acked for t in tally.arrivals]),
         "claims": tally.claims,
         "empty_claims": tally.empty_claims,
         "run_state": status.get("state"),
