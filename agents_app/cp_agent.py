@@ -25,13 +25,13 @@ refused to any host but loopback unless --insecure, because every call carries a
 and when the server asks, it checks its executors (the pre-flight) and is offered tasks only for those that
 passed. A revoked or replaced identity stops it; --re-enroll registers again and rotates its token.
 
-A task's processes do not outlive the daemon. The task runs under a supervisor, this same file started as
-``cp_agent.py --supervise FD -- ARGV``, which leads the task's session and process group and holds one end of
-a socket pair whose other end only the daemon holds: when the daemon dies, by SIGKILL too, the socket reaches
-EOF and the supervisor kills the group (SIGTERM, then SIGKILL after ORPHAN_GRACE_S). Each running group is
-also recorded in NAME.state.tasks/ beside the state file, and a daemon starting again stops what its previous
-life left there (when the supervisor was killed too), once /proc shows the group is still that task's and not
-a recycled pid's.
+A task's processes do not outlive the daemon. The task runs under a supervisor, this file's supervisor part
+started as ``python3 -I -S -c PART --supervise FD -- ARGV`` (see part_program), which leads the task's session
+and process group and holds one end of a socket pair whose other end only the daemon holds: when the daemon
+dies, by SIGKILL too, the socket reaches EOF and the supervisor kills the group (SIGTERM, then SIGKILL after
+ORPHAN_GRACE_S). Each running group is also recorded in NAME.state.tasks/ beside the state file, and a daemon
+starting again stops what its previous life left there (when the supervisor was killed too), once /proc shows
+the group is still that task's and not a recycled pid's.
 
 A task of a run with a workspace (PROTOCOL.md v1.1) runs in a git worktree: one bare cache clone per
 repository under WORK_DIR/git, worktree slots of it used again from task to task, at the run's base commit
@@ -40,11 +40,11 @@ the task's branch. git uses the host's own credentials and never prompts. `git` 
 whenever pre-flight finds it: the server gives workspace tasks only to agents with it.
 
 Claude Code's permission prompts reach a person (PROTOCOL.md v1.1 "Input requests"): claude -p is started with
---permission-prompt-tool naming the tool of an MCP stdio server that is this same file, ``cp_agent.py
---mcp-permissions SOCKET``. claude starts it in the task's environment, so it holds no secret: it relays each
-prompt over the attempt's Unix socket (0600, in the work dir, outside the worktree) to the daemon, which asks
-the server with its agent token, long-polls for the answer and sends back allow or deny (params.on_permission,
-params.input_timeout_s).
+--permission-prompt-tool naming the tool of an MCP stdio server that is this file's relay part, ``python3 -I
+-S -c PART --mcp-permissions SOCKET``. claude starts it in the task's environment, so it holds no secret: it
+relays each prompt over the attempt's Unix socket (0600, in the work dir, outside the worktree) to the daemon,
+which asks the server with its agent token, long-polls for the answer and sends back allow or deny
+(params.on_permission, params.input_timeout_s).
 
 Started again with its saved identity, it heartbeats at once, listing no attempts, so the server can let go
 of the attempts of its previous life at once rather than when their leases run out.
@@ -2058,8 +2058,8 @@ class PermissionRelay:
         threading.Thread(target=self._accept_loop, daemon=True, name=f"permissions-{directory.parent.name}").start()
 
     def mcp_config(self) -> dict:
-        """claude's --mcp-config: this file as a stdio server, started with the task's environment (no token)
-        and allowed to wait longer than any person may take."""
+        """claude's --mcp-config: this file's MCP relay part as a stdio server, started with the task's
+        environment (no token) and allowed to wait longer than any person may take."""
         timeout_ms = min(2**31 - 1, int((self.timeout_s + 120) * 1000))
         imports = ("import json, os, socket, sys, threading\nfrom collections.abc import Callable\n"
                    "from pathlib import Path\nfrom typing import Any")  # fmt: skip
