@@ -86,7 +86,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 VERSION = "1.2.0"
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -2062,7 +2062,7 @@ class PermissionRelay:
         environment (no token) and allowed to wait longer than any person may take."""
         timeout_ms = min(2**31 - 1, int((self.timeout_s + 120) * 1000))
         imports = ("import json, os, socket, sys, threading\nfrom collections.abc import Callable\n"
-                   "from pathlib import Path\nfrom typing import Any")  # fmt: skip
+                   "from pathlib import Path\nfrom typing import Any, NoReturn")  # fmt: skip
         constants = ("VERSION", "MCP_SERVER_NAME", "MCP_TOOL_NAME", "MCP_PROTOCOL_VERSION")
         program = part_program("MCP relay", imports, constants, "sys.exit(serve_mcp_permissions(sys.argv[2]))")
         argv = ["-I", "-S", "-c", program, MCP_FLAG, str(self.path)]
@@ -2165,6 +2165,7 @@ class McpPermissionServer:
     def __init__(self, write: Callable[[str], None], ask: Callable[[dict, threading.Event], dict]):
         self._write, self.ask = write, ask
         self._write_lock = threading.Lock()
+        self._stopped = False
         self._cancels: dict[Any, threading.Event] = {}
         self._threads: list[threading.Thread] = []
 
@@ -2255,7 +2256,13 @@ class McpPermissionServer:
 
     def _send(self, message: dict) -> None:
         with self._write_lock:
-            self._write(json.dumps(message, separators=(",", ":")))
+            if not self._stopped:
+                self._write(json.dumps(message, separators=(",", ":")))
+
+    def stop_writing(self) -> None:
+        """No answer is written after this returns; one being written is finished first."""
+        with self._write_lock:
+            self._stopped = True
 
 
 def _hashable(value: Any) -> Any:
@@ -2291,7 +2298,7 @@ def relay_to_daemon(socket_path: Path, arguments: dict, cancel: threading.Event)
     return verdict if isinstance(verdict, dict) else _deny("cp-agent: the agent daemon gave no verdict")
 
 
-def serve_mcp_permissions(socket_path: str) -> int:
+def serve_mcp_permissions(socket_path: str) -> NoReturn:
     """`cp_agent.py --mcp-permissions SOCKET`, started by claude: serve MCP on stdin/stdout until EOF."""
     out = sys.stdout.buffer
 
@@ -2302,7 +2309,11 @@ def serve_mcp_permissions(socket_path: str) -> int:
     server = McpPermissionServer(write, lambda args, cancel: relay_to_daemon(Path(socket_path), args, cancel))
     for raw in sys.stdin.buffer:
         server.feed(raw.decode("utf-8", "replace"))
-    return 0
+    # claude went away: prompts still under way are moot. A call's thread may be inside write() right now, and
+    # Python aborts (SIGABRT) when it finalizes while a daemon thread holds stdout's lock; so stop the writes,
+    # and leave without finalizing (the daemon sees the prompts' connections close and stops waiting).
+    server.stop_writing()
+    os._exit(0)
 
 
 # ==== end of MCP relay
