@@ -25,7 +25,7 @@ def stat_of(pid: int) -> list[str] | None:
     """/proc/PID/stat's fields from the state on ([0] state, [2] process group); None once it is gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or between the open and the read
         return None
 
 
