@@ -24,6 +24,8 @@ from django.utils import timezone
 from control_plane import launch
 from tests.real_clis import model_api  # noqa: F401 - the model API stand-in's fixture (tests/model_api.py)
 
+pytest_plugins = ["tests.durations"]  # the long tests first (tests/durations.py)
+
 # Fast clocks for the server processes the tests start: agents heartbeat every second, are offline after 3 s.
 FAST_TIMINGS = {
     "CP_HEARTBEAT_INTERVAL_S": "1",
