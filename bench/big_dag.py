@@ -31,17 +31,6 @@ from control_plane import launch  # noqa: E402
 now = time.perf_counter
 
 
-def fan_out(n: int) -> dict:
-    return {"name": f"fan-out-{n}", "tasks": [{"key": f"t{i}", "executor": "shell", "command": "true"}
-                                             for i in range(n)]}  # fmt: skip
-
-
-def chain(n: int) -> dict:
-    tasks = [{"key": "t0", "executor": "shell", "command": "true"}]
-    tasks += [{"key": f"t{i}", "deps": [f"t{i - 1}"], "executor": "shell", "command": "true"} for i in range(1, n)]
-    return {"name": f"chain-{n}", "tasks": tasks}
-
-
 async def submit_with_parked_agent(port: int, api: str, agent: scenarios.SimAgent, document: dict) -> dict:
     """Submit while the agent is parked in a long poll: the answer's time, and the assignment's after it."""
     held_at: list[float] = []
@@ -66,7 +55,6 @@ async def submit_with_parked_agent(port: int, api: str, agent: scenarios.SimAgen
         "tasks": answer["tasks"],
         "body_kb": round(len(body) / 1024),
         "submit_ms": round((answered - started) * 1000, 1),
-        # Negative when the parked agent held the task before the submit's answer arrived.
         # Negative: the parked agent held the first task before the submit's answer arrived.
         "first_assigned_after_answer_ms": round((assigned - answered) * 1000, 1),
         "first_attempt": assignments[0]["attempt_id"],
@@ -92,7 +80,10 @@ async def measure(args, db: dict, port: int) -> dict:
     (agent,) = await scenarios.register_all("127.0.0.1", port, db["enrollment"], "big", 1)
     out = {}
     try:
-        for name, document in (("fan_out", fan_out(args.tasks)), ("chain", chain(args.tasks))):
+        for name, document in (
+            ("fan_out", scenarios.noop_run(f"fan-out-{args.tasks}", args.tasks)),
+            ("chain", scenarios.chain_run(f"chain-{args.tasks}", args.tasks)),
+        ):
             result = await submit_with_parked_agent(port, db["api"], agent, document)
             print(f"  {name}: {result['tasks']} tasks ({result['body_kb']} KB) answered in {result['submit_ms']} ms; "
                   f"first task assigned {result['first_assigned_after_answer_ms']} ms after the answer")  # fmt: skip

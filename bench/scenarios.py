@@ -24,6 +24,14 @@ def noop_run(name: str, n: int) -> dict:
     return {"name": name, "tasks": [{"key": f"t{i}", "executor": "shell", "command": "true"} for i in range(n)]}
 
 
+def chain_run(name: str, n: int) -> dict:
+    """n no-op tasks, each depending on the one before."""
+    run = noop_run(name, n)
+    for i, task in enumerate(run["tasks"][1:], start=1):
+        task["deps"] = [f"t{i - 1}"]
+    return run
+
+
 class SimAgent:
     def __init__(self, host: str, port: int, name: str):
         self.name = name

@@ -28,6 +28,8 @@ def main() -> int:
     parser.add_argument("--backlog", type=int, default=3000, help="ready tasks when the measurement starts")
     parser.add_argument("--tasks", type=int, default=300, help="tasks to claim and complete")
     parser.add_argument("--analyze", action="store_true", help="ANALYZE the database before measuring")
+    parser.add_argument("--chain", action="store_true",
+                        help="the run is a chain: each completion releases the task the next claim takes")  # fmt: skip
     args = parser.parse_args()
     if args.tasks > args.backlog:
         parser.error("--tasks may be at most --backlog")
@@ -46,7 +48,7 @@ def main() -> int:
     from tasks_app.dag import parse_document
 
     assert connection.settings_dict["NAME"] == benchdb.BENCH_DB, connection.settings_dict["NAME"]
-    document = scenarios.noop_run("statement-costs", args.backlog)
+    document = (scenarios.chain_run if args.chain else scenarios.noop_run)("statement-costs", args.backlog)
     actions.submit_run(parse_document(document), document, actor="bench")
     if args.analyze:
         with connection.cursor() as cur:
@@ -82,7 +84,8 @@ def main() -> int:
             phases["complete"] += t4 - t3
 
     n = args.tasks
-    print(f"{n} tasks claimed and completed one at a time, backlog {args.backlog} ready tasks at the start")
+    what = f"a chain of {args.backlog} tasks" if args.chain else f"backlog {args.backlog} ready tasks at the start"
+    print(f"{n} tasks claimed and completed one at a time, {what}")
     print("per task, ms:  " + ", ".join(f"{k} {v / n * 1000:.2f}" for k, v in phases.items()))
     print(f"{'ms/task':>8}  {'calls':>6}  statement")
     total = 0.0
