@@ -334,6 +334,18 @@ UPDATE tasks_app_task SET state = 'running', progress = COALESCE(%(progress)s, p
 # may follow in one statement (actions._commit).
 NOTIFY = "SELECT pg_notify(%s, %s)"
 
+# The audit trail's rows of one transaction (tasks_app.audit.EventLog), each column an array: one statement
+# and nine parameters however many events.
+INSERT_EVENTS = """
+INSERT INTO tasks_app_event (run_id, task_id, attempt_id, agent_id, kind, from_state, to_state, actor, detail,
+                             created_at)
+SELECT run_id, task_id, attempt_id, agent_id, kind, from_state, to_state, actor, detail::jsonb, now()
+  FROM unnest(%s::uuid[], %s::uuid[], %s::uuid[], %s::uuid[], %s::varchar[], %s::varchar[], %s::varchar[],
+              %s::varchar[], %s::text[])
+       AS e(run_id, task_id, attempt_id, agent_id, kind, from_state, to_state, actor, detail)
+"""
+
+
 # --- Costs and budgets (PROTOCOL.md v1.1 `max_cost_usd`; tasks_app.budgets). ---
 # What a run has spent, with its cap and state.
 RUN_COST = """
