@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from django.conf import settings
 from django.db import connections
 
-from control_plane.db_outage import DATABASE, DatabaseUnavailable, is_unavailable
+from control_plane.db_outage import DATABASE, DatabaseUnavailable, StatementRefused, is_unavailable, still_connected
 
 # Database work of async views runs here. Threads are shared by all requests and no request keeps one
 # while it waits, so thousands of parked long polls cost no threads and no connections.
@@ -29,6 +29,10 @@ def db_call(fn):
     def run(args, kwargs):
         try:
             return fn(*args, **kwargs)
+        except Exception as exc:
+            if is_unavailable(exc) and still_connected():  # only the statement failed: no breaker for it
+                raise StatementRefused(str(exc)) from exc
+            raise
         finally:
             connections.close_all()
 

@@ -34,6 +34,19 @@ class DatabaseUnavailable(Exception):
     """The database cannot be reached now; PROTOCOL.md's answer is 503 with Retry-After."""
 
 
+class StatementRefused(Exception):
+    """A statement failed the way a lost connection does (psycopg's OperationalError without an SQLSTATE: libpq
+    refused to send it, e.g. more than 65,535 parameters) while its connection stayed good: a failing statement,
+    not an unreachable database (see still_connected)."""
+
+
+def still_connected(alias: str = "default") -> bool:
+    """Whether this thread's connection is open and good: then an error that looks like a lost connection
+    came from the statement alone."""
+    conn = connections[alias].connection
+    return conn is not None and not conn.closed and not conn.broken and conn.pgconn.status == psycopg.pq.ConnStatus.OK
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it: Django wraps psycopg's errors) says the database is unreachable, as
     opposed to a statement failing (a deadlock, a timeout, a constraint): a lost or refused connection, the
@@ -42,6 +55,8 @@ def is_unavailable(exc: BaseException) -> bool:
     while exc is not None and seen < 8:
         if isinstance(exc, DatabaseUnavailable):
             return True
+        if isinstance(exc, StatementRefused):
+            return False
         if isinstance(exc, psycopg.InterfaceError):  # "the connection is closed"
             return True
         if isinstance(exc, psycopg.OperationalError):

@@ -24,7 +24,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import PoolTimeout
 
 from control_plane import launch
-from control_plane.db_outage import DatabaseUnavailable, is_unavailable
+from control_plane.db_outage import DATABASE, DatabaseUnavailable, StatementRefused, is_unavailable
 from tests.conftest import FAST_TIMINGS, assert_error, http, ok, register, wait_for
 
 SETUP = """
@@ -76,6 +76,31 @@ def test_unreachable_database_errors_are_recognised(exc):
 def test_failing_statements_are_not_an_unreachable_database(exc):
     assert not is_unavailable(exc)
     assert not is_unavailable(_django_wrapped(exc))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_libpq_refuses_to_send_is_a_failing_statement_and_opens_no_breaker():
+    # psycopg's OperationalError without an SQLSTATE, as a lost connection's is; but the connection is good.
+    import asyncio
+
+    from django.db import connection
+
+    from control_plane.db import db_call
+
+    def too_many_parameters():
+        connection.ensure_connection()
+        # psycopg's own Cursor binds on the server, where a statement takes at most 65,535 parameters
+        psycopg.Cursor(connection.connection).execute("SELECT " + ", ".join(["%s"] * 70_000), [1] * 70_000)
+
+    def one():
+        with connection.cursor() as cur:
+            cur.execute("SELECT 1")
+            return cur.fetchone()[0]
+
+    with pytest.raises(StatementRefused) as refused:
+        asyncio.run(db_call(too_many_parameters)())
+    assert isinstance(refused.value.__cause__, psycopg.OperationalError) and not is_unavailable(refused.value)
+    assert not DATABASE.down and asyncio.run(db_call(one)()) == 1
 
 
 class Actors:
