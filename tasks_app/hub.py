@@ -64,6 +64,7 @@ class EventHub:
         self._tasks: list[asyncio.Task] = []
         self.notifications = 0
         self.missed_wakeups = 0  # parked agents woken by wake_missed: each one a wake-up that went astray
+        self._offerable_before: set[tuple] = set()  # the kinds wake_missed's last check found offerable
 
     @classmethod
     def current(cls) -> EventHub:
@@ -109,16 +110,25 @@ class EventHub:
         """The check behind every wake-up: wake a parked agent for each kind of ready task that has been
         offerable, within every limit, for `min_age_s` while that agent waited as long. Every wake-up takes
         milliseconds, so such a pair means one went astray; each is counted and logged. Costs nothing while
-        no agent is parked (the busy fleet's case), one query otherwise."""
+        no agent is parked (the busy fleet's case), one query otherwise.
+        A kind counts only when the check before this one found it offerable too: a task's timestamps are its
+        transaction's start, so a transaction that took a second to commit makes a task look a second old
+        the moment it becomes visible, while its notification is still on its way."""
         now = time.monotonic()
         parked = [w for w in self.waiters if w.active and not w.event.is_set() and now - w.parked_at >= min_age_s]
         if not parked:
+            self._offerable_before = set()
             return 0
 
         from .dashboard import waiting
 
+        offerable = await db_call(waiting.offerable_kinds)(min_age_s)
+        kinds = [(executor, tuple(requires)) for executor, requires in offerable]
+        before, self._offerable_before = self._offerable_before, set(kinds)
         woken = 0
-        for executor, requires in await db_call(waiting.offerable_kinds)(min_age_s):
+        for executor, requires in kinds:
+            if (executor, requires) not in before:
+                continue
             for waiter in parked:
                 if not waiter.event.is_set() and waiter.matches(executor, requires):
                     waiter.event.set()

@@ -12,8 +12,8 @@ from tests.conftest import doc, http, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# Each wake-up takes milliseconds; the hub's backstop (EventHub.wake_missed) rescues a missed one only after a
-# second, so anything slower than this was a wake-up that went astray.
+# Each wake-up takes milliseconds; the hub's backstop (EventHub.wake_missed) rescues a missed one only after one to
+# two seconds (two checks a second apart), so anything slower than this was a wake-up that went astray.
 WITHIN_S = 0.9
 
 
