@@ -525,23 +525,11 @@ def test_the_claim_walks_task_ready_order_idx_instead_of_sorting_the_backlog(mak
         cur.execute("ANALYZE tasks_app_run")
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(q.LOCK_AGENT_LIVE, {"agent_id": agent["id"]})  # as the claim does: sorting off for it
-        cur.execute(
-            "EXPLAIN (FORMAT JSON) " + q.CANDIDATES,
-            {"labels": agent["labels"], "executors": agent["executors"], "full_runs": [], "chosen": [],
-             "has_git": False, "limit": 1},
-        )  # fmt: skip
-        (plan,) = cur.fetchone()
-    plan = json.loads(plan) if isinstance(plan, str) else plan
-    nodes = []
-
-    def walk(node):
-        nodes.append(node)
-        for child in node.get("Plans", ()):
-            walk(child)
-
-    walk(plan[0]["Plan"])
-    assert any(n.get("Index Name") == "task_ready_order_idx" for n in nodes), plan
-    assert not any(n["Node Type"] in ("Sort", "Incremental Sort") for n in nodes), plan
+        nodes = plan_nodes(cur, q.CANDIDATES,
+                           {"labels": agent["labels"], "executors": agent["executors"], "full_runs": [], "chosen": [],
+                            "has_git": False, "limit": 1})  # fmt: skip
+    assert any(n.get("Index Name") == "task_ready_order_idx" for n in nodes), nodes
+    assert not any(n["Node Type"] in ("Sort", "Incremental Sort") for n in nodes), nodes
 
 
 def plan_nodes(cur, statement: str, params: dict) -> list[dict]:
